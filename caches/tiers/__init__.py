@@ -1,0 +1,3 @@
+from caches.tiers.base import Tier, TierStats, TierUnavailable
+
+__all__ = ["Tier", "TierStats", "TierUnavailable"]
