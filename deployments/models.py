@@ -89,9 +89,9 @@ def prepare_smollm2(dest: Path = SMOLLM2_DIR) -> Path:
 def prepare_tiny(dest: Path = TINY_DIR) -> Path:
     if _ready(dest):
         return dest
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -113,11 +113,12 @@ def prepare_tiny(dest: Path = TINY_DIR) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=fast.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        # head_dim 64: vLLM's CPU attention kernels support only some head sizes (16 is refused).
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=2048,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,

@@ -1,0 +1,97 @@
+"""The application's settings: one pydantic model, filled from the Serve config's `args`.
+
+Every field has a CPU-laptop default, so `serve run configs/local.yaml` needs nothing else;
+the GPU config overrides engine and budget fields. Values that differ per environment (Redis
+address, Feast repo) may also come from environment variables, which win over the file so a
+KubeRay pod can point at its cluster services without editing the config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LLMSettings(BaseModel):
+    model: str = str(REPO_ROOT / ".models" / "SmolLM2-135M-Instruct")
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    model_version: str = "v1"
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    block_size: int = 32
+    kv_cache_space_gib: int = 1
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.85
+    # Shared by every request and placed first: at least a few KV blocks long, so that the
+    # prefix cache has whole blocks to reuse (only full blocks are cached).
+    system_prompt: str = (
+        "You are tierserve's assistant, a concise and helpful AI. Answer the user's question "
+        "directly in one or two sentences. If you do not know the answer, say so plainly instead "
+        "of guessing. Do not repeat the question, do not add disclaimers, and keep a friendly, "
+        "professional tone."
+    )
+    max_tokens_limit: int = 1024
+    extra_engine_args: list[str] = Field(default_factory=list)
+
+
+class CacheSettings(BaseModel):
+    result_ttl_s: float = 3600.0
+    result_max_bytes: int = 64 << 20
+    semantic_enabled: bool = True
+    semantic_mode: str = "adaptive"
+    semantic_calibration: str = str(REPO_ROOT / "configs" / "semantic_calibration.json")
+    semantic_threshold: float | None = None  # overrides the calibration file when set
+    semantic_max_entries: int = 100_000
+    semantic_max_bytes: int = 256 << 20
+    semantic_ttl_s: float = 86_400.0
+    cache_nondeterministic: bool = False
+    embedding_ram_budget_bytes: int = 32 << 20
+    embedding_ssd_budget_bytes: int = 256 << 20
+
+
+class RecommenderSettings(BaseModel):
+    feast_repo: str = str(REPO_ROOT / "feature_store")
+    model_name: str = "mf"
+    ram_budget_bytes: int = 8 << 20
+    ssd_budget_bytes: int = 64 << 20
+    candidates: int = 200
+    result_ttl_s: float = 600.0
+
+
+class AppSettings(BaseModel):
+    redis_url: str | None = None
+    state_dir: str = str(REPO_ROOT / ".run")
+    max_body_bytes: int = 256 * 1024
+    api_keys: dict[str, str] = Field(default_factory=dict)  # key -> tenant; empty = auth off
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> AppSettings:
+        settings = cls.model_validate(args or {})
+        env = os.environ
+        if env.get("REDIS_URL"):
+            settings.redis_url = env["REDIS_URL"]
+        if env.get("TIERSERVE_FEAST_REPO"):
+            settings.recommender.feast_repo = env["TIERSERVE_FEAST_REPO"]
+        if env.get("TIERSERVE_STATE_DIR"):
+            settings.state_dir = env["TIERSERVE_STATE_DIR"]
+        if env.get("TIERSERVE_LLM_MODEL"):
+            settings.llm.model = env["TIERSERVE_LLM_MODEL"]
+        return settings
+
+    @property
+    def redis(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "No Redis configured: set REDIS_URL or `redis_url` in the Serve config args "
+                "(`make run` starts an embedded one for you)."
+            )
+        return self.redis_url

@@ -1,0 +1,73 @@
+"""Encoder deployment: sentence-transformers behind Ray Serve's own dynamic batching.
+
+Single queries arrive one per request; `@serve.batch` gathers those in flight into one forward
+pass (about 15 ms a query alone, about 200/s batched on 2 cores). The embedding cache sits in
+front, so a text seen before (on any replica) costs a Redis MGET instead of a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import generate_latest
+from ray import serve
+
+from caches.encoder import EMBEDDING_DIM, ENCODER_NAME, ENCODER_VERSION, encode, load_encoder
+
+log = logging.getLogger("tierserve.encoder")
+
+
+@serve.deployment(name="Encoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+class EncoderDeployment:
+    def __init__(self, redis_url: str | None, state_dir: str, ram_budget_bytes: int, ssd_budget_bytes: int) -> None:
+        load_encoder()
+        self.cache = None
+        if redis_url:
+            try:
+                from caches.embedding import EmbeddingCache
+
+                replica = serve.get_replica_context().replica_id.unique_id
+                self.cache = EmbeddingCache.open(
+                    redis_url=redis_url,
+                    rocksdb_dir=Path(state_dir) / "rocksdb" / f"embeddings-{replica}",
+                    ram_budget_bytes=ram_budget_bytes,
+                    ssd_budget_bytes=ssd_budget_bytes,
+                    encoder_name=ENCODER_NAME,
+                    encoder_version=ENCODER_VERSION,
+                    dim=EMBEDDING_DIM,
+                )
+            except ImportError:
+                log.warning("embedding cache not available; encoding every text")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
+        return self._embed(texts).tolist()
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        missing = list(range(len(texts)))
+        if self.cache is not None:
+            found, missing = self.cache.get_many(texts)
+            for i, vec in found.items():
+                out[i] = vec
+        if missing:
+            fresh = encode([texts[i] for i in missing])
+            out[missing] = fresh
+            if self.cache is not None:
+                self.cache.put_many([texts[i] for i in missing], fresh)
+        return out
+
+    async def embed(self, text: str) -> list[float]:
+        return await self._embed_batch(text)
+
+    async def embed_many(self, texts: list[str]) -> list[list[float]]:
+        return self._embed(texts).tolist()
+
+    def info(self) -> dict[str, Any]:
+        return {"name": ENCODER_NAME, "version": ENCODER_VERSION, "dim": EMBEDDING_DIM}
+
+    def metrics_text(self) -> bytes:
+        return generate_latest()

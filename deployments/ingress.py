@@ -1,0 +1,355 @@
+"""Ingress: the FastAPI app, the chat cache chain and the recommendation route.
+
+Chat: exact result cache (one Redis GET, done here to save a hop) -> Encoder -> SemanticCache ->
+LLM. Answers are stored in both caches only for deterministic requests (temperature 0) unless the
+config allows otherwise. Redis down never fails a request: the LLM answers with `x-cache: bypass`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from caches.prompts import build_messages, last_user_text, shared_prefix_text
+from caches.result import CacheUnavailable, ResultCache
+from caches.semantic import SemanticCache, is_cacheable
+from caches.tenancy import Tenants, Unauthorized
+from caches.versions import ModelVersions, purge_in_background
+from deployments import metrics
+from deployments.config import AppSettings
+from deployments.openai_compat import (
+    StreamAssembler,
+    completion_from_text,
+    error_body,
+    refresh,
+    stream_from_completion,
+)
+from deployments.schemas import (
+    ChatRequest,
+    EmbeddingRequest,
+    EventRequest,
+    RecommendationRequest,
+    VersionBump,
+)
+
+log = logging.getLogger("tierserve.ingress")
+app = FastAPI(title="tierserve", version="0.1.0", description="Ray Serve app with result, semantic, KV and tiered feature caches")
+
+# Fields that change the answer of a chat request. Everything else (stream, user, stream_options,
+# request ids) is left out of the semantic scope; the exact key canonicalises the whole request.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "max_completion_tokens",
+                   "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                   "response_format", "tools", "tool_choice", "min_tokens")
+RECS_MODEL = "recs"
+
+
+class BodySizeLimit(BaseHTTPMiddleware):
+    """Reject oversized bodies before parsing them: a client error, not a replica's problem."""
+
+    max_bytes = 256 * 1024  # set from the config by Ingress.__init__
+
+    async def dispatch(self, request: Request, call_next: Any) -> Any:
+        if request.method in ("POST", "PUT", "PATCH"):
+            declared = request.headers.get("content-length")
+            body = await request.body()
+            size = max(int(declared) if declared and declared.isdigit() else 0, len(body))
+            if size > self.max_bytes:
+                return JSONResponse(
+                    error_body(413, f"request body is {size} bytes; the limit is {self.max_bytes} bytes: send less"),
+                    status_code=413,
+                )
+        return await call_next(request)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    msg = first.get("msg", "invalid value")
+    return (f"{where}: {msg}" if where else msg) + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), where
+
+
+app.add_middleware(BodySizeLimit)
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _validation_message(exc)
+    # OpenAI-compatible routes answer 400 like OpenAI does; the project's own routes answer 422.
+    status = 400 if request.url.path.startswith(("/v1/chat", "/v1/embeddings")) else 422
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        encoder: DeploymentHandle,
+        semantic: DeploymentHandle,
+        llm: DeploymentHandle,
+        recommender: DeploymentHandle,
+    ) -> None:
+        self.settings = AppSettings.model_validate(settings)
+        self.encoder, self.semantic, self.llm, self.recommender = encoder, semantic, llm, recommender
+        self.redis = redis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.results = ResultCache(
+            self.redis, default_ttl_s=self.settings.cache.result_ttl_s, max_bytes=self.settings.cache.result_max_bytes
+        )
+        self.tenants = Tenants(self.settings.api_keys) if self.settings.api_keys else Tenants.from_env()
+        llm_cfg = self.settings.llm
+        self.model_name = llm_cfg.served_model_name
+        self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
+        BodySizeLimit.max_bytes = self.settings.max_body_bytes
+
+    # ---------------------------------------------------------------- helpers
+    def _tenant(self, request: Request) -> str:
+        return self.tenants.resolve(request.headers.get("authorization"))
+
+    def _version(self, model: str) -> str:
+        try:
+            return self.versions.current(model)
+        except Exception:  # noqa: BLE001 - Redis down: the configured version still names the model
+            return self.settings.llm.model_version
+
+    def _observe(self, route: str, cache: str, status: int, started: float) -> None:
+        metrics.REQUESTS.labels(route, cache, str(status)).inc()
+        metrics.LATENCY.labels(route, cache).observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ chat
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
+        started = time.perf_counter()
+        try:
+            tenant = self._tenant(request)
+        except Unauthorized as exc:
+            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        if body.model != self.model_name:
+            self._observe("chat", "none", 400, started)
+            return JSONResponse(
+                error_body(400, f"unknown model '{body.model}'; this server serves '{self.model_name}' (see GET /v1/models)", "model"),
+                status_code=400,
+            )
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is not None and max_tokens > self.settings.llm.max_tokens_limit:
+            return JSONResponse(
+                error_body(400, f"max_tokens must be between 1 and {self.settings.llm.max_tokens_limit} (got {max_tokens})", "max_tokens"),
+                status_code=400,
+            )
+        raw = body.model_dump(mode="json", exclude_unset=True)
+        raw["messages"] = build_messages(self.settings.llm.system_prompt, raw["messages"])
+        params = {k: raw[k] for k in SAMPLING_FIELDS if k in raw}
+        version = self._version(body.model)
+        include_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
+        cacheable = is_cacheable(params, self.settings.cache.cache_nondeterministic)
+
+        layer, similarity, key, scope, query, vector = "miss", None, None, None, "", None
+        cached: dict[str, Any] | None = None
+        if cacheable:
+            key = self.results.chat_key(tenant=tenant, model=body.model, version=version, request=raw)
+            try:
+                blob = self.results.get(key)
+                if blob is not None:
+                    cached, layer = refresh(json.loads(blob)), "exact"
+            except CacheUnavailable:
+                layer = "bypass"
+            metrics.CACHE_LOOKUPS.labels("exact", tenant, "hit" if cached else layer).inc()
+            if cached is None and layer != "bypass" and self.settings.cache.semantic_enabled and body.n == 1:
+                query = last_user_text(raw["messages"])
+                vector = await self.encoder.embed.remote(query)
+                scope = SemanticCache.scope(
+                    tenant=tenant, model=body.model, version=version,
+                    system_prompt=shared_prefix_text(raw["messages"]), params=params,
+                )
+                found = await self.semantic.lookup.remote(scope, query, vector)
+                metrics.CACHE_LOOKUPS.labels("semantic", tenant, found["status"]).inc()
+                if found["status"] == "hit":
+                    cached, layer, similarity = completion_from_text(body.model, found["response"]), "semantic", found["similarity"]
+                elif found["status"] == "unavailable":
+                    layer = "bypass"
+        else:
+            layer = "bypass"  # not deterministic: the caches are deliberately not consulted
+
+        headers = {"x-cache": layer}
+        if similarity is not None:
+            headers["x-cache-similarity"] = f"{similarity:.4f}"
+        if cached is not None:
+            self._observe("chat", layer, 200, started)
+            if body.stream:
+                return StreamingResponse(stream_from_completion(cached, include_usage),
+                                         media_type="text/event-stream", headers=headers)
+            return JSONResponse(cached, headers=headers)
+
+        store = layer == "miss"
+        if body.stream:
+            return StreamingResponse(
+                self._stream_miss(raw, tenant, headers, key if store else None, scope, query, vector, started),
+                media_type="text/event-stream", headers=headers,
+            )
+        result = await self.llm.chat.remote(raw, tenant)
+        self._observe("chat", layer, result["status"], started)
+        if result["status"] != 200:
+            return JSONResponse(result["body"], status_code=result["status"])
+        if store:
+            await self._store(key, scope, query, vector, result["body"])
+        return JSONResponse(result["body"], headers=headers)
+
+    async def _store(self, key: str | None, scope: str | None, query: str, vector: Any, completion: dict[str, Any]) -> None:
+        if key is not None:
+            try:
+                self.results.put(key, json.dumps(completion).encode())
+            except CacheUnavailable:
+                return
+        choices = completion.get("choices") or []
+        if scope is not None and vector is not None and len(choices) == 1 and choices[0].get("finish_reason") == "stop":
+            text = (choices[0].get("message") or {}).get("content") or ""
+            if text:
+                await self.semantic.store.remote(scope, query, vector, text)
+
+    async def _stream_miss(self, raw: dict[str, Any], tenant: str, headers: dict[str, str], key: str | None,
+                           scope: str | None, query: str, vector: Any, started: float) -> AsyncIterator[str]:
+        assembler = StreamAssembler()
+        status = 200
+        gen = self.llm.options(stream=True).chat_stream.remote(raw, tenant)
+        first = True
+        async for chunk in gen:
+            if first and not chunk.startswith("data:"):
+                # The LLM replica reports a request error as one JSON object instead of SSE lines.
+                err = json.loads(chunk)
+                status = err.pop("status", 400)
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+            first = False
+            assembler.feed(chunk)
+            yield chunk
+        self._observe("chat", headers["x-cache"], status, started)
+        completion = assembler.completion()
+        if status == 200 and completion is not None and (key or scope):
+            await self._store(key, scope, query, vector, completion)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        info = await self.llm.info.remote()
+        return {"object": "list", "data": [
+            {"id": info["id"], "object": "model", "created": 0, "owned_by": "tierserve",
+             "max_model_len": info["max_model_len"], "version": self._version(info["id"])}
+        ]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Any:
+        try:
+            self._tenant(request)
+        except Unauthorized as exc:
+            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        info = await self.encoder.info.remote()
+        if body.model not in (None, info["name"]):
+            return JSONResponse(error_body(400, f"unknown embedding model '{body.model}'; use '{info['name']}'", "model"), status_code=400)
+        vectors = await self.encoder.embed_many.remote(texts)
+        tokens = sum(len(t.split()) for t in texts)
+        return {"object": "list", "model": info["name"],
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    # ------------------------------------------------------- recommendations
+    @app.post("/v1/recommendations")
+    async def recommendations(self, body: RecommendationRequest, request: Request) -> Any:
+        started = time.perf_counter()
+        try:
+            tenant = self._tenant(request)
+        except Unauthorized as exc:
+            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        result = await self.recommender.recommend.remote(body.user_id, body.k, tenant)
+        status = result.pop("status", 200)
+        self._observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
+        if status != 200:
+            return JSONResponse(error_body(status, result["message"]), status_code=status)
+        return result
+
+    @app.post("/v1/events", status_code=202)
+    async def events(self, body: EventRequest, request: Request) -> Any:
+        try:
+            self._tenant(request)
+        except Unauthorized as exc:
+            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        result = await self.recommender.record_event.remote(body.model_dump())
+        status = result.pop("status", 202)
+        if status >= 400:
+            return JSONResponse(error_body(status, result["message"]), status_code=status)
+        return JSONResponse(result, status_code=202)
+
+    # ------------------------------------------------------------ operations
+    @app.get("/v1/cache/stats")
+    async def cache_stats(self, request: Request) -> Any:
+        try:
+            self._tenant(request)
+        except Unauthorized as exc:
+            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        try:
+            exact = self.results.stats()
+        except CacheUnavailable:
+            exact = {"status": "unavailable"}
+        semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
+        lookups: dict[str, dict[str, dict[str, float]]] = {}
+        for metric in metrics.CACHE_LOOKUPS.collect():
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    layer = lookups.setdefault(s.labels["layer"], {})
+                    layer.setdefault(s.labels["tenant"], {})[s.labels["outcome"]] = s.value
+        return {"exact": exact, "semantic": semantic, "recommender": recs, "lookups_by_tenant": lookups}
+
+    @app.post("/admin/models/{name}/version")
+    async def bump_version(self, name: str, body: VersionBump, request: Request) -> Any:
+        try:
+            self._tenant(request)
+        except Unauthorized as exc:
+            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        if name not in (self.model_name, RECS_MODEL):
+            return JSONResponse(error_body(404, f"unknown model '{name}'; known: {self.model_name}, {RECS_MODEL}"), status_code=404)
+        try:
+            previous = self.versions.bump(name, body.version)
+        except (redis.RedisError, CacheUnavailable):
+            return JSONResponse(error_body(503, "Redis is unreachable: version not changed, retry when it is back"), status_code=503)
+        if name == RECS_MODEL:
+            await self.recommender.reload.remote(body.version)
+        elif previous != body.version:
+            # Old entries carry the old version in their keys: unreachable already. The purge
+            # only gives the memory back, so it runs after the answer.
+            purge_in_background(self.results, None, name, previous)
+            self.semantic.purge_model.remote(name, previous)
+        return {"model": name, "version": body.version, "previous": previous}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        try:
+            redis_ok = bool(self.redis.ping())
+        except redis.RedisError:
+            redis_ok = False
+        return {"status": "ok", "redis": "up" if redis_ok else "down"}
+
+    @app.get("/metrics")
+    async def prometheus(self) -> PlainTextResponse:
+        parts: dict[str, bytes] = {"Ingress": metrics.local_exposition()}
+        names = ("Encoder", "SemanticCache", "LLM", "Recommender")
+        handles = (self.encoder, self.semantic, self.llm, self.recommender)
+        results = await asyncio.gather(*(h.metrics_text.remote() for h in handles), return_exceptions=True)
+        for name, blob in zip(names, results, strict=True):
+            if isinstance(blob, bytes):
+                parts[name] = blob
+        return PlainTextResponse(metrics.merge_expositions(parts), media_type="text/plain; version=0.0.4")
+

@@ -1,0 +1,166 @@
+"""LLM deployment: vLLM's in-process async engine behind vLLM's own OpenAI serving layer.
+
+The replica owns one `AsyncLLM` with prefix caching on, and reuses vLLM's `OpenAIServingChat`
+(request validation, chat template, sampling params, streaming chunks, usage with
+`prompt_tokens_details.cached_tokens`) instead of re-implementing the protocol. The ingress has
+already rebuilt the messages shared-first (caches.prompts) and passes the tenant, which becomes
+vLLM's `cache_salt` so KV blocks are never shared across tenants.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from prometheus_client import generate_latest
+from ray import serve
+
+from deployments.config import LLMSettings
+
+log = logging.getLogger("tierserve.llm")
+
+
+def _engine_env(settings: LLMSettings) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+    # Ray already pins replicas to CPUs; vLLM's own OMP binding would fight it on small hosts.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def engine_cli_args(settings: LLMSettings) -> list[str]:
+    args = [
+        "--model", settings.model,
+        "--served-model-name", settings.served_model_name,
+        "--dtype", settings.dtype,
+        "--max-model-len", str(settings.max_model_len),
+        "--enable-prompt-tokens-details",
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+        "--enable-prefix-caching" if settings.enable_prefix_caching else "--no-enable-prefix-caching",
+    ]
+    if settings.block_size:
+        args += ["--block-size", str(settings.block_size)]
+    if settings.enforce_eager:
+        args.append("--enforce-eager")
+    return args + list(settings.extra_engine_args)
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, err_type: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.err_type, self.param = status, message, err_type, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.status}}
+
+
+class LLMServer:
+    """vLLM engine + vLLM's OpenAI chat serving, with no Ray in sight (tests use it directly)."""
+
+    def __init__(self, settings: LLMSettings, engine: Any, chat_serving: Any) -> None:
+        self.settings, self.engine, self.chat_serving = settings, engine, chat_serving
+        self.max_model_len = engine.model_config.max_model_len
+
+    @classmethod
+    async def create(cls, settings: LLMSettings) -> LLMServer:
+        _engine_env(settings)
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        started = time.monotonic()
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(settings))
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        state = State()
+        await init_app_state(engine, state, args, supported_tasks=await engine.get_supported_tasks())
+        log.info("vLLM engine for %s ready in %.1fs", settings.served_model_name, time.monotonic() - started)
+        return cls(settings, engine, state.openai_serving_chat)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def _request(self, body: dict[str, Any], tenant: str):
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        try:
+            return ChatCompletionRequest.model_validate({**body, "cache_salt": tenant})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise OpenAIError(400, f"Invalid request at '{where}': {first.get('msg')}", param=where) from exc
+
+    async def _run(self, body: dict[str, Any], tenant: str):
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMValidationError
+
+        request = self._request(body, tenant)
+        try:
+            result = await self.chat_serving.create_chat_completion(request, None)
+        except (VLLMValidationError, ValueError) as exc:
+            raise OpenAIError(400, str(exc)) from exc
+        if isinstance(result, ErrorResponse):
+            err = result.error
+            status = 400 if err.code in (404, 422) else int(err.code or 400)
+            raise OpenAIError(status, err.message, err.type or "invalid_request_error", err.param)
+        return result
+
+    async def chat(self, body: dict[str, Any], tenant: str) -> dict[str, Any]:
+        """A non-streaming completion: {"status": 200, "body": ...} or an OpenAI error body."""
+        try:
+            result = await self._run({**body, "stream": False}, tenant)
+        except OpenAIError as exc:
+            return {"status": exc.status, "body": exc.body()}
+        return {"status": 200, "body": result.model_dump(mode="json", exclude_none=True)}
+
+    async def chat_stream(self, body: dict[str, Any], tenant: str) -> AsyncGenerator[str, None]:
+        """SSE lines as vLLM writes them ("data: {...}\\n\\n", ending with "data: [DONE]")."""
+        import json
+
+        try:
+            generator = await self._run({**body, "stream": True}, tenant)
+        except OpenAIError as exc:
+            yield json.dumps({"status": exc.status, **exc.body()})
+            return
+        async for chunk in generator:
+            yield chunk
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.settings.served_model_name,
+            "max_model_len": self.max_model_len,
+            "version": self.settings.model_version,
+            "system_prompt": self.settings.system_prompt,
+            "max_tokens_limit": self.settings.max_tokens_limit,
+        }
+
+
+
+@serve.deployment(name="LLM", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
+class LLMDeployment:
+    """One vLLM engine per replica; prefix-cache and latency stats come from vLLM's own metrics."""
+
+    async def __init__(self, settings: dict[str, Any]) -> None:
+        self.server = await LLMServer.create(LLMSettings.model_validate(settings))
+
+    async def chat(self, body: dict[str, Any], tenant: str) -> dict[str, Any]:
+        return await self.server.chat(body, tenant)
+
+    async def chat_stream(self, body: dict[str, Any], tenant: str) -> AsyncGenerator[str, None]:
+        async for chunk in self.server.chat_stream(body, tenant):
+            yield chunk
+
+    def info(self) -> dict[str, Any]:
+        return self.server.info()
+
+    def metrics_text(self) -> bytes:
+        return generate_latest()
+
+    def check_health(self) -> None:
+        if self.server.engine.errored:
+            raise RuntimeError("vLLM engine errored")

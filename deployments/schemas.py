@@ -1,0 +1,99 @@
+"""HTTP request and response schemas (pydantic): the API contract of DESIGN.md.
+
+The chat schema checks what the ingress needs to route and cache a request and lets every other
+OpenAI field through untouched: vLLM's own request model validates those in the LLM replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_MESSAGES = 256
+MAX_ID_LEN = 64
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=8)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _needs_user_turn(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("messages must contain at least one message with role 'user'")
+        for i, m in enumerate(messages):
+            if m.role == "user" and not m.content:
+                raise ValueError(f"messages[{i}] (role 'user') has empty content")
+        return messages
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input: str | list[str] = Field(min_length=1)
+    model: str | None = None
+    encoding_format: Literal["float"] = "float"
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if len(texts) > 256:
+            raise ValueError("at most 256 inputs per request")
+        if any(not t for t in texts):
+            raise ValueError("inputs must be non-empty strings")
+        if any(len(t) > 8192 for t in texts):
+            raise ValueError("each input must be at most 8192 characters")
+        return value
+
+
+UserId = int
+
+
+class RecommendationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: UserId = Field(ge=0, le=2**62, description="MovieLens-style integer user id")
+    k: int = Field(default=10, ge=1, le=100)
+
+
+class RecommendedItem(BaseModel):
+    item_id: int
+    score: float
+
+
+class RecommendationResponse(BaseModel):
+    user_id: int
+    items: list[RecommendedItem]
+    model_version: str
+    cold_start: bool = False
+    degraded: bool = False
+    cached: bool = False
+
+
+class EventRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: UserId = Field(ge=0, le=2**62)
+    item_id: int = Field(ge=0, le=2**62)
+    type: Literal["view", "click", "rating"]
+    value: float | None = Field(default=None, ge=0.0, le=5.0)
+
+
+class VersionBump(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=1, max_length=MAX_ID_LEN, pattern=r"^[A-Za-z0-9._-]+$")

@@ -1,0 +1,76 @@
+"""The Serve app, started once per test session on its own port and Ray temp dir.
+
+It is the real application: `build_app` with the args of configs/local.yaml (SmolLM2 on vLLM's
+CPU build, the MiniLM encoder, FAISS, the Feast repo built by `make install`), a real Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from caches.redis_server import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+START_TIMEOUT_S = float(os.environ.get("TIERSERVE_E2E_START_TIMEOUT_S", "600"))
+
+
+def local_app_config() -> dict:
+    return yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]
+
+
+@pytest.fixture(scope="session")
+def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ["REDIS_URL"] = redis_url
+    state_dir = tmp_path_factory.mktemp("state")
+    os.environ["TIERSERVE_STATE_DIR"] = str(state_dir)
+    port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="tsray-", dir="/tmp")
+    app_cfg = local_app_config()
+    env_vars = {**app_cfg["runtime_env"]["env_vars"], "REDIS_URL": redis_url, "TIERSERVE_STATE_DIR": str(state_dir)}
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=ray_tmp, runtime_env={"env_vars": env_vars},
+             log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = time.monotonic()
+    app = build_app(app_cfg.get("args"))
+    serve.run(app, name="tierserve", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get("tierserve")
+        if status is not None and status.status == "RUNNING":
+            break
+        if status is not None and status.status == "DEPLOY_FAILED":
+            pytest.fail(f"app failed to deploy: {status.message}")
+        time.sleep(1)
+    else:
+        pytest.fail("app did not become healthy in time")
+    httpx.get(f"{url}/healthz", timeout=30).raise_for_status()
+    print(f"\napp started in {time.monotonic() - started:.1f}s on {url}")
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(app_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=app_url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def model_name(client: httpx.Client) -> str:
+    return client.get("/v1/models").json()["data"][0]["id"]

@@ -1,0 +1,95 @@
+"""Recommendations, health, metrics and embeddings over HTTP against the running app."""
+
+from __future__ import annotations
+
+import httpx
+import pandas as pd
+import pytest
+
+from feature_store import names
+from feature_store.pipeline import RepoInfo
+
+REPO = RepoInfo.load(__import__("deployments.config", fromlist=["REPO_ROOT"]).REPO_ROOT / "feature_store")
+
+
+def rated_by(user_id: int) -> set[int]:
+    frame = pd.read_parquet(REPO.files["rated"])
+    row = frame[frame[names.USER_KEY] == user_id]
+    return set(map(int, row["item_ids"].iloc[0])) if len(row) else set()
+
+
+def test_healthz(client: httpx.Client) -> None:
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok" and body["redis"] == "up"
+
+
+def test_known_user_gets_k_unrated_items(client: httpx.Client) -> None:
+    user = REPO.user_ids_sample[0]
+    resp = client.post("/v1/recommendations", json={"user_id": user, "k": 10})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["user_id"] == user and body["model_version"] == REPO.model_version
+    items = [i["item_id"] for i in body["items"]]
+    assert len(items) == 10 and len(set(items)) == 10
+    assert not set(items) & rated_by(user)
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert body["cold_start"] is False
+    again = client.post("/v1/recommendations", json={"user_id": user, "k": 10}).json()
+    assert again["cached"] is True and again["items"] == body["items"]
+
+
+def test_unknown_user_gets_cold_start_list(client: httpx.Client) -> None:
+    resp = client.post("/v1/recommendations", json={"user_id": 10**9, "k": 5})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["cold_start"] is True
+    assert [i["item_id"] for i in body["items"]] == REPO.popular_items[:5]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"user_id": 1, "k": 0}, "k"),
+        ({"user_id": 1, "k": 101}, "k"),
+        ({"user_id": "abc", "k": 5}, "user_id"),
+        ({"user_id": -3, "k": 5}, "user_id"),
+        ({"k": 5}, "user_id"),
+        ({"user_id": 1, "k": 5, "bogus": True}, "bogus"),
+    ],
+)
+def test_bad_recommendation_requests_get_422(client: httpx.Client, body: dict, fragment: str) -> None:
+    resp = client.post("/v1/recommendations", json=body)
+    assert resp.status_code == 422, resp.text
+    assert fragment in resp.json()["error"]["message"]
+
+
+def test_event_changes_next_answer(client: httpx.Client) -> None:
+    user = REPO.user_ids_sample[1]
+    first = client.post("/v1/recommendations", json={"user_id": user, "k": 5}).json()
+    top = first["items"][0]["item_id"]
+    resp = client.post("/v1/events", json={"user_id": user, "item_id": top, "type": "rating", "value": 4.0})
+    assert resp.status_code == 202
+    after = client.post("/v1/recommendations", json={"user_id": user, "k": 5}).json()
+    assert after["cached"] is False
+    assert top not in [i["item_id"] for i in after["items"]]
+
+
+def test_metrics_page_is_prometheus_text(client: httpx.Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.get("/healthz")
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    families = {f.name for f in text_string_to_metric_families(resp.text)}
+    assert "tierserve_requests" in families
+    assert any(name.startswith("vllm:") for name in families), sorted(families)[:20]
+
+
+def test_embeddings_route(client: httpx.Client) -> None:
+    resp = client.post("/v1/embeddings", json={"input": ["hello world", "cache me"]})
+    assert resp.status_code == 200
+    data = resp.json()["data"]
+    assert len(data) == 2 and len(data[0]["embedding"]) == 384
+    bad = client.post("/v1/embeddings", json={"input": []})
+    assert bad.status_code == 400

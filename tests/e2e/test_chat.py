@@ -1,0 +1,137 @@
+"""Chat over HTTP against the running app: misses, exact hits, streaming, the openai client."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import openai
+import pytest
+
+
+def ask(client: httpx.Client, model: str, text: str, **extra: object) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 24, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_miss_then_exact_hit(client: httpx.Client, model_name: str) -> None:
+    first = ask(client, model_name, "What is the capital of France?")
+    assert first.status_code == 200, first.text
+    assert first.headers["x-cache"] in ("miss", "semantic")
+    answer = first.json()["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+    second = ask(client, model_name, "What is the capital of France?")
+    assert second.status_code == 200
+    assert second.headers["x-cache"] == "exact"
+    assert second.json()["choices"][0]["message"]["content"] == answer
+    # canonicalisation: whitespace and case do not make a new entry
+    third = ask(client, model_name, "  what is the CAPITAL of   France?")
+    assert third.headers["x-cache"] == "exact"
+
+
+def test_usage_reports_cached_prompt_tokens(client: httpx.Client, model_name: str) -> None:
+    # Two different questions share the deployment's system prompt: the second reuses its KV blocks.
+    ask(client, model_name, f"Name a colour. ({uuid.uuid4().hex[:6]})")
+    resp = ask(client, model_name, f"Name a fruit. ({uuid.uuid4().hex[:6]})")
+    assert resp.headers["x-cache"] in ("miss", "semantic")
+    if resp.headers["x-cache"] == "miss":
+        usage = resp.json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_nondeterministic_requests_bypass_the_caches(client: httpx.Client, model_name: str) -> None:
+    for _ in range(2):
+        resp = ask(client, model_name, "Write one word.", temperature=0.9, seed=1)
+        assert resp.status_code == 200
+        assert resp.headers["x-cache"] == "bypass"
+
+
+def test_openai_client_plain_and_streaming(app_url: str, model_name: str) -> None:
+    oa = openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused")
+    question = f"Say hello to {uuid.uuid4().hex[:6]}."
+    plain = oa.chat.completions.create(model=model_name, messages=[{"role": "user", "content": question}],
+                                       temperature=0, max_tokens=16)
+    assert plain.choices[0].message.content
+    assert plain.usage is not None and plain.usage.prompt_tokens > 0
+
+    # The same request streamed is now an exact hit: a cached answer must stream like a fresh one.
+    raw = oa.chat.completions.with_raw_response.create(
+        model=model_name, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16,
+        stream=True, stream_options={"include_usage": True},
+    )
+    assert raw.headers["x-cache"] == "exact"
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage is not None
+
+    # A fresh streamed miss, through vLLM's own streaming.
+    fresh = oa.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": f"Count to three, {uuid.uuid4().hex[:6]}."}],
+        temperature=0, max_tokens=12, stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in fresh if c.choices)
+
+
+def test_streamed_miss_is_cached(client: httpx.Client, model_name: str) -> None:
+    question = f"What is two plus two? ({uuid.uuid4().hex[:6]})"
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": model_name, "messages": [{"role": "user", "content": question}], "temperature": 0,
+        "max_tokens": 12, "stream": True,
+    }) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    streamed = "".join(
+        (c["choices"][0].get("delta") or {}).get("content") or ""
+        for c in (json.loads(line[6:]) for line in lines[:-1]) if c.get("choices")
+    )
+    again = ask(client, model_name, question, max_tokens=12)
+    assert again.headers["x-cache"] == "exact"
+    assert again.json()["choices"][0]["message"]["content"] == streamed
+
+
+def test_models_route(client: httpx.Client, model_name: str) -> None:
+    data = client.get("/v1/models").json()
+    assert data["object"] == "list" and data["data"][0]["id"] == model_name
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        ({"model": "MODEL", "messages": []}, 400, "messages"),
+        ({"model": "MODEL", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({"model": "MODEL", "messages": [{"role": "system", "content": "only a system prompt"}]}, 400, "user"),
+        ({"model": "MODEL", "messages": "hello"}, 400, "messages"),
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 400, "unknown model"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "temperature"),
+    ],
+)
+def test_bad_chat_requests_get_clear_400s(client: httpx.Client, model_name: str, body: dict, status: int, fragment: str) -> None:
+    body = json.loads(json.dumps(body).replace("MODEL", model_name))
+    resp = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert fragment in err["message"], err
+
+
+def test_prompt_longer_than_context_is_a_400(client: httpx.Client, model_name: str) -> None:
+    long_text = "tell me about caching " * 700  # ~2,800 tokens > max_model_len 2048, < body limit
+    resp = ask(client, model_name, long_text + uuid.uuid4().hex)
+    assert resp.status_code == 400, resp.text
+    assert "context length" in resp.json()["error"]["message"]
+
+
+def test_oversized_body_is_rejected(client: httpx.Client, model_name: str) -> None:
+    resp = ask(client, model_name, "x" * 400_000)
+    assert resp.status_code == 413
+    assert "limit" in resp.json()["error"]["message"]
+
+
+def test_malformed_json_is_a_400(client: httpx.Client) -> None:
+    resp = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 400

@@ -1,0 +1,84 @@
+"""A real vLLM engine (CPU build) on the tiny random Llama, through vLLM's OpenAI serving layer.
+
+The tiny model's words are noise; what is checked is the machinery: responses and streams in
+OpenAI's shape, prefix-cache reuse for a shared system prompt, no reuse across tenants
+(cache_salt), and bad input answered as 400s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from caches.prompts import build_messages
+from deployments.config import REPO_ROOT, LLMSettings
+from deployments.llm import LLMServer
+
+TINY = REPO_ROOT / ".models" / "tiny-llama"
+SYSTEM = "You are a helpful assistant. " * 30  # several full 32-token blocks
+
+
+@pytest.fixture(scope="module")
+async def server() -> AsyncIterator[LLMServer]:
+    if not (TINY / ".ready").exists():
+        pytest.fail(f"{TINY} missing: run `make install` (python -m deployments.models)")
+    settings = LLMSettings(model=str(TINY), served_model_name="tiny", max_model_len=512, block_size=32,
+                           max_tokens_limit=64)
+    srv = await LLMServer.create(settings)
+    yield srv
+    srv.shutdown()
+
+
+def body(question: str, **extra: object) -> dict:
+    return {"model": "tiny", "messages": build_messages(SYSTEM, [{"role": "user", "content": question}]),
+            "temperature": 0, "max_tokens": 4, **extra}
+
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def test_shared_prefix_is_reused_within_a_tenant_not_across(server: LLMServer) -> None:
+    first = await server.chat(body("first question"), tenant="acme")
+    assert first["status"] == 200, first
+    second = await server.chat(body("second, different question"), tenant="acme")
+    cached = second["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= 32, second["body"]["usage"]
+    other = await server.chat(body("second, different question"), tenant="globex")
+    assert other["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+async def test_completion_shape_n_and_stop(server: LLMServer) -> None:
+    result = await server.chat(body("hello", n=2, temperature=0.8, seed=3, stop=["zzz"]), tenant="t")
+    assert result["status"] == 200
+    out = result["body"]
+    assert out["object"] == "chat.completion" and len(out["choices"]) == 2
+    assert out["usage"]["completion_tokens"] > 0
+
+
+async def test_stream_yields_sse_chunks_and_done(server: LLMServer) -> None:
+    chunks = [c async for c in server.chat_stream(body("stream me", stream_options={"include_usage": True}), tenant="t")]
+    assert chunks[-1].strip() == "data: [DONE]"
+    parsed = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert all(p["object"] == "chat.completion.chunk" for p in parsed)
+    assert parsed[-1]["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"model": "other"}, "does not exist"),
+        ({"messages": [{"role": "user", "content": "word " * 700}]}, "context length"),
+        ({"top_p": 5.0}, "top_p"),
+    ],
+)
+async def test_bad_requests_are_400s(server: LLMServer, extra: dict, fragment: str) -> None:
+    result = await server.chat({**body("x"), **extra}, tenant="t")
+    assert result["status"] == 400, result
+    assert fragment in result["body"]["error"]["message"]
+
+
+async def test_bad_stream_request_reports_error_first(server: LLMServer) -> None:
+    chunks = [c async for c in server.chat_stream({**body("x"), "model": "other"}, tenant="t")]
+    assert len(chunks) == 1 and json.loads(chunks[0])["status"] == 400

@@ -1,0 +1,160 @@
+"""The Serve configs are ones Ray accepts and whose `args` the app accepts.
+
+Ray's schema lets unknown keys through (pydantic's default), so a misspelt option would be ignored
+silently; the checks below also require every key to be a field Ray or AppSettings knows.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import (
+    DeploymentSchema,
+    RayActorOptionsSchema,
+    ServeApplicationSchema,
+    ServeDeploySchema,
+)
+
+from deployments.config import AppSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = {name: REPO_ROOT / "configs" / f"{name}.yaml" for name in ("local", "gpu")}
+APP_DEPLOYMENTS = {"Ingress", "Encoder", "SemanticCache", "LLM", "Recommender"}
+IMPORT_PATH = "deployments.app:build_app"
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load(CONFIGS[name].read_text())
+
+
+def unknown_keys(data: dict[str, Any], model: type[BaseModel], where: str) -> list[str]:
+    """Keys of `data` (recursively into nested pydantic models) that `model` has no field for."""
+    found = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            found.append(f"{where}.{key}")
+            continue
+        sub = field.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            found += unknown_keys(value, sub, f"{where}.{key}")
+    return found
+
+
+def strict_serve_errors(config: dict[str, Any]) -> list[str]:
+    errors = unknown_keys(config, ServeDeploySchema, "")
+    for app in config.get("applications", []):
+        errors += unknown_keys({k: v for k, v in app.items() if k != "deployments"}, ServeApplicationSchema, app["name"])
+        for dep in app.get("deployments", []):
+            where = f"{app['name']}.{dep['name']}"
+            errors += unknown_keys(dep, DeploymentSchema, where)
+            errors += unknown_keys(dep.get("ray_actor_options", {}), RayActorOptionsSchema, f"{where}.ray_actor_options")
+            errors += unknown_keys(dep.get("autoscaling_config", {}), AutoscalingConfig, f"{where}.autoscaling_config")
+    return errors
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def config_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_ray_accepts_the_config(config_name: str) -> None:
+    config = load(config_name)
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == IMPORT_PATH
+    assert app.route_prefix == "/"
+    assert not strict_serve_errors(config), strict_serve_errors(config)
+
+
+def test_app_accepts_the_args(config_name: str) -> None:
+    (app,) = load(config_name)["applications"]
+    args = app.get("args", {})
+    AppSettings.model_validate(args)
+    assert not unknown_keys(args, AppSettings, "args"), unknown_keys(args, AppSettings, "args")
+
+
+def test_deployment_names_exist_in_the_app(config_name: str) -> None:
+    (app,) = load(config_name)["applications"]
+    names = [d["name"] for d in app["deployments"]]
+    assert len(names) == len(set(names))
+    assert set(names) <= APP_DEPLOYMENTS, set(names) - APP_DEPLOYMENTS
+
+
+def deployment_names_in_code() -> set[str]:
+    """`name=` of every `@serve.deployment(...)` in deployments/, read from the source.
+
+    Parsed rather than imported: importing the deployments pulls in vLLM, FAISS and Feast.
+    """
+    names = set()
+    for path in (REPO_ROOT / "deployments").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("serve.deployment", "deployment"):
+                names |= {kw.value.value for kw in node.keywords if kw.arg == "name" and isinstance(kw.value, ast.Constant)}
+    return names
+
+
+def test_deployment_names_match_the_code() -> None:
+    assert deployment_names_in_code() == APP_DEPLOYMENTS
+
+
+def test_checks_reject_broken_configs() -> None:
+    config = load("gpu")
+    typo = copy.deepcopy(config)
+    typo["applications"][0]["deployments"][0]["autoscaling_config"]["max_replica"] = 3
+    assert strict_serve_errors(typo)
+    both = copy.deepcopy(config)
+    both["applications"][0]["deployments"][0]["num_replicas"] = 2  # next to autoscaling_config
+    with pytest.raises(ValidationError):
+        ServeDeploySchema.model_validate(both)
+    bad_args = copy.deepcopy(config["applications"][0]["args"])
+    bad_args["llm"]["gpu_memory_utilisation"] = 0.9
+    assert unknown_keys(bad_args, AppSettings, "args") == ["args.llm.gpu_memory_utilisation"]
+    bad_args["llm"]["max_model_len"] = "long"
+    with pytest.raises(ValidationError):
+        AppSettings.model_validate(bad_args)
+
+
+def test_local_binds_loopback() -> None:
+    http = ServeDeploySchema.model_validate(load("local")).http_options
+    assert http.host == "127.0.0.1"
+
+
+def test_gpu_config_is_a_cluster_config() -> None:
+    config = load("gpu")
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.host == "0.0.0.0"
+    (app,) = config["applications"]
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert deps.keys() == APP_DEPLOYMENTS
+    assert deps["LLM"]["ray_actor_options"]["num_gpus"] == 1
+    for name in ("Ingress", "Encoder", "LLM", "Recommender"):
+        auto = deps[name]["autoscaling_config"]
+        assert 1 <= auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0, name
+        # Ray queues at most max_ongoing_requests per replica: the target must be reachable.
+        assert auto["target_ongoing_requests"] <= deps[name]["max_ongoing_requests"], name
+    settings = AppSettings.model_validate(app["args"])
+    assert settings.llm.dtype == "bfloat16" and not settings.llm.enforce_eager
+    assert "/" in settings.llm.model, "a hub model id, downloaded on the cluster"
+    # Addresses and secrets come from the environment, never from the file.
+    assert settings.redis_url is None and not settings.api_keys
+    env_vars = app.get("runtime_env", {}).get("env_vars", {})
+    assert not {"REDIS_URL", "TIERSERVE_API_KEYS", "HF_TOKEN"} & env_vars.keys()
+    # deployments/llm.py defaults HF_HUB_OFFLINE to 1; the cluster must download the model.
+    assert env_vars.get("HF_HUB_OFFLINE") == "0"
+
+
+def test_environment_wins_over_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    (app,) = load("gpu")["applications"]
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("TIERSERVE_FEAST_REPO", "/feast")
+    monkeypatch.setenv("TIERSERVE_STATE_DIR", "/state")
+    settings = AppSettings.from_args(app["args"])
+    assert (settings.redis, settings.recommender.feast_repo, settings.state_dir) == ("redis://cache:6379/0", "/feast", "/state")
