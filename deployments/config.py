@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -62,6 +62,11 @@ class RecommenderSettings(BaseModel):
     ssd_budget_bytes: int = 64 << 20
     candidates: int = 200
     result_ttl_s: float = 600.0
+    # "feast-only" reads every feature straight from Feast (no RAM/SSD tiers): the baseline arm of
+    # benchmarks/recommend_load.py, and a way to rule the tiers out when debugging.
+    tiers: Literal["all", "feast-only"] = "all"
+    # Off in benchmarks, so that repeated requests exercise the feature reads instead of one GET.
+    result_cache: bool = True
 
 
 class AppSettings(BaseModel):

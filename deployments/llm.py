@@ -17,8 +17,10 @@ from typing import Any
 
 from prometheus_client import generate_latest
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import LLMSettings
+from deployments.routing import PrefixAffinityRouter
 
 log = logging.getLogger("tierserve.llm")
 
@@ -141,15 +143,21 @@ class LLMServer:
 
 
 
-@serve.deployment(name="LLM", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(
+    name="LLM",
+    max_ongoing_requests=16,
+    ray_actor_options={"num_cpus": 0.5},
+    request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
+)
 class LLMDeployment:
     """One vLLM engine per replica; prefix-cache and latency stats come from vLLM's own metrics."""
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         self.server = await LLMServer.create(LLMSettings.model_validate(settings))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def chat(self, body: dict[str, Any], tenant: str) -> dict[str, Any]:
-        return await self.server.chat(body, tenant)
+        return {**await self.server.chat(body, tenant), "replica": self.replica_id}
 
     async def chat_stream(self, body: dict[str, Any], tenant: str) -> AsyncGenerator[str, None]:
         async for chunk in self.server.chat_stream(body, tenant):
