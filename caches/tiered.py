@@ -1,0 +1,374 @@
+"""TieredCache: RAM (Redis, shared) -> SSD (RocksDB, per process) -> cold (Feast or nothing).
+
+Why it is built this way:
+- Batched lookup down the tiers: one MGET, one RocksDB multi-get, one cold call per batch.
+- Placement is delegated to a `PlacementPolicy` (caches/admission.py): by default the
+  cluster-wide W-TinyLFU whose sketch and metadata live in the same Redis as the RAM tier. The
+  cache only moves bytes the policy decided to move. Baselines (LRU, Belady) plug in unchanged.
+- SSD is filled on every cold read (inclusive) and receives every RAM demotion that it does not
+  already hold. It drops its coldest entries (least recently read, across all tiers, in this
+  process) when over its byte budget: the cold tier still has them. Because SSD recency follows
+  every read and not only RAM misses, the RAM policy cannot make SSD worse: tierserve's cold
+  reads never exceed LRU's for the same SSD budget.
+- Crash safety: a demotion writes the SSD copy first and deletes the RAM copy second. A SIGKILL
+  in between leaves the entry in both tiers (a duplicate that the next admission or TTL cleans),
+  never in neither. `PAUSE_BEFORE_UPPER_DELETE_ENV` lets the tests kill a process right there.
+- Failure: RAM unavailable -> reads fall through to SSD and cold, the policy buffers access
+  counts locally, callers get `degraded=True` and no exception; the Redis client reconnects by
+  itself once the breaker reopens. Cold unavailable -> what the upper tiers hold is served, the
+  rest is reported missing.
+- Invalidation: delete the shared RAM copy, the placement metadata and the local SSD copy, and
+  publish the keys on the stream so every other replica drops its SSD copy (and the RAM copy
+  again, which closes the race where a replica re-promoted an old SSD copy meanwhile).
+- TTL per namespace (the key's first part), applied in RAM (PX) and SSD (expiry header).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from caches import metrics
+from caches.admission import LRUPolicy, PlacementPolicy, SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
+from caches.invalidation import InvalidationBus, InvalidationEvent
+from caches.tiers.base import Tier, TierStats, TierUnavailable
+from caches.tiers.redis import RedisTier
+from caches.tiers.rocksdb import RocksDBTier
+
+log = logging.getLogger(__name__)
+
+PAUSE_BEFORE_UPPER_DELETE_ENV = "TIERSERVE_TEST_PAUSE_BEFORE_UPPER_DELETE_S"
+DEMOTION_MARKER = "tierserve: demotion lower-written"
+# SSD drops are batched: deleting one key per over-budget check would write a batch per read.
+SSD_DROP_BATCH = 64
+
+
+@dataclass
+class TieredResult:
+    values: dict[str, bytes]
+    sources: dict[str, str]  # key -> tier name that answered
+    missing: list[str]  # keys no tier could answer
+    degraded: bool  # a tier was unavailable during this read
+    ram_hits: int = 0
+    ssd_hits: int = 0
+    cold_hits: int = 0
+
+
+@dataclass
+class TieredStats:
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+    ram_policy_bytes: int = 0
+    ssd_budget_bytes: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    ssd_drops: int = 0
+    degraded_reads: int = 0
+
+
+class TieredCache:
+    def __init__(
+        self,
+        *,
+        ram: RedisTier | None,
+        ssd: RocksDBTier | None,
+        cold: Tier | None = None,
+        policy: PlacementPolicy | None = None,
+        ssd_budget_bytes: int,
+        ttl_s: float | dict[str, float] | None = None,
+        bus: InvalidationBus | None = None,
+        name: str = "tiered",
+    ) -> None:
+        if ram is not None and policy is None:
+            raise ValueError("a RAM tier needs a placement policy")
+        self.name = name
+        self.ram, self.ssd, self.cold, self.policy = ram, ssd, cold, policy
+        self.ssd_budget = ssd_budget_bytes
+        self.ttl = ttl_s
+        self.bus = bus
+        self._lock = threading.Lock()
+        self._tick = 0
+        self._ssd_tick: dict[str, int] = {}
+        self._ssd_heap: list[tuple[int, str]] = []
+        if ssd is not None:
+            for k in ssd.keys():  # noqa: SIM118 (a method, not a dict)  entries left by a previous run of this process: oldest first
+                self._ssd_tick[k] = 0
+                self._ssd_heap.append((0, k))
+        self.counters = TieredStats(ssd_budget_bytes=ssd_budget_bytes)
+        if bus is not None:
+            bus.subscribe(self._on_event)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        *,
+        redis_url: str,
+        rocksdb_dir: Path | str,
+        ram_budget_bytes: int,
+        ssd_budget_bytes: int,
+        cold: Tier | None = None,
+        ttl_s: float | dict[str, float] | None = None,
+        name: str = "tiered",
+        policy: str = "tierserve",
+        entry_bytes: int | None = None,
+        invalidation: bool = True,
+    ) -> TieredCache:
+        """The production wiring: shared Redis RAM tier + W-TinyLFU in Redis + local RocksDB.
+
+        Every cache (and every replica of it) with the same `name` shares the RAM budget, the
+        placement metadata and the access counts; `rocksdb_dir` must be this process' own."""
+        ram = RedisTier(redis_url, meta_prefix=f"tierserve:tier:{name}")
+        cfg = WTinyLFUConfig(ram_budget_bytes, **({"entry_bytes": entry_bytes} if entry_bytes else {}))
+        pol: PlacementPolicy
+        if policy == "tierserve":
+            pol = SharedWTinyLFU(ram, cfg, prefix=f"tierserve:placement:{name}")
+        elif policy == "local":
+            pol = WTinyLFU(cfg)
+        elif policy == "lru":
+            pol = LRUPolicy(ram_budget_bytes)
+        else:
+            raise ValueError(f"unknown policy {policy!r}")
+        ssd = RocksDBTier(rocksdb_dir)
+        bus = InvalidationBus(redis_url, stream=f"tierserve:invalidations:{name}") if invalidation else None
+        return cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,
+                   ttl_s=ttl_s, bus=bus, name=name)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def get_many(self, keys: Sequence[str]) -> TieredResult:
+        keys = list(dict.fromkeys(keys))
+        degraded = False
+        ram_hits: dict[str, bytes] = {}
+        ram_ok = self.ram is not None
+        recorded = False
+        if self.ram is not None and keys:
+            try:
+                if isinstance(self.policy, SharedWTinyLFU) and self.policy.tier is self.ram:
+                    # One round trip: the placement script reads the values and records the accesses.
+                    t0 = time.perf_counter()
+                    recorded = True
+                    ram_hits = self.policy.lookup(keys)
+                    self.ram.account_read(keys, ram_hits, time.perf_counter() - t0)
+                else:
+                    ram_hits = self.ram.get_many(keys)
+            except TierUnavailable:
+                ram_ok, degraded = False, True
+        if self.policy is not None and keys and not recorded:
+            try:
+                self.policy.record(keys, set(ram_hits))
+            except TierUnavailable:
+                ram_ok, degraded = False, True
+
+        misses = [k for k in keys if k not in ram_hits]
+        ssd_hits = self.ssd.get_many(misses) if self.ssd is not None and misses else {}
+        self._touch_ssd(keys)
+        cold_keys = [k for k in misses if k not in ssd_hits]
+        cold_hits: dict[str, bytes] = {}
+        if self.cold is not None and cold_keys:
+            try:
+                cold_hits = self.cold.get_many(cold_keys)
+            except TierUnavailable as exc:
+                log.warning("cold tier unavailable: %s", exc)
+                degraded = True
+        if cold_hits and self.ssd is not None:
+            self._ssd_put(cold_hits)  # lower tier first: the SSD copy exists before RAM's
+        candidates = {k: (ssd_hits.get(k) or cold_hits[k]) for k in misses if k in ssd_hits or k in cold_hits}
+        if candidates and ram_ok:
+            try:
+                self._place(candidates)
+            except TierUnavailable:
+                degraded = True
+        self._enforce_ssd_budget()
+
+        sources: dict[str, str] = {}
+        values: dict[str, bytes] = {}
+        for tier_name, found in (("redis", ram_hits), ("rocksdb", ssd_hits), ("feast", cold_hits)):
+            for k, v in found.items():
+                values[k] = v
+                sources[k] = getattr(self.cold, "name", tier_name) if found is cold_hits else tier_name
+        if degraded:
+            self.counters.degraded_reads += 1
+        return TieredResult(
+            values=values, sources=sources, missing=[k for k in keys if k not in values], degraded=degraded,
+            ram_hits=len(ram_hits), ssd_hits=len(ssd_hits), cold_hits=len(cold_hits),
+        )
+
+    # -- writes --------------------------------------------------------------------------------
+    def put_many(self, items: dict[str, bytes]) -> bool:
+        """Store values computed above the cache (e.g. embeddings): SSD first, then RAM as the
+        policy places them. Returns False when RAM was unavailable (stored on SSD only)."""
+        if not items:
+            return True
+        if self.ssd is not None:
+            self._ssd_put(items)
+            self._touch_ssd(list(items))
+        ok = True
+        if self.ram is not None and self.policy is not None:
+            try:
+                # A put may replace a value: drop any RAM copy so the placement rewrites it.
+                self.ram.delete_many(list(items))
+                self.policy.remove(list(items))
+                self._place(items)
+            except TierUnavailable:
+                ok = False
+        self._enforce_ssd_budget()
+        return ok
+
+    def invalidate(self, keys: Sequence[str], *, broadcast: bool = True) -> None:
+        keys = list(dict.fromkeys(keys))
+        self._drop_everywhere(keys)
+        if broadcast and self.bus is not None:
+            self.bus.publish_keys(keys)
+
+    def purge_prefix(self, prefix: str, *, broadcast: bool = True) -> int:
+        """Delete every key under a prefix (an old model version) from every tier copy."""
+        n = 0
+        if self.ram is not None:
+            try:
+                keys = list(self.ram.scan_prefix(prefix))
+                n += self.ram.delete_many(keys)
+                if isinstance(self.policy, SharedWTinyLFU):
+                    self.policy.remove(self.policy.resident_keys(prefix))
+                elif self.policy is not None:
+                    self.policy.remove(keys)
+            except TierUnavailable:
+                pass
+        if self.ssd is not None:
+            n += self.ssd.delete_many(self.ssd.keys_with_prefix(prefix))
+        if broadcast and self.bus is not None:
+            self.bus.publish_prefix(prefix)
+        return n
+
+    def _drop_everywhere(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        if self.ram is not None:
+            try:
+                self.ram.delete_many(keys)
+                if self.policy is not None:
+                    self.policy.remove(keys)
+            except TierUnavailable:
+                pass  # nobody can read the RAM copy while it is down; the stream still carries it
+        if self.ssd is not None:
+            self.ssd.delete_many(keys)
+
+    def _on_event(self, event: InvalidationEvent) -> None:
+        if self.bus is not None and event.origin == self.bus.origin:
+            return  # applied synchronously when published
+        if event.kind == "keys":
+            self._drop_everywhere(event.keys)
+        elif event.kind == "prefix":
+            self.purge_prefix(event.prefix, broadcast=False)
+
+    # -- placement -----------------------------------------------------------------------------
+    def _place(self, candidates: dict[str, bytes]) -> None:
+        assert self.ram is not None and self.policy is not None
+        placement = self.policy.admit({k: len(k) + len(v) for k, v in candidates.items()})
+        if placement.demoted and self.ssd is not None:
+            need = [k for k in placement.demoted if k not in self.ssd]
+            if need:
+                self._ssd_put(self.ram.get_many(need))  # 1. lower tier first
+        admitted = {k: candidates[k] for k in placement.admitted}
+        if placement.demoted:
+            pause = os.environ.get(PAUSE_BEFORE_UPPER_DELETE_ENV)
+            if pause:
+                print(DEMOTION_MARKER, placement.demoted, file=sys.stderr, flush=True)
+                time.sleep(float(pause))
+        if isinstance(self.ttl, dict):
+            self._grouped_put(self.ram, admitted)
+            self.ram.delete_many(placement.demoted)  # 2. upper tier second
+        else:
+            # 2. upper tier second; the admitted values travel in the same round trip.
+            self.ram.put_and_delete(admitted, placement.demoted, ttl_s=self.ttl)
+        metrics.count_by_namespace(metrics.PROMOTIONS, self.ram.name, list(admitted))
+        metrics.count_by_namespace(metrics.DEMOTIONS, self.ram.name, placement.demoted)
+        self.counters.promotions += len(admitted)
+        self.counters.demotions += len(placement.demoted)
+
+    # -- SSD bookkeeping (local to this process) ---------------------------------------------
+    def _ssd_put(self, items: dict[str, bytes]) -> None:
+        if self.ssd is None or not items:
+            return
+        self._grouped_put(self.ssd, items)
+        with self._lock:
+            for k in items:
+                if k not in self._ssd_tick:
+                    self._tick += 1
+                    self._ssd_tick[k] = self._tick
+                    heapq.heappush(self._ssd_heap, (self._tick, k))
+
+    def _touch_ssd(self, keys: Sequence[str]) -> None:
+        if self.ssd is None:
+            return
+        with self._lock:
+            for k in keys:
+                self._tick += 1
+                if k in self._ssd_tick:
+                    self._ssd_tick[k] = self._tick
+                    heapq.heappush(self._ssd_heap, (self._tick, k))
+
+    def _enforce_ssd_budget(self) -> None:
+        if self.ssd is None or self.ssd.size_bytes() <= self.ssd_budget:
+            return
+        with self._lock:
+            excess = self.ssd.size_bytes() - self.ssd_budget
+            drop: list[str] = []
+            while self._ssd_heap and (excess > 0 or len(drop) < SSD_DROP_BATCH // 4):
+                tick, k = heapq.heappop(self._ssd_heap)
+                if self._ssd_tick.get(k) != tick:
+                    continue  # stale heap entry (re-read since)
+                size = self.ssd.entry_size(k)
+                del self._ssd_tick[k]
+                if size is None:
+                    continue
+                drop.append(k)
+                excess -= size
+                if excess <= 0:
+                    break
+        self.ssd.delete_many(drop)
+        metrics.count_by_namespace(metrics.DROPS, self.ssd.name, drop)
+        self.counters.ssd_drops += len(drop)
+
+    def _ttl_for(self, key: str) -> float | None:
+        if isinstance(self.ttl, dict):
+            return self.ttl.get(metrics.namespace_of(key))
+        return self.ttl
+
+    def _grouped_put(self, tier: Tier, items: dict[str, bytes]) -> None:
+        if not items:
+            return
+        if not isinstance(self.ttl, dict):
+            tier.put_many(items, ttl_s=self.ttl)
+            return
+        groups: dict[float | None, dict[str, bytes]] = defaultdict(dict)
+        for k, v in items.items():
+            groups[self._ttl_for(k)][k] = v
+        for ttl, group in groups.items():
+            tier.put_many(group, ttl_s=ttl)
+
+    # -- introspection -------------------------------------------------------------------------
+    def stats(self) -> TieredStats:
+        out = self.counters
+        for tier in (self.ram, self.ssd, self.cold):
+            if tier is not None:
+                out.tiers[tier.name] = tier.stats()
+        if self.policy is not None:
+            with contextlib.suppress(TierUnavailable):
+                out.ram_policy_bytes = self.policy.resident_bytes()
+        return out
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+        if self.ssd is not None:
+            self.ssd.close()
+        if self.ram is not None:
+            self.ram.close()

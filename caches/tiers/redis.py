@@ -1,0 +1,253 @@
+"""RAM tier: Redis, shared by every replica of the app.
+
+Why these choices:
+- One round trip per batch: MGET for reads, a Lua script for writes and deletes (the script also
+  keeps a per-key size hash and a byte total, so `size_bytes` is the cluster-wide logical size
+  without a SCAN; bytes = len(key) + len(value), Redis' own per-key overhead is not counted).
+- Failure is normal: any ConnectionError/TimeoutError becomes `TierUnavailable` (callers degrade
+  to the tiers below), and a short circuit breaker skips Redis for `RETRY_AFTER_S` so a dead
+  server costs one refused connect per interval, not one per request. redis-py drops a broken
+  connection from its pool, so the first call after the breaker reopens reconnects by itself.
+- Retries are off in the client: the tiered cache has a better fallback (the next tier) than
+  waiting for Redis.
+- Scripts travel by EVALSHA with an automatic reload (redis-py `Script`), so a restarted, empty
+  Redis works without anyone re-registering them.
+- Not Redis-Cluster ready: the scripts touch keys not declared in KEYS (a single shard is fine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from caches import metrics
+from caches.tiers.base import TierStats, TierUnavailable
+
+# Loopback GET is ~0.1 ms; a call that has not answered in this long is a sick server (a loaded
+# 2-core box stalls for hundreds of ms at times: 1 s, overridable, avoids false outages).
+SOCKET_TIMEOUT_S = float(os.environ.get("TIERSERVE_REDIS_TIMEOUT_S", "1.0"))
+CONNECT_TIMEOUT_S = 0.5
+# After a failure, skip Redis for this long before trying again (circuit breaker).
+RETRY_AFTER_S = 0.5
+# Keep single commands bounded: one huge MGET blocks the (single-threaded) server for everyone.
+MAX_KEYS_PER_CALL = 1000
+
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
+)
+
+_PUT = """
+local ttl = tonumber(ARGV[1])
+local delta = 0
+for i = 2, #ARGV, 2 do
+  local k, v = ARGV[i], ARGV[i + 1]
+  if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
+  local n = #k + #v
+  local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
+  redis.call('HSET', KEYS[1], k, n)
+  delta = delta + n - old
+end
+return redis.call('INCRBY', KEYS[2], delta)
+"""
+
+# Admitted values in, displaced values out, one round trip: ARGV ttl_ms, n_puts, puts..., deletes...
+_PUT_DELETE = """
+local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
+local delta = 0
+for i = 3, 2 + 2 * nput, 2 do
+  local k, v = ARGV[i], ARGV[i + 1]
+  if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
+  local n = #k + #v
+  local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
+  redis.call('HSET', KEYS[1], k, n)
+  delta = delta + n - old
+end
+for i = 3 + 2 * nput, #ARGV do
+  local k = ARGV[i]
+  redis.call('DEL', k)
+  local old = redis.call('HGET', KEYS[1], k)
+  if old then
+    delta = delta - tonumber(old)
+    redis.call('HDEL', KEYS[1], k)
+  end
+end
+return redis.call('INCRBY', KEYS[2], delta)
+"""
+
+_DELETE = """
+local delta, n = 0, 0
+for i = 1, #ARGV do
+  local k = ARGV[i]
+  n = n + redis.call('DEL', k)
+  local old = redis.call('HGET', KEYS[1], k)
+  if old then
+    delta = delta + tonumber(old)
+    redis.call('HDEL', KEYS[1], k)
+  end
+end
+redis.call('DECRBY', KEYS[2], delta)
+return n
+"""
+
+
+def make_client(url: str) -> redis.Redis:
+    """A client that fails fast and never retries on its own (see the module note)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_error=[],
+        health_check_interval=0,
+    )
+
+
+class RedisTier:
+    """`get_many`/`put_many`/`delete_many` over a shared Redis; values are opaque bytes."""
+
+    def __init__(self, url: str, *, name: str = "redis", meta_prefix: str = "tierserve:tier") -> None:
+        self.name = name
+        self.url = url
+        self.client = make_client(url)
+        self._sizes_key = f"{meta_prefix}:{name}:sizes"
+        self._bytes_key = f"{meta_prefix}:{name}:bytes"
+        self._put = self.client.register_script(_PUT)
+        self._delete = self.client.register_script(_DELETE)
+        self._put_delete = self.client.register_script(_PUT_DELETE)
+        self._stats = TierStats()
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    # -- availability -----------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _call(self, op: str, fn: Any, *args: Any, ns: str = "-") -> Any:
+        if not self.available:
+            raise TierUnavailable(f"redis {self.url} is down (retrying in < {RETRY_AFTER_S}s)")
+        try:
+            return fn(*args)
+        except REDIS_ERRORS as exc:
+            with self._lock:
+                self._down_until = time.monotonic() + RETRY_AFTER_S
+                self._stats.errors += 1
+            metrics.ERRORS.labels(tier=self.name, namespace=ns).inc()
+            raise TierUnavailable(f"redis {self.url} failed during {op}: {exc}") from exc
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._call("ping", self.client.ping))
+        except TierUnavailable:
+            return False
+
+    # -- the protocol -----------------------------------------------------------------------
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        ns = metrics.namespace_of(keys[0])
+        t0 = time.perf_counter()
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(keys, MAX_KEYS_PER_CALL):
+            values = self._call("MGET", self.client.mget, chunk, ns=ns)
+            found.update({k: v for k, v in zip(chunk, values, strict=True) if v is not None})
+        self.account_read(keys, found, time.perf_counter() - t0)
+        return found
+
+    def account_read(self, keys: list[str], found: dict[str, bytes], seconds: float) -> None:
+        """Stats and metrics of one batched read (also used when a placement script read for us)."""
+        metrics.LATENCY.labels(tier=self.name, namespace=metrics.namespace_of(keys[0])).observe(seconds)
+        self._stats.hits += len(found)
+        self._stats.misses += len(keys) - len(found)
+        metrics.count_by_namespace(metrics.HITS, self.name, list(found))
+        metrics.count_by_namespace(metrics.MISSES, self.name, [k for k in keys if k not in found])
+
+    def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
+        if not items:
+            return
+        ttl_ms = int(ttl_s * 1000) if ttl_s else 0
+        ns = metrics.namespace_of(next(iter(items)))
+        for chunk in _chunks(list(items), MAX_KEYS_PER_CALL):
+            args: list[Any] = [ttl_ms]
+            for k in chunk:
+                args += [k, items[k]]
+            total = self._call("put", self._put, [self._sizes_key, self._bytes_key], args, ns=ns)
+            self._stats.bytes = int(total)
+        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
+
+    def put_and_delete(self, items: dict[str, bytes], deletes: list[str], ttl_s: float | None = None) -> None:
+        """Write `items` and delete `deletes` in one round trip (the placement's RAM-side moves)."""
+        if len(items) + len(deletes) > MAX_KEYS_PER_CALL:
+            self.put_many(items, ttl_s)
+            self.delete_many(deletes)
+            return
+        if not items and not deletes:
+            return
+        args: list[Any] = [int(ttl_s * 1000) if ttl_s else 0, len(items)]
+        for k, v in items.items():
+            args += [k, v]
+        args += deletes
+        ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
+        self._stats.bytes = int(self._call("put_delete", self._put_delete, [self._sizes_key, self._bytes_key], args, ns=ns))
+        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
+
+    def delete_many(self, keys: list[str]) -> int:
+        if not keys:
+            return 0
+        ns = metrics.namespace_of(keys[0])
+        deleted = 0
+        for chunk in _chunks(keys, MAX_KEYS_PER_CALL):
+            deleted += int(self._call("delete", self._delete, [self._sizes_key, self._bytes_key], chunk, ns=ns))
+        return deleted
+
+    def size_bytes(self) -> int:
+        try:
+            raw = self._call("size", self.client.get, self._bytes_key)
+        except TierUnavailable:
+            return self._stats.bytes  # last known: a dashboard should not go blank on an outage
+        self._stats.bytes = int(raw or 0)
+        return self._stats.bytes
+
+    def stats(self) -> TierStats:
+        self.size_bytes()
+        with contextlib.suppress(TierUnavailable):
+            self._stats.entries = int(self._call("entries", self.client.hlen, self._sizes_key))
+        return self._stats
+
+    # -- maintenance ------------------------------------------------------------------------
+    def scan_prefix(self, prefix: str, count: int = 1000) -> Iterator[str]:
+        """Keys starting with prefix (SCAN, never KEYS: it does not block the server)."""
+        for raw in self._call("scan", self.client.scan_iter, f"{_glob_escape(prefix)}*", count):
+            yield raw.decode() if isinstance(raw, bytes) else raw
+
+    def reconcile(self) -> int:
+        """Forget the sizes of keys Redis expired (TTL) so the byte total stays honest."""
+        gone: list[str] = []
+        for raw_keys in _chunks([k.decode() for k in self.client.hkeys(self._sizes_key)], MAX_KEYS_PER_CALL):
+            exists = self.client.pipeline(transaction=False)
+            for k in raw_keys:
+                exists.exists(k)
+            gone += [k for k, e in zip(raw_keys, exists.execute(), strict=True) if not e]
+        if gone:
+            self.delete_many(gone)
+        return len(gone)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

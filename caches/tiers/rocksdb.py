@@ -1,0 +1,164 @@
+"""SSD tier: RocksDB through rocksdict, one directory per process.
+
+Why these choices:
+- RocksDB allows one read-write opener per directory, so each process (Serve replica) owns its
+  own directory; a second opener gets `RocksDBLocked`, which names the path and says who to ask,
+  instead of RocksDB's bare "IO error: lock hold ...".
+- Tuned for point lookups (the only access pattern): `optimize_for_point_lookup` plus a bloom
+  filter (`BLOOM_BITS_PER_KEY`, ~1% false positives: a miss rarely touches a data block), a
+  hash index inside data blocks, and a block cache with the index and filter blocks in it.
+- Multi-get (`db.get([...])`) and one WriteBatch per put/delete batch.
+- TTL per entry, not RocksDB's DB-wide TTL: each value carries an 8-byte expiry header, an
+  expired entry reads as a miss and is deleted lazily. Sizes (key + payload) are kept in memory
+  (rebuilt by one scan at open) so budgets and `size_bytes` cost nothing per call.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rocksdict import BlockBasedOptions, Cache, DataBlockIndexType, Options, Rdict, WriteBatch
+
+from caches import metrics
+from caches.tiers.base import TierStats
+
+BLOOM_BITS_PER_KEY = 10
+BLOCK_CACHE_BYTES = 64 << 20
+POINT_LOOKUP_CACHE_MB = 64
+DATA_BLOCK_HASH_RATIO = 0.75
+_HEADER = struct.Struct("<d")  # absolute expiry (unix seconds); 0.0 = never
+
+
+class RocksDBLocked(RuntimeError):
+    """Another process (or another open in this one) holds the RocksDB directory's LOCK."""
+
+
+def _options(block_cache_bytes: int) -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.optimize_for_point_lookup(POINT_LOOKUP_CACHE_MB)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
+    table.set_block_cache(Cache(block_cache_bytes))
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_data_block_index_type(DataBlockIndexType.binary_and_hash())
+    table.set_data_block_hash_ratio(DATA_BLOCK_HASH_RATIO)
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
+class RocksDBTier:
+    def __init__(self, path: Path | str, *, name: str = "rocksdb", block_cache_bytes: int = BLOCK_CACHE_BYTES) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        options = _options(block_cache_bytes)
+        try:
+            self._db = Rdict(str(self.path), options)
+        except Exception as exc:  # rocksdict raises a bare Exception for IO errors
+            if "lock" in str(exc).lower():
+                raise RocksDBLocked(
+                    f"RocksDB directory {self.path} is locked by another process (RocksDB allows one "
+                    f"writer per directory): give each process its own rocksdb_dir. Detail: {exc}"
+                ) from exc
+            raise
+        self._sizes: dict[str, int] = {}
+        self._stats = TierStats()
+        # Sizes and the byte total change together; the invalidation consumer runs on its own thread.
+        self._lock = threading.Lock()
+        now = time.time()
+        expired: list[str] = []
+        for raw_key, raw_value in self._db.items():
+            key = raw_key.decode()
+            if _expired(raw_value, now):
+                expired.append(key)
+            else:
+                self._sizes[key] = len(raw_key) + len(raw_value) - _HEADER.size
+        self._bytes = sum(self._sizes.values())
+        self.delete_many(expired)
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        ns = metrics.namespace_of(keys[0])
+        t0 = time.perf_counter()
+        raw = self._db.get([k.encode() for k in keys])
+        now = time.time()
+        found: dict[str, bytes] = {}
+        expired: list[str] = []
+        for k, v in zip(keys, raw, strict=True):
+            if v is None:
+                continue
+            if _expired(v, now):
+                expired.append(k)
+            else:
+                found[k] = v[_HEADER.size :]
+        self.delete_many(expired)
+        metrics.LATENCY.labels(tier=self.name, namespace=ns).observe(time.perf_counter() - t0)
+        self._stats.hits += len(found)
+        self._stats.misses += len(keys) - len(found)
+        metrics.count_by_namespace(metrics.HITS, self.name, list(found))
+        metrics.count_by_namespace(metrics.MISSES, self.name, [k for k in keys if k not in found])
+        return found
+
+    def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
+        if not items:
+            return
+        header = _HEADER.pack(time.time() + ttl_s if ttl_s else 0.0)
+        batch = WriteBatch(raw_mode=True)
+        with self._lock:
+            for k, v in items.items():
+                kb = k.encode()
+                batch.put(kb, header + v)
+                n = len(kb) + len(v)
+                self._bytes += n - self._sizes.get(k, 0)
+                self._sizes[k] = n
+            self._db.write(batch)
+        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._bytes)
+
+    def delete_many(self, keys: list[str]) -> int:
+        with self._lock:
+            present = [k for k in keys if k in self._sizes]
+            if not present:
+                return 0
+            batch = WriteBatch(raw_mode=True)
+            for k in present:
+                batch.delete(k.encode())
+                self._bytes -= self._sizes.pop(k)
+            self._db.write(batch)
+        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._bytes)
+        return len(present)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sizes
+
+    def entry_size(self, key: str) -> int | None:
+        return self._sizes.get(key)
+
+    def keys(self) -> Iterator[str]:
+        return iter(list(self._sizes))
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return [k for k in self._sizes if k.startswith(prefix)]
+
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> TierStats:
+        self._stats.bytes = self._bytes
+        self._stats.entries = len(self._sizes)
+        return self._stats
+
+    def close(self) -> None:
+        # Closing releases the LOCK so the directory can be reopened (by us or a successor).
+        self._db.close()
+
+
+def _expired(raw_value: bytes, now: float) -> bool:
+    (expiry,) = _HEADER.unpack_from(raw_value)
+    return 0.0 < expiry <= now

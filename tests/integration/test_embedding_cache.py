@@ -1,0 +1,102 @@
+"""EmbeddingCache on real Redis + RocksDB; a deterministic stand-in encoder keeps it fast (the
+real encoder is exercised by the Encoder deployment's own tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from caches.embedding import EmbeddingCache, precompute, read_texts
+from caches.keys import canonical_text
+
+DIM = 384
+
+
+class FakeEncoder:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.texts = 0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        self.texts += len(texts)
+        out = np.stack([
+            np.random.default_rng(int(hashlib.sha256(canonical_text(t).encode()).hexdigest()[:8], 16)).standard_normal(DIM)
+            for t in texts
+        ]).astype(np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def open_cache(redis_url: str, path: Path, version: str = "v1") -> EmbeddingCache:
+    return EmbeddingCache.open(redis_url=redis_url, rocksdb_dir=path, ram_budget_bytes=200 * 1700,
+                               ssd_budget_bytes=10**7, encoder_name="fake-minilm", encoder_version=version, dim=DIM)
+
+
+def test_get_put_roundtrip_and_canonical_keys(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    cache = open_cache(redis_url, tmp_path / "ssd")
+    enc = FakeEncoder()
+    try:
+        texts = ["How do I reset my PIN?", "card arrived broken", "how do I  reset my pin?"]
+        hits, missing = cache.get_many(texts)
+        assert hits == {} and missing == [0, 1, 2]
+        cache.put_many(texts[:2], enc(texts[:2]))
+        hits, missing = cache.get_many(texts)
+        assert missing == [] and set(hits) == {0, 1, 2}  # whitespace/case variant shares the entry
+        np.testing.assert_array_equal(hits[0], enc(texts[:1])[0])
+        np.testing.assert_array_equal(hits[2], hits[0])
+        assert hits[0].dtype == np.float32 and hits[0].flags.writeable
+    finally:
+        cache.close()
+
+
+def test_encoder_version_is_part_of_the_key(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    v1 = open_cache(redis_url, tmp_path / "a", "v1")
+    enc = FakeEncoder()
+    v1.put_many(["hello"], enc(["hello"]))
+    assert v1.get_many(["hello"])[1] == []
+    v1.close()
+    v2 = open_cache(redis_url, tmp_path / "b", "v2")
+    try:
+        assert v2.get_many(["hello"])[1] == [0]
+    finally:
+        v2.close()
+
+
+def test_get_or_encode_encodes_only_misses(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    cache = open_cache(redis_url, tmp_path / "ssd")
+    enc = FakeEncoder()
+    try:
+        first = cache.get_or_encode(["a", "b"], encode=enc)
+        again = cache.get_or_encode(["a", "b", "c"], encode=enc)
+        assert enc.texts == 3
+        np.testing.assert_array_equal(first, again[:2])
+    finally:
+        cache.close()
+
+
+def test_precompute_fills_the_cache_and_resumes(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    catalogue = tmp_path / "catalogue.jsonl"
+    catalogue.write_text("\n".join(json.dumps({"text": f"question number {i}", "intent": "x"}) for i in range(150)))
+    texts = list(read_texts(catalogue))
+    cache = open_cache(redis_url, tmp_path / "ssd")
+    enc = FakeEncoder()
+    try:
+        first = precompute(cache, texts[:100], batch_size=32, encode=enc, progress=False)
+        assert first["encoded"] == 100
+        second = precompute(cache, texts, batch_size=32, encode=enc, progress=False)
+        assert second == {"texts": 150, "unique": 150, "encoded": 50, "already_cached": 100}
+        hits, missing = cache.get_many(texts)
+        assert not missing and len(hits) == 150
+        assert cache.tiered.ram.size_bytes() <= 200 * 1700  # the rest went to SSD
+    finally:
+        cache.close()
+
+
+def test_read_texts_csv_column(tmp_path: Path) -> None:
+    path = tmp_path / "items.csv"
+    path.write_text("id,title\n1,Toy Story\n2,\n3,Heat\n")
+    assert list(read_texts(path, "title")) == ["Toy Story", "Heat"]

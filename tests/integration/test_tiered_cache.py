@@ -1,0 +1,313 @@
+"""TieredCache end to end on real Redis + RocksDB (+ Feast for the feature paths): placement,
+budgets, TTL, versions, cross-replica invalidation and the failure cases."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from benchmarks.simulate_policies import simulate
+from caches.admission import SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
+from caches.features import FeatureCache
+from caches.redis_server import EmbeddedRedis, free_port
+from caches.tiered import DEMOTION_MARKER, PAUSE_BEFORE_UPPER_DELETE_ENV, TieredCache
+from caches.tiers.base import TierStats
+from caches.tiers.redis import RETRY_AFTER_S, RedisTier
+from caches.tiers.rocksdb import RocksDBTier
+from tests.integration.test_tiers import small_feast_repo
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VALUE = 100  # bytes per test value
+
+
+class DictTier:
+    """A stand-in source of truth for the placement tests (the Feast paths use real Feast)."""
+
+    name = "source"
+
+    def __init__(self, data: dict[str, bytes] | None = None) -> None:
+        self.data = dict(data or {})
+        self.reads = 0
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        self.reads += len(keys)
+        return {k: self.data[k] for k in keys if k in self.data}
+
+    def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
+        self.data.update(items)
+
+    def delete_many(self, keys: list[str]) -> int:
+        return 0
+
+    def size_bytes(self) -> int:
+        return 0
+
+    def stats(self) -> TierStats:
+        return TierStats()
+
+
+def val(key: str, tag: str = "") -> bytes:
+    return (key + tag).encode().ljust(VALUE, b".")
+
+
+def source_for(keys: list[str]) -> DictTier:
+    return DictTier({k: val(k) for k in keys})
+
+
+def open_cache(redis_url: str, path: Path, *, cold: Any = None, ram: int = 10 * 120, ssd: int = 10**7,
+               name: str = "t", **kw: Any) -> TieredCache:
+    return TieredCache.open(redis_url=redis_url, rocksdb_dir=path, ram_budget_bytes=ram, ssd_budget_bytes=ssd,
+                            cold=cold, name=name, entry_bytes=120, **kw)
+
+
+def test_promotion_demotion_and_sources(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    keys = [f"t:m:1:{i}" for i in range(60)]
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for(keys))
+    try:
+        first = cache.get_many(keys[:1])
+        assert first.sources == {keys[0]: "source"} and not first.degraded
+        assert cache.get_many(keys[:1]).sources == {keys[0]: "redis"}  # promoted
+        for k in keys[1:]:  # a scan of rare keys pushes the window out
+            cache.get_many([k])
+        assert cache.counters.demotions > 0
+        ram_now = set(cache.ram.get_many(keys))
+        demoted = [k for k in keys if k not in ram_now]
+        got = cache.get_many(demoted[:3])
+        assert set(got.sources.values()) == {"rocksdb"}  # demoted entries live on SSD
+        assert got.values == {k: val(k) for k in demoted[:3]}
+        from prometheus_client import generate_latest
+
+        exported = generate_latest().decode()
+        for name in ("hits_total", "misses_total", "promotions_total", "demotions_total", "bytes",
+                     "read_latency_seconds_bucket"):
+            assert f"tierserve_tier_{name}" in exported
+        assert 'tierserve_tier_hits_total{namespace="t",tier="redis"}' in exported
+    finally:
+        cache.close()
+
+
+def test_byte_budgets_hold_and_nothing_is_lost(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    keys = [f"t:m:1:{i}" for i in range(300)]
+    ram_budget, ssd_budget = 2000, 6000
+    source = source_for(keys)
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source, ram=ram_budget, ssd=ssd_budget)
+    rng = random.Random(1)
+    try:
+        for _ in range(600):
+            batch = [keys[min(int(rng.paretovariate(1.0)) - 1, 299)] for _ in range(3)]
+            res = cache.get_many(batch)
+            assert res.values == {k: val(k) for k in batch} and not res.missing
+            assert cache.ram.size_bytes() <= ram_budget
+            assert cache.ssd.size_bytes() <= ssd_budget
+        assert cache.policy.resident_bytes() <= ram_budget
+        assert cache.counters.ssd_drops > 0
+        stats = cache.stats()
+        assert stats.tiers["redis"].hits > 0 and stats.tiers["rocksdb"].bytes <= ssd_budget
+    finally:
+        cache.close()
+
+
+def test_ttl_per_namespace(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    short, long_ = "short:m:1:a", "long:m:1:a"
+    source = source_for([short, long_])
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source, ttl_s={"short": 0.3})
+    try:
+        cache.get_many([short, long_])
+        assert cache.get_many([short, long_]).sources == {short: "redis", long_: "redis"}
+        time.sleep(0.45)
+        res = cache.get_many([short, long_])
+        assert res.sources == {short: "source", long_: "redis"}  # expired in RAM *and* SSD
+    finally:
+        cache.close()
+
+
+def test_invalidation_reaches_the_other_replica(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    key = "t:m:1:shared"
+    source = source_for([key])
+    a = open_cache(redis_url, tmp_path / "a", cold=source, name="inv")
+    b = open_cache(redis_url, tmp_path / "b", cold=source, name="inv")
+    try:
+        assert b.get_many([key]).sources[key] == "source"  # b: cold read, copy on b's SSD
+        assert a.get_many([key]).sources[key] == "redis"  # a: shared RAM
+        assert key in b.ssd
+        source.data[key] = val(key, "-v2")
+        a.invalidate([key])
+        deadline = time.monotonic() + 5
+        while key in b.ssd and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert key not in b.ssd  # b's consumer applied the stream event
+        assert b.get_many([key]).values[key] == val(key, "-v2")
+        assert a.get_many([key]).values[key] == val(key, "-v2")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_redis_killed_and_restarted_mid_read(tmp_path: Path) -> None:
+    server = EmbeddedRedis(port=free_port(), workdir=tmp_path / "redis").start()
+    keys = [f"t:m:1:{i}" for i in range(6)]
+    source = source_for(keys)
+    cache = open_cache(server.url, tmp_path / "ssd", cold=source, ram=10_000, invalidation=False)
+    try:
+        cache.get_many(keys[:5])
+        assert set(cache.get_many(keys[:5]).sources.values()) == {"redis"}
+        server.stop()
+        res = cache.get_many(keys)  # no exception: SSD and the source answer
+        assert res.degraded and not res.missing
+        assert res.values == {k: val(k) for k in keys}
+        assert set(res.sources.values()) <= {"rocksdb", "source"}
+        server.start()  # same port, empty
+        time.sleep(RETRY_AFTER_S + 0.1)
+        res = cache.get_many(keys)
+        assert not res.degraded and set(res.sources.values()) == {"rocksdb"}
+        res = cache.get_many(keys)
+        assert set(res.sources.values()) == {"redis"}  # caching resumed by itself
+    finally:
+        cache.close()
+        server.stop()
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys
+    from caches.tiered import TieredCache
+    from tests.integration.test_tiered_cache import source_for
+    url, ssd_dir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    new = [f"crash:m:1:new{i}" for i in range(n)]
+    cache = TieredCache.open(redis_url=url, rocksdb_dir=ssd_dir, ram_budget_bytes=10 * 120,
+                             ssd_budget_bytes=10**7, cold=source_for(new), name="crash",
+                             entry_bytes=120, invalidation=False)
+    for k in new:
+        cache.get_many([k])
+    print("finished without demoting", flush=True)
+""")
+
+
+def test_sigkill_between_lower_write_and_upper_delete_loses_nothing(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    old = [f"crash:m:1:old{i}" for i in range(8)]
+    a = open_cache(redis_url, tmp_path / "a", name="crash", invalidation=False)
+    a.put_many({k: val(k) for k in old})
+    resident = set(a.ram.get_many(old))
+    assert resident
+    a.close()
+    shutil.rmtree(tmp_path / "a")  # the only copies left are in RAM: a demotion must move them
+    env = {**os.environ, PAUSE_BEFORE_UPPER_DELETE_ENV: "30", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, redis_url, str(tmp_path / "b"), "20"],
+                            cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = ""
+        deadline = time.monotonic() + 60
+        while DEMOTION_MARKER not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail(f"child exited before demoting: {proc.stdout.read() if proc.stdout else ''}")
+        assert DEMOTION_MARKER in line
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ssd = RocksDBTier(tmp_path / "b")  # the dead process' lock is gone
+    ram = RedisTier(redis_url, meta_prefix="tierserve:tier:crash")
+    try:
+        in_ram, in_ssd = ram.get_many(sorted(resident)), ssd.get_many(sorted(resident))
+        for k in resident:
+            assert in_ram.get(k) == val(k) or in_ssd.get(k) == val(k), f"{k} lost"
+        assert set(in_ram) & set(in_ssd)  # the demotion in flight left duplicates, not holes
+    finally:
+        ssd.close()
+
+
+def test_lua_policy_makes_the_same_decisions_as_the_python_reference(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    rng = random.Random(7)
+    keys = [f"p:m:1:{i}" for i in range(400)]
+    sizes = {k: rng.randint(60, 180) for k in keys}
+    trace = [[keys[min(int(rng.paretovariate(0.8)) - 1, 399)] for _ in range(rng.randint(1, 3))] for _ in range(1500)]
+    trace = [list(dict.fromkeys(b)) for b in trace]
+    cfg = WTinyLFUConfig(3000, entry_bytes=120)
+    local = WTinyLFU(cfg)
+    shared = SharedWTinyLFU(RedisTier(redis_url), cfg, prefix="test:equiv")
+    a = simulate(local, trace, sizes.__getitem__)
+    b = simulate(shared, trace, sizes.__getitem__)
+    assert a == b
+    assert shared.agings == local.sketch.agings > 0
+    assert shared.window_bytes() == local.window_bytes
+    resident = set(local.window) | set(local.probation) | set(local.protected)
+    assert set(shared.resident_keys()) == resident
+    assert shared.resident_bytes() == local.resident_bytes() <= cfg.budget_bytes
+
+
+# -- feature paths on a real Feast repo -------------------------------------------------------
+@pytest.fixture(scope="module")
+def feast_repo(shared_data: Path) -> Any:
+    return small_feast_repo(shared_data)
+
+
+def open_features(redis_url: str, repo: Path, ssd_dir: Path, version: str, **kw: Any) -> FeatureCache:
+    return FeatureCache.open(redis_url=redis_url, rocksdb_dir=ssd_dir, feast_repo=repo, view="user_features",
+                             entity_key="user_id", model_version=version, ram_budget_bytes=kw.get("ram", 50_000),
+                             ssd_budget_bytes=10**7)
+
+
+def test_feature_cache_reads_versions_and_writes_through_feast(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, feast_repo: Any
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(feast_repo.repo_dir, repo)  # this test writes to the online store
+    ids = feast_repo.user_ids_sample[:4]
+    fc = open_features(redis_url, repo, tmp_path / "ssd", "v1")
+    try:
+        first = fc.get(ids + [987654321])
+        assert set(first.features) == set(ids) and first.missing == [987654321]  # unknown: missing, not {}
+        assert set(first.sources.values()) == {"feast"}
+        assert set(fc.get(ids).sources.values()) == {"redis"}
+        # version bump: old keys unreachable at once, purged from RAM and SSD
+        fc.bump_version("v2", purge_in_background=False)
+        assert set(fc.get(ids).sources.values()) == {"feast"}
+        assert not [k for k in fc.tiered.ram.scan_prefix("features:user_features:v1:")]
+        assert not fc.tiered.ssd.keys_with_prefix("features:user_features:v1:")
+        # write through Feast, then the cached copies are invalidated
+        uid = ids[0]
+        row = {"user_id": uid, **fc.get([uid]).features[uid]}
+        row["n_ratings"] = int(row["n_ratings"]) + 1000
+        fc.write([row])
+        after = fc.get([uid])
+        assert after.sources[uid] == "feast" and after.features[uid]["n_ratings"] == row["n_ratings"]
+    finally:
+        fc.close()
+
+
+def test_feast_unreachable_serves_upper_tiers_and_reports_misses(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, feast_repo: Any
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(feast_repo.repo_dir, repo)
+    cached, uncached = feast_repo.user_ids_sample[:3], feast_repo.user_ids_sample[3:6]
+    fc = open_features(redis_url, repo, tmp_path / "ssd", "v1")
+    fc.get(cached)
+    fc.close()
+    (repo / "data" / "online_store.db").unlink()  # the online store is gone
+    fc = open_features(redis_url, repo, tmp_path / "ssd", "v1")
+    try:
+        res = fc.get(cached + uncached)
+        assert set(res.features) == set(cached)
+        assert sorted(res.missing) == sorted(uncached)
+        assert res.degraded
+        assert all(res.features[i] for i in cached)
+    finally:
+        fc.close()

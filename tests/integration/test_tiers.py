@@ -1,0 +1,148 @@
+"""Each tier on its own, against the real thing: Redis, RocksDB, a Feast repo built by the pipeline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from caches.redis_server import free_port
+from caches.tiers.base import Tier, TierUnavailable
+from caches.tiers.feast import FeastTier, FeastView, decode_features
+from caches.tiers.redis import RedisTier
+from caches.tiers.rocksdb import RocksDBLocked, RocksDBTier
+
+# One small repo per machine, reused across test modules and runs: build_repo is a no-op when
+# the same inputs were already built there.
+SMALL_LIMIT = 3000
+FEAST_REPO_DIR = Path(os.environ.get("TIERSERVE_TEST_FEAST_REPO", f"/tmp/tierserve-test-feast-{os.getuid()}"))
+
+
+def small_feast_repo(shared_data: Path) -> Any:
+    from feature_store.pipeline import build_repo
+
+    return build_repo(shared_data / "movielens_latest_small_2015" / "ratings.csv", FEAST_REPO_DIR,
+                      limit=SMALL_LIMIT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def feast_repo(shared_data: Path) -> Any:
+    return small_feast_repo(shared_data)
+
+
+def test_redis_tier_roundtrip_bytes_and_ttl(redis_url: str, redis_client: redis.Redis) -> None:
+    tier = RedisTier(redis_url, meta_prefix="test:tiers")
+    assert isinstance(tier, Tier)
+    tier.put_many({"ns:m:1:a": b"xx", "ns:m:1:b": b"yyy"})
+    tier.put_many({"ns:m:1:t": b"z"}, ttl_s=0.2)
+    assert tier.get_many(["ns:m:1:a", "ns:m:1:b", "ns:m:1:nope"]) == {"ns:m:1:a": b"xx", "ns:m:1:b": b"yyy"}
+    assert tier.size_bytes() == (8 + 2) + (8 + 3) + (8 + 1)
+    tier.put_many({"ns:m:1:a": b"x"})  # overwrite: bytes follow the new size
+    assert tier.size_bytes() == (8 + 1) + (8 + 3) + (8 + 1)
+    tier.put_and_delete({"ns:m:1:c": b"c"}, ["ns:m:1:b"])
+    assert tier.get_many(["ns:m:1:b", "ns:m:1:c"]) == {"ns:m:1:c": b"c"}
+    time.sleep(0.3)
+    assert tier.get_many(["ns:m:1:t"]) == {}
+    assert tier.reconcile() == 1  # the expired key's size is forgotten
+    assert tier.size_bytes() == (8 + 1) + (8 + 1)
+    assert tier.delete_many(["ns:m:1:a", "ns:m:1:c"]) == 2
+    assert tier.size_bytes() == 0
+    st = tier.stats()
+    assert st.hits >= 3 and st.misses >= 2
+
+
+def test_redis_tier_down_raises_tier_unavailable_fast() -> None:
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}/0")
+    t0 = time.perf_counter()
+    with pytest.raises(TierUnavailable):
+        tier.get_many(["ns:m:1:a"])
+    with pytest.raises(TierUnavailable):  # breaker open: no new connect attempt
+        tier.put_many({"ns:m:1:a": b"x"})
+    assert time.perf_counter() - t0 < 1.0
+    assert tier.stats().errors >= 1
+
+
+def test_rocksdb_tier_multiget_ttl_and_reopen(tmp_path: Path) -> None:
+    tier = RocksDBTier(tmp_path / "db")
+    tier.put_many({f"ns:m:1:{i}": bytes([i]) * 10 for i in range(100)})
+    tier.put_many({"ns:m:1:ttl": b"soon gone"}, ttl_s=0.2)
+    got = tier.get_many(["ns:m:1:3", "ns:m:1:50", "ns:m:1:missing"])
+    assert got == {"ns:m:1:3": b"\x03" * 10, "ns:m:1:50": b"\x32" * 10}
+    size = tier.size_bytes()
+    time.sleep(0.25)
+    assert tier.get_many(["ns:m:1:ttl"]) == {}
+    assert tier.size_bytes() < size
+    tier.close()
+    again = RocksDBTier(tmp_path / "db")  # sizes rebuilt from disk
+    assert len(list(again.keys())) == 100
+    assert again.size_bytes() == sum(len(f"ns:m:1:{i}") + 10 for i in range(100))
+    again.close()
+
+
+def test_rocksdb_path_locked_by_another_process_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "locked-db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from caches.tiers.rocksdb import RocksDBTier
+            t = RocksDBTier({str(path)!r})
+            print("open", flush=True)
+            time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2], text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(RocksDBLocked) as err:
+            RocksDBTier(path)
+        assert str(path) in str(err.value)
+        assert "locked by another process" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    RocksDBTier(path).close()  # the lock dies with its process
+
+
+class CountingStore:
+    """Wraps a FeatureStore to count online reads (one per view per batch is the contract)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.calls = 0
+
+    def get_online_features(self, **kw: Any) -> Any:
+        self.calls += 1
+        return self.store.get_online_features(**kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_feast_tier_one_call_per_view_and_unknown_is_a_miss(feast_repo: Any) -> None:
+    from feature_store.pipeline import open_store
+
+    store = CountingStore(open_store(feast_repo.repo_dir))
+    tier = FeastTier(views=[FeastView("user_features", "user_id"), FeastView("item_features", "item_id")], store=store)
+    v = feast_repo.model_version
+    users = [f"features:user_features:{v}:{u}" for u in feast_repo.user_ids_sample[:5]]
+    items = [f"features:item_features:{v}:{i}" for i in feast_repo.popular_items[:5]]
+    unknown = [f"features:user_features:{v}:987654321", f"features:item_features:{v}:not-an-int"]
+    got = tier.get_many(users + items + unknown)
+    assert store.calls == 2
+    assert set(got) == set(users + items)
+    feats = decode_features(got[users[0]])
+    assert set(feats) >= {"n_ratings", "mean_rating", "embedding"}
+    assert len(feats["embedding"]) == feast_repo.embedding_dim
+
+
+def test_feast_tier_unreachable_raises_tier_unavailable(tmp_path: Path) -> None:
+    tier = FeastTier(tmp_path / "no-repo", [FeastView("user_features", "user_id")])
+    with pytest.raises(TierUnavailable):
+        tier.get_many(["features:user_features:v:1"])
