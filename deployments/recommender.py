@@ -4,13 +4,25 @@ Per request: result cache (user, model version, k, user generation) -> the user'
 through the TieredCache -> FAISS inner-product search over item embeddings -> the candidates'
 features in one batched read -> score, drop items already rated, top-k. The item index is built
 at start from the feature repo and rebuilt when the model version changes.
+
+Events (`record_event`): the user's updated row goes into Feast through its push source
+(feature_store/events.py), then the user's feature entries are invalidated on every replica
+(TieredCache.invalidate: shared RAM copy now, every replica's SSD copy through the Redis
+Stream), then the user's generation counter moves, which makes their cached results unreachable.
+
+Failure: Feast unreachable -> answers from what the tiers hold, `degraded: true`, or a 503 with
+a message when they hold nothing usable; Redis unreachable -> no result cache, features from SSD
+and Feast (degraded), events refused with a 503 (nothing is written half-way).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import threading
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +34,12 @@ from ray import serve
 
 from caches.features import FeatureCache
 from caches.result import CacheUnavailable, ResultCache
+from caches.tiered import TieredCache
+from caches.tiers.feast import FeastTier, FeastView
 from caches.versions import ModelVersions
 from deployments.config import RecommenderSettings
 from feature_store import names
+from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
 from feature_store.pipeline import RepoInfo
 
 log = logging.getLogger("tierserve.recommender")
@@ -34,6 +49,17 @@ RECS_MODEL = "recs"
 # item and one in the user's favourite genres rank slightly higher among near-equal candidates.
 W_MEAN_RATING = 0.10
 W_GENRE = 0.10
+# Candidates per request: at least this many times k, so a large k still has enough left after
+# the filters (and a larger k really asks the feature tiers for more items).
+CANDIDATES_PER_K = 4
+# Users whose event generation this replica remembers (see _ensure_fresh); bounded, and
+# forgetting one only costs that user one extra Feast read.
+GENERATIONS_REMEMBERED = 100_000
+# Second invalidation of an event's user, after reads that straddled the push have finished:
+# such a read fetched the old row before the push and may place it in RAM after the first one.
+SECOND_INVALIDATION_S = 2.0
+EVENT_LOCK_TIMEOUT_S = 10.0
+EVENT_LOCK_WAIT_S = 5.0
 
 
 class ItemIndex:
@@ -44,13 +70,29 @@ class ItemIndex:
 
         frame = pd.read_parquet(item_parquet, columns=[names.ITEM_KEY, "embedding", "popularity"])
         vectors = np.stack(frame["embedding"].to_numpy()).astype(np.float32)
+        ids = frame[names.ITEM_KEY].to_numpy(dtype=np.int64)
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-        self.index.add_with_ids(vectors, frame[names.ITEM_KEY].to_numpy(dtype=np.int64))
+        self.index.add_with_ids(vectors, ids)
         self.size = len(frame)
+        self.ids = frozenset(int(i) for i in ids)  # the catalogue: events may only name these
 
     def search(self, vector: np.ndarray, k: int) -> list[int]:
         _, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), min(k, self.size))
         return [int(i) for i in ids[0] if i >= 0]
+
+
+def _feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, rocksdb_dir: Path, view: str,
+                   entity_key: str, model_version: str, share: float) -> FeatureCache:
+    if settings.tiers == "feast-only":
+        # No RAM or SSD tier: every read is one Feast call (the benchmark's baseline arm).
+        cold = FeastTier(repo, [FeastView(view, entity_key)])
+        tiered = TieredCache(ram=None, ssd=None, cold=cold, ssd_budget_bytes=0, name=f"features-{view}")
+        return FeatureCache(tiered, view=view, entity_key=entity_key, model_version=model_version)
+    return FeatureCache.open(
+        redis_url=redis_url, rocksdb_dir=rocksdb_dir, feast_repo=repo, view=view, entity_key=entity_key,
+        model_version=model_version, ram_budget_bytes=int(settings.ram_budget_bytes * share),
+        ssd_budget_bytes=int(settings.ssd_budget_bytes * share),
+    )
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
@@ -61,10 +103,13 @@ class RecommenderDeployment:
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.redis_url = redis_url
         self.results = ResultCache(self.redis, default_ttl_s=self.settings.result_ttl_s)
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.rocksdb_root = Path(state_dir) / "rocksdb" / f"recommender-{replica}"
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.rocksdb_root = Path(state_dir) / "rocksdb" / f"recommender-{self.replica}"
         self.info = RepoInfo.load(self.repo)
         self.versions = ModelVersions(self.redis, {RECS_MODEL: self.info.model_version})
+        self.writer = UserActivityWriter(self.repo)
+        self._read_gen: OrderedDict[int, int] = OrderedDict()
+        self._gen_lock = threading.Lock()
         self._load(self.info)
 
     def _load(self, info: RepoInfo) -> None:
@@ -72,62 +117,88 @@ class RecommenderDeployment:
         self.index = ItemIndex(info.files["item_features"])
         rated = pd.read_parquet(info.files["rated"])
         self.rated = {int(u): set(map(int, items)) for u, items in zip(rated[names.USER_KEY], rated["item_ids"], strict=True)}
+        self.genre_list = list(info.genres)
         self.genres = {g: i for i, g in enumerate(info.genres)}
         popular = info.popular_items
         self.popular = [(int(item), 1.0 - rank / max(len(popular), 1)) for rank, item in enumerate(popular)]
-        common = dict(redis_url=self.redis_url, feast_repo=self.repo, model_version=info.model_version)
-        self.users = FeatureCache.open(
-            rocksdb_dir=self.rocksdb_root / "users", view=names.USER_VIEW, entity_key=names.USER_KEY,
-            ram_budget_bytes=self.settings.ram_budget_bytes // 4, ssd_budget_bytes=self.settings.ssd_budget_bytes // 4, **common,
-        )
-        self.items = FeatureCache.open(
-            rocksdb_dir=self.rocksdb_root / "items", view=names.ITEM_VIEW, entity_key=names.ITEM_KEY,
-            ram_budget_bytes=self.settings.ram_budget_bytes, ssd_budget_bytes=self.settings.ssd_budget_bytes, **common,
-        )
+        common = dict(redis_url=self.redis_url, repo=self.repo, model_version=info.model_version)
+        self.users = _feature_cache(self.settings, rocksdb_dir=self.rocksdb_root / "users", view=names.USER_VIEW,
+                                    entity_key=names.USER_KEY, share=0.25, **common)
+        self.items = _feature_cache(self.settings, rocksdb_dir=self.rocksdb_root / "items", view=names.ITEM_VIEW,
+                                    entity_key=names.ITEM_KEY, share=1.0, **common)
 
     # ---------------------------------------------------------------- keys
+    @staticmethod
+    def _gen_key(user_id: int) -> str:
+        return f"tierserve:recs:gen:{user_id}"
+
+    @staticmethod
+    def _rated_key(user_id: int) -> str:
+        return f"tierserve:recs:rated:{user_id}"
+
     def _generation(self, user_id: int) -> int:
         """Bumped by every event of the user: older cached results become unreachable at once."""
-        return int(self.redis.get(f"tierserve:recs:gen:{user_id}") or 0)
+        return int(self.redis.get(self._gen_key(user_id)) or 0)
 
     def _seen(self, user_id: int) -> set[int]:
         seen = set(self.rated.get(user_id, ()))
         with contextlib.suppress(redis.RedisError):
-            seen |= {int(x) for x in self.redis.smembers(f"tierserve:recs:rated:{user_id}")}
+            seen |= {int(x) for x in self.redis.smembers(self._rated_key(user_id))}
         return seen
+
+    def _ensure_fresh(self, user_id: int, gen: int | None) -> None:
+        """Read-your-writes on every replica: the stream delivers an event's invalidation within
+        milliseconds, but a request can arrive sooner. When the user's generation moved since this
+        replica last read their features, drop this replica's copies before reading."""
+        if not gen:
+            return  # no event ever, or Redis down (then the stream is down too: nothing to compare)
+        with self._gen_lock:
+            if self._read_gen.get(user_id) == gen:
+                self._read_gen.move_to_end(user_id)
+                return
+            self._read_gen[user_id] = gen
+            while len(self._read_gen) > GENERATIONS_REMEMBERED:
+                self._read_gen.popitem(last=False)
+        self.users.tiered.invalidate([self.users.key(user_id)], broadcast=False)
 
     # ----------------------------------------------------------- recommend
     def recommend(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
-        key = None
+        key, gen = None, None
         try:
-            payload = {"user": user_id, "k": k, "gen": self._generation(user_id)}
-            key = self.results.key(tenant=tenant, model=RECS_MODEL, version=self.model_version, payload=payload)
-            hit = self.results.get(key)
-            if hit is not None:
-                return {**json.loads(hit), "cached": True}
+            gen = self._generation(user_id)
+            if self.settings.result_cache:
+                payload = {"user": user_id, "k": k, "gen": gen}
+                key = self.results.key(tenant=tenant, model=RECS_MODEL, version=self.model_version, payload=payload)
+                hit = self.results.get(key)
+                if hit is not None:
+                    return {**json.loads(hit), "cached": True, "replica": self.replica}
         except (CacheUnavailable, redis.RedisError):
             key = None
-        answer = self._compute(user_id, k)
+        answer = self._compute(user_id, k, gen)
         if key is not None and answer.get("status", 200) == 200 and not answer["degraded"]:
             with contextlib.suppress(CacheUnavailable):
                 self.results.put(key, json.dumps(answer).encode())
         return answer
 
-    def _compute(self, user_id: int, k: int) -> dict[str, Any]:
+    def _compute(self, user_id: int, k: int, gen: int | None) -> dict[str, Any]:
+        self._ensure_fresh(user_id, gen)
         user = self.users.get([user_id])
-        base = {"user_id": user_id, "model_version": self.model_version, "cached": False}
+        base = {"user_id": user_id, "model_version": self.model_version, "cached": False, "replica": self.replica}
         if user_id not in user.features:
             if user.degraded:
-                return {"status": 503, "message": "the feature store is unreachable and this user's features are not cached; retry shortly"}
+                return {"status": 503, "message": "the feature store is unreachable and this user's features are "
+                                                  "not cached on any tier; retry shortly"}
             seen = self._seen(user_id)
             items = [{"item_id": i, "score": round(s, 6)} for i, s in self.popular if i not in seen][:k]
-            return {**base, "items": items, "cold_start": True, "degraded": False}
+            return {**base, "items": items, "cold_start": True, "degraded": False,
+                    "sources": {"user": None, "items": {}}}
 
         feats = user.features[user_id]
         u_emb = np.asarray(feats["embedding"], dtype=np.float32)
         affinity = np.asarray(feats.get("genre_affinity") or [], dtype=np.float32)
         seen = self._seen(user_id)
-        candidates = [i for i in self.index.search(u_emb, self.settings.candidates + len(seen)) if i not in seen]
+        wanted = max(self.settings.candidates, CANDIDATES_PER_K * k) + len(seen)
+        candidates = [i for i in self.index.search(u_emb, wanted) if i not in seen]
         batch = self.items.get(candidates)
         scored = []
         for item_id in candidates:
@@ -143,24 +214,79 @@ class RecommenderDeployment:
             scored.append((score, item_id))
         scored.sort(reverse=True)
         if not scored and (batch.degraded or user.degraded):
-            return {"status": 503, "message": "the feature store is unreachable and no candidate features are cached; retry shortly"}
+            return {"status": 503, "message": "the feature store is unreachable and none of this user's candidate "
+                                              "items' features are cached; retry shortly"}
         items = [{"item_id": i, "score": round(s, 6)} for s, i in scored[:k]]
-        return {**base, "items": items, "cold_start": False, "degraded": bool(batch.degraded or user.degraded)}
+        return {
+            **base, "items": items, "cold_start": False, "degraded": bool(batch.degraded or user.degraded),
+            # Which tier answered, like the chat route's x-cache: the operator's first question.
+            "sources": {"user": user.sources.get(user_id), "items": dict(Counter(batch.sources.values()))},
+            "user_activity": {"n_ratings": feats.get("n_ratings"), "last_ts": feats.get("last_ts")},
+        }
 
     # -------------------------------------------------------------- events
     def record_event(self, event: dict[str, Any]) -> dict[str, Any]:
-        user_id, item_id = int(event["user_id"]), int(event["item_id"])
         try:
-            pipe = self.redis.pipeline()
-            if event["type"] == "rating":
-                pipe.sadd(f"tierserve:recs:rated:{user_id}", item_id)
-            pipe.incr(f"tierserve:recs:gen:{user_id}")
-            pipe.execute()
+            activity = Activity.parse(event)
+        except EventRejected as exc:
+            return {"status": exc.status, "message": exc.message}
+        user_id, item_id = activity.user_id, activity.item_id
+        if item_id not in self.index.ids:
+            return {"status": 404, "message": f"item_id {item_id} is not in the catalogue of model version "
+                                              f"{self.model_version}; events must name a known item"}
+        # One event of a user at a time (across replicas): the push is a read-modify-write.
+        lock = self.redis.lock(f"tierserve:recs:eventlock:{user_id}", timeout=EVENT_LOCK_TIMEOUT_S,
+                               blocking_timeout=EVENT_LOCK_WAIT_S)
+        try:
+            if not lock.acquire():
+                return {"status": 503, "message": f"another event of user {user_id} is still being recorded; retry it"}
         except redis.RedisError:
             return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
-        self.users.invalidate([user_id])
-        return {"status": 202, "accepted": True, "user_id": user_id, "invalidated": ["results", "user_features"]}
+        try:
+            return self._record_locked(activity)
+        except redis.RedisError:
+            return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
+        finally:
+            with contextlib.suppress(redis.RedisError):  # an expired lock is released by its timeout anyway
+                lock.release()
 
+    def _record_locked(self, activity: Activity) -> dict[str, Any]:
+        user_id, item_id = activity.user_id, activity.item_id
+        item = self.items.get([item_id])
+        if item_id not in item.features:
+            if item.degraded:
+                return {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
+            return {"status": 404, "message": f"item_id {item_id} has no features in the feature store"}
+        if activity.type == "rating":
+            # Before the push and idempotent: a failed push leaves nothing a retry would double.
+            self.redis.sadd(self._rated_key(user_id), item_id)
+        try:
+            row, new_user = self.writer.record(activity, item.features[item_id], self.genre_list)
+        except FeatureStoreUnavailable as exc:
+            log.warning("event of user %s not recorded: %s", user_id, exc)
+            return {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
+        self.users.invalidate([user_id])
+        out: dict[str, Any] = {"status": 202, "accepted": True, "user_id": user_id, "item_id": item_id,
+                               "type": activity.type, "new_user": new_user, "n_ratings": row["n_ratings"],
+                               "invalidated": ["user_features", "results"], "replica": self.replica}
+        try:
+            # Last: a result computed from now on is computed from the pushed row.
+            self.redis.incr(self._gen_key(user_id))
+        except redis.RedisError:
+            out["invalidated"] = ["user_features"]
+            out["warning"] = "Redis failed after the push: cached results of this user may be served until they expire"
+        timer = threading.Timer(SECOND_INVALIDATION_S, self._invalidate_quietly, args=([user_id],))
+        timer.daemon = True
+        timer.start()
+        return out
+
+    def _invalidate_quietly(self, user_ids: list[int]) -> None:
+        try:
+            self.users.invalidate(user_ids)
+        except Exception:  # a timer thread: log, never raise into nothing
+            log.exception("second invalidation of %s failed", user_ids)
+
+    # ---------------------------------------------------------- operations
     def reload(self, version: str | None = None) -> str:
         self.info = RepoInfo.load(self.repo)
         self.users.close()
@@ -171,10 +297,12 @@ class RecommenderDeployment:
         return self.model_version
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model_version": self.model_version, "items_indexed": self.index.size}
+        out: dict[str, Any] = {
+            "model_version": self.model_version, "items_indexed": self.index.size, "replica": self.replica,
+            "tiers": self.settings.tiers, "result_cache": self.settings.result_cache,
+        }
         for name, cache in (("user_features", self.users), ("item_features", self.items)):
-            stats = getattr(cache, "stats", None)
-            out[name] = stats() if callable(stats) else {}
+            out[name] = dataclasses.asdict(cache.tiered.stats())
         return out
 
     def metrics_text(self) -> bytes:

@@ -7,6 +7,7 @@ CPU build, the MiniLM encoder, FAISS, the Feast repo built by `make install`), a
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,10 +38,15 @@ def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     os.environ["REDIS_URL"] = redis_url
     state_dir = tmp_path_factory.mktemp("state")
     os.environ["TIERSERVE_STATE_DIR"] = str(state_dir)
+    # Events write through Feast: the app gets its own copy of the repo, never the built one.
+    feast_repo = tmp_path_factory.mktemp("feast") / "feature_store"
+    shutil.copytree(REPO_ROOT / "feature_store", feast_repo, ignore=shutil.ignore_patterns("__pycache__"))
+    os.environ["TIERSERVE_FEAST_REPO"] = str(feast_repo)
     port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="tsray-", dir="/tmp")
     app_cfg = local_app_config()
-    env_vars = {**app_cfg["runtime_env"]["env_vars"], "REDIS_URL": redis_url, "TIERSERVE_STATE_DIR": str(state_dir)}
+    env_vars = {**app_cfg["runtime_env"]["env_vars"], "REDIS_URL": redis_url, "TIERSERVE_STATE_DIR": str(state_dir),
+                "TIERSERVE_FEAST_REPO": str(feast_repo)}
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=ray_tmp, runtime_env={"env_vars": env_vars},
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,0 +1,186 @@
+"""User activity -> the user's updated feature row, written through Feast's push path.
+
+Pure Python (Feast, pandas, numpy; no Ray): the Recommender calls it, the tests call it directly.
+
+Why it is built this way:
+- Feast is the source of truth, so the current row is read from the online store itself, never
+  from a cache tier: a stale cached row would be incremented and pushed back, losing an event.
+- Feast 0.67 pushes need every feature column of the view, so a push is always a whole row.
+- Only what one event can honestly change is changed: a rating adds one to `n_ratings`, moves
+  `mean_rating` and `genre_affinity` (both are running means over the ratings); every event moves
+  `last_ts`. The embedding is a factorisation of the whole rating matrix: it is kept as is until
+  the pipeline's next build.
+- A never-seen user (no row in the online store) is *accepted*: their first event creates their
+  row by "fold-in", the embedding of the item they acted on (the user coordinates of the SVD
+  space, last coordinate 0, L2-normalised). Their next recommendation is then personal (items
+  near what they just rated or viewed) instead of the cold-start list; the next pipeline build
+  replaces the row with a real one. Unknown *items* are rejected by the caller: nothing can be
+  said about an item the catalogue does not hold.
+- Read-modify-write is not atomic across processes: the caller serialises events of one user
+  (the Recommender holds a per-user Redis lock around `record`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feature_store import names
+
+EVENT_TYPES = ("view", "click", "rating")
+
+
+class EventRejected(ValueError):
+    """The event cannot be recorded as sent (a client error): `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class FeatureStoreUnavailable(RuntimeError):
+    """Feast's online store cannot be read or written right now: the event was not recorded."""
+
+
+@dataclass(frozen=True)
+class Activity:
+    user_id: int
+    item_id: int
+    type: str  # "view" | "click" | "rating"
+    value: float | None = None  # the rating (required for "rating")
+    ts: int = field(default_factory=lambda: int(time.time()))  # Unix seconds
+
+    @classmethod
+    def parse(cls, event: dict[str, Any], now: float | None = None) -> Activity:
+        kind = event.get("type")
+        if kind not in EVENT_TYPES:
+            raise EventRejected(422, f"type: must be one of {', '.join(EVENT_TYPES)} (got {kind!r})")
+        value = event.get("value")
+        if kind == "rating" and value is None:
+            raise EventRejected(422, "value: a rating event needs a value (the rating, 0 to 5)")
+        ts = int(event.get("ts") or (now if now is not None else time.time()))
+        return cls(int(event["user_id"]), int(event["item_id"]), kind, None if value is None else float(value), ts)
+
+
+def fold_in_embedding(item_embedding: Sequence[float]) -> list[float]:
+    """A new user's vector from one item: the item's factors with the norm coordinate zeroed.
+
+    Items carry the MIPS-to-cosine norm term in their last coordinate and users carry 0 there
+    (see feature_store.features.svd_embeddings); dropping it and normalising puts the user in
+    the user space, nearest to the items most like this one."""
+    vec = np.asarray(item_embedding, dtype=np.float64).copy()
+    if vec.size:
+        vec[-1] = 0.0
+    norm = float(np.linalg.norm(vec))
+    return [float(x) for x in (vec / norm if norm > 0 else vec)]
+
+
+def updated_user_row(
+    current: dict[str, Any] | None, activity: Activity, item: dict[str, Any], genres: Sequence[str]
+) -> dict[str, Any]:
+    """The user's full feature row after `activity` (every feature of the view, plus the join key).
+
+    `current` is the row in the online store (None: a never-seen user), `item` the acted-on
+    item's features (needs `genres` and `embedding`), `genres` the repo's genre order."""
+    onehot = np.zeros(len(genres), dtype=np.float64)
+    order = {g: i for i, g in enumerate(genres)}
+    for g in item.get("genres") or []:
+        if g in order:
+            onehot[order[g]] = 1.0
+    rating = activity.type == "rating"
+    if current is None:
+        return {
+            names.USER_KEY: activity.user_id,
+            "n_ratings": 1 if rating else 0,
+            "mean_rating": float(activity.value) if rating and activity.value is not None else 0.0,
+            "last_ts": activity.ts,
+            "genre_affinity": [float(x) for x in (onehot if rating else np.zeros(len(genres)))],
+            "embedding": fold_in_embedding(item.get("embedding") or []),
+        }
+    n = int(current.get("n_ratings") or 0)
+    mean = float(current.get("mean_rating") or 0.0)
+    affinity = np.asarray(current.get("genre_affinity") or np.zeros(len(genres)), dtype=np.float64)
+    if affinity.size != len(genres):  # a repo built with another genre list: start the shares afresh
+        affinity = np.zeros(len(genres), dtype=np.float64)
+    row = {
+        names.USER_KEY: activity.user_id,
+        "n_ratings": n,
+        "mean_rating": mean,
+        "last_ts": max(int(current.get("last_ts") or 0), activity.ts),
+        "genre_affinity": [float(x) for x in affinity],
+        "embedding": [float(x) for x in (current.get("embedding") or [])],
+    }
+    if rating and activity.value is not None:
+        # Running means over n -> n+1 ratings, exactly what the pipeline would compute.
+        row["n_ratings"] = n + 1
+        row["mean_rating"] = (mean * n + activity.value) / (n + 1)
+        row["genre_affinity"] = [float(x) for x in (affinity * n + onehot) / (n + 1)]
+    return row
+
+
+class UserActivityWriter:
+    """Reads a user's current row from Feast's online store and pushes the updated one."""
+
+    def __init__(self, repo_dir: Path | str | None = None, *, store_factory: Callable[[], Any] | None = None) -> None:
+        if repo_dir is None and store_factory is None:
+            raise ValueError("give repo_dir or store_factory")
+        self.repo_dir = Path(repo_dir) if repo_dir is not None else None
+        self._factory = store_factory
+        self._store: Any = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                if self._factory is not None:
+                    self._store = self._factory()
+                else:
+                    from feast import FeatureStore  # slow import: first use only
+
+                    self._store = FeatureStore(repo_path=str(self.repo_dir))
+            return self._store
+
+    def _failed(self, what: str, exc: Exception) -> FeatureStoreUnavailable:
+        # Reopen next time: the store may be repaired by then (a fresh connection sees it).
+        self._store = None
+        return FeatureStoreUnavailable(f"feature store {what} failed: {type(exc).__name__}: {exc}")
+
+    def current_row(self, user_id: int) -> dict[str, Any] | None:
+        """The user's row in the online store, or None for a user it does not hold."""
+        try:
+            rows = self._open().get_online_features(
+                features=[f"{names.USER_VIEW}:{f}" for f in names.USER_FEATURES],
+                entity_rows=[{names.USER_KEY: int(user_id)}],
+            ).to_dict()
+        except Exception as exc:  # sqlite/redis/registry errors all mean "cannot read now"
+            raise self._failed("read", exc) from exc
+        row = {f: rows[f][0] for f in names.USER_FEATURES}
+        if all(v is None for v in row.values()):
+            return None
+        return row
+
+    def push(self, row: dict[str, Any]) -> None:
+        """Write one full user row through the push source (online store only)."""
+        import pandas as pd
+
+        now = pd.Timestamp(datetime.now(UTC))
+        frame = pd.DataFrame([{**row, names.TIMESTAMP_FIELD: now, names.CREATED_FIELD: now}])
+        try:
+            self._open().push(names.USER_PUSH_SOURCE, frame)
+        except Exception as exc:
+            raise self._failed("push", exc) from exc
+
+    def record(self, activity: Activity, item: dict[str, Any], genres: Sequence[str]) -> tuple[dict[str, Any], bool]:
+        """Read, update and push the user's row; returns (the pushed row, whether the user was new)."""
+        current = self.current_row(activity.user_id)
+        row = updated_user_row(current, activity, item, genres)
+        self.push(row)
+        return row, current is None

@@ -1,0 +1,220 @@
+"""Recommendations and events over HTTP, on a second application with two Recommender replicas.
+
+The session app (conftest) serves one Recommender on the project's own Feast repo. This module
+deploys a second application into the same Serve instance, at route prefix /recs: its own
+Ingress and a Recommender with `num_replicas=2`, on a *copy* of the Feast repo and its own
+Redis, so that pushed events and the online-store outage below touch nothing else. The chat
+deployments (Encoder, SemanticCache, LLM) are the session app's, passed in as handles.
+
+Replica ids come back in every answer (`replica`), so a test can tell which replica answered.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+
+from caches.redis_server import EmbeddedRedis
+from deployments.config import REPO_ROOT, AppSettings
+from feature_store import names
+from feature_store.pipeline import RepoInfo
+from tests.e2e.conftest import local_app_config
+
+SOURCE_REPO = REPO_ROOT / "feature_store"
+APP_NAME = "tierserve-recs"
+PREFIX = "/recs"
+START_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> RepoInfo:
+    target = tmp_path_factory.mktemp("feast_copy")
+    shutil.copyfile(SOURCE_REPO / "feature_store.yaml", target / "feature_store.yaml")
+    # The registry stores source paths relative to the repo, so a copied folder is a working repo.
+    shutil.copytree(SOURCE_REPO / names.DATA_DIR, target / names.DATA_DIR,
+                    ignore=shutil.ignore_patterns(".build.lock", "*.tmp"))
+    return RepoInfo.load(target)
+
+
+@pytest.fixture(scope="module")
+def recs(app_url: str, repo_copy: RepoInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    from ray import serve
+
+    from deployments.ingress import Ingress
+    from deployments.recommender import RecommenderDeployment
+
+    with EmbeddedRedis() as own_redis:
+        settings = AppSettings.from_args(local_app_config().get("args"))
+        settings.redis_url = own_redis.url
+        settings.state_dir = str(tmp_path_factory.mktemp("recs_state"))
+        settings.recommender.feast_repo = str(repo_copy.repo_dir)
+        handles = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache", "LLM")]
+        recommender = RecommenderDeployment.options(num_replicas=2).bind(
+            own_redis.url, settings.state_dir, settings.recommender.model_dump()
+        )
+        app = Ingress.bind(settings.model_dump(), *handles, recommender)
+        serve.run(app, name=APP_NAME, route_prefix=PREFIX, blocking=False)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP_NAME)
+            if status is not None and status.status == "RUNNING":
+                break
+            if status is not None and status.status == "DEPLOY_FAILED":
+                pytest.fail(f"{APP_NAME} failed to deploy: {status.message}")
+            time.sleep(1)
+        else:
+            pytest.fail(f"{APP_NAME} did not become healthy in time")
+        with httpx.Client(base_url=f"{app_url}{PREFIX}", timeout=120) as client:
+            yield client
+        serve.delete(APP_NAME)
+
+
+def rated_by(repo: RepoInfo, user_id: int) -> set[int]:
+    frame = pd.read_parquet(repo.files["rated"])
+    row = frame[frame[names.USER_KEY] == user_id]
+    return set(map(int, row["item_ids"].iloc[0])) if len(row) else set()
+
+
+def recommend(client: httpx.Client, user: int, k: int) -> dict[str, Any]:
+    resp = client.post("/v1/recommendations", json={"user_id": user, "k": k})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def until_replicas(client: httpx.Client, user: int, ks: range, want: int = 2) -> list[dict[str, Any]]:
+    """Fresh (distinct k: not result-cached) answers for `user` until `want` replicas computed one."""
+    answers: list[dict[str, Any]] = []
+    for k in ks:
+        answers.append(recommend(client, user, k))
+        if len({a["replica"] for a in answers if not a["cached"]}) >= want:
+            return answers
+    pytest.fail(f"only replicas {sorted({a['replica'] for a in answers})} answered {len(answers)} requests")
+
+
+def test_known_user_gets_k_unrated_items(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    user = repo_copy.user_ids_sample[3]
+    body = recommend(recs, user, 10)
+    items = [i["item_id"] for i in body["items"]]
+    assert len(items) == 10 == len(set(items))
+    assert not set(items) & rated_by(repo_copy, user)
+    assert body["cold_start"] is False and body["degraded"] is False
+    assert body["sources"]["user"] in ("redis", "rocksdb", "feast")
+    assert sum(body["sources"]["items"].values()) >= 10
+    assert body["replica"]
+
+
+def test_unknown_user_gets_the_cold_start_list(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    body = recommend(recs, 10**9 + 1, 7)
+    assert body["cold_start"] is True
+    assert [i["item_id"] for i in body["items"]] == repo_copy.popular_items[:7]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [({"user_id": 1, "k": 0}, "k"), ({"user_id": 1, "k": 101}, "k"), ({"user_id": "x", "k": 3}, "user_id"),
+     ({"user_id": -1}, "user_id")],
+)
+def test_invalid_user_or_k_is_422(recs: httpx.Client, body: dict, fragment: str) -> None:
+    resp = recs.post("/v1/recommendations", json=body)
+    assert resp.status_code == 422 and fragment in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("event", "status", "fragment"),
+    [
+        ({"user_id": 1, "item_id": 987_654_321, "type": "rating", "value": 4}, 404, "not in the catalogue"),
+        ({"user_id": 1, "item_id": 1, "type": "rating"}, 422, "needs a value"),
+        ({"user_id": 1, "item_id": 1, "type": "purchase"}, 422, "type"),
+        ({"user_id": 1, "item_id": 1, "type": "rating", "value": 9}, 422, "value"),
+    ],
+)
+def test_bad_events_are_refused_with_a_message(recs: httpx.Client, event: dict, status: int, fragment: str) -> None:
+    resp = recs.post("/v1/events", json=event)
+    assert resp.status_code == status, resp.text
+    assert fragment in resp.json()["error"]["message"]
+
+
+def test_event_invalidates_and_changes_the_answer_on_the_other_replica(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    user = repo_copy.user_ids_sample[4]
+    # Both replicas compute this user (distinct k per request: the result cache does not answer).
+    warm = until_replicas(recs, user, range(5, 40))
+    n_before = warm[0]["user_activity"]["n_ratings"]
+    target = warm[-1]["items"][0]["item_id"]
+
+    resp = recs.post("/v1/events", json={"user_id": user, "item_id": target, "type": "rating", "value": 5})
+    assert resp.status_code == 202, resp.text
+    event = resp.json()
+    assert event["n_ratings"] == n_before + 1 and event["new_user"] is False
+
+    # Same k as before: the generation moved, so the old cached results are unreachable.
+    again = recommend(recs, user, 5)
+    assert again["cached"] is False
+    after = [again]
+    for k in range(40, 80):
+        after.append(recommend(recs, user, k))
+        if any(a["replica"] != event["replica"] and not a["cached"] for a in after):
+            break
+    other = [a for a in after if a["replica"] != event["replica"] and not a["cached"]]
+    assert other, f"no fresh answer from a replica other than {event['replica']}"
+    for answer in after:
+        assert target not in [i["item_id"] for i in answer["items"]]
+        # The pushed row, not a stale tier copy: read through this replica's tiers after the event.
+        assert answer["user_activity"]["n_ratings"] == n_before + 1, answer
+
+
+def test_event_of_a_never_seen_user_personalises_their_next_answer(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    user = 10**9 + 2
+    assert recommend(recs, user, 5)["cold_start"] is True
+    item = repo_copy.popular_items[0]
+    resp = recs.post("/v1/events", json={"user_id": user, "item_id": item, "type": "rating", "value": 5})
+    assert resp.status_code == 202 and resp.json()["new_user"] is True
+    body = recommend(recs, user, 5)
+    assert body["cold_start"] is False and body["user_activity"]["n_ratings"] == 1
+    assert item not in [i["item_id"] for i in body["items"]]
+
+
+def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
+    recs: httpx.Client, repo_copy: RepoInfo, tmp_path: Path
+) -> None:
+    warm_user, cold_user = repo_copy.user_ids_sample[5], repo_copy.user_ids_sample[6]
+    until_replicas(recs, warm_user, range(10, 40))  # both replicas hold the user and ~200 candidates
+    db = repo_copy.repo_dir / names.ONLINE_DB
+    backup = tmp_path / "online_store.db"
+    shutil.copyfile(db, backup)
+    # The online store's file emptied in place, as a lost volume remounted empty would leave it:
+    # the replicas' open sqlite connections see it (a rename would not reach an open file).
+    with open(db, "r+b") as f:
+        f.truncate(0)
+    try:
+        statuses = []
+        for _ in range(4):  # several requests, so both replicas meet the outage
+            resp = recs.post("/v1/recommendations", json={"user_id": warm_user, "k": 100})
+            statuses.append(resp.status_code)
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            # 400 candidates asked, about 200 held by the tiers: a partial, marked answer.
+            assert body["degraded"] is True and 0 < len(body["items"]) <= 100
+            assert not {i["item_id"] for i in body["items"]} & rated_by(repo_copy, warm_user)
+        for _ in range(3):
+            resp = recs.post("/v1/recommendations", json={"user_id": cold_user, "k": 10})
+            assert resp.status_code == 503, resp.text
+            assert "feature store is unreachable" in resp.json()["error"]["message"]
+        resp = recs.post("/v1/events", json={"user_id": warm_user, "item_id": repo_copy.popular_items[3],
+                                             "type": "view"})
+        assert resp.status_code == 503 and "not recorded" in resp.json()["error"]["message"]
+        assert recs.get("/healthz").status_code == 200
+    finally:
+        shutil.copyfile(backup, db)
+    for _ in range(4):
+        body = recommend(recs, cold_user, 10)
+        assert body["degraded"] is False and len(body["items"]) == 10
+    assert recommend(recs, warm_user, 99)["degraded"] is False

@@ -1,0 +1,175 @@
+"""User events against a real Feast repo, real Redis and real RocksDB (feature_store/events.py).
+
+One small repository is built per module from a slice of the MovieLens sample (about 10-30 s,
+most of it `import feast`). Two FeatureCaches on the same Redis with their own RocksDB folders
+stand in for two Recommender replicas.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from caches.features import FeatureCache
+from feature_store import names
+from feature_store.events import (
+    Activity,
+    EventRejected,
+    FeatureStoreUnavailable,
+    UserActivityWriter,
+    fold_in_embedding,
+    updated_user_row,
+)
+from feature_store.pipeline import RepoInfo, build_repo
+
+LIMIT = 3000
+
+
+@pytest.fixture(scope="module")
+def repo(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> RepoInfo:
+    movielens = shared_data / "movielens_latest_small_2015"
+    out = tmp_path_factory.mktemp("events_repo")
+    return build_repo(movielens / "ratings.csv", out, movielens / "movies.csv", limit=LIMIT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def writer(repo: RepoInfo) -> UserActivityWriter:
+    return UserActivityWriter(repo.repo_dir)
+
+
+@pytest.fixture
+def replicas(repo: RepoInfo, redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[list[FeatureCache]]:
+    caches = [
+        FeatureCache.open(
+            redis_url=redis_url, rocksdb_dir=tmp_path / f"replica-{i}", feast_repo=repo.repo_dir,
+            view=names.USER_VIEW, entity_key=names.USER_KEY, model_version=repo.model_version,
+            ram_budget_bytes=1 << 20, ssd_budget_bytes=8 << 20,
+        )
+        for i in range(2)
+    ]
+    yield caches
+    for c in caches:
+        c.close()
+
+
+def _item(repo: RepoInfo, writer: UserActivityWriter, item_id: int) -> dict:
+    store = writer._open()
+    rows = store.get_online_features(
+        features=[f"{names.ITEM_VIEW}:{f}" for f in names.ITEM_FEATURES], entity_rows=[{names.ITEM_KEY: item_id}]
+    ).to_dict()
+    return {f: rows[f][0] for f in names.ITEM_FEATURES}
+
+
+def test_activity_parse_rejects_bad_events() -> None:
+    with pytest.raises(EventRejected) as err:
+        Activity.parse({"user_id": 1, "item_id": 2, "type": "rating"})
+    assert err.value.status == 422 and "value" in err.value.message
+    with pytest.raises(EventRejected):
+        Activity.parse({"user_id": 1, "item_id": 2, "type": "purchase"})
+    assert Activity.parse({"user_id": 1, "item_id": 2, "type": "view"}, now=5).ts == 5
+
+
+def test_updated_row_is_the_running_mean() -> None:
+    genres = ["Action", "Comedy", "Drama"]
+    current = {"n_ratings": 3, "mean_rating": 3.0, "last_ts": 100, "genre_affinity": [1.0, 0.0, 1 / 3],
+               "embedding": [0.6, 0.8, 0.0]}
+    item = {"genres": ["Comedy", "Unknown"], "embedding": [0.0, 0.6, 0.8]}
+    row = updated_user_row(current, Activity(7, 9, "rating", 5.0, ts=200), item, genres)
+    assert row[names.USER_KEY] == 7 and row["n_ratings"] == 4 and row["last_ts"] == 200
+    assert row["mean_rating"] == pytest.approx((3 * 3.0 + 5.0) / 4)
+    assert row["genre_affinity"] == pytest.approx([0.75, 0.25, 0.25])
+    assert row["embedding"] == current["embedding"]  # only the pipeline re-learns embeddings
+    view = updated_user_row(current, Activity(7, 9, "view", ts=50), item, genres)
+    assert (view["n_ratings"], view["mean_rating"], view["last_ts"]) == (3, 3.0, 100)
+    # A never-seen user: folded in at the item, in the user half of the space (last coordinate 0).
+    new = updated_user_row(None, Activity(8, 9, "rating", 4.0, ts=300), item, genres)
+    assert new["n_ratings"] == 1 and new["mean_rating"] == 4.0 and new["genre_affinity"] == [0.0, 1.0, 0.0]
+    assert new["embedding"] == pytest.approx([0.0, 1.0, 0.0])
+    assert fold_in_embedding([0.0, 0.0, 1.0]) == [0.0, 0.0, 0.0]
+
+
+def test_rating_push_updates_the_online_store(repo: RepoInfo, writer: UserActivityWriter) -> None:
+    user = repo.user_ids_sample[0]
+    before = writer.current_row(user)
+    assert before is not None
+    item_id = repo.popular_items[0]
+    row, new_user = writer.record(Activity(user, item_id, "rating", 5.0), _item(repo, writer, item_id), repo.genres)
+    assert not new_user
+    after = writer.current_row(user)
+    assert after is not None
+    assert after["n_ratings"] == before["n_ratings"] + 1 == row["n_ratings"]
+    n = before["n_ratings"]
+    assert after["mean_rating"] == pytest.approx((before["mean_rating"] * n + 5.0) / (n + 1), rel=1e-5)
+    assert after["last_ts"] >= int(time.time()) - 60
+    assert np.allclose(after["embedding"], before["embedding"])
+
+
+def test_never_seen_user_gets_a_folded_in_row(repo: RepoInfo, writer: UserActivityWriter) -> None:
+    user = 10**9 + 7
+    assert writer.current_row(user) is None
+    item_id = repo.popular_items[1]
+    item = _item(repo, writer, item_id)
+    _, new_user = writer.record(Activity(user, item_id, "click"), item, repo.genres)
+    assert new_user
+    row = writer.current_row(user)
+    assert row is not None and row["n_ratings"] == 0
+    emb = np.asarray(row["embedding"])
+    assert emb[-1] == 0.0 and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
+    assert float(emb @ np.asarray(item["embedding"])) > 0.5  # next to the item it clicked
+
+
+def test_event_invalidates_every_replicas_tiers(
+    repo: RepoInfo, writer: UserActivityWriter, replicas: list[FeatureCache]
+) -> None:
+    a, b = replicas
+    user = repo.user_ids_sample[1]
+    key = b.key(user)
+    # Both "replicas" hold the user: B read it from Feast (RAM + its SSD), A from RAM or Feast.
+    first = b.get([user])
+    assert first.sources[user] == "feast"
+    a.get([user])
+    assert key in b.tiered.ssd.get_many([key])
+    old_n = first.features[user]["n_ratings"]
+
+    item_id = repo.popular_items[2]
+    writer.record(Activity(user, item_id, "rating", 1.0), _item(repo, writer, item_id), repo.genres)
+    a.invalidate([user])  # what the Recommender does after the push
+
+    # B drops its SSD copy when the stream reaches it (its consumer thread), without being asked.
+    deadline = time.monotonic() + 10
+    while key in b.tiered.ssd.get_many([key]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert key not in b.tiered.ssd.get_many([key]), "replica B kept its stale SSD copy"
+    fresh = b.get([user])
+    assert fresh.sources[user] == "feast"
+    assert fresh.features[user]["n_ratings"] == old_n + 1
+    assert a.get([user]).features[user]["n_ratings"] == old_n + 1
+
+
+def test_unreachable_online_store_is_reported_and_recovers(repo: RepoInfo, tmp_path: Path) -> None:
+    writer = UserActivityWriter(repo.repo_dir)
+    user = repo.user_ids_sample[2]
+    assert writer.current_row(user) is not None
+    db = repo.repo_dir / names.ONLINE_DB
+    backup = tmp_path / "online_store.db"
+    shutil.copyfile(db, backup)
+    # The file is emptied in place: a live sqlite connection notices (a rename would not: it
+    # keeps reading the old inode), the way a lost volume remounted empty would look.
+    with open(db, "r+b") as f:
+        f.truncate(0)
+    try:
+        with pytest.raises(FeatureStoreUnavailable, match="read"):
+            writer.current_row(user)
+        with pytest.raises(FeatureStoreUnavailable):
+            writer.push({names.USER_KEY: user, "n_ratings": 1, "mean_rating": 1.0, "last_ts": 1,
+                         "genre_affinity": [0.0] * len(repo.genres), "embedding": [0.0] * repo.embedding_dim})
+    finally:
+        shutil.copyfile(backup, db)
+    assert writer.current_row(user) is not None  # reopened on the next call
+
