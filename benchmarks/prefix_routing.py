@@ -95,7 +95,9 @@ def main() -> None:
     env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="tsray-", dir="/tmp"), runtime_env={"env_vars": env})
-    serve.start()
+    from caches.redis_server import free_port
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # never share the app's port
     system_prompts = prefixes(args.prefixes, args.prefix_tokens)
     results = {}
     try:

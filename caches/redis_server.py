@@ -8,6 +8,7 @@ cache). `python -m caches.redis_server start|stop` is what the Makefile calls.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -53,7 +54,7 @@ class EmbeddedRedis:
     def pidfile(self) -> Path:
         return self.workdir / "redis.pid"
 
-    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [
             redis_binary(),
@@ -87,7 +88,7 @@ class EmbeddedRedis:
                 self.proc.kill()
         self.proc = None
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -109,10 +110,8 @@ def _cli() -> None:
         print(server.url)
     else:
         if pidfile.exists():
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
             pidfile.unlink(missing_ok=True)
 
 
