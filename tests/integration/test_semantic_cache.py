@@ -1,0 +1,180 @@
+"""Semantic cache against real Redis and FAISS (and, for hits and traps, the real encoder)."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from caches.calibrate import load_threshold
+from caches.redis_server import EmbeddedRedis, free_port
+from caches.result import CacheUnavailable
+from caches.semantic import SemanticCache
+
+# Fraction of fow_cache trap pairs (label 0) that may be merged at the shipped threshold. The
+# shipped calibration merges none of them; a small allowance keeps the test meaningful if the
+# calibration is re-run on other pairs.
+MAX_TRAP_MERGE_FRACTION = 0.02
+
+
+def _scope(tenant: str = "t", version: str = "1") -> str:
+    return SemanticCache.scope(tenant=tenant, model="m", version=version, system_prompt="", params={})
+
+
+def _unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
+    v = rng.standard_normal((n, 384)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _near(v: np.ndarray, rng: np.random.Generator, cos: float) -> np.ndarray:
+    """A unit vector at cosine `cos` from the unit vector v."""
+    noise = rng.standard_normal(v.shape).astype(np.float32)
+    noise -= noise.dot(v) * v
+    noise /= np.linalg.norm(noise)
+    return (cos * v + np.sqrt(1 - cos * cos) * noise).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from caches.encoder import encode
+
+    return encode
+
+
+@pytest.mark.parametrize("mode", ["static", "adaptive"])
+def test_semantic_hit_with_real_encoder(redis_client: redis.Redis, encoder, mode: str) -> None:
+    cache = SemanticCache(redis_client, threshold=load_threshold(), mode=mode)
+    texts = ["How do I reset my password?", "how do i reset my password", "What is the capital of France?"]
+    v = encoder(texts)
+    scope = _scope()
+    assert cache.lookup(scope, texts[0], v[0]) is None
+    cache.store(scope, texts[0], v[0], "Use the reset link.")
+    hit = cache.lookup(scope, texts[1], v[1])
+    assert hit is not None and hit.response == "Use the reset link." and hit.similarity > 0.95
+    assert cache.lookup(scope, texts[2], v[2]) is None
+    assert cache.stats()["counters"]["hits"] == 1
+
+
+def test_trap_pairs_not_merged_at_shipped_threshold(
+    redis_client: redis.Redis, encoder, shared_data: Path
+) -> None:
+    rows = list(csv.DictReader((shared_data / "fow_cache" / "pairs.csv").open(encoding="utf-8")))
+    threshold = load_threshold()
+    va = encoder([r["text_a"] for r in rows])
+    vb = encoder([r["text_b"] for r in rows])
+    merged = {"0": 0, "1": 0}
+    for mode in ("static", "adaptive"):
+        cache = SemanticCache(redis_client, threshold=threshold, mode=mode, ttl_s=None)
+        for i, row in enumerate(rows):
+            scope = _scope(tenant=f"{mode}{i}")  # one scope per pair: only the pair is compared
+            cache.store(scope, row["text_a"], va[i], f"answer {i}")
+            if cache.lookup(scope, row["text_b"], vb[i]) is not None:
+                merged[row["label"]] += 1
+    traps = 2 * sum(r["label"] == "0" for r in rows)
+    assert merged["0"] <= MAX_TRAP_MERGE_FRACTION * traps, f"{merged['0']} of {traps} traps merged"
+    assert merged["1"] > 0  # and the cache still merges some true paraphrases
+
+
+def test_two_instances_converge_within_a_second(redis_client: redis.Redis) -> None:
+    rng = np.random.default_rng(0)
+    a = SemanticCache(redis_client, threshold=0.9, mode="static")
+    b = SemanticCache(redis_client, threshold=0.9, mode="static")
+    b.start_background_sync(0.1)
+    try:
+        scope = _scope()
+        v = _unit(rng)[0]
+        assert b.lookup(scope, "q", v) is None  # b now mirrors the scope (empty)
+        a.store(scope, "q", v, "answer")
+        deadline = time.monotonic() + 1.0
+        while (hit := b.lookup(scope, "q again", _near(v, rng, 0.97))) is None:
+            assert time.monotonic() < deadline, "store on a not visible on b within 1 s"
+            time.sleep(0.02)
+        assert hit.response == "answer"
+        # a purge on a is never served by b, even before b's mirror hears of it
+        a.purge_scope(scope)
+        assert b.lookup(scope, "q", v) is None
+    finally:
+        b.close()
+
+
+def test_tenant_isolation_under_identical_queries(redis_client: redis.Redis) -> None:
+    cache = SemanticCache(redis_client, threshold=0.9, mode="adaptive")
+    v = _unit(np.random.default_rng(1))[0]
+    cache.store(_scope("acme"), "What is our PTO policy?", v, "acme: 25 days")
+    assert cache.lookup(_scope("acme"), "What is our PTO policy?", v).response == "acme: 25 days"
+    assert cache.lookup(_scope("globex"), "What is our PTO policy?", v) is None
+
+
+def test_version_bump_leaves_no_stale_answer(redis_client: redis.Redis) -> None:
+    cache = SemanticCache(redis_client, threshold=0.9, mode="static")
+    v = _unit(np.random.default_rng(2))[0]
+    cache.store(_scope(version="1"), "q", v, "old")
+    assert cache.lookup(_scope(version="2"), "q", v) is None
+    assert cache.delete_model_version("m", "1") > 0
+    assert cache.lookup(_scope(version="1"), "q", v) is None
+
+
+def test_eviction_bounds_entries_and_bytes(redis_client: redis.Redis) -> None:
+    rng = np.random.default_rng(3)
+    cache = SemanticCache(redis_client, threshold=0.9, mode="static", max_entries=5, max_bytes=1 << 20)
+    scope = _scope()
+    vs = _unit(rng, 20)
+    keep = cache.store(scope, "popular", vs[0], "p")
+    assert cache.lookup(scope, "popular", vs[0]) is not None  # one hit: outlives zero-hit entries
+    for i in range(1, 20):
+        cache.store(scope, f"q{i}", vs[i], f"a{i}")
+        assert redis_client.zcard(f"{scope}:lfu") <= 5
+    assert cache.lookup(scope, "popular", vs[0]).entry_id == keep
+    assert cache.lookup(scope, "q19", vs[19]) is not None  # the newest is kept
+    assert cache.lookup(scope, "q1", vs[1]) is None  # old zero-hit entries went first
+    assert len(list(redis_client.scan_iter(match=f"{scope}:e:*"))) == 5
+
+    byte_scope = _scope(tenant="bytes")
+    per_entry = 384 * 4 + 256 + 10
+    cache = SemanticCache(redis_client, threshold=0.9, mode="static", max_bytes=3 * per_entry + 100)
+    for i in range(10):
+        cache.store(byte_scope, f"q{i}", vs[i], f"a{i}")
+        assert int(redis_client.get(f"{byte_scope}:bytes")) <= 3 * per_entry + 100
+    assert redis_client.zcard(f"{byte_scope}:lfu") == 3
+    stats = cache.stats()["scopes"][byte_scope]
+    assert stats["entries"] == 3 and stats["mirrored"] == 3
+
+
+def test_ttl_expiry(redis_client: redis.Redis) -> None:
+    cache = SemanticCache(redis_client, threshold=0.9, mode="static", ttl_s=0.3)
+    v = _unit(np.random.default_rng(4))[0]
+    cache.store(_scope(), "q", v, "a")
+    assert cache.lookup(_scope(), "q", v) is not None
+    time.sleep(0.4)
+    assert cache.lookup(_scope(), "q", v) is None
+
+
+def test_redis_down_and_back() -> None:
+    port = free_port()
+    server = EmbeddedRedis(port=port).start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1)
+        cache = SemanticCache(client, threshold=0.9, mode="adaptive")
+        v = _unit(np.random.default_rng(5))[0]
+        cache.store(_scope(), "q", v, "a")
+        assert cache.lookup(_scope(), "q", v) is not None
+        server.stop()
+        with pytest.raises(CacheUnavailable):  # the FAISS mirror alone never answers
+            cache.lookup(_scope(), "q", v)
+        server = EmbeddedRedis(port=port, workdir=server.workdir).start()
+        deadline = time.monotonic() + 3
+        while True:
+            try:
+                assert cache.lookup(_scope(), "q", v) is None  # restarted empty: nothing stale
+                break
+            except CacheUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        cache.store(_scope(), "q", v, "b")
+        assert cache.lookup(_scope(), "q", v).response == "b"
+    finally:
+        server.stop()

@@ -1,0 +1,59 @@
+"""Model versions: bump visibility across replicas, no stale answers, background purge."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import redis
+
+from caches.result import ResultCache
+from caches.semantic import SemanticCache
+from caches.versions import VERSION_CACHE_S, ModelVersions, purge_in_background, purge_old_versions
+
+REQ = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def test_bump_is_seen_by_other_replicas_within_a_second(redis_client: redis.Redis) -> None:
+    a = ModelVersions(redis_client, {"m": "1"})
+    b = ModelVersions(redis_client, {"m": "1"})
+    assert a.current("m") == b.current("m") == "1"
+    assert a.bump("m", "2") == "1"
+    assert a.current("m") == "2"  # the bumping replica at once
+    deadline = time.monotonic() + 1.0
+    while b.current("m") != "2":
+        assert time.monotonic() < deadline, "bump not visible within 1 s"
+        time.sleep(0.05)
+    assert VERSION_CACHE_S < 1.0
+    assert a.bump("m", "3") == "2"
+    assert a.all()["m"] == "3"
+
+
+def test_bump_leaves_no_stale_answer_and_purges(redis_client: redis.Redis) -> None:
+    versions = ModelVersions(redis_client, {"m": "1"})
+    results = ResultCache(redis_client)
+    semantic = SemanticCache(redis_client, threshold=0.9, mode="static", ttl_s=None)
+    vec = np.ones(384, dtype=np.float32) / np.sqrt(384)
+
+    def keys(version: str) -> tuple[str, str]:
+        rk = results.chat_key(tenant="t", model="m", version=version, request=REQ)
+        sk = SemanticCache.scope(tenant="t", model="m", version=version, system_prompt="", params={})
+        return rk, sk
+
+    rk, sk = keys(versions.current("m"))
+    results.put(rk, b"old answer")
+    semantic.store(sk, "hello", vec, "old answer")
+    assert semantic.lookup(sk, "hello", vec) is not None
+
+    old = versions.bump("m", "2")
+    rk2, sk2 = keys(versions.current("m"))
+    assert results.get(rk2) is None and semantic.lookup(sk2, "hello", vec) is None  # unreachable at once
+
+    out = purge_old_versions(results, semantic, "m", old)
+    assert out["result"] == 1 and out["semantic"] >= 1
+    assert results.get(rk) is None and semantic.lookup(sk, "hello", vec) is None
+    assert not list(redis_client.scan_iter(match="*:m:1:*"))
+
+    results.put(rk2, b"new")
+    purge_in_background(results, semantic, "m", "2").join(timeout=5)
+    assert results.get(rk2) is None
