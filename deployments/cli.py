@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from feature_store.pipeline import main as build_features_main  # light: Feast loads only to build
+
 if TYPE_CHECKING:
     import httpx
 
@@ -71,53 +73,8 @@ def prepare_models(
         typer.echo(f"{name}: {path}")
 
 
-@app.command("build-features")
-def build_features(
-    ratings: Annotated[Path | None, typer.Option(help="ratings CSV (default: the MovieLens sample)")] = None,
-    movies: Annotated[
-        Path | None, typer.Option(help="movies CSV; default: movies.csv next to the ratings, if any")
-    ] = None,
-    no_movies: Annotated[bool, typer.Option("--no-movies", help="ignore any movies file")] = False,
-    repo_dir: Annotated[Path | None, typer.Option(help="Feast repository folder (default: feature_store/)")] = None,
-    user_col: Annotated[str, typer.Option(help="user id column")] = "userId",
-    item_col: Annotated[str, typer.Option(help="item id column")] = "movieId",
-    time_col: Annotated[str, typer.Option(help="timestamp column (Unix time or dates)")] = "timestamp",
-    rating_col: Annotated[
-        str, typer.Option(help="rating column; '' means implicit feedback (1.0 a row)")
-    ] = "rating",
-    embedding_dim: Annotated[int, typer.Option(min=2)] = 32,
-    limit: Annotated[int | None, typer.Option(help="read only the first N ratings")] = None,
-    force: Annotated[bool, typer.Option(help="rebuild even when the build is up to date")] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
-) -> None:
-    """Build the Feast feature repository (same options as `python -m feature_store.pipeline`)."""
-    from feature_store import pipeline
-
-    ratings = ratings or pipeline.DEFAULT_RATINGS
-    if not ratings.exists():
-        fail(f"ratings file not found: {ratings}")
-    if no_movies:
-        movies = None
-    elif movies is None and (ratings.parent / "movies.csv").exists():
-        # The movies of *this* data set, never the sample's for other ratings.
-        movies = ratings.parent / "movies.csv"
-    info = pipeline.build_repo(
-        ratings,
-        repo_dir or pipeline.PACKAGE_DIR,
-        movies,
-        user_col=user_col,
-        item_col=item_col,
-        rating_col=rating_col or None,
-        time_col=time_col,
-        embedding_dim=embedding_dim,
-        limit=limit,
-        progress=not quiet,
-        force=force,
-    )
-    typer.echo(
-        f"repo {info.repo_dir}: model_version {info.model_version}, {info.n_users} users, "
-        f"{info.n_items} items, {info.n_ratings} ratings (built {info.built_at})"
-    )
+# The pipeline's own command, mounted as is: one definition of its options.
+app.command("build-features")(build_features_main)
 
 
 @app.command()

@@ -86,6 +86,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 app.add_middleware(BodySizeLimit)
 
 
+@app.exception_handler(Unauthorized)
+async def _on_unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+    return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+
+
 @app.exception_handler(RequestValidationError)
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param = _validation_message(exc)
@@ -135,10 +140,7 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
         started = time.perf_counter()
-        try:
-            tenant = self._tenant(request)
-        except Unauthorized as exc:
-            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        tenant = self._tenant(request)
         if body.model != self.model_name:
             self._observe("chat", "none", 400, started)
             return JSONResponse(
@@ -252,10 +254,7 @@ class Ingress:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Any:
-        try:
-            self._tenant(request)
-        except Unauthorized as exc:
-            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        self._tenant(request)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         info = await self.encoder.info.remote()
         if body.model not in (None, info["name"]):
@@ -270,10 +269,7 @@ class Ingress:
     @app.post("/v1/recommendations")
     async def recommendations(self, body: RecommendationRequest, request: Request) -> Any:
         started = time.perf_counter()
-        try:
-            tenant = self._tenant(request)
-        except Unauthorized as exc:
-            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        tenant = self._tenant(request)
         result = await self.recommender.recommend.remote(body.user_id, body.k, tenant)
         status = result.pop("status", 200)
         self._observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
@@ -283,10 +279,7 @@ class Ingress:
 
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:
-        try:
-            self._tenant(request)
-        except Unauthorized as exc:
-            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        self._tenant(request)
         result = await self.recommender.record_event.remote(body.model_dump())
         status = result.pop("status", 202)
         if status >= 400:
@@ -296,10 +289,7 @@ class Ingress:
     # ------------------------------------------------------------ operations
     @app.get("/v1/cache/stats")
     async def cache_stats(self, request: Request) -> Any:
-        try:
-            self._tenant(request)
-        except Unauthorized as exc:
-            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        self._tenant(request)
         try:
             exact = self.results.stats()
         except CacheUnavailable:
@@ -315,10 +305,7 @@ class Ingress:
 
     @app.post("/admin/models/{name}/version")
     async def bump_version(self, name: str, body: VersionBump, request: Request) -> Any:
-        try:
-            self._tenant(request)
-        except Unauthorized as exc:
-            return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+        self._tenant(request)
         if name not in (self.model_name, RECS_MODEL):
             return JSONResponse(error_body(404, f"unknown model '{name}'; known: {self.model_name}, {RECS_MODEL}"), status_code=404)
         try:

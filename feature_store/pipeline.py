@@ -454,6 +454,9 @@ def main(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Build (or confirm up to date) the feature repository and print its summary."""
+    if not ratings.exists():
+        typer.echo(f"ratings file not found: {ratings}", err=True)
+        raise typer.Exit(1)
     if no_movies:
         movies = None
     elif movies is None and (ratings.parent / "movies.csv").exists():
