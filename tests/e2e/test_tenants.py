@@ -1,0 +1,97 @@
+"""API keys, tenant isolation and model-version bumps over HTTP.
+
+A second Ingress (its own route prefix, API keys configured) is deployed beside the session app
+and reuses its Encoder, SemanticCache, LLM and Recommender replicas: the same Redis, the same
+caches, so isolation is tested where it could actually leak.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from deployments.config import AppSettings
+from tests.e2e.conftest import local_app_config
+
+APP_NAME = "tierserve-auth"
+PREFIX = "/auth"
+KEYS = {"key-acme": "acme", "key-globex": "globex"}
+
+
+@pytest.fixture(scope="module")
+def auth_url(app_url: str) -> Iterator[str]:
+    from ray import serve
+
+    from deployments.ingress import Ingress
+
+    settings = AppSettings.from_args(local_app_config().get("args"))
+    settings.api_keys = KEYS
+    handles = [serve.get_deployment_handle(n, app_name="tierserve")
+               for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
+    serve.run(Ingress.bind(settings.model_dump(), *handles), name=APP_NAME, route_prefix=PREFIX, blocking=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "RUNNING":
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"{APP_NAME} did not start")
+    yield f"{app_url}{PREFIX}"
+    serve.delete(APP_NAME)
+
+
+def chat(url: str, key: str | None, question: str) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    model = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"] if key else "x"
+    return httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
+        "model": model, "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": question}]})
+
+
+def test_missing_or_wrong_key_is_a_401_with_a_reason(auth_url: str) -> None:
+    missing = chat(auth_url, None, "hello")
+    assert missing.status_code == 401 and "Authorization" in missing.json()["error"]["message"]
+    wrong = chat(auth_url, "not-a-key", "hello")
+    assert wrong.status_code == 401
+    recs = httpx.post(f"{auth_url}/v1/recommendations", json={"user_id": 1, "k": 3}, timeout=60)
+    assert recs.status_code == 401
+
+
+def test_tenants_never_see_each_others_cached_answers(auth_url: str) -> None:
+    question = f"What is the capital of Italy? ({uuid.uuid4().hex[:6]})"
+    first = chat(auth_url, "key-acme", question)
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    assert chat(auth_url, "key-acme", question).headers["x-cache"] == "exact"
+    other = chat(auth_url, "key-globex", question)
+    assert other.status_code == 200 and other.headers["x-cache"] == "miss"
+    # and globex's own KV blocks: vLLM got a different cache_salt, so nothing of acme's was reused
+    assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_version_bump_makes_old_answers_unreachable_at_once(auth_url: str) -> None:
+    headers = {"authorization": "Bearer key-acme"}
+    model = httpx.get(f"{auth_url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
+    question = f"Name a primary colour. ({uuid.uuid4().hex[:6]})"
+    chat(auth_url, "key-acme", question)
+    assert chat(auth_url, "key-acme", question).headers["x-cache"] == "exact"
+    new_version = f"v-{uuid.uuid4().hex[:6]}"
+    bumped = httpx.post(f"{auth_url}/admin/models/{model}/version", headers=headers, json={"version": new_version}, timeout=60)
+    assert bumped.status_code == 200 and bumped.json()["version"] == new_version
+    time.sleep(1.0)  # versions are re-read at most every 0.5 s per replica
+    after = chat(auth_url, "key-acme", question)
+    assert after.headers["x-cache"] == "miss"
+    bad = httpx.post(f"{auth_url}/admin/models/{model}/version", headers=headers, json={"version": "no spaces!"}, timeout=60)
+    assert bad.status_code == 422
+    unknown = httpx.post(f"{auth_url}/admin/models/nope/version", headers=headers, json={"version": "v9"}, timeout=60)
+    assert unknown.status_code == 404
+
+
+def test_cache_stats_report_layers_and_tenants(auth_url: str) -> None:
+    stats = httpx.get(f"{auth_url}/v1/cache/stats", headers={"authorization": "Bearer key-globex"}, timeout=60)
+    assert stats.status_code == 200
+    body = stats.json()
+    assert {"exact", "semantic", "recommender", "lookups_by_tenant"} <= set(body)
