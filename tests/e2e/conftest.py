@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from caches.redis_server import free_port
+from deployments.config import AppSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = REPO_ROOT / "configs" / "local.yaml"
@@ -26,6 +27,34 @@ START_TIMEOUT_S = float(os.environ.get("TIERSERVE_E2E_START_TIMEOUT_S", "600"))
 
 def local_app_config() -> dict:
     return yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]
+
+
+def wait_running(app_name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Block until a Serve application is RUNNING; fail the test run with Serve's reason if not."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            pytest.fail(f"{app_name} failed to deploy: {status.message}")
+        time.sleep(1)
+    pytest.fail(f"{app_name} did not become healthy in {timeout_s:.0f}s")
+
+
+def deploy_side_ingress(app_name: str, route_prefix: str, settings: AppSettings) -> None:
+    """A second Ingress with its own settings, reusing the session app's other deployments: the
+    same caches and models, so what it shows holds for the app itself."""
+    from ray import serve
+
+    from deployments.ingress import Ingress
+
+    handles = [serve.get_deployment_handle(n, app_name="tierserve")
+               for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
+    serve.run(Ingress.bind(settings.model_dump(), *handles), name=app_name, route_prefix=route_prefix, blocking=False)
+    wait_running(app_name)
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +83,7 @@ def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     app = build_app(app_cfg.get("args"))
     serve.run(app, name="tierserve", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get("tierserve")
-        if status is not None and status.status == "RUNNING":
-            break
-        if status is not None and status.status == "DEPLOY_FAILED":
-            pytest.fail(f"app failed to deploy: {status.message}")
-        time.sleep(1)
-    else:
-        pytest.fail("app did not become healthy in time")
+    wait_running("tierserve")
     httpx.get(f"{url}/healthz", timeout=30).raise_for_status()
     print(f"\napp started in {time.monotonic() - started:.1f}s on {url}")
     yield url

@@ -12,7 +12,6 @@ Replica ids come back in every answer (`replica`), so a test can tell which repl
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from caches.redis_server import EmbeddedRedis
 from deployments.config import REPO_ROOT, AppSettings
 from feature_store import names
 from feature_store.pipeline import RepoInfo
-from tests.e2e.conftest import local_app_config
+from tests.e2e.conftest import local_app_config, wait_running
 
 SOURCE_REPO = REPO_ROOT / "feature_store"
 APP_NAME = "tierserve-recs"
@@ -61,16 +60,7 @@ def recs(app_url: str, repo_copy: RepoInfo, tmp_path_factory: pytest.TempPathFac
         )
         app = Ingress.bind(settings.model_dump(), *handles, recommender)
         serve.run(app, name=APP_NAME, route_prefix=PREFIX, blocking=False)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING":
-                break
-            if status is not None and status.status == "DEPLOY_FAILED":
-                pytest.fail(f"{APP_NAME} failed to deploy: {status.message}")
-            time.sleep(1)
-        else:
-            pytest.fail(f"{APP_NAME} did not become healthy in time")
+        wait_running(APP_NAME, START_TIMEOUT_S)
         with httpx.Client(base_url=f"{app_url}{PREFIX}", timeout=120) as client:
             yield client
         serve.delete(APP_NAME)

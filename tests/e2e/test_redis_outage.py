@@ -14,7 +14,7 @@ import pytest
 
 from caches.redis_server import EmbeddedRedis
 from deployments.config import AppSettings
-from tests.e2e.conftest import local_app_config
+from tests.e2e.conftest import deploy_side_ingress, local_app_config
 
 APP_NAME = "tierserve-outage"
 PREFIX = "/outage"
@@ -24,22 +24,10 @@ PREFIX = "/outage"
 def outage(app_url: str) -> Iterator[tuple[str, EmbeddedRedis]]:
     from ray import serve
 
-    from deployments.ingress import Ingress
-
     server = EmbeddedRedis().start()
     settings = AppSettings.from_args(local_app_config().get("args"))
     settings.redis_url = server.url
-    handles = [serve.get_deployment_handle(n, app_name="tierserve")
-               for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
-    serve.run(Ingress.bind(settings.model_dump(), *handles), name=APP_NAME, route_prefix=PREFIX, blocking=False)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "RUNNING":
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"{APP_NAME} did not start")
+    deploy_side_ingress(APP_NAME, PREFIX, settings)
     yield f"{app_url}{PREFIX}", server
     serve.delete(APP_NAME)
     server.stop()

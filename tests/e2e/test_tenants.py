@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from deployments.config import AppSettings
-from tests.e2e.conftest import local_app_config
+from tests.e2e.conftest import deploy_side_ingress, local_app_config
 
 APP_NAME = "tierserve-auth"
 PREFIX = "/auth"
@@ -26,21 +26,9 @@ KEYS = {"key-acme": "acme", "key-globex": "globex"}
 def auth_url(app_url: str) -> Iterator[str]:
     from ray import serve
 
-    from deployments.ingress import Ingress
-
     settings = AppSettings.from_args(local_app_config().get("args"))
     settings.api_keys = KEYS
-    handles = [serve.get_deployment_handle(n, app_name="tierserve")
-               for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
-    serve.run(Ingress.bind(settings.model_dump(), *handles), name=APP_NAME, route_prefix=PREFIX, blocking=False)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "RUNNING":
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"{APP_NAME} did not start")
+    deploy_side_ingress(APP_NAME, PREFIX, settings)
     yield f"{app_url}{PREFIX}"
     serve.delete(APP_NAME)
 
