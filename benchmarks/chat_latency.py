@@ -19,6 +19,8 @@ from collections import defaultdict
 
 import httpx
 
+from benchmarks.prefix_cache import RESULTS
+
 TOPICS = ["France", "Japan", "Brazil", "Canada", "Kenya", "Norway", "India", "Chile", "Egypt", "Spain",
           "Peru", "Italy", "Ghana", "Chad", "Iran", "Cuba", "Laos", "Mali", "Oman", "Fiji"]
 
@@ -57,6 +59,8 @@ def main() -> None:
     if "miss" in summary and "exact" in summary:
         out["miss_over_exact"] = round(summary["miss"]["p50_ms"] / summary["exact"]["p50_ms"], 1)
         print(f"a miss takes {out['miss_over_exact']}x the time of an exact hit")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "chat_latency.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
 
 
