@@ -10,8 +10,13 @@ registration.
 from __future__ import annotations
 
 from collections import Counter as _Tally
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from caches.tiers.base import TierStats
 
 # Tier reads range from ~50 us (RocksDB) to tens of ms (a Feast batch); buckets cover both ends.
 LATENCY_BUCKETS_S = (
@@ -34,6 +39,15 @@ LATENCY = Histogram(
 
 def namespace_of(key: str) -> str:
     return key.split(":", 1)[0]
+
+
+def record_read(stats: TierStats, tier: str, keys: list[str], found: Mapping[str, object], seconds: float) -> None:
+    """Stats and metrics of one batched read of a tier: latency, hits and misses per namespace."""
+    LATENCY.labels(tier=tier, namespace=namespace_of(keys[0])).observe(seconds)
+    stats.hits += len(found)
+    stats.misses += len(keys) - len(found)
+    count_by_namespace(HITS, tier, list(found))
+    count_by_namespace(MISSES, tier, [k for k in keys if k not in found])
 
 
 def count_by_namespace(metric: Counter, tier: str, keys: list[str] | set[str]) -> None:

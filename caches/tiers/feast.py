@@ -125,11 +125,7 @@ class FeastTier:
                 if all(v is None for v in values.values()):
                     continue  # unknown entity
                 found[key] = encode_features(values)
-        metrics.LATENCY.labels(tier=self.name, namespace=ns).observe(time.perf_counter() - t0)
-        self._stats.hits += len(found)
-        self._stats.misses += len(keys) - len(found)
-        metrics.count_by_namespace(metrics.HITS, self.name, list(found))
-        metrics.count_by_namespace(metrics.MISSES, self.name, [k for k in keys if k not in found])
+        metrics.record_read(self._stats, self.name, keys, found, time.perf_counter() - t0)
         return found
 
     def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:

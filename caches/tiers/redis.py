@@ -164,11 +164,7 @@ class RedisTier:
 
     def account_read(self, keys: list[str], found: dict[str, bytes], seconds: float) -> None:
         """Stats and metrics of one batched read (also used when a placement script read for us)."""
-        metrics.LATENCY.labels(tier=self.name, namespace=metrics.namespace_of(keys[0])).observe(seconds)
-        self._stats.hits += len(found)
-        self._stats.misses += len(keys) - len(found)
-        metrics.count_by_namespace(metrics.HITS, self.name, list(found))
-        metrics.count_by_namespace(metrics.MISSES, self.name, [k for k in keys if k not in found])
+        metrics.record_read(self._stats, self.name, keys, found, seconds)
 
     def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
         if not items:

@@ -85,7 +85,6 @@ class RocksDBTier:
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         if not keys:
             return {}
-        ns = metrics.namespace_of(keys[0])
         t0 = time.perf_counter()
         raw = self._db.get([k.encode() for k in keys])
         now = time.time()
@@ -99,11 +98,7 @@ class RocksDBTier:
             else:
                 found[k] = v[_HEADER.size :]
         self.delete_many(expired)
-        metrics.LATENCY.labels(tier=self.name, namespace=ns).observe(time.perf_counter() - t0)
-        self._stats.hits += len(found)
-        self._stats.misses += len(keys) - len(found)
-        metrics.count_by_namespace(metrics.HITS, self.name, list(found))
-        metrics.count_by_namespace(metrics.MISSES, self.name, [k for k in keys if k not in found])
+        metrics.record_read(self._stats, self.name, keys, found, time.perf_counter() - t0)
         return found
 
     def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
