@@ -44,20 +44,6 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
 )
 
-_PUT = """
-local ttl = tonumber(ARGV[1])
-local delta = 0
-for i = 2, #ARGV, 2 do
-  local k, v = ARGV[i], ARGV[i + 1]
-  if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
-  local n = #k + #v
-  local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
-  redis.call('HSET', KEYS[1], k, n)
-  delta = delta + n - old
-end
-return redis.call('INCRBY', KEYS[2], delta)
-"""
-
 # Admitted values in, displaced values out, one round trip: ARGV ttl_ms, n_puts, puts..., deletes...
 _PUT_DELETE = """
 local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -119,7 +105,6 @@ class RedisTier:
         self.client = make_client(url)
         self._sizes_key = f"{meta_prefix}:{name}:sizes"
         self._bytes_key = f"{meta_prefix}:{name}:bytes"
-        self._put = self.client.register_script(_PUT)
         self._delete = self.client.register_script(_DELETE)
         self._put_delete = self.client.register_script(_PUT_DELETE)
         self._stats = TierStats()
@@ -172,10 +157,10 @@ class RedisTier:
         ttl_ms = int(ttl_s * 1000) if ttl_s else 0
         ns = metrics.namespace_of(next(iter(items)))
         for chunk in _chunks(list(items), MAX_KEYS_PER_CALL):
-            args: list[Any] = [ttl_ms]
+            args: list[Any] = [ttl_ms, len(chunk)]  # the put-and-delete script with nothing to delete
             for k in chunk:
                 args += [k, items[k]]
-            total = self._call("put", self._put, [self._sizes_key, self._bytes_key], args, ns=ns)
+            total = self._call("put", self._put_delete, [self._sizes_key, self._bytes_key], args, ns=ns)
             self._stats.bytes = int(total)
         metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
 
