@@ -163,7 +163,22 @@ def _split(candidates: Sequence[str], evicted: Sequence[str]) -> Placement:
     )
 
 
-class LRUPolicy:
+class _ResidentBytes:
+    """What the two reference policies share: `entries` (key -> bytes) and their byte total."""
+
+    entries: dict[str, int]
+    used: int
+
+    def remove(self, keys: Sequence[str]) -> None:
+        for k in keys:
+            if k in self.entries:
+                self.used -= self.entries.pop(k)
+
+    def resident_bytes(self) -> int:
+        return self.used
+
+
+class LRUPolicy(_ResidentBytes):
     """Plain LRU promotion of every miss: the baseline."""
 
     name = "lru"
@@ -194,16 +209,8 @@ class LRUPolicy:
                 evicted.append(victim)
         return _split(list(sizes), evicted)
 
-    def remove(self, keys: Sequence[str]) -> None:
-        for k in keys:
-            if k in self.entries:
-                self.used -= self.entries.pop(k)
 
-    def resident_bytes(self) -> int:
-        return self.used
-
-
-class BeladyPolicy:
+class BeladyPolicy(_ResidentBytes):
     """Clairvoyant RAM placement (evict the entry read furthest in the future, bypass a
     candidate read later than every resident): the upper bound. Needs the whole trace up front,
     as the batches `record` will see, in order."""
@@ -269,14 +276,6 @@ class BeladyPolicy:
             self.used += size
             heapq.heappush(self._heap, (-nxt, k))
         return _split(list(sizes), evicted)
-
-    def remove(self, keys: Sequence[str]) -> None:
-        for k in keys:
-            if k in self.entries:
-                self.used -= self.entries.pop(k)
-
-    def resident_bytes(self) -> int:
-        return self.used
 
 
 @dataclass
