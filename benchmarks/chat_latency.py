@@ -4,8 +4,11 @@
 
 Sends N fresh deterministic questions (misses: encoder, semantic lookup, vLLM, two stores), then
 the same N again (exact hits: one Redis GET), then N of them with the trailing '?' dropped
-(semantic candidates). Prints medians per `x-cache` class and the miss/hit ratio; the last line
-is one JSON object. Run it against an app started with `make run`.
+(semantic candidates). Every chat request is followed by a `GET /healthz`, the floor of one trip
+through the Serve proxy and the Ingress, so the exact hit is compared with its baseline measured
+interleaved on the same machine at the same moment (`exact_over_healthz`). Prints medians per
+`x-cache` class and the ratios; the last line is one JSON object. Run it against an app started
+with `make run`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             resp.raise_for_status()
             timings[resp.headers.get("x-cache", "?")].append(elapsed)
+            start = time.perf_counter()
+            client.get("/healthz").raise_for_status()
+            timings["healthz"].append(time.perf_counter() - start)
 
         questions = [f"What is the capital of {TOPICS[i % len(TOPICS)]}? (run {run}, #{i})" for i in range(args.n)]
         for q in questions:
@@ -59,6 +65,9 @@ def main() -> None:
     if "miss" in summary and "exact" in summary:
         out["miss_over_exact"] = round(summary["miss"]["p50_ms"] / summary["exact"]["p50_ms"], 1)
         print(f"a miss takes {out['miss_over_exact']}x the time of an exact hit")
+    if "exact" in summary:
+        out["exact_over_healthz"] = round(summary["exact"]["p50_ms"] / summary["healthz"]["p50_ms"], 2)
+        print(f"an exact hit takes {out['exact_over_healthz']}x the time of /healthz")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "chat_latency.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out))

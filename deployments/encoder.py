@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import generate_latest
 from ray import serve
 
-from caches.encoder import EMBEDDING_DIM, ENCODER_NAME, ENCODER_VERSION, encode, load_encoder
+from caches.encoder import EMBEDDING_DIM, encode, encoder_identity, load_encoder
 
 log = logging.getLogger("tierserve.encoder")
 
@@ -24,6 +24,7 @@ log = logging.getLogger("tierserve.encoder")
 class EncoderDeployment:
     def __init__(self, redis_url: str | None, state_dir: str, ram_budget_bytes: int, ssd_budget_bytes: int) -> None:
         load_encoder()
+        self.name, self.version = encoder_identity()
         self.cache = None
         if redis_url:
             try:
@@ -35,8 +36,8 @@ class EncoderDeployment:
                     rocksdb_dir=Path(state_dir) / "rocksdb" / f"embeddings-{replica}",
                     ram_budget_bytes=ram_budget_bytes,
                     ssd_budget_bytes=ssd_budget_bytes,
-                    encoder_name=ENCODER_NAME,
-                    encoder_version=ENCODER_VERSION,
+                    encoder_name=self.name,
+                    encoder_version=self.version,
                     dim=EMBEDDING_DIM,
                 )
             except ImportError:
@@ -67,7 +68,7 @@ class EncoderDeployment:
         return self._embed(texts).tolist()
 
     def info(self) -> dict[str, Any]:
-        return {"name": ENCODER_NAME, "version": ENCODER_VERSION, "dim": EMBEDDING_DIM}
+        return {"name": self.name, "version": self.version, "dim": EMBEDDING_DIM}
 
     def metrics_text(self) -> bytes:
         return generate_latest()

@@ -1,41 +1,32 @@
-"""Ingress: the FastAPI app, the chat cache chain and the recommendation route.
+"""Ingress: the FastAPI app: routes, auth, schemas, and the recommendation and admin routes.
 
-Chat: exact result cache (one Redis GET, done here to save a hop) -> Encoder -> SemanticCache ->
-LLM. Answers are stored in both caches only for deterministic requests (temperature 0) unless the
-config allows otherwise. Redis down never fails a request: the LLM answers with `x-cache: bypass`.
+Chat goes through :class:`deployments.chat.ChatPath`: exact result cache (one Redis GET, done here
+to save a hop) -> Encoder -> SemanticCache -> single flight -> LLM. Redis down never fails a
+request: the LLM answers with `x-cache: bypass`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from caches.prompts import build_messages, last_user_text, shared_prefix_text
 from caches.result import CacheUnavailable, ResultCache
-from caches.semantic import SemanticCache, is_cacheable
 from caches.tenancy import Tenants, Unauthorized
 from caches.versions import ModelVersions, purge_in_background
 from deployments import metrics
+from deployments.chat import ChatPath
 from deployments.config import AppSettings
-from deployments.openai_compat import (
-    StreamAssembler,
-    completion_from_text,
-    error_body,
-    refresh,
-    stream_from_completion,
-)
+from deployments.openai_compat import error_body
 from deployments.schemas import (
     ChatRequest,
     EmbeddingRequest,
@@ -47,11 +38,6 @@ from deployments.schemas import (
 log = logging.getLogger("tierserve.ingress")
 app = FastAPI(title="tierserve", version="0.1.0", description="Ray Serve app with result, semantic, KV and tiered feature caches")
 
-# Fields that change the answer of a chat request. Everything else (stream, user, stream_options,
-# request ids) is left out of the semantic scope; the exact key canonicalises the whole request.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "max_completion_tokens",
-                   "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                   "response_format", "tools", "tool_choice", "min_tokens")
 RECS_MODEL = "recs"
 
 
@@ -120,6 +106,7 @@ class Ingress:
         llm_cfg = self.settings.llm
         self.model_name = llm_cfg.served_model_name
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
+        self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm)
         BodySizeLimit.max_bytes = self.settings.max_body_bytes
 
     # ---------------------------------------------------------------- helpers
@@ -132,117 +119,10 @@ class Ingress:
         except Exception:  # noqa: BLE001 - Redis down: the configured version still names the model
             return self.settings.llm.model_version
 
-    def _observe(self, route: str, cache: str, status: int, started: float) -> None:
-        metrics.REQUESTS.labels(route, cache, str(status)).inc()
-        metrics.LATENCY.labels(route, cache).observe(time.perf_counter() - started)
-
     # ------------------------------------------------------------------ chat
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
-        started = time.perf_counter()
-        tenant = self._tenant(request)
-        if body.model != self.model_name:
-            self._observe("chat", "none", 400, started)
-            return JSONResponse(
-                error_body(400, f"unknown model '{body.model}'; this server serves '{self.model_name}' (see GET /v1/models)", "model"),
-                status_code=400,
-            )
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is not None and max_tokens > self.settings.llm.max_tokens_limit:
-            return JSONResponse(
-                error_body(400, f"max_tokens must be between 1 and {self.settings.llm.max_tokens_limit} (got {max_tokens})", "max_tokens"),
-                status_code=400,
-            )
-        raw = body.model_dump(mode="json", exclude_unset=True)
-        raw["messages"] = build_messages(self.settings.llm.system_prompt, raw["messages"])
-        params = {k: raw[k] for k in SAMPLING_FIELDS if k in raw}
-        version = self._version(body.model)
-        include_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
-        cacheable = is_cacheable(params, self.settings.cache.cache_nondeterministic)
-
-        layer, similarity, key, scope, query, vector = "miss", None, None, None, "", None
-        cached: dict[str, Any] | None = None
-        if cacheable:
-            key = self.results.chat_key(tenant=tenant, model=body.model, version=version, request=raw)
-            try:
-                blob = self.results.get(key)
-                if blob is not None:
-                    cached, layer = refresh(json.loads(blob)), "exact"
-            except CacheUnavailable:
-                layer = "bypass"
-            metrics.CACHE_LOOKUPS.labels("exact", tenant, "hit" if cached else layer).inc()
-            if cached is None and layer != "bypass" and self.settings.cache.semantic_enabled and body.n == 1:
-                query = last_user_text(raw["messages"])
-                vector = await self.encoder.embed.remote(query)
-                scope = SemanticCache.scope(
-                    tenant=tenant, model=body.model, version=version,
-                    system_prompt=shared_prefix_text(raw["messages"]), params=params,
-                )
-                found = await self.semantic.lookup.remote(scope, query, vector)
-                metrics.CACHE_LOOKUPS.labels("semantic", tenant, found["status"]).inc()
-                if found["status"] == "hit":
-                    cached, layer, similarity = completion_from_text(body.model, found["response"]), "semantic", found["similarity"]
-                elif found["status"] == "unavailable":
-                    layer = "bypass"
-        else:
-            layer = "bypass"  # not deterministic: the caches are deliberately not consulted
-
-        headers = {"x-cache": layer}
-        if similarity is not None:
-            headers["x-cache-similarity"] = f"{similarity:.4f}"
-        if cached is not None:
-            self._observe("chat", layer, 200, started)
-            if body.stream:
-                return StreamingResponse(stream_from_completion(cached, include_usage),
-                                         media_type="text/event-stream", headers=headers)
-            return JSONResponse(cached, headers=headers)
-
-        store = layer == "miss"
-        if body.stream:
-            return StreamingResponse(
-                self._stream_miss(raw, tenant, headers, key if store else None, scope, query, vector, started),
-                media_type="text/event-stream", headers=headers,
-            )
-        result = await self.llm.chat.remote(raw, tenant)
-        self._observe("chat", layer, result["status"], started)
-        if result["status"] != 200:
-            return JSONResponse(result["body"], status_code=result["status"])
-        if store:
-            await self._store(key, scope, query, vector, result["body"])
-        return JSONResponse(result["body"], headers=headers)
-
-    async def _store(self, key: str | None, scope: str | None, query: str, vector: Any, completion: dict[str, Any]) -> None:
-        if key is not None:
-            try:
-                self.results.put(key, json.dumps(completion).encode())
-            except CacheUnavailable:
-                return
-        choices = completion.get("choices") or []
-        if scope is not None and vector is not None and len(choices) == 1 and choices[0].get("finish_reason") == "stop":
-            text = (choices[0].get("message") or {}).get("content") or ""
-            if text:
-                await self.semantic.store.remote(scope, query, vector, text)
-
-    async def _stream_miss(self, raw: dict[str, Any], tenant: str, headers: dict[str, str], key: str | None,
-                           scope: str | None, query: str, vector: Any, started: float) -> AsyncIterator[str]:
-        assembler = StreamAssembler()
-        status = 200
-        gen = self.llm.options(stream=True).chat_stream.remote(raw, tenant)
-        first = True
-        async for chunk in gen:
-            if first and not chunk.startswith("data:"):
-                # The LLM replica reports a request error as one JSON object instead of SSE lines.
-                err = json.loads(chunk)
-                status = err.pop("status", 400)
-                yield f"data: {json.dumps(err)}\n\n"
-                break
-            first = False
-            assembler.feed(chunk)
-            yield chunk
-        self._observe("chat", headers["x-cache"], status, started)
-        completion = assembler.completion()
-        if status == 200 and completion is not None and (key or scope):
-            await self._store(key, scope, query, vector, completion)
+        return await self.chat.answer(body, request, self._tenant(request))
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -272,7 +152,7 @@ class Ingress:
         tenant = self._tenant(request)
         result = await self.recommender.recommend.remote(body.user_id, body.k, tenant)
         status = result.pop("status", 200)
-        self._observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
+        metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
         if status != 200:
             return JSONResponse(error_body(status, result["message"]), status_code=status)
         return result

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from caches.fingerprint import fingerprint_model
 from deployments.config import LLMSettings
 from deployments.routing import PrefixAffinityRouter
 
@@ -49,6 +50,27 @@ def engine_cli_args(settings: LLMSettings) -> list[str]:
     return args + list(settings.extra_engine_args)
 
 
+# The first item of a chat stream: who answers (not forwarded to the client).
+META_PREFIX = "tierserve-meta:"
+
+
+def model_fingerprint(settings: LLMSettings, model_config: Any) -> str:
+    """Weights, config and the engine settings that change outputs (see caches.fingerprint)."""
+    import vllm
+
+    outputs = {
+        "dtype": str(getattr(model_config, "dtype", settings.dtype)),
+        "max_model_len": model_config.max_model_len,
+        "quantization": getattr(model_config, "quantization", None),
+        "revision": getattr(model_config, "revision", None),
+        "extra_engine_args": settings.extra_engine_args,
+        "vllm": vllm.__version__,
+    }
+    hf_config = getattr(model_config, "hf_config", None)
+    loaded = hf_config.to_json_string() if hasattr(hf_config, "to_json_string") else ""
+    return fingerprint_model(settings.model, outputs, loaded)
+
+
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, err_type: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -64,6 +86,10 @@ class LLMServer:
     def __init__(self, settings: LLMSettings, engine: Any, chat_serving: Any) -> None:
         self.settings, self.engine, self.chat_serving = settings, engine, chat_serving
         self.max_model_len = engine.model_config.max_model_len
+        self.fingerprint = model_fingerprint(settings, engine.model_config)
+        # What vLLM applies when a request leaves a sampling field out: the model's generation
+        # config, read by vLLM itself. The caches decide "greedy or not" from this, never assume.
+        self.default_sampling = dict(getattr(chat_serving, "default_sampling_params", None) or {})
 
     @classmethod
     async def create(cls, settings: LLMSettings) -> LLMServer:
@@ -113,17 +139,22 @@ class LLMServer:
         return result
 
     async def chat(self, body: dict[str, Any], tenant: str) -> dict[str, Any]:
-        """A non-streaming completion: {"status": 200, "body": ...} or an OpenAI error body."""
+        """A non-streaming completion: {"status": 200, "body": ...} or an OpenAI error body, with
+        the fingerprint of the model that answered (the ingress stores only matching answers)."""
         try:
             result = await self._run({**body, "stream": False}, tenant)
         except OpenAIError as exc:
-            return {"status": exc.status, "body": exc.body()}
-        return {"status": 200, "body": result.model_dump(mode="json", exclude_none=True)}
+            return {"status": exc.status, "body": exc.body(), "fingerprint": self.fingerprint}
+        body_out = result.model_dump(mode="json", exclude_none=True)
+        return {"status": 200, "body": body_out, "fingerprint": self.fingerprint}
 
     async def chat_stream(self, body: dict[str, Any], tenant: str) -> AsyncGenerator[str, None]:
-        """SSE lines as vLLM writes them ("data: {...}\\n\\n", ending with "data: [DONE]")."""
+        """First a meta line (``META_PREFIX`` + JSON with the model fingerprint), then the SSE
+        lines as vLLM writes them ("data: {...}\\n\\n", ending with "data: [DONE]"); a request
+        error is one JSON object instead of SSE lines."""
         import json
 
+        yield META_PREFIX + json.dumps({"fingerprint": self.fingerprint})
         try:
             generator = await self._run({**body, "stream": True}, tenant)
         except OpenAIError as exc:
@@ -139,6 +170,8 @@ class LLMServer:
             "version": self.settings.model_version,
             "system_prompt": self.settings.system_prompt,
             "max_tokens_limit": self.settings.max_tokens_limit,
+            "fingerprint": self.fingerprint,
+            "default_sampling": self.default_sampling,
         }
 
 

@@ -8,6 +8,8 @@ from different processes stay distinct series and the page stays valid Prometheu
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -25,6 +27,12 @@ CACHE_LOOKUPS = Counter(
     "tierserve_cache_lookups_total", "Cache lookups by layer, tenant and outcome",
     ["layer", "tenant", "outcome"],
 )
+
+
+def observe(route: str, cache: str, status: int, started: float) -> None:
+    """Count one answered request and its latency since ``started`` (``time.perf_counter()``)."""
+    REQUESTS.labels(route, cache, str(status)).inc()
+    LATENCY.labels(route, cache).observe(time.perf_counter() - started)
 
 
 def _escape(value: str) -> str:

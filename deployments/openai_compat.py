@@ -46,54 +46,137 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+# Delta fields the assembler knows how to put back together; any other non-null delta field makes
+# the stream unreplayable, and an unreplayable answer is not stored.
+_TEXT_DELTA_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
 def stream_from_completion(body: dict[str, Any], include_usage: bool) -> Iterator[str]:
-    """Replay a complete chat.completion as the chunk sequence vLLM/OpenAI would send."""
+    """Replay a complete chat.completion as the chunk sequence vLLM/OpenAI would send: the role,
+    then the whole answer in one delta (content, tool calls and token logprobs exactly as
+    generated), then the finish reason."""
     head = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
     for choice in body.get("choices", []):
         idx = choice.get("index", 0)
-        content = (choice.get("message") or {}).get("content") or ""
-        yield sse({**head, "choices": [{"index": idx, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-        if content:
-            yield sse({**head, "choices": [{"index": idx, "delta": {"content": content}, "finish_reason": None}]})
-        yield sse({**head, "choices": [{"index": idx, "delta": {}, "finish_reason": choice.get("finish_reason", "stop")}]})
+        message = dict(choice.get("message") or {})
+        message.pop("role", None)
+        yield sse({**head, "choices": [{"index": idx, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+        delta = {k: v for k, v in message.items() if v is not None and k != "tool_calls"}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        if any(v not in ("", None) for v in delta.values()) or choice.get("logprobs"):
+            yield sse({**head, "choices": [{"index": idx, "delta": delta, "logprobs": choice.get("logprobs"),
+                                            "finish_reason": None}]})
+        finish = {"index": idx, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}
+        if "stop_reason" in choice:
+            finish["stop_reason"] = choice["stop_reason"]
+        yield sse({**head, "choices": [finish]})
     if include_usage:
         yield sse({**head, "choices": [], "usage": body.get("usage")})
     yield sse("[DONE]")
 
 
+class _Choice:
+    def __init__(self) -> None:
+        self.text: dict[str, list[str]] = {}
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[Any] | None = None
+        self.finish: str | None = None
+        self.stop_reason: Any = None
+
+    def feed(self, choice: dict[str, Any]) -> str | None:
+        """Add one chunk's choice; returns why the stream cannot be replayed, if so."""
+        delta = choice.get("delta") or {}
+        for name, value in delta.items():
+            if value is None or name == "role":
+                continue
+            if name in _TEXT_DELTA_FIELDS and isinstance(value, str):
+                self.text.setdefault(name, []).append(value)
+            elif name == "tool_calls":
+                for call in value:
+                    self._merge_call(call)
+            else:
+                return f"delta field {name!r}"
+        logprobs = choice.get("logprobs")
+        if logprobs:
+            if set(logprobs) - {"content", "refusal"} or logprobs.get("refusal"):
+                return "logprobs beyond token content"
+            self.logprobs = (self.logprobs or []) + list(logprobs.get("content") or [])
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
+            self.stop_reason = choice.get("stop_reason")
+        return None
+
+    def _merge_call(self, call: dict[str, Any]) -> None:
+        # OpenAI streams a tool call as pieces: id, type and name once, arguments in fragments
+        slot = self.tool_calls.setdefault(int(call.get("index", 0)), {"function": {"arguments": ""}})
+        for key in ("id", "type"):
+            if call.get(key):
+                slot[key] = call[key]
+        function = call.get("function") or {}
+        if function.get("name"):
+            slot["function"]["name"] = function["name"]
+        slot["function"]["arguments"] += function.get("arguments") or ""
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant"}
+        for name, parts in self.text.items():
+            message[name] = "".join(parts)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        elif "content" not in message:
+            message["content"] = ""
+        return message
+
+
 class StreamAssembler:
-    """Rebuilds the full completion from vLLM's SSE chunks, so a streamed miss can be cached."""
+    """Rebuilds the full completion from vLLM's SSE chunks, so a streamed miss can be cached.
+
+    :meth:`completion` gives an answer only for a stream that ended properly: ``[DONE]`` seen, no
+    error chunk (vLLM reports a failure mid-stream as ``data: {"error": ...}`` then ``[DONE]``),
+    every choice with its finish reason, and nothing the assembler cannot replay exactly (tool
+    call fragments and token logprobs are merged; an unknown delta field refuses). Whether that
+    answer may be stored is then :func:`caches.chat.storable`'s call.
+    """
 
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
-        self.text: dict[int, list[str]] = {}
-        self.finish: dict[int, str | None] = {}
+        self.choices: dict[int, _Choice] = {}
         self.usage: dict[str, Any] | None = None
+        self.done = False
+        self.problem: str | None = None  # why this stream cannot be stored, once known
 
     def feed(self, line: str) -> None:
         for part in line.split("\n"):
-            if not part.startswith("data: ") or part == "data: [DONE]":
+            if not part.startswith("data: "):
+                continue
+            if part == "data: [DONE]":
+                self.done = True
                 continue
             chunk = json.loads(part[6:])
+            if "error" in chunk:
+                self.problem = self.problem or f"error chunk: {chunk['error']}"
+                continue
             self.head = self.head or {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
             if chunk.get("usage"):
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices", []):
-                idx = choice.get("index", 0)
-                self.text.setdefault(idx, []).append((choice.get("delta") or {}).get("content") or "")
-                if choice.get("finish_reason"):
-                    self.finish[idx] = choice["finish_reason"]
+                why = self.choices.setdefault(int(choice.get("index", 0)), _Choice()).feed(choice)
+                if why is not None:
+                    self.problem = self.problem or f"cannot replay {why}"
 
     def completion(self) -> dict[str, Any] | None:
-        if not self.head or not self.text:
+        """The whole answer, or None when the stream did not end properly (see the class doc)."""
+        if self.problem is not None or not self.done or not self.head or not self.choices:
             return None
-        return {
-            **self.head,
-            "object": "chat.completion",
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": "".join(parts)},
-                 "finish_reason": self.finish.get(i, "stop"), "logprobs": None}
-                for i, parts in sorted(self.text.items())
-            ],
-            "usage": self.usage,
-        }
+        if any(c.finish is None for c in self.choices.values()):
+            return None
+        choices = []
+        for i, c in sorted(self.choices.items()):
+            choice: dict[str, Any] = {"index": i, "message": c.message(), "finish_reason": c.finish,
+                                      "logprobs": {"content": c.logprobs} if c.logprobs is not None else None}
+            if c.stop_reason is not None:
+                choice["stop_reason"] = c.stop_reason
+            choices.append(choice)
+        return {**self.head, "object": "chat.completion", "choices": choices, "usage": self.usage}

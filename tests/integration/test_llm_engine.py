@@ -14,7 +14,7 @@ import pytest
 
 from caches.prompts import build_messages
 from deployments.config import REPO_ROOT, LLMSettings
-from deployments.llm import LLMServer
+from deployments.llm import META_PREFIX, LLMServer, model_fingerprint
 
 TINY = REPO_ROOT / ".models" / "tiny-llama"
 SYSTEM = "You are a helpful assistant. " * 30  # several full 32-token blocks
@@ -59,6 +59,8 @@ async def test_completion_shape_n_and_stop(server: LLMServer) -> None:
 
 async def test_stream_yields_sse_chunks_and_done(server: LLMServer) -> None:
     chunks = [c async for c in server.chat_stream(body("stream me", stream_options={"include_usage": True}), tenant="t")]
+    meta, chunks = chunks[0], chunks[1:]
+    assert json.loads(meta.removeprefix(META_PREFIX)) == {"fingerprint": server.fingerprint}
     assert chunks[-1].strip() == "data: [DONE]"
     parsed = [json.loads(c[6:]) for c in chunks[:-1]]
     assert all(p["object"] == "chat.completion.chunk" for p in parsed)
@@ -81,4 +83,15 @@ async def test_bad_requests_are_400s(server: LLMServer, extra: dict, fragment: s
 
 async def test_bad_stream_request_reports_error_first(server: LLMServer) -> None:
     chunks = [c async for c in server.chat_stream({**body("x"), "model": "other"}, tenant="t")]
-    assert len(chunks) == 1 and json.loads(chunks[0])["status"] == 400
+    assert chunks[0].startswith(META_PREFIX)
+    assert len(chunks) == 2 and json.loads(chunks[1])["status"] == 400
+
+
+async def test_identity_reads_the_engine_defaults_and_fingerprints_the_model(server: LLMServer) -> None:
+    info = server.info()
+    assert len(info["fingerprint"]) == 64
+    # what vLLM itself will apply to a request without temperature (the model's generation config)
+    assert info["default_sampling"] == server.chat_serving.default_sampling_params
+    other = model_fingerprint(server.settings.model_copy(update={"extra_engine_args": ["--seed", "1"]}),
+                              server.engine.model_config)
+    assert other != info["fingerprint"]  # engine settings that change outputs change the identity

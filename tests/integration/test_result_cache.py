@@ -9,31 +9,36 @@ import redis
 
 from caches.redis_server import EmbeddedRedis, free_port
 from caches.result import CacheUnavailable, ResultCache
+from tests.support import chat_key
 
 REQ = {"messages": [{"role": "user", "content": "What is the PTO policy?"}], "temperature": 0}
 
 
-def test_exact_hit_and_canonical_equivalence(redis_client: redis.Redis) -> None:
+def test_exact_hit_and_exact_means_exact(redis_client: redis.Redis) -> None:
     cache = ResultCache(redis_client)
-    key = cache.chat_key(tenant="a", model="m", version="1", request=REQ)
+    key = chat_key(tenant="a", model="m", version="1", request=REQ)
     assert cache.get(key) is None
     cache.put(key, b"20 days")
-    same = {**REQ, "messages": [{"role": "user", "content": " what is the  PTO policy?"}], "stream": True}
-    assert cache.get(cache.chat_key(tenant="a", model="m", version="1", request=same)) == b"20 days"
+    # the same request sent differently (key order, streaming, a user id) is the same entry
+    same = {"stream": True, "user": "u1", "temperature": 0.0, "messages": REQ["messages"]}
+    assert cache.get(chat_key(tenant="a", model="m", version="1", request=same)) == b"20 days"
+    # a differently written question is not (that is the semantic layer's job)
+    other = {**REQ, "messages": [{"role": "user", "content": " what is the  PTO policy?"}]}
+    assert cache.get(chat_key(tenant="a", model="m", version="1", request=other)) is None
     stats = cache.stats()
-    assert stats["hits"] == 1 and stats["misses"] == 1 and stats["entries"] == 1
-    assert stats["by_tenant"]["a"] == {"hits": 1, "misses": 1}
+    assert stats["hits"] == 1 and stats["misses"] == 2 and stats["entries"] == 1
+    assert stats["by_tenant"]["a"] == {"hits": 1, "misses": 2}
 
 
 def test_tenant_isolation(redis_client: redis.Redis) -> None:
     cache = ResultCache(redis_client)
-    cache.put(cache.chat_key(tenant="a", model="m", version="1", request=REQ), b"answer for a")
-    assert cache.get(cache.chat_key(tenant="b", model="m", version="1", request=REQ)) is None
+    cache.put(chat_key(tenant="a", model="m", version="1", request=REQ), b"answer for a")
+    assert cache.get(chat_key(tenant="b", model="m", version="1", request=REQ)) is None
 
 
 def test_ttl(redis_client: redis.Redis) -> None:
     cache = ResultCache(redis_client)
-    key = cache.chat_key(tenant="a", model="m", version="1", request=REQ)
+    key = chat_key(tenant="a", model="m", version="1", request=REQ)
     cache.put(key, b"x", ttl_s=0.2)
     assert cache.get(key) == b"x"
     time.sleep(0.3)
@@ -61,12 +66,12 @@ def test_delete_model_version_across_tenants(redis_client: redis.Redis) -> None:
     cache = ResultCache(redis_client)
     for tenant in ("a", "b"):
         for version in ("1", "2"):
-            cache.put(cache.chat_key(tenant=tenant, model="m", version=version, request=REQ), b"x")
-    cache.put(cache.chat_key(tenant="a", model="m1", version="1", request=REQ), b"other model")
+            cache.put(chat_key(tenant=tenant, model="m", version=version, request=REQ), b"x")
+    cache.put(chat_key(tenant="a", model="m1", version="1", request=REQ), b"other model")
     assert cache.delete_model_version("m", "1") == 2
-    assert cache.get(cache.chat_key(tenant="a", model="m", version="1", request=REQ)) is None
-    assert cache.get(cache.chat_key(tenant="b", model="m", version="2", request=REQ)) == b"x"
-    assert cache.get(cache.chat_key(tenant="a", model="m1", version="1", request=REQ)) == b"other model"
+    assert cache.get(chat_key(tenant="a", model="m", version="1", request=REQ)) is None
+    assert cache.get(chat_key(tenant="b", model="m", version="2", request=REQ)) == b"x"
+    assert cache.get(chat_key(tenant="a", model="m1", version="1", request=REQ)) == b"other model"
     assert cache.stats()["entries"] == 3
     assert cache.delete_prefix("res.b:") == 1
 
@@ -77,7 +82,7 @@ def test_redis_down_and_back() -> None:
     try:
         client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1)
         cache = ResultCache(client, retry_after_s=0.2)
-        key = cache.chat_key(tenant="a", model="m", version="1", request=REQ)
+        key = chat_key(tenant="a", model="m", version="1", request=REQ)
         cache.put(key, b"x")
         server.stop()
         with pytest.raises(CacheUnavailable):

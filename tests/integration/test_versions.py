@@ -10,8 +10,9 @@ import redis
 from caches.result import ResultCache
 from caches.semantic import SemanticCache
 from caches.versions import VERSION_CACHE_S, ModelVersions, purge_in_background, purge_old_versions
+from tests.support import chat_key
 
-REQ = {"messages": [{"role": "user", "content": "hello"}]}
+REQ = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0}
 
 
 def test_bump_is_seen_by_other_replicas_within_a_second(redis_client: redis.Redis) -> None:
@@ -36,7 +37,7 @@ def test_bump_leaves_no_stale_answer_and_purges(redis_client: redis.Redis) -> No
     vec = np.ones(384, dtype=np.float32) / np.sqrt(384)
 
     def keys(version: str) -> tuple[str, str]:
-        rk = results.chat_key(tenant="t", model="m", version=version, request=REQ)
+        rk = chat_key(tenant="t", model="m", version=version, request=REQ)
         sk = SemanticCache.scope(tenant="t", model="m", version=version, system_prompt="", params={})
         return rk, sk
 
@@ -52,7 +53,7 @@ def test_bump_leaves_no_stale_answer_and_purges(redis_client: redis.Redis) -> No
     out = purge_old_versions(results, semantic, "m", old)
     assert out["result"] == 1 and out["semantic"] >= 1
     assert results.get(rk) is None and semantic.lookup(sk, "hello", vec) is None
-    assert not list(redis_client.scan_iter(match="*:m:1:*"))
+    assert not list(redis_client.scan_iter(match="*:m:1:*")) and not list(redis_client.scan_iter(match="*:m@*:1:*"))
 
     results.put(rk2, b"new")
     purge_in_background(results, semantic, "m", "2").join(timeout=5)

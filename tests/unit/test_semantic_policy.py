@@ -74,7 +74,7 @@ def test_scope_separates_everything_but_the_question() -> None:
         {"params": {"temperature": 0, "max_tokens": 10}},
     ):
         assert SemanticCache.scope(**{**base, **change}) != s
-    assert SemanticCache.scope(**{**base, "system_prompt": "Be  brief"}) == s  # canonical form
+    assert SemanticCache.scope(**{**base, "system_prompt": "Be  brief"}) != s  # text as written
 
 
 def _cand(sim: float, response: str, query: str = "q", tau: float = -1.0, i: int = 0) -> _Candidate:

@@ -1,0 +1,235 @@
+"""One identity per chat request: what the caches may do with it, decided in one place.
+
+A cache is only as good as its identity. :class:`ChatIdentity` is built once from the validated
+request *as the engine will see it* (the deployment's system prompt already in front), the tenant,
+the model identity (served name, a fingerprint of weights and config, the engine's own default
+sampling) and the encoder identity. It says:
+
+- whether the request is cacheable, and why not (``reason``);
+- its exact key: SHA-256 of the request with only structural canonicalisation (JSON key order).
+  Two requests share an exact entry only when every field that reaches the engine is equal, byte
+  for byte; merging differently written questions is the semantic layer's job, never this one's;
+- whether the semantic layer may answer it, its semantic scope (everything but the last user
+  question, hashed) and the question text as written, which the trap guard reads.
+
+Every request field is part of the identity except :data:`NON_ANSWER_FIELDS`, a short list of
+fields shown not to change the answer; a field this module has never heard of is part of it.
+
+Only deterministic answers are cached: the effective sampling must be greedy (an explicit
+``temperature: 0``, or no temperature and an engine default of 0, read from the engine, never
+assumed). ``seed`` does not make a sampled request cacheable: vLLM documents seeded sampling as
+reproducible only for the same batch composition and hardware, so a seeded sample is still one
+draw of many. Under greedy decoding the seed changes nothing, but it stays in the key (a field we
+do not need to merge on is never worth the risk).
+
+Only complete answers are stored (:func:`storable`): every choice has a finish reason in
+:data:`STORED_FINISH_REASONS`. The semantic layer stores only single-choice, text-only answers that
+stopped by themselves, because its answers are served to *other* questions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from caches.cache_control import CacheControl
+from caches.keys import digest, make_key, safe_part
+from caches.prompts import message_text
+
+# Request fields that never change the answer, each with why. Everything else is in the identity.
+NON_ANSWER_FIELDS: dict[str, str] = {
+    "model": "a key part of its own, as the model identity (name + weights fingerprint)",
+    "stream": "transport only: a stored answer is replayed streamed or not, with the same content",
+    "stream_options": "include_usage/continuous_usage_stats add usage chunks, not content",
+    "stream_interval": "how many tokens vLLM groups per streamed chunk, not which tokens",
+    "user": "an end-user id for abuse monitoring; never reaches sampling",
+    "request_id": "vLLM's name for the request in logs and metrics",
+    "metadata": "OpenAI's stored-completion tags; vLLM ignores them",
+    "store": "OpenAI's stored-completion switch; vLLM ignores it",
+    "service_tier": "OpenAI's scheduling class; vLLM ignores it",
+    "priority": "vLLM's scheduling priority: when the request runs, not what it answers",
+    "cache_salt": "replaced by the tenant, which is a key part of its own",
+}
+# Finish reasons of a complete answer. `stop`: the model ended it (EOS or a stop string). `length`:
+# max_tokens (in the key) or the context length (in the model fingerprint) cut it, so the same
+# request gets the same cut. `tool_calls`: a complete call, replayed exactly. Never stored:
+# `abort`/`error` (the engine did not finish) and anything unknown.
+STORED_FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})
+# Only these answers may be served to a *different* question (the semantic layer).
+SEMANTIC_FINISH_REASONS = frozenset({"stop"})
+# Fields whose presence keeps a request away from the semantic layer: a semantic hit replays only
+# text written for another question, which cannot carry these.
+SEMANTIC_EXCLUDED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions",
+                            "prompt_logprobs", "echo", "return_token_ids", "return_tokens_as_token_ids")
+# vLLM's own fallback when neither the request nor the model's generation config sets it
+# (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS in vLLM 0.32).
+VLLM_FALLBACK_TEMPERATURE = 1.0
+
+
+class ModelIdentity(BaseModel):
+    """What produced an answer: served name, fingerprint of weights and config, engine defaults."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    fingerprint: str
+    default_sampling: dict[str, Any] = {}
+
+    @property
+    def key_part(self) -> str:
+        """``{name}@{fingerprint[:16]}``: a changed model makes every old key unreachable."""
+        return f"{safe_part(self.name)}@{self.fingerprint[:16]}"
+
+    @property
+    def default_temperature(self) -> float:
+        value = self.default_sampling.get("temperature")
+        return VLLM_FALLBACK_TEMPERATURE if value is None else float(value)
+
+
+class EncoderIdentity(BaseModel):
+    """Which text encoder produced the vectors the semantic layer compares."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str
+
+
+class ChatIdentity(BaseModel):
+    """What the caches may do with one chat request (see the module doc)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant: str
+    model: ModelIdentity
+    version: str
+    cacheable: bool
+    reason: str | None = None  # why not cacheable
+    semantic_off: str | None = None  # why the semantic layer does not take part
+    exact_key: str | None = None
+    semantic_scope: str | None = None
+    semantic_text: str | None = None
+    deterministic: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        request: dict[str, Any],
+        *,
+        tenant: str,
+        model: ModelIdentity,
+        version: str,
+        encoder: EncoderIdentity | None,
+        cache_nondeterministic: bool = False,
+        semantic_enabled: bool = True,
+    ) -> ChatIdentity:
+        """``request``: the validated request as the engine will get it (system prompt in front)."""
+        body = identity_body(request)
+        deterministic = is_greedy(request, model)
+        common = {"tenant": tenant, "model": model, "version": version, "deterministic": deterministic}
+        if not deterministic and not cache_nondeterministic:
+            why = "sampled answer (temperature is not 0, explicitly or by the engine's default)"
+            return cls(cacheable=False, reason=why, **common)
+        namespace = f"res.{safe_part(tenant)}"
+        exact_key = make_key(namespace, model.key_part, safe_part(version), digest(body))
+        scope, text, why = _semantic_parts(body, tenant=tenant, model=model, version=version, encoder=encoder)
+        if not semantic_enabled:
+            scope, text, why = None, None, "semantic layer disabled"
+        return cls(cacheable=True, exact_key=exact_key, semantic_scope=scope, semantic_text=text,
+                   semantic_off=why, **common)
+
+    def lookup_allowed(self, control: CacheControl) -> bool:
+        return self.cacheable and control.lookup
+
+    def store_allowed(self, control: CacheControl) -> bool:
+        return self.cacheable and not control.no_store
+
+    def coalesce_allowed(self, control: CacheControl) -> bool:
+        """Identical concurrent misses share one engine call only where each of them could have
+        been served the stored answer anyway: cacheable, not asking for a fresh answer, and (for
+        the leader, whose answer the others get) allowed to be stored."""
+        return self.cacheable and control.lookup and not control.no_store
+
+
+def identity_body(request: dict[str, Any]) -> dict[str, Any]:
+    """The request minus :data:`NON_ANSWER_FIELDS`. It is hashed with
+    :func:`caches.keys.canonical_json`: key order and explicit nulls do not matter, text does."""
+    return {k: v for k, v in request.items() if k not in NON_ANSWER_FIELDS}
+
+
+def is_greedy(request: dict[str, Any], model: ModelIdentity) -> bool:
+    temperature = request.get("temperature")
+    effective = model.default_temperature if temperature is None else float(temperature)
+    return effective == 0.0
+
+
+def _semantic_parts(
+    body: dict[str, Any], *, tenant: str, model: ModelIdentity, version: str, encoder: EncoderIdentity | None
+) -> tuple[str | None, str | None, str | None]:
+    """(scope, question text, why-not). The scope hashes everything but the last user question's
+    text: system prompt, earlier turns, every other field, the encoder identity."""
+    if encoder is None:
+        return None, None, "no encoder identity"
+    if (body.get("n") or 1) != 1:
+        return None, None, "n > 1: the semantic layer stores one answer per question"
+    blocked = [f for f in SEMANTIC_EXCLUDED_FIELDS if body.get(f) not in (None, False, [], 0)]
+    if blocked:
+        return None, None, f"{blocked[0]} asks for what a reworded question's answer cannot give"
+    messages = body.get("messages") or []
+    if not messages or messages[-1].get("role") != "user":
+        return None, None, "the last message is not the user's question"
+    last = messages[-1]
+    content = last.get("content")
+    if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in content):
+        return None, None, "the question has non-text parts"
+    text = message_text(last)
+    if not text.strip():
+        return None, None, "empty question"
+    context = {**body, "messages": [*messages[:-1], {k: v for k, v in last.items() if k != "content"}]}
+    ident = digest({"context": context, "encoder": encoder.model_dump()})[:32]
+    scope = make_key(f"sem.{safe_part(tenant)}", model.key_part, safe_part(version), ident)
+    return scope, text, None
+
+
+class CachedAnswer(BaseModel):
+    """An exact-cache entry: the completion as the engine wrote it, and when it was stored (for
+    ``Age`` and ``max-age``)."""
+
+    stored_at: float
+    body: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> CachedAnswer | None:
+        """None for an entry this release cannot read (written by an older one): a miss."""
+        try:
+            return cls.model_validate_json(blob)
+        except ValueError:
+            return None
+
+
+def storable(completion: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether a finished completion may be stored in the exact cache (and why not)."""
+    choices = completion.get("choices") or []
+    if not choices:
+        return False, "no choices"
+    for choice in choices:
+        reason = choice.get("finish_reason")
+        if reason not in STORED_FINISH_REASONS:
+            return False, f"finish_reason {reason!r} is not a complete answer"
+    return True, None
+
+
+def semantic_answer(completion: dict[str, Any]) -> str | None:
+    """The text the semantic layer may store for this completion, or None."""
+    choices = completion.get("choices") or []
+    if len(choices) != 1 or choices[0].get("finish_reason") not in SEMANTIC_FINISH_REASONS:
+        return None
+    message = choices[0].get("message") or {}
+    if message.get("tool_calls") or choices[0].get("logprobs"):
+        return None
+    text = message.get("content")
+    return text if isinstance(text, str) and text else None

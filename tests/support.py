@@ -1,0 +1,28 @@
+"""Small helpers shared by test modules (no fixtures: those live in conftest.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from caches.chat import ChatIdentity, EncoderIdentity, ModelIdentity
+
+FINGERPRINT = "f" * 64
+ENCODER = EncoderIdentity(name="enc", version="1")
+
+
+def model_identity(name: str = "m", fingerprint: str = FINGERPRINT, temperature: float | None = None) -> ModelIdentity:
+    defaults = {} if temperature is None else {"temperature": temperature}
+    return ModelIdentity(name=name, fingerprint=fingerprint, default_sampling=defaults)
+
+
+def identity(request: dict[str, Any], *, tenant: str = "t", model: str = "m", version: str = "1",
+             **kwargs: Any) -> ChatIdentity:
+    return ChatIdentity.build(request, tenant=tenant, model=kwargs.pop("model_identity", model_identity(model)),
+                              version=version, encoder=kwargs.pop("encoder", ENCODER), **kwargs)
+
+
+def chat_key(*, tenant: str, model: str, version: str, request: dict[str, Any]) -> str:
+    """The exact key of a (greedy) chat request, as the ingress builds it."""
+    key = identity(request, tenant=tenant, model=model, version=version).exact_key
+    assert key is not None, "not cacheable: give the request temperature 0"
+    return key
