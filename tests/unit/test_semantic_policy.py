@@ -106,7 +106,9 @@ def test_vote_rules() -> None:
     # a learned per-entry threshold above the similarity vetoes
     assert policy.decide([_cand(0.95, "A", tau=0.96)], "q", floor).reject == "tau"
     # the trap guard vetoes
-    trap = policy.decide([_cand(0.97, "A", query="How do I unlock my card?")], "How do I lock my card?", floor)
+    trap = policy.decide(
+        [_cand(0.97, "A", query="How do I unlock my card?")], "How do I lock my card?", floor
+    )
     assert trap.hit is None and trap.reject == "guard"
     # without a guard the same pair is a hit (the guard is the only thing that stopped it)
     assert _hit(AdaptivePolicy(threshold=0.92), [_cand(0.99, "A", query="unlock")], "lock", floor) is not None
@@ -116,7 +118,9 @@ def test_static_rule() -> None:
     policy = StaticPolicy(threshold=0.9, guard=trap_guard)
     assert _hit(policy, [_cand(0.91, "A")], "q", 0.9) is not None
     assert _hit(policy, [_cand(0.89, "A")], "q", 0.9) is None
-    trap = policy.decide([_cand(0.99, "A", query="Cancel my subscription")], "Don't cancel my subscription", 0.9)
+    trap = policy.decide(
+        [_cand(0.99, "A", query="Cancel my subscription")], "Don't cancel my subscription", 0.9
+    )
     assert trap.hit is None and trap.reject == "guard"
     # static mode learns nothing
     assert policy.pending([_cand(0.5, "A")], "q", 0.9) is None
