@@ -178,3 +178,27 @@ def test_redis_down_and_back() -> None:
         assert cache.lookup(_scope(), "q", v).response == "b"
     finally:
         server.stop()
+
+
+def test_learned_tau_is_shared_and_a_trimmed_stream_reloads_the_mirror(redis_client: redis.Redis) -> None:
+    rng = np.random.default_rng(6)
+    a = SemanticCache(redis_client, threshold=0.9, mode="adaptive")
+    b = SemanticCache(redis_client, threshold=0.9, mode="adaptive")
+    scope = _scope()
+    v = _unit(rng)[0]
+    first = a.store(scope, "q", v, "answer")
+    assert b.lookup(scope, "q", v) is not None  # b mirrors the scope and follows the stream
+    # a miss whose true answer differs raises the proposed entry's threshold in Redis, for all
+    near = _near(v, rng, 0.95)
+    assert a.lookup(scope, "q?", near) is None  # alone and below a near-duplicate: a miss
+    a.store(scope, "q?", near, "another answer")
+    assert float(redis_client.hget(f"{scope}:e:{first}", "tau")) > 0.9
+    # events b never read are trimmed away: b notices and reloads its mirror from Redis lazily
+    b.sync()
+    for i in range(5):
+        a.store(_scope(tenant="other"), f"x{i}", _unit(rng)[0], "x")
+    redis_client.xtrim("sem.__stream", maxlen=1, approximate=False)
+    b.mirror.check_trimmed()
+    assert b.stats()["scopes"] == {}
+    assert b.lookup(scope, "q", v) is None  # reloaded whole: "q?" (another answer) vetoes now
+    assert b.stats()["scopes"][scope]["mirrored"] == 2

@@ -1,0 +1,392 @@
+"""Semantic cache: answer a question from a cached answer to a question that means the same.
+
+The package is split along its seams; this module is the facade that ties them together:
+
+- :mod:`~caches.semantic.store` (+ :mod:`~caches.semantic.scripts`): Redis, the source of truth;
+  entries, budgets, eviction, learned thresholds, purges, all atomic in Lua.
+- :mod:`~caches.semantic.mirror`: each replica's FAISS mirror and the stream that keeps it current.
+- :mod:`~caches.semantic.decision`: which candidate may answer (static or adaptive, one protocol).
+- :mod:`~caches.semantic.guard`: the lexical trap guard for minimal edits embeddings cannot see.
+
+Why the mirror never serves stale answers
+    The mirror (vectors plus each entry's immutable query and answer) only proposes. A lookup
+    that the mirror decides is a miss needs no Redis; one it decides is a hit is checked in Redis
+    in the same lookup (one script call: does each candidate still exist, what is its learned
+    threshold) and decided again on that. An entry purged, evicted or expired on any replica is
+    gone from Redis at once, so it cannot be served even before the stream event reaches this
+    replica (the stale vector is then dropped locally). The price is that hits need Redis: when
+    Redis is down (or failed within the last moments), :class:`~caches.result.CacheUnavailable` is
+    raised and the caller answers from the model (``x-cache: bypass``). Entry ids are random 62-bit
+    integers, so a replica whose mirror outlived a Redis restart can never map an old vector onto
+    a new, different entry.
+
+Learning
+    Per-entry thresholds and the adaptive floor learn only from what a deployment observes: on a
+    miss, the caller stores the model's fresh answer, and the candidates that lookup proposed for
+    that query are compared with it (:meth:`caches.semantic.decision.AdaptivePolicy.learn`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import redis
+from pydantic import BaseModel
+
+from caches.keys import canonical_json, digest, make_key
+from caches.result import CacheUnavailable, RedisGuard, glob_escape, safe_part
+from caches.semantic.decision import (
+    FLOOR_MIN_OBS,
+    FLOOR_STEP,
+    NEAR_DUPLICATE,
+    PENDING_MAX,
+    VOTE_FLOOR,
+    VOTE_FLOOR_MIN,
+    VOTE_K,
+    VOTE_MARGIN,
+    VOTE_MIN,
+    WILSON_Z,
+    AdaptivePolicy,
+    Candidate,
+    Decision,
+    FloorBand,
+    HitPolicy,
+    PendingLookup,
+    PendingLookups,
+    StaticPolicy,
+    wilson_upper,
+)
+from caches.semantic.guard import (
+    FILLERS,
+    NEGATIONS,
+    NUMBER_OVERLAP,
+    NUMBER_WORDS,
+    OPPOSITES,
+    TOKEN_CACHE_SIZE,
+    tokens,
+    trap_guard,
+)
+from caches.semantic.mirror import (
+    FAISS_OMP_THREADS,
+    SNAPSHOT_BATCH,
+    SYNC_MIN_INTERVAL_S,
+    TRIM_CHECK_S,
+    EntryMeta,
+    ScopeIndex,
+    StreamMirror,
+)
+from caches.semantic.store import (
+    ENTRY_OVERHEAD_BYTES,
+    EPOCH_KEY,
+    RECLAIM_PER_STORE,
+    STREAM_KEY,
+    STREAM_MAXLEN,
+    SemanticEntry,
+    SemanticStore,
+)
+
+__all__ = [
+    "ENTRY_OVERHEAD_BYTES", "EPOCH_KEY", "FAISS_OMP_THREADS", "FILLERS", "FLOOR_MIN_OBS", "FLOOR_STEP",
+    "NEAR_DUPLICATE", "NEGATIONS", "NUMBER_OVERLAP", "NUMBER_WORDS", "OPPOSITES", "PENDING_MAX",
+    "RECLAIM_PER_STORE", "SNAPSHOT_BATCH", "STREAM_KEY", "STREAM_MAXLEN", "SYNC_MIN_INTERVAL_S",
+    "TOKEN_CACHE_SIZE", "TRIM_CHECK_S", "VOTE_FLOOR", "VOTE_FLOOR_MIN", "VOTE_K", "VOTE_MARGIN",
+    "VOTE_MIN", "WILSON_Z", "AdaptivePolicy", "Candidate", "Decision", "EntryMeta", "FloorBand",
+    "HitPolicy", "PendingLookup", "ScopeIndex", "SemanticCache", "SemanticEntry", "SemanticHit",
+    "StaticPolicy", "is_cacheable", "tokens", "trap_guard", "wilson_upper",
+]  # fmt: skip
+
+_Candidate = Candidate  # the old private name, kept for callers not yet moved to Candidate
+
+
+class SemanticHit(BaseModel):
+    """A hit as the caller sees it (serialised across Serve deployments)."""
+
+    response: str
+    similarity: float
+    entry_id: str
+    query: str
+
+
+# --- request helpers ---------------------------------------------------------------------------
+def is_cacheable(params: dict[str, Any], allow_nondeterministic: bool = False) -> bool:
+    """Temperature 0 (or absent: our default is 0) is deterministic and cacheable; otherwise only
+    when the config allows it, since a cached answer then freezes one sample of many."""
+    temperature = params.get("temperature")
+    if temperature is None or float(temperature) == 0.0:
+        return True
+    return allow_nondeterministic
+
+
+class SemanticCache:
+    """One replica's semantic cache: lookups on the local mirror, hits validated in Redis."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        threshold: float,
+        mode: Literal["static", "adaptive"] = "adaptive",
+        max_entries: int = 100_000,
+        max_bytes: int = 256 << 20,
+        ttl_s: float | None = 86400,
+        error_bound: float = 0.01,
+        dim: int = 384,
+        guard: bool = True,
+    ) -> None:
+        if mode not in ("static", "adaptive"):
+            raise ValueError(f"mode must be 'static' or 'adaptive', got {mode!r}")
+        self.client = client
+        self.threshold = threshold
+        self.mode = mode
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.error_bound = error_bound
+        self.dim = dim
+        self.use_guard = guard
+        self.guard = RedisGuard()
+        check = trap_guard if guard else None
+        self.policy: HitPolicy = (
+            StaticPolicy(threshold, guard=check)
+            if mode == "static"
+            else AdaptivePolicy(threshold, error_bound=error_bound, guard=check)
+        )
+        self.redis_store = SemanticStore(client, max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+        self._pending = PendingLookups()
+        self.mirror = StreamMirror(
+            client, dim, self.guard, queue_writes=self.redis_store.queue_hits, on_reset=self._pending.clear
+        )
+        self._lock = self.mirror.lock  # one lock for the mirror and the learning bookkeeping
+        self.counters = {
+            "lookups": 0,
+            "hits": 0,
+            "misses": 0,
+            "bypass": 0,
+            "stores": 0,
+            "evicted": 0,
+            "guard_rejects": 0,
+            "vote_rejects": 0,
+            "tau_rejects": 0,
+            "stale_candidates": 0,
+            "tau_updates": 0,
+        }
+
+    # -- scope ----------------------------------------------------------------------------------
+    @staticmethod
+    def scope(*, tenant: str, model: str, version: str, system_prompt: str, params: dict[str, Any]) -> str:
+        """Everything but the user's question that must be equal for a hit, as one key prefix.
+
+        ``sem.{tenant}:{model}:{version}:{sha256(system prompt, params)}``: tenant, model and
+        version stay readable so purges can find a tenant's or a version's scopes by prefix.
+        """
+        ident = digest(canonical_json({"system": system_prompt or "", "params": params or {}}))[:32]
+        return make_key(f"sem.{safe_part(tenant)}", safe_part(model), safe_part(version), ident)
+
+    # -- public API -----------------------------------------------------------------------------
+    def lookup(self, scope: str, query: str, vector: np.ndarray) -> SemanticHit | None:
+        self.counters["lookups"] += 1
+        try:
+            return self._lookup(scope, query, self._as_vector(vector))
+        except CacheUnavailable:
+            self.counters["bypass"] += 1
+            self.mirror.needs_reset = True
+            raise
+
+    def store(
+        self, scope: str, query: str, vector: np.ndarray, response: str, params: dict[str, Any] | None = None
+    ) -> str | None:
+        """Store the model's answer; returns the entry id (None when it exceeds the byte budget)."""
+        vec = self._as_vector(vector)
+        embedding = vec.tobytes()
+        size = SemanticStore.entry_size(query, response, embedding)
+        if size > self.max_bytes:
+            return None
+        self._learn(scope, query, response)
+        entry_id = secrets.randbits(62)
+        self._maybe_sync()
+        # this replica's recent hits must count before the store script picks eviction victims
+        self.guard.call(self.redis_store.flush_hits)
+        index = self._ensure_scope(scope)
+        removed = self.guard.call(
+            lambda: self.redis_store.put(scope, entry_id, query, response, embedding, params, size)
+        )
+        with self._lock:
+            index.add([entry_id], vec[None, :], [EntryMeta(query, response)])
+            if removed:
+                index.remove(removed)
+        self.counters["stores"] += 1
+        self.counters["evicted"] += len(removed)
+        return str(entry_id)
+
+    def sync(self) -> int:
+        """Apply stream events (adds, deletes, scope drops) to the local mirrors; returns how many."""
+        return self.guard.call(self.mirror.sync)
+
+    def start_background_sync(self, interval_s: float = 0.2) -> None:
+        self.mirror.start(interval_s)
+
+    def close(self) -> None:
+        self.mirror.stop()
+
+    def purge_scope(self, scope: str) -> int:
+        """Delete every entry of a scope on all replicas."""
+        return self._purge(glob_escape(scope + ":") + "*")
+
+    def delete_model_version(self, model: str, version: str | None = None) -> int:
+        """Delete a model's (or one version's) entries in every tenant: the background purge."""
+        tail = safe_part(model) + ":" + (safe_part(version) + ":" if version is not None else "")
+        return self._purge(glob_escape("sem.") + "*:" + glob_escape(tail) + "*")
+
+    def delete_tenant(self, tenant: str) -> int:
+        return self._purge(glob_escape(f"sem.{safe_part(tenant)}:") + "*")
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            scopes = {
+                s: {"mirrored": len(ix.ids), "floor": round(ix.band.floor, 3)}
+                for s, ix in self.mirror.scopes.items()
+            }
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "threshold": self.threshold,
+            "counters": dict(self.counters),
+        }
+        try:
+            names = list(scopes)
+            sizes = self.guard.call(lambda: self.redis_store.sizes(names)) if names else {}
+            for s, (entries, size) in sizes.items():
+                scopes[s].update(entries=entries, bytes=size)
+            out["available"] = True
+        except CacheUnavailable:
+            out["available"] = False
+        out["scopes"] = scopes
+        return out
+
+    # -- internals ------------------------------------------------------------------------------
+    def _as_vector(self, vector: np.ndarray) -> np.ndarray:
+        vec = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != self.dim:
+            raise ValueError(f"expected a {self.dim}-dim vector, got {vec.shape[0]}")
+        return vec
+
+    def _maybe_sync(self) -> None:
+        if self.mirror.due():
+            self.sync()
+
+    def _ensure_scope(self, scope: str) -> ScopeIndex:
+        index = self.mirror.get(scope)
+        if index is not None:
+            return index
+        loaded = self.guard.call(lambda: self.mirror.load(scope))
+        return self.mirror.register(scope, loaded)
+
+    def _lookup(self, scope: str, query: str, vec: np.ndarray) -> SemanticHit | None:
+        if not self.guard.available:  # Redis failed moments ago: the mirror alone never answers
+            raise CacheUnavailable("redis unavailable (backing off)")
+        self.guard.call(self._maybe_sync)
+        index = self._ensure_scope(scope)
+        with self._lock:
+            found = index.search(vec, self.policy.neighbours)
+        if not found:
+            self.counters["misses"] += 1
+            return None
+        floor = self.policy.floor(index.band)
+        # only the nearest and its vote window can matter, so only they are fetched from Redis
+        cutoff = max(self.policy.cutoff(floor), found[0][1] - VOTE_MARGIN)
+        with self._lock:
+            local = [
+                Candidate(i, s, m.query, m.response, m.tau)
+                for i, s in found
+                if s >= cutoff and (m := index.meta.get(i)) is not None
+            ]
+        # Decide on the mirror first: a miss needs no Redis at all. A hit is decided again on the
+        # candidates as Redis has them now (existence, learned thresholds), so nothing purged,
+        # evicted or expired anywhere is ever served.
+        answer = self._decide(scope, query, local, floor, record=True) if local else None
+        if answer is not None:
+            fresh = self._fetch(scope, local)
+            unchanged = len(fresh) == len(local) and all(
+                f.tau == c.tau for f, c in zip(fresh, local, strict=True)
+            )
+            if not unchanged:
+                answer = self._decide(scope, query, fresh, floor, record=False) if fresh else None
+        if answer is None:
+            self.counters["misses"] += 1
+            return None
+        self.redis_store.hits.count(scope, answer.entry_id)
+        self.counters["hits"] += 1
+        return SemanticHit(
+            response=answer.response,
+            similarity=answer.similarity,
+            entry_id=str(answer.entry_id),
+            query=answer.query,
+        )
+
+    def _decide(
+        self, scope: str, query: str, candidates: list[Candidate], floor: float, record: bool
+    ) -> Candidate | None:
+        """The policy's verdict; ``record`` (the first decision of a lookup) counts rejections and
+        remembers a miss for learning, the re-decision on Redis' view does neither."""
+        decision = self.policy.decide(candidates, query, floor)
+        if record and decision.reject is not None:
+            self.counters[f"{decision.reject}_rejects"] += 1
+        if decision.hit is None and record:
+            pending = self.policy.pending(candidates, query, floor)
+            if pending is not None:
+                with self._lock:
+                    self._pending.put(scope, query, pending)
+        return decision.hit
+
+    def _fetch(self, scope: str, local: Sequence[Candidate]) -> list[Candidate]:
+        """The candidates as Redis has them now: an entry gone there is not served."""
+        taus = self.guard.call(lambda: self.redis_store.validate(scope, [c.entry_id for c in local]))
+        with self._lock:
+            index = self.mirror.scopes.get(scope)
+            meta = (
+                {c.entry_id: index.meta[c.entry_id] for c in local if c.entry_id in index.meta}
+                if index
+                else {}
+            )
+        out: list[Candidate] = []
+        gone: list[int] = []
+        for c, tau in zip(local, taus, strict=True):
+            m = meta.get(c.entry_id)
+            if tau is None or m is None:
+                gone.append(c.entry_id)
+                continue
+            out.append(Candidate(c.entry_id, c.similarity, m.query, m.response, tau))
+        with self._lock:
+            index = self.mirror.scopes.get(scope)
+            if index is not None:
+                index.remove(gone)
+                for c in out:  # refresh the mirror's copy (thresholds learned on other replicas)
+                    if c.entry_id in index.meta:
+                        index.meta[c.entry_id].tau = c.tau
+        self.counters["stale_candidates"] += len(gone)
+        return out
+
+    def _learn(self, scope: str, query: str, response: str) -> None:
+        """Learn from a miss whose true answer is now known (the model's, being stored)."""
+        with self._lock:
+            pending = self._pending.pop(scope, query)
+            if pending is None:
+                return
+            index = self.mirror.scopes.get(scope)
+            wrong = self.policy.learn(pending, response, index.band if index is not None else None)
+            if index is not None:
+                for c in wrong:
+                    if c.entry_id in index.meta:
+                        index.meta[c.entry_id].tau = max(index.meta[c.entry_id].tau, c.similarity)
+        if wrong:
+            self.guard.call(
+                lambda: self.redis_store.raise_taus(scope, [(c.entry_id, c.similarity) for c in wrong])
+            )
+            self.counters["tau_updates"] += len(wrong)
+
+    def _purge(self, pattern: str) -> int:
+        deleted, scopes = self.guard.call(lambda: self.redis_store.purge(pattern))
+        self.mirror.drop(scopes)
+        return deleted

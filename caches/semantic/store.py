@@ -1,0 +1,183 @@
+"""The Redis side of the semantic cache: entries, budgets, learned thresholds, hit counts, purges.
+
+Redis is the source of truth. An entry is a hash ``{scope}:e:{id}`` (:class:`SemanticEntry`) with
+a TTL; per scope a sorted set ``{scope}:lfu`` ranks entries for eviction (least hits first, oldest
+first among equals), ``{scope}:exp`` holds expiry times, ``{scope}:sizes`` each entry's bytes and
+``{scope}:bytes`` their sum. Every change is also appended to one stream (:data:`STREAM_KEY`) that
+replicas follow to keep their FAISS mirrors current (:mod:`caches.semantic.mirror`). Store, expiry
+and eviction run in one Lua script (:mod:`caches.semantic.scripts`), so budgets hold with many
+replicas writing at once.
+
+Nothing here catches Redis errors: the facade wraps each round trip in its
+:class:`~caches.result.RedisGuard`, which turns them into ``CacheUnavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from caches.semantic.scripts import HIT_SCRIPT, STORE_SCRIPT, TAU_SCRIPT, VALIDATE_SCRIPT
+
+STREAM_KEY = "sem.__stream"
+EPOCH_KEY = "sem.__meta:epoch"
+STREAM_MAXLEN = 200_000  # approximate cap on the event stream (events are ~100 bytes)
+RECLAIM_PER_STORE = 32  # expired entries reclaimed per store (bounds the Lua script)
+ENTRY_OVERHEAD_BYTES = 256  # per-entry Redis overhead counted against the byte budget
+PURGE_BATCH = 1_000  # keys per SCAN page and per UNLINK
+
+
+class SemanticEntry(BaseModel):
+    """An entry as stored in Redis (hash fields)."""
+
+    scope: str
+    query: str
+    embedding: bytes
+    response: str
+    created: float
+    hits: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+    tau: float = -1.0  # learned per-entry threshold: queries at or below it are not answered by it
+
+
+def entry_key(scope: str, entry_id: int) -> str:
+    return f"{scope}:e:{entry_id}"
+
+
+def lfu_score(hits: int, created: float) -> float:
+    """Eviction rank: least hits first; among equal hits the oldest first (created/1e10 < 1)."""
+    return hits + created / 1e10
+
+
+class HitBuffer:
+    """Hit counts buffered per entry and written with the next sync: keeps a round trip off the
+    hit path (eviction order only needs approximate counts)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, int]] = Counter()
+
+    def count(self, scope: str, entry_id: int) -> None:
+        with self._lock:
+            self._counts[(scope, entry_id)] += 1
+
+    def drain(self) -> Counter[tuple[str, int]]:
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+        return counts
+
+
+class SemanticStore:
+    """Entries of all scopes in one Redis; every method is one round trip (or one SCAN walk)."""
+
+    def __init__(self, client: redis.Redis, *, max_entries: int, max_bytes: int, ttl_s: float | None) -> None:
+        self.client = client
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.hits = HitBuffer()
+        self._store = client.register_script(STORE_SCRIPT)
+        self._tau = client.register_script(TAU_SCRIPT)
+        self._hit = client.register_script(HIT_SCRIPT)
+        self._validate = client.register_script(VALIDATE_SCRIPT)
+
+    @staticmethod
+    def entry_size(query: str, response: str, embedding: bytes) -> int:
+        """Bytes an entry counts against the budget (text, vector and a fixed overhead)."""
+        return len(query.encode()) + len(response.encode()) + len(embedding) + ENTRY_OVERHEAD_BYTES
+
+    def put(
+        self,
+        scope: str,
+        entry_id: int,
+        query: str,
+        response: str,
+        embedding: bytes,
+        params: dict[str, Any] | None,
+        size: int,
+    ) -> list[int]:
+        """Store an entry, reclaiming expired ones and evicting over budget; returns the removed ids."""
+        now = time.time()
+        ttl_ms = int(self.ttl_s * 1000) if self.ttl_s else 0
+        keys = [
+            entry_key(scope, entry_id),
+            f"{scope}:lfu",
+            f"{scope}:exp",
+            f"{scope}:sizes",
+            f"{scope}:bytes",
+            STREAM_KEY,
+        ]
+        args = [
+            entry_id, query, response, embedding, now, json.dumps(params or {}), size, ttl_ms, int(now * 1000),
+            self.max_entries, self.max_bytes, scope, STREAM_MAXLEN, RECLAIM_PER_STORE, lfu_score(0, now),
+        ]  # fmt: skip
+        return [int(r) for r in self._store(keys=keys, args=args)]
+
+    def validate(self, scope: str, entry_ids: Sequence[int]) -> list[float | None]:
+        """Each entry's learned threshold, or None where it no longer exists.
+
+        Entries are immutable but for hits and tau, so a hit proposed by the mirror needs only
+        this from Redis: whether each candidate still exists and what its threshold is now.
+        """
+        taus = self._validate(keys=[entry_key(scope, i) for i in entry_ids])
+        return [None if t is None else float(t) for t in taus]
+
+    def raise_taus(self, scope: str, learned: Iterable[tuple[int, float]]) -> None:
+        """tau = max(tau, similarity) for each (entry, similarity), shared with every replica."""
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, similarity in learned:
+            self._tau(keys=[entry_key(scope, entry_id)], args=[similarity], client=pipe)
+        pipe.execute()
+
+    def queue_hits(self, pipe: Any) -> None:
+        """Queue the buffered hit counts on ``pipe`` (the sync's round trip carries them)."""
+        for (scope, entry_id), n in self.hits.drain().items():
+            self._hit(keys=[entry_key(scope, entry_id), f"{scope}:lfu"], args=[entry_id, n], client=pipe)
+
+    def flush_hits(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        self.queue_hits(pipe)
+        pipe.execute()
+
+    def purge(self, pattern: str) -> tuple[int, set[str]]:
+        """Delete every key matching ``pattern``; returns (keys deleted, scopes dropped).
+
+        Each dropped scope is announced on the stream, so every replica forgets its mirror.
+        """
+        scopes: set[str] = set()
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=pattern, count=PURGE_BATCH):
+            batch.append(key)
+            k = key.decode()
+            if k.endswith(":lfu"):
+                scopes.add(k[: -len(":lfu")])
+            if len(batch) >= PURGE_BATCH:
+                deleted += int(self.client.unlink(*batch))
+                batch = []
+        if batch:
+            deleted += int(self.client.unlink(*batch))
+        for scope in scopes:
+            self.client.xadd(
+                STREAM_KEY,
+                {"op": "drop", "scope": scope, "id": 0},
+                maxlen=STREAM_MAXLEN,
+                approximate=True,
+            )
+        return deleted, scopes
+
+    def sizes(self, scopes: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(entries, bytes) per scope, as Redis counts them."""
+        pipe = self.client.pipeline(transaction=False)
+        for s in scopes:
+            pipe.zcard(f"{s}:lfu")
+            pipe.get(f"{s}:bytes")
+        raw = pipe.execute() if scopes else []
+        return {s: (int(raw[2 * i]), int(raw[2 * i + 1] or 0)) for i, s in enumerate(scopes)}

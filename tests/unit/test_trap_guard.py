@@ -1,0 +1,65 @@
+"""The trap guard sees text as written: symbols, superscripts, digits vs words, case in code."""
+
+from __future__ import annotations
+
+import pytest
+
+from caches.semantic import tokens, trap_guard
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "why"),
+    [
+        # NFKC would turn these into the same text; a reader does not
+        ("What is 3²?", "What is 32?", "symbol"),
+        ("What is 3²?", "What is 3^2?", "symbol"),
+        ("What is H₂O made of?", "What is H2O made of?", "substitution"),  # a rule before "symbol"
+        ("Simplify ½ + x", "Simplify 1/2 + x", "symbol"),
+        # operators
+        ("Is x >= 3 when x is 3?", "Is x > 3 when x is 3?", "symbol"),
+        ("What does a != b return in Python?", "What does a == b return in Python?", "symbol"),
+        ("What is 6 * 7?", "What is 6 + 7?", "symbol"),
+        ("What is 10 − 4?", "What is 10 4?", "symbol"),  # U+2212 minus sign
+        # digits vs number words, and digits in another script
+        ("What is 3 plus 4?", "What is three plus 4?", "number"),
+        ("Can I order 2 cards at once?", "Can I order two new cards together?", "number"),
+        ("What is ３?", "What is 3?", "number"),
+        ("What is 32?", "What is 33?", "number"),
+        # identifiers and code keep their letter case
+        ('print("Hello")', 'PRINT("hello")', "case"),
+        ("What does myVar hold after the loop?", "What does myvar hold after the loop?", "case"),
+        ("Why is my_value None here?", "Why is MY_VALUE None here?", "case"),
+        ("What does `len(x)` return?", "What does `Len(x)` return?", "case"),
+        ("Is `a & b` the same as `a and b`?", "Is `a and b` the same as `a and b`?", "symbol"),
+    ],
+)
+def test_guard_sees_text_as_written(a: str, b: str, why: str) -> None:
+    assert trap_guard(a, b) == why
+    assert trap_guard(b, a) == why  # the rules are symmetric
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # case in plain prose does not change a question
+        ("How do I change my PIN?", "how do i change my pin"),
+        ("Where is my Visa card?", "where is my visa card"),
+        # sentence punctuation is not a symbol
+        ("Why was I charged a fee?!", "why was I charged a fee"),
+        ("How long does a top-up take?", "How long does a top-up take"),
+        ("Can I pay (in store) with my phone?", "Can I pay in store with my phone?"),
+        ("I got this card & I can't activate it", "I got this card and I can't activate it"),
+        # a semicolon is prose too: it does not make "ATM" an identifier
+        ("The ATM ate my card; what now?", "the atm ate my card, what now?"),
+        # canonically equivalent text (composed vs decomposed accents) is the same text
+        ("Is the caf\u00e9 open?", "Is the cafe\u0301 open?"),
+    ],
+)
+def test_guard_passes_what_only_looks_different(a: str, b: str) -> None:
+    assert trap_guard(a, b) is None
+
+
+def test_tokens_do_not_apply_nfkc() -> None:
+    assert tokens("3²") == ("3²",)
+    assert tokens("ＰＩＮ") == ("ｐｉｎ",)  # fullwidth letters stay fullwidth (casefolded only)
+    assert tokens("Don’t  Stop") == ("dont", "stop")
