@@ -35,6 +35,7 @@ import numpy as np
 import redis
 
 from caches.calibrate import DEFAULT_CALIBRATION, load_threshold
+from caches.chat import EncoderIdentity, ModelIdentity, semantic_scope
 from caches.encoder import ENCODER_NAME, ENCODER_VERSION
 from caches.semantic import SemanticCache
 
@@ -94,7 +95,8 @@ class System:
 
 def tierserve_system(name: str, client: redis.Redis, mode: str, threshold: float, texts, vectors) -> System:
     cache = SemanticCache(client, threshold=threshold, mode=mode, max_entries=max(len(texts), 1), ttl_s=None)
-    scope = SemanticCache.scope(tenant="bench", model="stand-in", version="1", system_prompt="", params={})
+    scope = semantic_scope(tenant="bench", model=ModelIdentity(name="stand-in", fingerprint="0" * 64), version="1",
+                           context={}, encoder=EncoderIdentity(name=ENCODER_NAME, version=ENCODER_VERSION))
     system = System()
     system.name = name
 

@@ -187,9 +187,15 @@ def _semantic_parts(
     if not text.strip():
         return None, None, "empty question"
     context = {**body, "messages": [*messages[:-1], {k: v for k, v in last.items() if k != "content"}]}
-    ident = digest({"context": context, "encoder": encoder.model_dump()})[:32]
-    scope = make_key(f"sem.{safe_part(tenant)}", model.key_part, safe_part(version), ident)
+    scope = semantic_scope(tenant=tenant, model=model, version=version, context=context, encoder=encoder)
     return scope, text, None
+
+
+def semantic_scope(*, tenant: str, model: ModelIdentity, version: str, context: Any, encoder: EncoderIdentity) -> str:
+    """``sem.{tenant}:{model}@{fingerprint}:{version}:{sha256(context, encoder)[:32]}``: tenant,
+    model and version stay readable so that purges find a tenant's or a version's scopes."""
+    ident = digest({"context": context, "encoder": encoder.model_dump()})[:32]
+    return make_key(f"sem.{safe_part(tenant)}", model.key_part, safe_part(version), ident)
 
 
 class CachedAnswer(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from caches.chat import ChatIdentity, EncoderIdentity, ModelIdentity
+from caches.chat import ChatIdentity, EncoderIdentity, ModelIdentity, semantic_scope
 
 FINGERPRINT = "f" * 64
 ENCODER = EncoderIdentity(name="enc", version="1")
@@ -26,3 +26,9 @@ def chat_key(*, tenant: str, model: str, version: str, request: dict[str, Any]) 
     key = identity(request, tenant=tenant, model=model, version=version).exact_key
     assert key is not None, "not cacheable: give the request temperature 0"
     return key
+
+
+def scope(*, tenant: str = "t", model: str = "m", version: str = "1", context: Any = None) -> str:
+    """A semantic scope as the ingress builds it, for a given (or empty) context."""
+    return semantic_scope(tenant=tenant, model=model_identity(model), version=version, context=context or {},
+                          encoder=ENCODER)

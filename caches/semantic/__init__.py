@@ -29,6 +29,7 @@ Learning
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -36,8 +37,8 @@ import numpy as np
 import redis
 from pydantic import BaseModel
 
-from caches.keys import canonical_json, digest, make_key
-from caches.result import CacheUnavailable, RedisGuard, glob_escape, safe_part
+from caches.keys import glob_escape, model_version_patterns, safe_part
+from caches.result import CacheUnavailable, RedisGuard
 from caches.semantic.decision import (
     FLOOR_MIN_OBS,
     FLOOR_STEP,
@@ -95,7 +96,7 @@ __all__ = [
     "TOKEN_CACHE_SIZE", "TRIM_CHECK_S", "VOTE_FLOOR", "VOTE_FLOOR_MIN", "VOTE_K", "VOTE_MARGIN",
     "VOTE_MIN", "WILSON_Z", "AdaptivePolicy", "Candidate", "Decision", "EntryMeta", "FloorBand",
     "HitPolicy", "PendingLookup", "ScopeIndex", "SemanticCache", "SemanticEntry", "SemanticHit",
-    "StaticPolicy", "is_cacheable", "tokens", "trap_guard", "wilson_upper",
+    "StaticPolicy", "tokens", "trap_guard", "wilson_upper",
 ]  # fmt: skip
 
 _Candidate = Candidate  # the old private name, kept for callers not yet moved to Candidate
@@ -108,18 +109,10 @@ class SemanticHit(BaseModel):
     similarity: float
     entry_id: str
     query: str
+    created: float  # when the answer was stored (epoch seconds): the hit's Age, max-age checks
 
 
 # --- request helpers ---------------------------------------------------------------------------
-def is_cacheable(params: dict[str, Any], allow_nondeterministic: bool = False) -> bool:
-    """Temperature 0 (or absent: our default is 0) is deterministic and cacheable; otherwise only
-    when the config allows it, since a cached answer then freezes one sample of many."""
-    temperature = params.get("temperature")
-    if temperature is None or float(temperature) == 0.0:
-        return True
-    return allow_nondeterministic
-
-
 class SemanticCache:
     """One replica's semantic cache: lookups on the local mirror, hits validated in Redis."""
 
@@ -174,17 +167,6 @@ class SemanticCache:
             "tau_updates": 0,
         }
 
-    # -- scope ----------------------------------------------------------------------------------
-    @staticmethod
-    def scope(*, tenant: str, model: str, version: str, system_prompt: str, params: dict[str, Any]) -> str:
-        """Everything but the user's question that must be equal for a hit, as one key prefix.
-
-        ``sem.{tenant}:{model}:{version}:{sha256(system prompt, params)}``: tenant, model and
-        version stay readable so purges can find a tenant's or a version's scopes by prefix.
-        """
-        ident = digest(canonical_json({"system": system_prompt or "", "params": params or {}}))[:32]
-        return make_key(f"sem.{safe_part(tenant)}", safe_part(model), safe_part(version), ident)
-
     # -- public API -----------------------------------------------------------------------------
     def lookup(self, scope: str, query: str, vector: np.ndarray) -> SemanticHit | None:
         self.counters["lookups"] += 1
@@ -210,11 +192,12 @@ class SemanticCache:
         # this replica's recent hits must count before the store script picks eviction victims
         self.guard.call(self.redis_store.flush_hits)
         index = self._ensure_scope(scope)
+        now = time.time()
         removed = self.guard.call(
-            lambda: self.redis_store.put(scope, entry_id, query, response, embedding, params, size)
+            lambda: self.redis_store.put(scope, entry_id, query, response, embedding, params, size, now)
         )
         with self._lock:
-            index.add([entry_id], vec[None, :], [EntryMeta(query, response)])
+            index.add([entry_id], vec[None, :], [EntryMeta(query, response, created=now)])
             if removed:
                 index.remove(removed)
         self.counters["stores"] += 1
@@ -237,8 +220,7 @@ class SemanticCache:
 
     def delete_model_version(self, model: str, version: str | None = None) -> int:
         """Delete a model's (or one version's) entries in every tenant: the background purge."""
-        tail = safe_part(model) + ":" + (safe_part(version) + ":" if version is not None else "")
-        return self._purge(glob_escape("sem.") + "*:" + glob_escape(tail) + "*")
+        return sum(self._purge(pattern) for pattern in model_version_patterns("sem", model, version))
 
     def delete_tenant(self, tenant: str) -> int:
         return self._purge(glob_escape(f"sem.{safe_part(tenant)}:") + "*")
@@ -318,11 +300,14 @@ class SemanticCache:
             return None
         self.redis_store.hits.count(scope, answer.entry_id)
         self.counters["hits"] += 1
+        with self._lock:
+            meta = index.meta.get(answer.entry_id)
         return SemanticHit(
             response=answer.response,
             similarity=answer.similarity,
             entry_id=str(answer.entry_id),
             query=answer.query,
+            created=meta.created if meta is not None else time.time(),
         )
 
     def _decide(

@@ -1,7 +1,8 @@
 """Deciding a hit: which of the mirror's candidates (if any) may answer a query.
 
-A hit requires the same scope (tenant, model, version, system prompt, sampling params: see
-:meth:`caches.semantic.SemanticCache.scope`); only the user's question is compared. Two strategies
+A hit requires the same scope (everything but the user's question: tenant, model identity,
+version, encoder, system prompt, earlier turns, every other request field; built by
+:class:`caches.chat.ChatIdentity`); only the user's question is compared. Two strategies
 sit behind one protocol, :class:`HitPolicy`, so the cache facade never branches on the mode:
 
 ``static`` (:class:`StaticPolicy`): the nearest entry's cosine >= the calibrated threshold and the

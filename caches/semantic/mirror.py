@@ -37,24 +37,27 @@ STREAM_BATCH = 1_000  # events read per XREAD
 # One query at a time is memory-bound: OpenMP threads only add wake-up latency and compete with
 # the other replicas for the few cores a Serve replica gets.
 FAISS_OMP_THREADS = 1
-MIRROR_FIELDS = ["embedding", "query", "response", "tau"]
+MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created"]
 
 
 @dataclass
 class EntryMeta:
     """What the mirror keeps of an entry besides its vector: enough to decide a miss alone.
 
-    ``query`` and ``response`` never change; ``tau`` is the last learned threshold seen here.
+    ``query``, ``response`` and ``created`` never change (``created`` gives a hit its ``Age``);
+    ``tau`` is the last learned threshold seen here.
     """
 
     query: str
     response: str
     tau: float = -1.0
+    created: float = 0.0
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> EntryMeta:
-        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these three)."""
-        return cls(row[1].decode(), row[2].decode(), float(row[3]) if row[3] is not None else -1.0)
+        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these four)."""
+        return cls(row[1].decode(), row[2].decode(), float(row[3]) if row[3] is not None else -1.0,
+                   float(row[4]) if row[4] is not None else 0.0)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -102,9 +101,10 @@ class SemanticStore:
         embedding: bytes,
         params: dict[str, Any] | None,
         size: int,
+        now: float,
     ) -> list[int]:
-        """Store an entry, reclaiming expired ones and evicting over budget; returns the removed ids."""
-        now = time.time()
+        """Store an entry created at ``now``, reclaiming expired ones and evicting over budget;
+        returns the removed ids."""
         ttl_ms = int(self.ttl_s * 1000) if self.ttl_s else 0
         keys = [
             entry_key(scope, entry_id),

@@ -14,6 +14,7 @@ from caches.calibrate import load_threshold
 from caches.redis_server import EmbeddedRedis, free_port
 from caches.result import CacheUnavailable
 from caches.semantic import SemanticCache
+from tests.support import scope
 
 # Fraction of fow_cache trap pairs (label 0) that may be merged at the shipped threshold. The
 # shipped calibration merges none of them; a small allowance keeps the test meaningful if the
@@ -22,7 +23,7 @@ MAX_TRAP_MERGE_FRACTION = 0.02
 
 
 def _scope(tenant: str = "t", version: str = "1") -> str:
-    return SemanticCache.scope(tenant=tenant, model="m", version=version, system_prompt="", params={})
+    return scope(tenant=tenant, version=version)
 
 
 def _unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:

@@ -10,7 +10,7 @@ import redis
 from caches.result import ResultCache
 from caches.semantic import SemanticCache
 from caches.versions import VERSION_CACHE_S, ModelVersions, purge_in_background, purge_old_versions
-from tests.support import chat_key
+from tests.support import chat_key, scope
 
 REQ = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0}
 
@@ -38,7 +38,7 @@ def test_bump_leaves_no_stale_answer_and_purges(redis_client: redis.Redis) -> No
 
     def keys(version: str) -> tuple[str, str]:
         rk = chat_key(tenant="t", model="m", version=version, request=REQ)
-        sk = SemanticCache.scope(tenant="t", model="m", version=version, system_prompt="", params={})
+        sk = scope(tenant="t", model="m", version=version)
         return rk, sk
 
     rk, sk = keys(versions.current("m"))

@@ -29,3 +29,68 @@ def test_assembler_without_chunks_has_nothing_to_cache() -> None:
     asm = StreamAssembler()
     asm.feed("data: [DONE]\n\n")
     assert asm.completion() is None
+
+
+def _chunk(delta: dict | None = None, finish: str | None = None, logprobs: dict | None = None, index: int = 0) -> str:
+    choice = {"index": index, "delta": delta or {}, "finish_reason": finish, "logprobs": logprobs}
+    return "data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                  "choices": [choice]}) + "\n\n"
+
+
+def _assemble(*lines: str) -> StreamAssembler:
+    asm = StreamAssembler()
+    for line in lines:
+        asm.feed(line)
+    return asm
+
+
+def test_a_stream_that_ends_with_an_error_chunk_is_not_an_answer() -> None:
+    # vLLM reports a failure mid-stream as an error object, then [DONE]
+    asm = _assemble(_chunk({"role": "assistant", "content": "The capital"}), _chunk({"content": " of"}),
+                    'data: {"error": {"message": "engine died", "code": 500}}\n\n', "data: [DONE]\n\n")
+    assert asm.completion() is None and "error" in (asm.problem or "")
+
+
+def test_a_stream_without_done_or_finish_reason_is_not_an_answer() -> None:
+    assert _assemble(_chunk({"content": "Paris"}), _chunk(finish="stop")).completion() is None  # no [DONE]
+    assert _assemble(_chunk({"content": "Paris"}), "data: [DONE]\n\n").completion() is None  # no finish reason
+
+
+def test_streamed_tool_calls_are_merged_and_replayed_exactly() -> None:
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": ""}}
+    asm = _assemble(
+        _chunk({"role": "assistant", "tool_calls": [call]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+        _chunk(finish="tool_calls"), "data: [DONE]\n\n")
+    done = asm.completion()
+    assert done is not None
+    message = done["choices"][0]["message"]
+    assert message["tool_calls"] == [{"id": "call_1", "type": "function",
+                                      "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]
+    replay = _assemble(*stream_from_completion({**done, "usage": None}, include_usage=False)).completion()
+    assert replay is not None and replay["choices"][0]["message"]["tool_calls"] == message["tool_calls"]
+    assert replay["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_streamed_logprobs_are_kept_in_order_and_replayed() -> None:
+    lp = [{"token": t, "logprob": -0.1 * i, "bytes": None, "top_logprobs": []} for i, t in enumerate(["Pa", "ris", "."])]
+    asm = _assemble(_chunk({"role": "assistant", "content": "Pa"}, logprobs={"content": lp[:1]}),
+                    _chunk({"content": "ris."}, logprobs={"content": lp[1:]}), _chunk(finish="stop"), "data: [DONE]\n\n")
+    done = asm.completion()
+    assert done is not None and done["choices"][0]["logprobs"] == {"content": lp}
+    replay = _assemble(*stream_from_completion(done, include_usage=False)).completion()
+    assert replay is not None and replay["choices"][0]["logprobs"] == {"content": lp}
+    assert replay["choices"][0]["message"]["content"] == "Paris."
+
+
+def test_an_unknown_delta_field_refuses_to_store() -> None:
+    asm = _assemble(_chunk({"content": "x", "audio": {"id": "a1"}}), _chunk(finish="stop"), "data: [DONE]\n\n")
+    assert asm.completion() is None and "audio" in (asm.problem or "")
+
+
+def test_n_choices_each_need_their_finish_reason() -> None:
+    lines = [_chunk({"content": "a"}, index=0), _chunk({"content": "b"}, index=1), _chunk(finish="stop", index=0)]
+    assert _assemble(*lines, "data: [DONE]\n\n").completion() is None
+    done = _assemble(*lines, _chunk(finish="length", index=1), "data: [DONE]\n\n").completion()
+    assert done is not None and [c["finish_reason"] for c in done["choices"]] == ["stop", "length"]

@@ -10,21 +10,11 @@ from caches.semantic import (
     FloorBand,
     PendingLookup,
     PendingLookups,
-    SemanticCache,
     StaticPolicy,
-    is_cacheable,
     trap_guard,
     wilson_upper,
 )
 from caches.semantic.decision import FLOOR_MIN_OBS, FLOOR_STEP
-
-
-def test_is_cacheable() -> None:
-    assert is_cacheable({})
-    assert is_cacheable({"temperature": 0})
-    assert is_cacheable({"temperature": 0.0, "top_p": 0.9})
-    assert not is_cacheable({"temperature": 0.7})
-    assert is_cacheable({"temperature": 0.7}, allow_nondeterministic=True)
 
 
 def test_trap_guard_catches_minimal_edits() -> None:
@@ -64,21 +54,6 @@ def test_wilson_upper() -> None:
     assert wilson_upper(0, 0) == 1.0
     assert 0 < wilson_upper(0, 300) < 0.01
     assert wilson_upper(5, 100) > 0.05
-
-
-def test_scope_separates_everything_but_the_question() -> None:
-    base = dict(tenant="a", model="m", version="1", system_prompt="be brief", params={"temperature": 0})
-    s = SemanticCache.scope(**base)
-    assert s.startswith("sem.a:m:1:")
-    for change in (
-        {"tenant": "b"},
-        {"model": "m2"},
-        {"version": "2"},
-        {"system_prompt": "be verbose"},
-        {"params": {"temperature": 0, "max_tokens": 10}},
-    ):
-        assert SemanticCache.scope(**{**base, **change}) != s
-    assert SemanticCache.scope(**{**base, "system_prompt": "Be  brief"}) != s  # text as written
 
 
 def _cand(sim: float, response: str, query: str = "q", tau: float = -1.0, i: int = 0) -> Candidate:
