@@ -204,6 +204,7 @@ class CachedAnswer(BaseModel):
 
     stored_at: float
     body: dict[str, Any]
+    status: int = 200  # a leader shares its 4xx with its followers (see caches.coalesce)
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()

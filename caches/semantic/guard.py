@@ -102,6 +102,7 @@ class _Text(NamedTuple):
     spellings: dict[str, frozenset[str]]  # casefolded word -> the spellings it was written in
     symbols: tuple[str, ...]  # operator runs and No characters (², ½, ₂), sorted: a multiset
     code: bool  # looks like code: any difference in letter case matters
+    indents: tuple[str, ...]  # leading whitespace of each non-blank line (Python's blocks are these)
 
 
 @lru_cache(maxsize=TOKEN_CACHE_SIZE)
@@ -128,6 +129,7 @@ def _analyse(text: str) -> _Text:
         spellings={k: frozenset(v) for k, v in spellings.items()},
         symbols=tuple(sorted(symbols)),
         code=code,
+        indents=tuple(line[: len(line) - len(line.lstrip())] for line in t.splitlines() if line.strip()),
     )
 
 
@@ -196,7 +198,8 @@ def trap_guard(query: str, candidate: str) -> str | None:
     one side and as words on the other), ``opposite``, ``substitution`` (one or two content words
     swapped in an otherwise equal question), ``swap`` (from/to reversed), ``symbol`` (a differing
     operator or superscript: ``>=`` vs ``>``, ``3²`` vs ``32``) and ``case`` (an identifier or code
-    whose letter case differs: ``myVar`` vs ``myvar``, ``print(x)`` vs ``PRINT(x)``). They cost some
+    whose letter case differs: ``myVar`` vs ``myvar``, ``print(x)`` vs ``PRINT(x)``) and
+    ``indentation`` (code whose lines are indented differently). They cost some
     true paraphrases (a reworded question that happens to mention a number), but those become
     misses, never wrong answers.
     """
@@ -241,4 +244,7 @@ def trap_guard(query: str, candidate: str) -> str | None:
         return "number"
     if _case_differs(a, b):
         return "case"
+    # in code, indentation is syntax: it decides which block a line belongs to (Python, YAML)
+    if (a.code or b.code) and a.indents != b.indents:
+        return "indentation"
     return None

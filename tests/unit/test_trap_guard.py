@@ -63,3 +63,13 @@ def test_tokens_do_not_apply_nfkc() -> None:
     assert tokens("3²") == ("3²",)
     assert tokens("ＰＩＮ") == ("ｐｉｎ",)  # fullwidth letters stay fullwidth (casefolded only)
     assert tokens("Don’t  Stop") == ("dont", "stop")
+
+
+def test_code_indented_differently_is_a_trap() -> None:
+    four = "Fix this:\ndef f(x):\n    if x:\n        return 1\n    return 2"
+    moved = "Fix this:\ndef f(x):\n    if x:\n        return 1\n        return 2"
+    assert trap_guard(four, moved) == "indentation"
+    assert trap_guard(four, four.replace("    ", "  ")) == "indentation"
+    assert trap_guard(four, four) is None
+    # prose lines are not code: how a question is wrapped does not matter
+    assert trap_guard("How do I\n  reset my card?", "How do I reset my card?") is None
