@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 
 ENV_VAR = "TIERSERVE_API_KEYS"
+ADMIN_ENV_VAR = "TIERSERVE_ADMIN_KEYS"
 DEFAULT_TENANT = "default"
 # Tenants become key parts: keep them to a safe alphabet rather than escaping everywhere.
 _TENANT_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -20,6 +21,52 @@ _TENANT_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 class Unauthorized(Exception):
     """Missing or wrong API key; the HTTP layer answers 401 with this message."""
+
+
+class Forbidden(Exception):
+    """A valid caller without the right to this route (admin routes); the HTTP layer answers 403."""
+
+
+def _bearer(authorization_header: str | None) -> str | None:
+    if not authorization_header:
+        return None
+    scheme, _, token = authorization_header.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _match(token: str, candidates: list[str]) -> bool:
+    # compare against every key in constant time so response timing reveals no key prefix
+    found = False
+    for key in candidates:
+        found |= hmac.compare_digest(key.encode(), token.encode())
+    return found
+
+
+class AdminKeys:
+    """Bearer keys with admin rights (version bumps, purges, every tenant's numbers), from
+    ``TIERSERVE_ADMIN_KEYS`` (comma-separated). None configured means nobody is admin: admin routes
+    answer 403 rather than being open, whatever the tenant auth says."""
+
+    def __init__(self, keys: list[str] | None = None) -> None:
+        self.keys = [k for k in (keys or []) if k]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AdminKeys:
+        env = os.environ if environ is None else environ
+        return cls([k.strip() for k in env.get(ADMIN_ENV_VAR, "").split(",") if k.strip()])
+
+    def is_admin(self, authorization_header: str | None) -> bool:
+        token = _bearer(authorization_header)
+        return bool(self.keys) and token is not None and _match(token, self.keys)
+
+    def require(self, authorization_header: str | None) -> None:
+        """Raise :class:`Forbidden` with what to do unless the caller holds an admin key."""
+        if not self.keys:
+            raise Forbidden(f"admin routes are disabled: no admin keys are configured (set {ADMIN_ENV_VAR})")
+        if not self.is_admin(authorization_header):
+            raise Forbidden("this route needs an admin key (Authorization: Bearer ADMIN_KEY); tenant keys have no "
+                            "admin rights")
 
 
 def parse_keys(spec: str) -> dict[str, str]:
@@ -62,9 +109,8 @@ class Tenants:
             return DEFAULT_TENANT
         if not authorization_header:
             raise Unauthorized("missing Authorization header (expected 'Bearer KEY')")
-        scheme, _, token = authorization_header.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = _bearer(authorization_header)
+        if token is None:
             raise Unauthorized("malformed Authorization header (expected 'Bearer KEY')")
         # compare against every key in constant time so response timing reveals no key prefix
         found: str | None = None
