@@ -61,7 +61,8 @@ def conforms(obj: BaseModel, allowed_extras: set[str] = VLLM_EXTRAS, chunk_fill:
     fill = chunk_fill or {}
     missing = missing_required(obj, relaxed=frozenset(fill))
     assert not missing, f"{type(obj).__name__}: required fields missing: {missing}"
-    dumped = obj.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    # Serializer warnings off: the strict validation just below reports a wrong type as an error.
+    dumped = obj.model_dump(mode="json", by_alias=True, exclude_unset=True, warnings=False)
     for choice in dumped.get("choices") or []:
         choice.update({k: v for k, v in fill.items() if choice.get(k) is None})
     strict = type(obj).model_validate(dumped)  # raises on a wrong type or a missing field
@@ -88,6 +89,26 @@ def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
+def test_the_checks_catch_what_the_sdk_lets_through() -> None:
+    """No app needed: the SDK's lenient parsing accepts each of these; `conforms` must not."""
+    from openai._models import construct_type
+    from openai.types.chat import ChatCompletion
+
+    good = {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop", "stop_reason": None}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    conforms(construct_type(type_=ChatCompletion, value=good))
+    broken = [
+        {**good, "created": "yesterday"},
+        {k: v for k, v in good.items() if k != "created"},
+        {**good, "choices": [{**good["choices"][0], "finish_reason": None}]},
+        {**good, "choices": [{**good["choices"][0], "message": {"role": "assistant", "content": "hi", "bogus": 1}}]},
+    ]
+    for body in broken:
+        with pytest.raises((AssertionError, ValueError)):
+            conforms(construct_type(type_=ChatCompletion, value=body))
+
+
 # ------------------------------------------------------------------------------------- chat
 def test_chat_plain_then_cached_replay(oa: openai.OpenAI, model_name: str) -> None:
     messages = user(f"What is the capital of France? ({tag()})")
@@ -98,6 +119,13 @@ def test_chat_plain_then_cached_replay(oa: openai.OpenAI, model_name: str) -> No
     again = oa.chat.completions.with_raw_response.create(model=model_name, messages=messages, temperature=0, max_tokens=12)
     assert again.headers["x-cache"] == "exact"
     assert conforms(again.parse()).choices[0].message.content == first.choices[0].message.content
+    # The cached answer replayed as a stream must parse like a fresh stream.
+    replay = oa.chat.completions.with_raw_response.create(model=model_name, messages=messages, temperature=0,
+                                                          max_tokens=12, stream=True, stream_options={"include_usage": True})
+    assert replay.headers["x-cache"] == "exact"
+    chunks = conform_all(replay.parse())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+    assert chunks[-1].usage is not None
 
 
 def test_chat_stream_with_usage(oa: openai.OpenAI, model_name: str) -> None:
