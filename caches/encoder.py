@@ -51,3 +51,13 @@ def encode(texts: list[str], batch_size: int = 64, device: str = "cpu") -> np.nd
         texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
     )
     return np.asarray(vectors, dtype=np.float32)
+
+
+def count_tokens(texts: list[str], device: str = "cpu") -> list[int]:
+    """Tokens the encoder reads per text (WordPiece, with [CLS]/[SEP], cut at its max length):
+    what `usage` of an embeddings answer reports, as vLLM does for its embedding models."""
+    if not texts:
+        return []
+    model = load_encoder(device)
+    ids = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
+    return [len(row) for row in ids]

@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import generate_latest
 from ray import serve
 
-from caches.encoder import EMBEDDING_DIM, encode, encoder_identity, load_encoder
+from caches.encoder import EMBEDDING_DIM, count_tokens, encode, encoder_identity, load_encoder
 
 log = logging.getLogger("tierserve.encoder")
 
@@ -66,6 +66,11 @@ class EncoderDeployment:
 
     async def embed_many(self, texts: list[str]) -> list[list[float]]:
         return self._embed(texts).tolist()
+
+    async def embed_for_api(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """The `/v1/embeddings` answer's parts: float32 rows (kept as an array: base64 is their
+        bytes) and the token count for `usage`."""
+        return self._embed(texts), sum(count_tokens(texts))
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "dim": EMBEDDING_DIM}

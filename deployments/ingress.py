@@ -25,10 +25,13 @@ from caches.tenancy import Tenants, Unauthorized
 from caches.versions import ModelVersions, purge_in_background
 from deployments import metrics
 from deployments.chat import ChatPath
+from deployments.completions import CompletionPath
 from deployments.config import AppSettings
 from deployments.openai_compat import error_body
+from deployments.openai_surface import embeddings_response, model_card, model_not_found
 from deployments.schemas import (
     ChatRequest,
+    CompletionRequest,
     EmbeddingRequest,
     EventRequest,
     RecommendationRequest,
@@ -81,7 +84,7 @@ async def _on_unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param = _validation_message(exc)
     # OpenAI-compatible routes answer 400 like OpenAI does; the project's own routes answer 422.
-    status = 400 if request.url.path.startswith(("/v1/chat", "/v1/embeddings")) else 422
+    status = 400 if request.url.path.startswith(("/v1/chat", "/v1/embeddings", "/v1/completions")) else 422
     return JSONResponse(error_body(status, message, param), status_code=status)
 
 
@@ -107,6 +110,7 @@ class Ingress:
         self.model_name = llm_cfg.served_model_name
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
         self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm)
+        self.completion = CompletionPath(self.settings, llm)
         BodySizeLimit.max_bytes = self.settings.max_body_bytes
 
     # ---------------------------------------------------------------- helpers
@@ -124,13 +128,28 @@ class Ingress:
     async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
         return await self.chat.answer(body, request, self._tenant(request))
 
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        return await self.completion.answer(body, self._tenant(request))
+
+    # ------------------------------------------------------ models, embeddings
+    async def _model_cards(self) -> list[dict[str, Any]]:
+        """The chat/completions model first (clients take data[0]), then the embedding model."""
+        llm, enc = await asyncio.gather(self.llm.info.remote(), self.encoder.info.remote())
+        return [model_card(llm["id"], max_model_len=llm["max_model_len"], version=self._version(llm["id"])),
+                model_card(enc["name"], version=enc["version"], dimensions=enc["dim"])]
+
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        info = await self.llm.info.remote()
-        return {"object": "list", "data": [
-            {"id": info["id"], "object": "model", "created": 0, "owned_by": "tierserve",
-             "max_model_len": info["max_model_len"], "version": self._version(info["id"])}
-        ]}
+        return {"object": "list", "data": await self._model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> Any:
+        # `:path`: hub ids such as "Qwen/Qwen2.5-1.5B-Instruct" contain '/'.
+        for card in await self._model_cards():
+            if card["id"] == model_id:
+                return card
+        return JSONResponse(model_not_found(model_id), status_code=404)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Any:
@@ -139,11 +158,13 @@ class Ingress:
         info = await self.encoder.info.remote()
         if body.model not in (None, info["name"]):
             return JSONResponse(error_body(400, f"unknown embedding model '{body.model}'; use '{info['name']}'", "model"), status_code=400)
-        vectors = await self.encoder.embed_many.remote(texts)
-        tokens = sum(len(t.split()) for t in texts)
-        return {"object": "list", "model": info["name"],
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        if body.dimensions not in (None, info["dim"]):
+            # OpenAI's text-embedding-3 models can shorten their vectors; MiniLM was not trained to.
+            return JSONResponse(error_body(400, f"'{info['name']}' gives {info['dim']}-dimensional embeddings only: "
+                                                f"omit dimensions or send {info['dim']} (got {body.dimensions})", "dimensions"),
+                                status_code=400)
+        vectors, tokens = await self.encoder.embed_for_api.remote(texts)
+        return embeddings_response(info["name"], vectors, body.encoding_format, tokens)
 
     # ------------------------------------------------------- recommendations
     @app.post("/v1/recommendations")

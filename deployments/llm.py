@@ -81,10 +81,11 @@ class OpenAIError(Exception):
 
 
 class LLMServer:
-    """vLLM engine + vLLM's OpenAI chat serving, with no Ray in sight (tests use it directly)."""
+    """vLLM engine + vLLM's OpenAI chat and completion serving, with no Ray in sight (tests use it directly)."""
 
-    def __init__(self, settings: LLMSettings, engine: Any, chat_serving: Any) -> None:
+    def __init__(self, settings: LLMSettings, engine: Any, chat_serving: Any, completion_serving: Any = None) -> None:
         self.settings, self.engine, self.chat_serving = settings, engine, chat_serving
+        self.completion_serving = completion_serving
         self.max_model_len = engine.model_config.max_model_len
         self.fingerprint = model_fingerprint(settings, engine.model_config)
         # What vLLM applies when a request leaves a sampling field out: the model's generation
@@ -107,29 +108,36 @@ class LLMServer:
         state = State()
         await init_app_state(engine, state, args, supported_tasks=await engine.get_supported_tasks())
         log.info("vLLM engine for %s ready in %.1fs", settings.served_model_name, time.monotonic() - started)
-        return cls(settings, engine, state.openai_serving_chat)
+        return cls(settings, engine, state.openai_serving_chat, state.openai_serving_completion)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def _request(self, body: dict[str, Any], tenant: str):
+    def _request(self, body: dict[str, Any], tenant: str, kind: str = "chat"):
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+        request_cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
         try:
-            return ChatCompletionRequest.model_validate({**body, "cache_salt": tenant})
+            return request_cls.model_validate({**body, "cache_salt": tenant})
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise OpenAIError(400, f"Invalid request at '{where}': {first.get('msg')}", param=where) from exc
 
-    async def _run(self, body: dict[str, Any], tenant: str):
+    async def _run(self, body: dict[str, Any], tenant: str, kind: str = "chat"):
+        """One request through vLLM's serving layer: "chat" (OpenAIServingChat) or "completion"
+        (OpenAIServingCompletion, the legacy route), the tenant as `cache_salt` either way."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMValidationError
 
-        request = self._request(body, tenant)
+        request = self._request(body, tenant, kind)
         try:
-            result = await self.chat_serving.create_chat_completion(request, None)
+            if kind == "completion":
+                result = await self.completion_serving.create_completion(request, None)
+            else:
+                result = await self.chat_serving.create_chat_completion(request, None)
         except (VLLMValidationError, ValueError) as exc:
             raise OpenAIError(400, str(exc)) from exc
         if isinstance(result, ErrorResponse):
@@ -157,6 +165,28 @@ class LLMServer:
         yield META_PREFIX + json.dumps({"fingerprint": self.fingerprint})
         try:
             generator = await self._run({**body, "stream": True}, tenant)
+        except OpenAIError as exc:
+            yield json.dumps({"status": exc.status, **exc.body()})
+            return
+        async for chunk in generator:
+            yield chunk
+
+    async def complete(self, body: dict[str, Any], tenant: str) -> dict[str, Any]:
+        """A non-streaming legacy completion, answered like `chat` (with the fingerprint)."""
+        try:
+            result = await self._run({**body, "stream": False}, tenant, "completion")
+        except OpenAIError as exc:
+            return {"status": exc.status, "body": exc.body(), "fingerprint": self.fingerprint}
+        return {"status": 200, "body": result.model_dump(mode="json", exclude_none=True), "fingerprint": self.fingerprint}
+
+    async def complete_stream(self, body: dict[str, Any], tenant: str) -> AsyncGenerator[str, None]:
+        """A streamed legacy completion in `chat_stream`'s protocol: the meta line, then SSE lines
+        or one JSON error object."""
+        import json
+
+        yield META_PREFIX + json.dumps({"fingerprint": self.fingerprint})
+        try:
+            generator = await self._run({**body, "stream": True}, tenant, "completion")
         except OpenAIError as exc:
             yield json.dumps({"status": exc.status, **exc.body()})
             return
@@ -194,6 +224,13 @@ class LLMDeployment:
 
     async def chat_stream(self, body: dict[str, Any], tenant: str) -> AsyncGenerator[str, None]:
         async for chunk in self.server.chat_stream(body, tenant):
+            yield chunk
+
+    async def complete(self, body: dict[str, Any], tenant: str) -> dict[str, Any]:
+        return {**await self.server.complete(body, tenant), "replica": self.replica_id}
+
+    async def complete_stream(self, body: dict[str, Any], tenant: str) -> AsyncGenerator[str, None]:
+        async for chunk in self.server.complete_stream(body, tenant):
             yield chunk
 
     def info(self) -> dict[str, Any]:

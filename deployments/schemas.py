@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_MESSAGES = 256
 MAX_ID_LEN = 64
+MAX_PROMPTS = 32
 
 
 class ChatMessage(BaseModel):
@@ -48,7 +49,17 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     input: str | list[str] = Field(min_length=1)
     model: str | None = None
-    encoding_format: Literal["float"] = "float"
+    # The official SDK asks for base64 unless told otherwise: both must work.
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)  # the route refuses what the model cannot give
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        # OpenAI also takes token ids (its own tokenizer's): they mean nothing to MiniLM's WordPiece.
+        if isinstance(value, list) and value and all(isinstance(v, int | list) for v in value):
+            raise ValueError("input as token ids is not supported by this embedding model: send text (a string or a list of strings)")
+        return value
 
     @field_validator("input")
     @classmethod
@@ -60,6 +71,32 @@ class EmbeddingRequest(BaseModel):
             raise ValueError("inputs must be non-empty strings")
         if any(len(t) > 8192 for t in texts):
             raise ValueError("each input must be at most 8192 characters")
+        return value
+
+
+class CompletionRequest(BaseModel):
+    """Legacy `/v1/completions`: what the ingress needs to route it; vLLM validates the rest."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    # Text, texts, token ids or lists of token ids, as OpenAI and vLLM take them.
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=8)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded(cls, value: str | list[str] | list[int] | list[list[int]]) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+            if any(not p for p in value):
+                raise ValueError("prompts must not be empty")
         return value
 
 

@@ -158,3 +158,18 @@ def test_environment_wins_over_the_file(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("TIERSERVE_STATE_DIR", "/state")
     settings = AppSettings.from_args(app["args"])
     assert (settings.redis, settings.recommender.feast_repo, settings.state_dir) == ("redis://cache:6379/0", "/feast", "/state")
+
+
+def test_tool_calling_is_on_for_the_gpu_model_only() -> None:
+    """Qwen2.5-Instruct emits Hermes-style tool calls, which vLLM's `hermes` parser turns into
+    OpenAI `tool_calls`; SmolLM2 on CPU has no parser, so its `tools` requests stay a clear 400.
+    (tests/integration/test_llm_engine.py checks that vLLM's own argument parser accepts these.)"""
+    def llm_args(name: str) -> list[str]:
+        (app,) = load(name)["applications"]
+        return AppSettings.model_validate(app.get("args", {})).llm.extra_engine_args
+
+    gpu = llm_args("gpu")
+    assert "--enable-auto-tool-choice" in gpu
+    assert gpu[gpu.index("--tool-call-parser") + 1] == "hermes"
+    assert "Qwen2.5" in load("gpu")["applications"][0]["args"]["llm"]["model"], "hermes is Qwen2.5's parser"
+    assert not {"--enable-auto-tool-choice", "--tool-call-parser"} & set(llm_args("local"))
