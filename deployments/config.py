@@ -67,6 +67,9 @@ class RecommenderSettings(BaseModel):
     tiers: Literal["all", "feast-only"] = "all"
     # Off in benchmarks, so that repeated requests exercise the feature reads instead of one GET.
     result_cache: bool = True
+    # The item index on the replica's GPU (caches.vector_index) when Ray gives it one
+    # (ray_actor_options.num_gpus); without a visible GPU it stays on the CPU.
+    faiss_gpu: bool = False
 
 
 class AppSettings(BaseModel):

@@ -36,6 +36,7 @@ from caches.features import FeatureCache
 from caches.result import CacheUnavailable, ResultCache
 from caches.tiered import TieredCache
 from caches.tiers.feast import FeastTier, FeastView
+from caches.vector_index import make_ip_index
 from caches.versions import ModelVersions
 from deployments.config import RecommenderSettings
 from feature_store import names
@@ -65,13 +66,12 @@ EVENT_LOCK_WAIT_S = 5.0
 class ItemIndex:
     """FAISS inner-product index over the L2-normalised item embeddings of one model version."""
 
-    def __init__(self, item_parquet: Path) -> None:
-        import faiss
-
+    def __init__(self, item_parquet: Path, use_gpu: bool = False) -> None:
         frame = pd.read_parquet(item_parquet, columns=[names.ITEM_KEY, "embedding", "popularity"])
         vectors = np.stack(frame["embedding"].to_numpy()).astype(np.float32)
         ids = frame[names.ITEM_KEY].to_numpy(dtype=np.int64)
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        # On the replica's GPU when the config asks and Ray gave it one; the CPU otherwise.
+        self.index = make_ip_index(vectors.shape[1], use_gpu=use_gpu)
         self.index.add_with_ids(vectors, ids)
         self.size = len(frame)
         self.ids = frozenset(int(i) for i in ids)  # the catalogue: events may only name these
@@ -114,7 +114,7 @@ class RecommenderDeployment:
 
     def _load(self, info: RepoInfo) -> None:
         self.model_version = info.model_version
-        self.index = ItemIndex(info.files["item_features"])
+        self.index = ItemIndex(info.files["item_features"], use_gpu=self.settings.faiss_gpu)
         rated = pd.read_parquet(info.files["rated"])
         self.rated = {int(u): set(map(int, items)) for u, items in zip(rated[names.USER_KEY], rated["item_ids"], strict=True)}
         self.genre_list = list(info.genres)

@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
-DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "movielens_latest_small_2015"
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "movielens_latest_small_2015"
+# A 300-user MovieLens subset shipped in the package (feature_store/sample/SAMPLE.md): a clone or
+# an image with no ../shared beside it still builds a repo and serves recommendations.
+SAMPLE_DATA = PACKAGE_DIR / "sample"
+DEFAULT_DATA = SHARED_DATA if (SHARED_DATA / "ratings.csv").exists() else SAMPLE_DATA
 DEFAULT_RATINGS = DEFAULT_DATA / "ratings.csv"
 DEFAULT_MOVIES = DEFAULT_DATA / "movies.csv"
 

@@ -142,13 +142,33 @@ def test_gpu_config_is_a_cluster_config() -> None:
         assert auto["target_ongoing_requests"] <= deps[name]["max_ongoing_requests"], name
     settings = AppSettings.model_validate(app["args"])
     assert settings.llm.dtype == "bfloat16" and not settings.llm.enforce_eager
-    assert "/" in settings.llm.model, "a hub model id, downloaded on the cluster"
+    # The weights come from the model volume (k8s/model-cache.yaml), downloaded once per cluster.
+    assert settings.llm.model.startswith("/models/"), settings.llm.model
     # Addresses and secrets come from the environment, never from the file.
     assert settings.redis_url is None and not settings.api_keys
     env_vars = app.get("runtime_env", {}).get("env_vars", {})
     assert not {"REDIS_URL", "TIERSERVE_API_KEYS", "HF_TOKEN"} & env_vars.keys()
-    # deployments/llm.py defaults HF_HUB_OFFLINE to 1; the cluster must download the model.
-    assert env_vars.get("HF_HUB_OFFLINE") == "0"
+    # No pod start reaches the hub: the model is on the volume, the encoder in its wheel.
+    assert env_vars.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.slow
+def test_gpu_engine_args_parse_with_vllm_and_offload_kv_to_cpu() -> None:
+    """configs/gpu.yaml's engine flags are ones vLLM 0.32 knows, KV offload included."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from deployments.llm import engine_cli_args
+
+    (app,) = load("gpu")["applications"]
+    settings = AppSettings.model_validate(app["args"])
+    # The parser deployments/llm.py builds the engine with.
+    parser = make_arg_parser(FlexibleArgumentParser())
+    ns = parser.parse_args(engine_cli_args(settings.llm))
+    assert ns.model == settings.llm.model
+    assert ns.kv_offloading_size == 16 and ns.kv_offloading_backend == "native"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*engine_cli_args(settings.llm), "--kv-offloading-backend", "nope"])
 
 
 def test_environment_wins_over_the_file(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -179,7 +180,8 @@ def test_builtin_kinds_are_valid(version: str) -> None:
         errors = builtin_errors(doc, version)
         assert not errors, f"{name} {doc['kind']}/{doc['metadata']['name']}: {errors}"
         checked += 1
-    assert checked >= 4  # ConfigMap, 2 Services, 2 StatefulSets, Job
+    # ConfigMaps, Services, StatefulSets, Jobs, PVC, PDBs, NetworkPolicies, Ingress
+    assert checked >= 17, checked
 
 
 def test_broken_copies_are_rejected() -> None:
@@ -289,8 +291,8 @@ def test_cache_redis_is_not_persisted_and_services_select_their_pods() -> None:
         svc = services[sts["spec"]["serviceName"]]
         assert svc["spec"]["selector"].items() <= labels.items(), name
     cache_sts = next(s for s in of_kind("StatefulSet") if s["metadata"]["name"] == "tierserve-redis")
-    args = cache_sts["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    conf = redis_conf(cache_sts)
+    assert conf["save"] == '""' and conf["appendonly"] == "no"
     assert "volumeClaimTemplates" not in cache_sts["spec"]
     # The app's REDIS_URL points at the cache Redis Service.
     env = _env(rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0])
@@ -319,3 +321,339 @@ def test_images_are_set_through_kustomize() -> None:
             for c in containers(spec):
                 image_name = c["image"].split(":")[0]
                 assert image_name in names, f"{group}/{c['name']}: {c['image']} is not in kustomization images"
+
+
+# -------------------------------------------------- Redis: config files, memory, passwords
+def redis_statefulsets() -> dict[str, dict[str, Any]]:
+    return {
+        s["metadata"]["name"]: s
+        for s in of_kind("StatefulSet")
+        if s["spec"]["template"]["spec"]["containers"][0]["image"].startswith("redis")
+    }
+
+
+def redis_config_map() -> dict[str, str]:
+    (cm,) = [c for c in of_kind("ConfigMap") if c["metadata"]["name"] == "tierserve-redis-config"]
+    return cm["data"]
+
+
+def redis_conf(sts: dict[str, Any]) -> dict[str, str]:
+    """The redis.conf directives one Redis StatefulSet starts with (from the ConfigMap it mounts)."""
+    spec = sts["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    argv = container["command"] + container.get("args", [])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config_mount = next(name for name, v in volumes.items() if v.get("configMap", {}).get("name") == "tierserve-redis-config")
+    conf_path = argv[-1]
+    assert conf_path.startswith(mounts[config_mount] + "/"), argv
+    text = redis_config_map()[conf_path.rsplit("/", 1)[1]]
+    conf: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            conf[key] = value
+    return conf
+
+
+def test_every_redis_has_maxmemory_and_the_right_eviction_policy() -> None:
+    stses = redis_statefulsets()
+    assert set(stses) == {"tierserve-redis", "tierserve-redis-feast", "tierserve-redis-gcs"}
+    limits = {"gb": 1 << 30, "mb": 1 << 20}
+    for name, sts in stses.items():
+        conf = redis_conf(sts)
+        maxmemory = conf["maxmemory"]
+        assert maxmemory[-2:] in limits, f"{name}: maxmemory {maxmemory}"
+        max_bytes = int(maxmemory[:-2]) * limits[maxmemory[-2:]]
+        limit = sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        assert limit.endswith("Gi")
+        # Redis' own overhead and (when persisted) the AOF rewrite's fork need room above maxmemory.
+        assert max_bytes <= int(limit[:-2]) * (1 << 30) * 0.8, f"{name}: maxmemory {maxmemory} vs limit {limit}"
+        policy = conf["maxmemory-policy"]
+        if name == "tierserve-redis":
+            # Only keys with a TTL (cache entries) may go; versions, streams and counters stay.
+            assert policy.startswith("volatile-"), policy
+            assert conf["appendonly"] == "no"
+        else:
+            # Sources of truth (Feast's online store, Ray's GCS): fail writes, never drop data.
+            assert policy == "noeviction", f"{name}: {policy}"
+            assert conf["appendonly"] == "yes" and "volumeClaimTemplates" in sts["spec"], name
+
+
+def test_redis_passwords_are_not_on_any_command_line() -> None:
+    start = redis_config_map()["start.sh"]
+    assert "requirepass" in start and "unset REDIS_PASSWORD" in start and "exec redis-server" in start
+    for name, sts in redis_statefulsets().items():
+        spec = sts["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        argv = " ".join(container["command"] + container.get("args", []))
+        assert "PASSWORD" not in argv and "requirepass" not in argv, f"{name}: {argv}"
+        assert redis_conf(sts)["include"].startswith("/run/redis/"), name
+        # The generated auth.conf lives in memory only.
+        auth = next(v for v in spec["volumes"] if v["name"] == "auth")
+        assert auth["emptyDir"]["medium"] == "Memory"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+    for _, doc in manifest_docs():
+        for group, pod in pod_specs(doc):
+            for c in containers(pod):
+                argv = " ".join(map(str, c.get("command", []) + c.get("args", [])))
+                assert "requirepass" not in argv and "--redis-password" not in argv, f"{group}/{c['name']}"
+
+
+# ------------------------------------------------------------- Ray: GCS fault tolerance
+def test_gcs_fault_tolerance_uses_the_gcs_redis() -> None:
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    gcs = cluster["gcsFaultToleranceOptions"]
+    host, _, port = gcs["redisAddress"].partition(":")
+    services = {s["metadata"]["name"]: s for s in of_kind("Service")}
+    assert host in services and int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
+    assert redis_conf(redis_statefulsets()[host])["maxmemory-policy"] == "noeviction"
+    assert gcs["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == SECRET_NAME
+    # KubeRay rejects a head that sets these itself when GCS fault tolerance is on.
+    head_env = _env(cluster["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert not {"REDIS_PASSWORD", "RAY_REDIS_ADDRESS"} & head_env.keys()
+    assert "redis-password" not in cluster["headGroupSpec"]["rayStartParams"]
+
+
+# --------------------------------------------------------- selectors, PDBs, NetworkPolicies
+def ray_pod_labels() -> dict[str, dict[str, str]]:
+    """Labels of each Ray pod the operator creates: its template's plus KubeRay's own."""
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    labels = {"head": {**cluster["headGroupSpec"]["template"]["metadata"]["labels"],
+                       "ray.io/node-type": "head", "ray.io/group": "headgroup", "ray.io/is-ray-node": "yes"}}
+    for group in cluster["workerGroupSpecs"]:
+        labels[group["groupName"]] = {**group["template"]["metadata"]["labels"], "ray.io/node-type": "worker",
+                                      "ray.io/group": group["groupName"], "ray.io/is-ray-node": "yes"}
+    return labels
+
+
+def other_pod_labels() -> dict[str, dict[str, str]]:
+    out = {}
+    for _, doc in manifest_docs():
+        if doc["kind"] in ("StatefulSet", "Job", "Deployment"):
+            out[doc["metadata"]["name"]] = doc["spec"]["template"]["metadata"]["labels"]
+    return out
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector.get("matchLabels") and not selector.get("matchExpressions"):
+        return True
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_selector_matching() -> None:
+    assert selects({"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "Exists"}]}, {"a": "1", "b": "x"})
+    assert not selects({"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "Exists"}]}, {"a": "1"})
+    assert not selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["2"]}]}, {"a": "1"})
+
+
+def test_disruption_budgets_cover_each_worker_group_one_pod_at_a_time() -> None:
+    pods = ray_pod_labels()
+    covered = set()
+    for pdb in of_kind("PodDisruptionBudget"):
+        matched = {g for g, labels in pods.items() if selects(pdb["spec"]["selector"], labels)}
+        assert matched, f"{pdb['metadata']['name']} selects no Ray pod"
+        assert not any(selects(pdb["spec"]["selector"], lbl) for lbl in other_pod_labels().values())
+        assert pdb["spec"].get("maxUnavailable") == 1
+        covered |= matched
+    assert covered == set(pods) - {"head"}
+
+
+def _policies_for(labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [p for p in of_kind("NetworkPolicy") if selects(p["spec"]["podSelector"], labels)]
+
+
+def _from_ray_pods_only(rule: dict[str, Any], extra_ok: tuple[dict[str, str], ...] = ()) -> bool:
+    peers = rule.get("from")
+    if not peers:
+        return False
+    for peer in peers:
+        if "ipBlock" in peer or "namespaceSelector" in peer:
+            return False
+        allowed = [lbl for lbl in ray_pod_labels().values() if selects(peer["podSelector"], lbl)]
+        allowed += [lbl for lbl in extra_ok if selects(peer["podSelector"], lbl)]
+        strangers = [n for n, lbl in other_pod_labels().items() if selects(peer["podSelector"], lbl)
+                     and lbl not in extra_ok]
+        if not allowed or strangers or peer["podSelector"] == {}:
+            return False
+    return True
+
+
+def test_network_policies_expose_only_serve_and_keep_redis_to_ray_pods() -> None:
+    for group, labels in ray_pod_labels().items():
+        (policy,) = _policies_for(labels)
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            if _from_ray_pods_only(rule):
+                continue  # Ray's own node-to-node traffic
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if not rule.get("from"):
+                assert ports == {8000}, f"{group}: open to all on {ports}"
+            else:
+                # Only the KubeRay operator, only to the dashboard ports it polls.
+                (peer,) = rule["from"]
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+                assert ports <= {8265, 52365}
+    materialize = other_pod_labels()["tierserve-feast-materialize"]
+    for name, sts in redis_statefulsets().items():
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        policies = _policies_for(labels)
+        assert policies, f"{name}: no NetworkPolicy, reachable from every pod"
+        extra = (materialize,) if name == "tierserve-redis-feast" else ()
+        for policy in policies:
+            for rule in policy["spec"]["ingress"]:
+                assert _from_ray_pods_only(rule, extra), f"{name}: {rule}"
+                assert {p["port"] for p in rule["ports"]} == {6379}
+        # The materialisation Job reaches Feast's Redis and only that one.
+        reachable = any(_from_ray_pods_only(r, ()) is False and any(selects(p["podSelector"], materialize)
+                        for p in r["from"]) for pol in policies for r in pol["spec"]["ingress"])
+        assert reachable == (name == "tierserve-redis-feast"), name
+
+
+def test_ingress_terminates_tls_in_front_of_the_serve_service() -> None:
+    (ing,) = of_kind("Ingress")
+    hosts = {h for rule in ing["spec"]["rules"] for h in [rule["host"]]}
+    tls_hosts = {h for t in ing["spec"]["tls"] for h in t["hosts"]}
+    assert hosts <= tls_hosts and all(t["secretName"] for t in ing["spec"]["tls"])
+    backends = {(p["backend"]["service"]["name"], p["backend"]["service"]["port"]["number"])
+                for rule in ing["spec"]["rules"] for p in rule["http"]["paths"]}
+    # KubeRay names the RayService's Serve Service <name>-serve-svc.
+    assert backends == {(f"{rayservice()['metadata']['name']}-serve-svc", 8000)}
+
+
+# ------------------------------------------------------------------ GPU pods, model cache
+def test_gpu_pods_run_on_gpu_nodes_and_read_the_model_volume() -> None:
+    config = yaml.safe_load(GPU_CONFIG.read_text())
+    model_path = config["applications"][0]["args"]["llm"]["model"]
+    (pvc,) = of_kind("PersistentVolumeClaim")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    (job,) = [j for j in of_kind("Job") if j["metadata"]["name"] == "tierserve-model-download"]
+    job_env = _env(job["spec"]["template"]["spec"]["containers"][0])
+    assert job_env["MODEL_DIR"]["value"] == model_path
+    assert job_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": "hf-token", "optional": True}
+    job_mounts = {m["name"]: m["mountPath"] for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    job_vol = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v.get("persistentVolumeClaim"))
+    assert job_vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert model_path.startswith(job_mounts[job_vol["name"]] + "/")
+    marker = f"{model_path}/.tierserve-complete"
+    assert ".tierserve-complete" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+    for group in rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        main = spec["containers"][0]
+        if GPU not in main["resources"]["limits"]:
+            assert "models" not in {v["name"] for v in spec["volumes"]}
+            continue
+        assert spec["nodeSelector"], f"{group['groupName']}: GPU pods need an accelerator nodeSelector"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in containers(spec):
+            for m in c.get("volumeMounts", []):
+                claim = volumes[m["name"]].get("persistentVolumeClaim")
+                if claim and claim["claimName"] == pvc["metadata"]["name"]:
+                    assert m.get("readOnly") is True and claim.get("readOnly") is True, c["name"]
+        mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+        assert any(model_path.startswith(path + "/") and volumes[name].get("persistentVolumeClaim")
+                   for path, name in mounts.items()), "the LLM's model path is not on the model volume"
+        assert any(marker in " ".join(c.get("command", [])) for c in spec["initContainers"]), "no wait for the model"
+
+
+class _NoTimestampLoader(yaml.SafeLoader):
+    """kustomize unquotes strings such as "1970-01-01T00:00:00"; the API server (like go-yaml into
+    a string field) keeps them strings, where PyYAML would make datetimes of them."""
+
+
+_NoTimestampLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def test_kubectl_kustomize_renders_every_object_and_each_validates() -> None:
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not on PATH: the kustomize rendering was not checked")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.load_all(out.stdout, Loader=_NoTimestampLoader) if d]
+    assert len(rendered) == len(manifest_docs())
+    image = next(i for i in kustomization()["images"] if i["name"] == "tierserve")
+    for doc in rendered:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tierserve"
+        if doc["kind"] in CRD_FILES:
+            assert not crd_errors(doc)
+            continue
+        errors = builtin_errors(doc, KUBERNETES_VERSIONS[-1])
+        assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: {errors}"
+        for _, spec in pod_specs(doc):
+            for c in containers(spec):
+                if c["image"].startswith(image["newName"]):
+                    assert c["image"] == f"{image['newName']}:{image['newTag']}"
+
+
+def _broken(monkeypatch: pytest.MonkeyPatch, edit: Any) -> None:
+    """Make every check above see a copy of the manifests changed by `edit(docs)`."""
+    docs = copy.deepcopy(manifest_docs())
+    edit(docs)
+    monkeypatch.setattr(sys.modules[__name__], "manifest_docs", lambda: docs)
+
+
+def _doc(docs: list[tuple[str, dict[str, Any]]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for _, d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize(
+    ("check", "edit"),
+    [
+        # Feast's store must never evict.
+        (test_every_redis_has_maxmemory_and_the_right_eviction_policy,
+         lambda docs: _doc(docs, "ConfigMap", "tierserve-redis-config")["data"].update(
+             {"feast.conf": "appendonly yes\nmaxmemory 1536mb\nmaxmemory-policy allkeys-lru\ninclude /run/redis/auth.conf\n"})),
+        # A Redis without maxmemory.
+        (test_every_redis_has_maxmemory_and_the_right_eviction_policy,
+         lambda docs: _doc(docs, "ConfigMap", "tierserve-redis-config")["data"].update(
+             {"gcs.conf": "appendonly yes\nmaxmemory-policy noeviction\ninclude /run/redis/auth.conf\n"})),
+        # The password back on the command line.
+        (test_redis_passwords_are_not_on_any_command_line,
+         lambda docs: _doc(docs, "StatefulSet", "tierserve-redis")["spec"]["template"]["spec"]["containers"][0].update(
+             {"args": ["--requirepass", "$(REDIS_PASSWORD)"]})),
+        # KubeRay refuses a head that sets REDIS_PASSWORD with GCS fault tolerance on.
+        (test_gcs_fault_tolerance_uses_the_gcs_redis,
+         lambda docs: _doc(docs, "RayService", "tierserve")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+         ["spec"]["containers"][0]["env"].append({"name": "REDIS_PASSWORD", "value": "x"})),
+        # Redis open to every pod.
+        (test_network_policies_expose_only_serve_and_keep_redis_to_ray_pods,
+         lambda docs: _doc(docs, "NetworkPolicy", "tierserve-redis")["spec"]["ingress"].append(
+             {"ports": [{"protocol": "TCP", "port": 6379}]})),
+        # The dashboard open to all.
+        (test_network_policies_expose_only_serve_and_keep_redis_to_ray_pods,
+         lambda docs: _doc(docs, "NetworkPolicy", "tierserve-ray")["spec"]["ingress"][1]["ports"].append(
+             {"protocol": "TCP", "port": 8265})),
+        # The model volume writable from the GPU pods.
+        (test_gpu_pods_run_on_gpu_nodes_and_read_the_model_volume,
+         lambda docs: [m.pop("readOnly") for m in _doc(docs, "RayService", "tierserve")["spec"]["rayClusterConfig"]
+                       ["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMounts"]
+                       if m["name"] == "models"]),
+        # No accelerator nodeSelector.
+        (test_gpu_pods_run_on_gpu_nodes_and_read_the_model_volume,
+         lambda docs: _doc(docs, "RayService", "tierserve")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+         ["template"]["spec"].pop("nodeSelector")),
+        # A PDB that lets a whole group go at once.
+        (test_disruption_budgets_cover_each_worker_group_one_pod_at_a_time,
+         lambda docs: _doc(docs, "PodDisruptionBudget", "tierserve-ray-gpu")["spec"].update({"maxUnavailable": "100%"})),
+    ],
+)
+def test_new_checks_reject_broken_copies(check: Any, edit: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _broken(monkeypatch, edit)
+    with pytest.raises((AssertionError, KeyError, StopIteration)):
+        check()
