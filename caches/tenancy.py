@@ -11,6 +11,9 @@ import hmac
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
+
+from caches.keys import safe_part
 
 ENV_VAR = "TIERSERVE_API_KEYS"
 ADMIN_ENV_VAR = "TIERSERVE_ADMIN_KEYS"
@@ -120,3 +123,21 @@ class Tenants:
         if found is None:
             raise Unauthorized("invalid API key")
         return found
+
+
+def tenant_view(tenant: str, *, exact: dict[str, Any], semantic: dict[str, Any],
+                lookups: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """What ``GET /v1/cache/stats`` shows a tenant: its own counters and scopes, nothing of other
+    tenants (not even totals: sizes and hit counts of a shared cache tell a tenant what others ask).
+    Admins get the whole picture instead."""
+    part = safe_part(tenant)  # as the tenant appears inside keys
+    own_prefix = f"sem.{part}:"
+    mine = (exact.get("by_tenant") or {}).get(part, {"hits": 0, "misses": 0})
+    return {
+        "tenant": tenant,
+        "exact": {"hits": mine.get("hits", 0), "misses": mine.get("misses", 0),
+                  "available": exact.get("available", exact.get("status") != "unavailable")},
+        "semantic": {"scopes": {s: v for s, v in (semantic.get("scopes") or {}).items() if s.startswith(own_prefix)},
+                     "available": semantic.get("available", semantic.get("status") != "unavailable")},
+        "lookups": {layer: by_tenant.get(tenant, {}) for layer, by_tenant in lookups.items()},
+    }

@@ -77,6 +77,11 @@ class AppSettings(BaseModel):
     state_dir: str = str(REPO_ROOT / ".run")
     max_body_bytes: int = 256 * 1024
     api_keys: dict[str, str] = Field(default_factory=dict)  # key -> tenant; empty = auth off
+    # Bearer keys with admin rights (also TIERSERVE_ADMIN_KEYS, comma-separated); none = no admin.
+    admin_keys: list[str] = Field(default_factory=list)
+    # "auto": with no api_keys, only loopback clients are answered (a laptop); "off": anyone is the
+    # `default` tenant, deliberately (behind your own gateway). Never implied by a missing setting.
+    auth: Literal["auto", "off"] = "auto"
     llm: LLMSettings = Field(default_factory=LLMSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)
@@ -93,6 +98,8 @@ class AppSettings(BaseModel):
             settings.state_dir = env["TIERSERVE_STATE_DIR"]
         if env.get("TIERSERVE_LLM_MODEL"):
             settings.llm.model = env["TIERSERVE_LLM_MODEL"]
+        if env.get("TIERSERVE_ADMIN_KEYS"):
+            settings.admin_keys = [k.strip() for k in env["TIERSERVE_ADMIN_KEYS"].split(",") if k.strip()]
         return settings
 
     @property

@@ -8,6 +8,7 @@ request: the LLM answers with `x-cache: bypass`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -18,10 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.result import CacheUnavailable, ResultCache
-from caches.tenancy import Tenants, Unauthorized
+from caches.tenancy import AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
 from deployments import metrics
 from deployments.chat import ChatPath
@@ -44,22 +45,63 @@ app = FastAPI(title="tierserve", version="0.1.0", description="Ray Serve app wit
 RECS_MODEL = "recs"
 
 
-class BodySizeLimit(BaseHTTPMiddleware):
-    """Reject oversized bodies before parsing them: a client error, not a replica's problem."""
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class BodySizeLimit:
+    """Reject oversized bodies while reading them: a declared Content-Length over the limit is
+    refused before a byte is read, and a chunked upload is cut off as soon as it passes the limit
+    (never buffered whole). Within the limit, the body is handed on unchanged."""
 
     max_bytes = 256 * 1024  # set from the config by Ingress.__init__
 
-    async def dispatch(self, request: Request, call_next: Any) -> Any:
-        if request.method in ("POST", "PUT", "PATCH"):
-            declared = request.headers.get("content-length")
-            body = await request.body()
-            size = max(int(declared) if declared and declared.isdigit() else 0, len(body))
-            if size > self.max_bytes:
-                return JSONResponse(
-                    error_body(413, f"request body is {size} bytes; the limit is {self.max_bytes} bytes: send less"),
-                    status_code=413,
-                )
-        return await call_next(request)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(f"request body is {int(declared)} bytes; the limit is {limit} bytes: send less", send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._refuse(f"request body is over the limit of {limit} bytes: send less", send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: only a disconnect can come
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(message: str, send: Send) -> None:
+        response = JSONResponse(error_body(413, message), status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -78,6 +120,11 @@ app.add_middleware(BodySizeLimit)
 @app.exception_handler(Unauthorized)
 async def _on_unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
     return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+
+
+@app.exception_handler(Forbidden)
+async def _on_forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+    return JSONResponse(error_body(403, str(exc), err_type="permission_error"), status_code=403)
 
 
 @app.exception_handler(RequestValidationError)
@@ -106,6 +153,7 @@ class Ingress:
             self.redis, default_ttl_s=self.settings.cache.result_ttl_s, max_bytes=self.settings.cache.result_max_bytes
         )
         self.tenants = Tenants(self.settings.api_keys) if self.settings.api_keys else Tenants.from_env()
+        self.admins = AdminKeys(self.settings.admin_keys) if self.settings.admin_keys else AdminKeys.from_env()
         llm_cfg = self.settings.llm
         self.model_name = llm_cfg.served_model_name
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
@@ -115,6 +163,12 @@ class Ingress:
 
     # ---------------------------------------------------------------- helpers
     def _tenant(self, request: Request) -> str:
+        if not self.tenants.auth_enabled and self.settings.auth != "off":
+            client = request.client.host if request.client else ""
+            if not _is_loopback(client):
+                # no API keys: the app is a laptop's, open on loopback only (see AppSettings.auth)
+                raise Unauthorized("this server has no API keys configured, so it answers loopback clients only: "
+                                   "configure TIERSERVE_API_KEYS (or `api_keys`), or set `auth: off` in the config")
         return self.tenants.resolve(request.headers.get("authorization"))
 
     def _version(self, model: str) -> str:
@@ -190,7 +244,8 @@ class Ingress:
     # ------------------------------------------------------------ operations
     @app.get("/v1/cache/stats")
     async def cache_stats(self, request: Request) -> Any:
-        self._tenant(request)
+        admin = self.admins.is_admin(request.headers.get("authorization"))
+        tenant = None if admin else self._tenant(request)
         try:
             exact = self.results.stats()
         except CacheUnavailable:
@@ -202,11 +257,13 @@ class Ingress:
                 if s.name.endswith("_total"):
                     layer = lookups.setdefault(s.labels["layer"], {})
                     layer.setdefault(s.labels["tenant"], {})[s.labels["outcome"]] = s.value
+        if tenant is not None:
+            return tenant_view(tenant, exact=exact, semantic=semantic, lookups=lookups)
         return {"exact": exact, "semantic": semantic, "recommender": recs, "lookups_by_tenant": lookups}
 
     @app.post("/admin/models/{name}/version")
     async def bump_version(self, name: str, body: VersionBump, request: Request) -> Any:
-        self._tenant(request)
+        self.admins.require(request.headers.get("authorization"))
         if name not in (self.model_name, RECS_MODEL):
             return JSONResponse(error_body(404, f"unknown model '{name}'; known: {self.model_name}, {RECS_MODEL}"), status_code=404)
         try:

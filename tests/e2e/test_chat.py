@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -130,6 +131,15 @@ def test_oversized_body_is_rejected(client: httpx.Client, model_name: str) -> No
     resp = ask(client, model_name, "x" * 400_000)
     assert resp.status_code == 413
     assert "limit" in resp.json()["error"]["message"]
+
+
+def test_oversized_chunked_upload_is_cut_off_while_reading(client: httpx.Client) -> None:
+    def body() -> Iterator[bytes]:  # no Content-Length: the server must count as it reads
+        for _ in range(64):
+            yield b" " * 16_384
+
+    resp = client.post("/v1/chat/completions", content=body(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]["message"]
 
 
 def test_malformed_json_is_a_400(client: httpx.Client) -> None:

@@ -20,6 +20,7 @@ from tests.e2e.conftest import deploy_side_ingress, local_app_config
 APP_NAME = "tierserve-auth"
 PREFIX = "/auth"
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
+ADMIN_KEY = "admin-key-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def auth_url(app_url: str) -> Iterator[str]:
 
     settings = AppSettings.from_args(local_app_config().get("args"))
     settings.api_keys = KEYS
+    settings.admin_keys = [ADMIN_KEY]
     deploy_side_ingress(APP_NAME, PREFIX, settings)
     yield f"{app_url}{PREFIX}"
     serve.delete(APP_NAME)
@@ -67,6 +69,12 @@ def test_version_bump_makes_old_answers_unreachable_at_once(auth_url: str) -> No
     chat(auth_url, "key-acme", question)
     assert chat(auth_url, "key-acme", question).headers["x-cache"] == "exact"
     new_version = f"v-{uuid.uuid4().hex[:6]}"
+    # a tenant's key has no admin rights: it cannot wipe every tenant's caches
+    refused = httpx.post(f"{auth_url}/admin/models/{model}/version", headers=headers, json={"version": new_version},
+                         timeout=60)
+    assert refused.status_code == 403 and "admin key" in refused.json()["error"]["message"]
+    assert chat(auth_url, "key-acme", question).headers["x-cache"] == "exact"  # nothing was bumped
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
     bumped = httpx.post(f"{auth_url}/admin/models/{model}/version", headers=headers, json={"version": new_version}, timeout=60)
     assert bumped.status_code == 200 and bumped.json()["version"] == new_version
     time.sleep(1.0)  # versions are re-read at most every 0.5 s per replica
@@ -79,7 +87,20 @@ def test_version_bump_makes_old_answers_unreachable_at_once(auth_url: str) -> No
 
 
 def test_cache_stats_report_layers_and_tenants(auth_url: str) -> None:
+    chat(auth_url, "key-acme", f"What is a cache? ({uuid.uuid4().hex[:6]})")
     stats = httpx.get(f"{auth_url}/v1/cache/stats", headers={"authorization": "Bearer key-globex"}, timeout=60)
     assert stats.status_code == 200
     body = stats.json()
-    assert {"exact", "semantic", "recommender", "lookups_by_tenant"} <= set(body)
+    # a tenant sees its own numbers only: no other tenant's counters, scopes or totals
+    assert body["tenant"] == "globex" and "acme" not in stats.text and "by_tenant" not in body
+    assert all(s.startswith("sem.globex:") for s in body["semantic"]["scopes"])
+    admin = httpx.get(f"{auth_url}/v1/cache/stats", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60).json()
+    assert {"exact", "semantic", "recommender", "lookups_by_tenant"} <= set(admin)
+    assert "acme" in admin["exact"]["by_tenant"]
+
+
+def test_admin_routes_are_closed_without_admin_keys(client: httpx.Client, model_name: str) -> None:
+    # the session app configures no admin keys: nobody may bump, not even on loopback
+    resp = client.post(f"/admin/models/{model_name}/version", json={"version": "v-never"})
+    assert resp.status_code == 403 and "TIERSERVE_ADMIN_KEYS" in resp.json()["error"]["message"]
+    assert client.get("/v1/models").json()["data"][0]["version"] != "v-never"

@@ -53,3 +53,29 @@ def test_tenants_resolve_api_keys() -> None:
         parse_keys("novalue")
     with pytest.raises(ValueError):
         Tenants({"k": "bad:tenant"})
+
+
+def test_admin_keys_are_separate_from_tenant_keys() -> None:
+    import pytest
+
+    from caches.tenancy import AdminKeys, Forbidden
+
+    with pytest.raises(Forbidden, match="TIERSERVE_ADMIN_KEYS"):
+        AdminKeys.from_env({}).require("Bearer anything")  # none configured: closed, not open
+    admins = AdminKeys.from_env({"TIERSERVE_ADMIN_KEYS": "a1, a2"})
+    admins.require("Bearer a2")
+    assert admins.is_admin("bearer a1") and not admins.is_admin("Bearer k1") and not admins.is_admin(None)
+    with pytest.raises(Forbidden, match="admin key"):
+        admins.require("Bearer k1")
+
+
+def test_tenant_view_shows_a_tenant_only_its_own_numbers() -> None:
+    from caches.tenancy import tenant_view
+
+    exact = {"bytes": 999, "by_tenant": {"acme": {"hits": 3, "misses": 1}, "globex": {"hits": 7, "misses": 2}}}
+    semantic = {"counters": {"hits": 10}, "scopes": {"sem.acme:m@f:1:x": {"entries": 2}, "sem.globex:m@f:1:y": {}}}
+    lookups = {"exact": {"acme": {"hit": 3.0}, "globex": {"hit": 7.0}}}
+    view = tenant_view("acme", exact=exact, semantic=semantic, lookups=lookups)
+    assert view["exact"]["hits"] == 3 and list(view["semantic"]["scopes"]) == ["sem.acme:m@f:1:x"]
+    assert view["lookups"] == {"exact": {"hit": 3.0}}
+    assert "globex" not in str(view) and "999" not in str(view)
