@@ -51,6 +51,9 @@ class CacheSettings(BaseModel):
     semantic_max_bytes: int = 256 << 20
     semantic_ttl_s: float = 86_400.0
     cache_nondeterministic: bool = False
+    # Semantic mirrors in GPU memory when the SemanticCache replica has a GPU (configs/gpu.yaml);
+    # falls back to the CPU through the same code path (caches/vector_index.py).
+    semantic_faiss_gpu: bool = False
     embedding_ram_budget_bytes: int = 32 << 20
     embedding_ssd_budget_bytes: int = 256 << 20
 

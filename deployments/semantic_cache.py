@@ -50,6 +50,7 @@ class SemanticCacheDeployment:
             max_entries=self.settings.semantic_max_entries,
             max_bytes=self.settings.semantic_max_bytes,
             ttl_s=self.settings.semantic_ttl_s,
+            faiss_gpu=self.settings.semantic_faiss_gpu,
         )
         self.cache.start_background_sync()
 

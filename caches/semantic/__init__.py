@@ -128,6 +128,7 @@ class SemanticCache:
         error_bound: float = 0.01,
         dim: int = 384,
         guard: bool = True,
+        faiss_gpu: bool = False,
     ) -> None:
         if mode not in ("static", "adaptive"):
             raise ValueError(f"mode must be 'static' or 'adaptive', got {mode!r}")
@@ -150,7 +151,8 @@ class SemanticCache:
         self.redis_store = SemanticStore(client, max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
         self._pending = PendingLookups()
         self.mirror = StreamMirror(
-            client, dim, self.guard, queue_writes=self.redis_store.queue_hits, on_reset=self._pending.clear
+            client, dim, self.guard, queue_writes=self.redis_store.queue_hits, on_reset=self._pending.clear,
+            use_gpu=faiss_gpu,
         )
         self._lock = self.mirror.lock  # one lock for the mirror and the learning bookkeeping
         self.counters = {

@@ -29,6 +29,7 @@ import redis
 from caches.result import CacheUnavailable, RedisGuard
 from caches.semantic.decision import FloorBand
 from caches.semantic.store import EPOCH_KEY, STREAM_KEY, entry_key
+from caches.vector_index import make_ip_index, on_gpu
 
 SYNC_MIN_INTERVAL_S = 0.1  # a lookup syncs the stream at most this often (the thread does the rest)
 TRIM_CHECK_S = 5.0  # how often the background thread checks for a stream trimmed past our cursor
@@ -38,6 +39,9 @@ STREAM_BATCH = 1_000  # events read per XREAD
 # the other replicas for the few cores a Serve replica gets.
 FAISS_OMP_THREADS = 1
 MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created"]
+# GPU mirrors: rebuild once removed entries are this share of the index (and at least this many).
+TOMBSTONE_FRACTION = 0.2
+TOMBSTONE_MIN = 64
 
 
 @dataclass
@@ -62,16 +66,26 @@ class EntryMeta:
 
 @dataclass
 class ScopeIndex:
-    """One scope's vectors and entry metadata, plus the adaptive floor learned for it here."""
+    """One scope's vectors and entry metadata, plus the adaptive floor learned for it here.
+
+    On a GPU (``use_gpu`` and one visible, see :mod:`caches.vector_index`) the flat index cannot
+    ``remove_ids``: removed entries become tombstones, filtered out of every search, and the index
+    is rebuilt from its live vectors once tombstones pass :data:`TOMBSTONE_FRACTION` of it (the
+    approach DESIGN.md names for indexes without removal). On the CPU entries are removed at once.
+    """
 
     dim: int
+    use_gpu: bool = False
     index: Any = None
     ids: set[int] = field(default_factory=set)
     meta: dict[int, EntryMeta] = field(default_factory=dict)
     band: FloorBand = field(default_factory=FloorBand)
+    tombstones: set[int] = field(default_factory=set)
+    removable: bool = True  # False: tombstones instead of remove_ids (a GPU index)
 
     def __post_init__(self) -> None:
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.index = make_ip_index(self.dim, self.use_gpu)
+        self.removable = self.removable and not on_gpu(self.index)
 
     def add(self, ids: Sequence[int], vectors: np.ndarray, meta: Sequence[EntryMeta]) -> None:
         """Add entries not yet here (idempotent by id, so snapshot and stream may overlap)."""
@@ -80,26 +94,50 @@ class ScopeIndex:
             return
         for i in fresh:
             self.meta[ids[i]] = meta[i]
-        self.index.add_with_ids(
-            np.ascontiguousarray(vectors[fresh], dtype=np.float32),
-            np.asarray([ids[i] for i in fresh], dtype=np.int64),
-        )
+        # an entry removed and seen again (a reload) is still in the index: revive, do not re-add
+        revived = [i for i in fresh if ids[i] in self.tombstones]
+        self.tombstones.difference_update(ids[i] for i in revived)
+        new = [i for i in fresh if i not in set(revived)]
+        if new:
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors[new], dtype=np.float32),
+                np.asarray([ids[i] for i in new], dtype=np.int64),
+            )
         self.ids.update(ids[i] for i in fresh)
 
     def remove(self, ids: Sequence[int]) -> None:
         gone = [i for i in ids if i in self.ids]
-        if gone:
+        if not gone:
+            return
+        self.ids.difference_update(gone)
+        for i in gone:
+            self.meta.pop(i, None)
+        if self.removable:
             self.index.remove_ids(np.asarray(gone, dtype=np.int64))
-            self.ids.difference_update(gone)
-            for i in gone:
-                self.meta.pop(i, None)
+            return
+        self.tombstones.update(gone)
+        if len(self.tombstones) > max(TOMBSTONE_MIN, TOMBSTONE_FRACTION * self.index.ntotal):
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """A fresh index of the live vectors only (GPU path: drops every tombstone)."""
+        all_ids = faiss.vector_to_array(self.index.id_map)
+        vectors = self.index.index.reconstruct_n(0, self.index.ntotal) if self.index.ntotal else None
+        live = np.asarray([j for j, i in enumerate(all_ids) if int(i) not in self.tombstones], dtype=np.int64)
+        self.index = make_ip_index(self.dim, self.use_gpu)
+        if vectors is not None and len(live):
+            self.index.add_with_ids(np.ascontiguousarray(vectors[live]), all_ids[live])
+        self.tombstones.clear()
 
     def search(self, vec: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The ``k`` nearest (id, cosine), nearest first; empty when the scope is."""
         if self.index.ntotal == 0:
             return []
-        sims, ids = self.index.search(vec[None, :], min(k, self.index.ntotal))
-        return [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
+        wanted = min(k + len(self.tombstones), self.index.ntotal)
+        sims, ids = self.index.search(vec[None, :], wanted)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True)
+                 if i >= 0 and int(i) not in self.tombstones]
+        return found[:k]
 
 
 def _id_lt(a: str, b: str) -> bool:
@@ -124,10 +162,12 @@ class StreamMirror:
         *,
         queue_writes: Callable[[Any], None],
         on_reset: Callable[[], None],
+        use_gpu: bool = False,
     ) -> None:
         faiss.omp_set_num_threads(FAISS_OMP_THREADS)
         self.client = client
         self.dim = dim
+        self.use_gpu = use_gpu  # mirrors on the GPU when one is visible (caches.vector_index)
         self.guard = guard
         self.lock = threading.RLock()
         self.scopes: dict[str, ScopeIndex] = {}
@@ -284,7 +324,7 @@ class StreamMirror:
 
     def load(self, scope: str) -> ScopeIndex:
         """A scope's snapshot from Redis (not yet registered: see :meth:`register`)."""
-        index = ScopeIndex(self.dim)
+        index = ScopeIndex(self.dim, self.use_gpu)
         ids = [int(m) for m in self.client.zrange(f"{scope}:lfu", 0, -1)]
         for start in range(0, len(ids), SNAPSHOT_BATCH):
             chunk = ids[start : start + SNAPSHOT_BATCH]

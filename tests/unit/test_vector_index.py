@@ -104,3 +104,29 @@ def test_recommender_item_index_is_the_same_with_or_without_the_gpu_setting(tmp_
         index = ItemIndex(tmp_path / "items.parquet", use_gpu=use_gpu)
         assert index.size == 300 and index.ids == frozenset(int(i) for i in ids)
         assert index.search(query, 20) == expected
+
+
+def test_semantic_mirror_without_remove_ids_uses_tombstones_and_rebuilds() -> None:
+    """The GPU path of the semantic mirror (no remove_ids), run on the CPU: same answers."""
+    import numpy as np
+
+    from caches.semantic.mirror import TOMBSTONE_MIN, EntryMeta, ScopeIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = list(range(1000, 1300))
+    gpu_like, cpu = ScopeIndex(16, removable=False), ScopeIndex(16)
+    for index in (gpu_like, cpu):
+        index.add(ids, vectors, [EntryMeta("q", "a") for _ in ids])
+        index.remove(ids[:40])  # below the rebuild point on the tombstone side
+    assert gpu_like.tombstones and gpu_like.index.ntotal == 300 and cpu.index.ntotal == 260
+    for q in vectors[:50]:
+        assert gpu_like.search(q, 5) == cpu.search(q, 5)
+    for index in (gpu_like, cpu):
+        index.remove(ids[40:40 + TOMBSTONE_MIN])
+    assert not gpu_like.tombstones and gpu_like.index.ntotal == cpu.index.ntotal  # rebuilt
+    for q in vectors[::7]:
+        assert gpu_like.search(q, 5) == cpu.search(q, 5)
+    gpu_like.add(ids[:1], vectors[:1], [EntryMeta("q", "a")])  # re-added after removal
+    assert gpu_like.search(vectors[0], 1)[0][0] == ids[0]
