@@ -45,12 +45,12 @@ from ray import serve
 
 from caches.invalidation import PendingInvalidations
 from caches.redis_client import REDIS_ERRORS, make_client
-from caches.result import CacheUnavailable, ResultCache
+from caches.result import CacheUnavailable
 from caches.tiers.base import TierUnavailable
 from caches.tiers.rocksdb import claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments.config import RecommenderSettings
-from deployments.recommender_model import RecsModel
+from deployments.recommender_model import RecommendationResults, RecsModel
 from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
 from feature_store.pipeline import RepoInfo
 
@@ -76,13 +76,6 @@ PENDING_KEY = "tierserve:recs:pending-invalidations"
 ROCKSDB_PREFIX = "recommender-"
 # Every failure of the cache plumbing: none may escape a request as a 500.
 CACHE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TierUnavailable, CacheUnavailable)
-
-
-class RecommendationResults(ResultCache):
-    """The result cache under its own namespace, hence its own byte total and budget: sharing
-    the chat cache's bookkeeping would let one budget evict the other's entries."""
-
-    NAMESPACE = "recs"
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
@@ -364,10 +357,11 @@ class RecommenderDeployment:
 
     # ---------------------------------------------------------- operations
     def reload(self, version: str | None = None) -> str:
-        """Load the repo again for `version` (default: the version in Redis): new caches swapped
-        in, the old ones closed when their last request ends."""
-        target = version or self.versions.current(RECS_MODEL)
-        self._follow(target, force=True)
+        """Serve `version` (a no-op when this replica already follows it: the admin route calls
+        this on one replica after the bump, which every replica picks up by itself anyway), or,
+        with no version, load the repo again: new caches swapped in, the old ones closed when
+        their last request ends."""
+        self._follow(version or self.versions.current(RECS_MODEL), force=version is None)
         return self.models.current.version
 
     def stats(self) -> dict[str, Any]:

@@ -17,12 +17,20 @@ import numpy as np
 import pandas as pd
 
 from caches.features import FeatureCache
+from caches.result import ResultCache
 from caches.tiered import TieredCache
 from caches.tiers.feast import FeastTier, FeastView
 from caches.vector_index import make_ip_index
 from deployments.config import RecommenderSettings
 from feature_store import names
 from feature_store.pipeline import RepoInfo
+
+
+class RecommendationResults(ResultCache):
+    """The result cache under its own namespace, hence its own byte total and budget: sharing
+    the chat cache's bookkeeping would let one budget evict the other's entries."""
+
+    NAMESPACE = "recs"
 
 
 class ItemIndex:

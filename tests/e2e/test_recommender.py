@@ -30,6 +30,7 @@ SOURCE_REPO = REPO_ROOT / "feature_store"
 APP_NAME = "tierserve-recs"
 PREFIX = "/recs"
 START_TIMEOUT_S = 600
+OWN_REDIS: dict[str, str] = {}  # the module app's own Redis URL, for tests that act on it directly
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def recs(app_url: str, repo_copy: RepoInfo, tmp_path_factory: pytest.TempPathFac
     from deployments.recommender import RecommenderDeployment
 
     with EmbeddedRedis() as own_redis:
+        OWN_REDIS["url"] = own_redis.url
         settings = AppSettings.from_args(local_app_config().get("args"))
         settings.redis_url = own_redis.url
         settings.state_dir = str(tmp_path_factory.mktemp("recs_state"))
@@ -208,3 +210,35 @@ def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
         body = recommend(recs, cold_user, 10)
         assert body["degraded"] is False and len(body["items"]) == 10
     assert recommend(recs, warm_user, 99)["degraded"] is False
+
+
+def test_events_say_their_invalidation_was_published(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    user = repo_copy.user_ids_sample[7]
+    resp = recs.post("/v1/events", json={"user_id": user, "item_id": repo_copy.popular_items[5], "type": "view"})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["invalidation"] == "published"
+
+
+# Last in the module: it moves the module app to another model version.
+def test_every_replica_follows_a_version_bump_written_only_to_redis(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    import redis
+
+    from caches.versions import VERSIONS_KEY
+
+    user = repo_copy.user_ids_sample[8]
+    until_replicas(recs, user, range(1, 30))
+    # No `reload` call reaches any replica: only the version in Redis changes, as another
+    # Ingress (or the CLI) would leave it. Every replica must notice on its own.
+    client = redis.Redis.from_url(OWN_REDIS["url"])
+    try:
+        client.hset(VERSIONS_KEY, "recs", "followed-v2")
+    finally:
+        client.close()
+    seen: dict[str, str] = {}
+    for k in range(30, 101):
+        body = recommend(recs, user, k)
+        seen[body["replica"]] = body["model_version"]
+        if len(seen) >= 2 and set(seen.values()) == {"followed-v2"}:
+            break
+    assert len(seen) >= 2 and set(seen.values()) == {"followed-v2"}, seen
+    assert body["degraded"] is False and len(body["items"]) == k  # the new version's caches serve

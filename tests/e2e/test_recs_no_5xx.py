@@ -100,3 +100,18 @@ def test_valid_events_never_get_a_5xx_other_than_a_retry_later(
 
     run()
     assert not failures, "\n".join(failures)
+
+
+def _feast_user_misses(client: httpx.Client) -> int:
+    stats = client.get("/v1/cache/stats").json()["recommender"]["user_features"]["tiers"]
+    return int(stats["feast"]["misses"])
+
+
+def test_an_unknown_user_reaches_feast_once_not_on_every_request(client: httpx.Client) -> None:
+    user = 10**12 + 3  # no such user in the data set
+    before = _feast_user_misses(client)
+    for k in range(1, 11):  # distinct k: the result cache cannot be what answers
+        resp = client.post("/v1/recommendations", json={"user_id": user, "k": k})
+        assert resp.status_code == 200 and resp.json()["cold_start"] is True, resp.text
+    # The session app runs one Recommender replica, so its stats saw every one of these reads.
+    assert _feast_user_misses(client) - before == 1

@@ -127,3 +127,19 @@ def test_dead_replicas_rocksdb_directories_are_reclaimed_live_ones_kept(tmp_path
         live.kill()
         live.wait(30)
     assert [p.name for p in reclaim_dead_dirs(root, prefix="recommender-")] == ["recommender-live", "recommender-me"]
+
+
+def test_recommendation_results_keep_their_own_budget_apart_from_the_chat_cache(redis_client: redis.Redis) -> None:
+    from caches.result import ResultCache
+    from deployments.recommender_model import RecommendationResults
+
+    chat = ResultCache(redis_client, max_bytes=1 << 20)
+    chat_keys = [chat.key(tenant="t", model="m", version="1", payload=i) for i in range(20)]
+    for k in chat_keys:
+        chat.put(k, b"x" * 100)
+    budget = 20_000
+    recs = RecommendationResults(redis_client, max_bytes=budget)
+    for user in range(2_000):  # a flood of distinct users: 100x the budget
+        recs.put(recs.key(tenant="t", model="recs", version="1", payload={"user": user}), b"y" * 1_000)
+        assert int(redis_client.get(recs._bytes_key) or 0) <= budget
+    assert all(chat.get(k) == b"x" * 100 for k in chat_keys)  # the chat entries were not evicted
