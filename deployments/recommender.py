@@ -103,6 +103,7 @@ class RecommenderDeployment:
         self._gen_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._builds = 0
+        self._redis_run_id: str | None = None
         self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
                                                  lambda m: m.close(remove_files=True))
         self._stop = threading.Event()
@@ -139,9 +140,29 @@ class RecommenderDeployment:
         if version != self.models.current.version:
             self._follow(version)
 
+    def _check_redis_restart(self) -> None:
+        """A Redis that came back empty lost the pending-invalidation records with everything
+        else: this replica's SSD copies of user rows may then be stale for good (and a read may
+        already have promoted one into the new, empty RAM). So when the server's run id changes,
+        drop every user row this replica holds, here and in RAM; Feast still has them all."""
+        run_id = self.redis.info("server").get("run_id")
+        if self._redis_run_id is not None and run_id != self._redis_run_id:
+            with self.models.lease() as m:
+                ssd = m.users.tiered.ssd
+                keys = list(ssd.keys()) if ssd is not None else []  # noqa: SIM118 (a method)
+                if not m.users.tiered.invalidate(keys, broadcast=False):
+                    return  # RAM unreachable again: retry on the next tick, run id not taken
+            # Results computed from such a row in the moment before this check: gone too.
+            self.results.delete_prefix(f"{RecommendationResults.NAMESPACE}.")
+            with self._gen_lock:
+                self._read_gen.clear()  # generations restarted from 0 with the server
+            log.warning("Redis restarted (run id %s -> %s): dropped %d user rows", self._redis_run_id, run_id, len(keys))
+        self._redis_run_id = run_id
+
     def _watch(self) -> None:
         while not self._stop.wait(self.settings.watch_interval_s):
             try:
+                self._check_redis_restart()
                 self._follow_current()
                 self.pending.sweep(self._invalidate_users_of)
             except CACHE_ERRORS as exc:  # Redis down: the next tick retries
