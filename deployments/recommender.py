@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ GENERATIONS_REMEMBERED = 100_000
 SECOND_INVALIDATION_S = 2.0
 EVENT_LOCK_TIMEOUT_S = 10.0
 EVENT_LOCK_WAIT_S = 5.0
+# A version whose load failed (missing files, disk full) is tried again after this long.
+FAILED_LOAD_RETRY_S = 30.0
 PENDING_KEY = "tierserve:recs:pending-invalidations"
 ROCKSDB_PREFIX = "recommender-"
 # Every failure of the cache plumbing: none may escape a request as a 500.
@@ -104,6 +107,7 @@ class RecommenderDeployment:
         self._reload_lock = threading.Lock()
         self._builds = 0
         self._redis_run_id: str | None = None
+        self._failed: dict[str, float] = {}  # version -> when its failed load may be tried again
         self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
                                                  lambda m: m.close(remove_files=True))
         self._stop = threading.Event()
@@ -126,10 +130,13 @@ class RecommenderDeployment:
         with self._reload_lock:
             if version == self.models.current.version and not force:
                 return True
+            if not force and self._failed.get(version, 0.0) > time.monotonic():
+                return False  # failed moments ago: requests must not each pay for a doomed load
             try:
                 new = self._build(version)
             except Exception:
                 log.exception("loading model version %s failed; still serving %s", version, self.models.current.version)
+                self._failed[version] = time.monotonic() + FAILED_LOAD_RETRY_S
                 return False
             old = self.models.swap(new)
             log.info("model version %s -> %s", old.version, version)
