@@ -51,9 +51,11 @@ from caches.tiers.base import TierUnavailable
 from caches.tiers.rocksdb import claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments.config import RecommenderSettings
-from deployments.recommender_model import RecommendationResults, RecsModel
+from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel
 from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
 from feature_store.pipeline import RepoInfo
+
+__all__ = ["ItemIndex", "RecommenderDeployment"]  # ItemIndex: its home moved to recommender_model
 
 log = logging.getLogger("tierserve.recommender")
 
