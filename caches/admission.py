@@ -32,13 +32,15 @@ import hashlib
 import heapq
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from caches.tiers.redis import RedisTier
+
+T = TypeVar("T")
 
 # Caffeine's defaults; the simulator (benchmarks/simulate_policies.py) confirms them on ratings
 # traces: a 1% window is enough because a burst's key is re-read (and counted) within the burst.
@@ -60,6 +62,14 @@ CLIMB_STEP_FRACTION = 0.0625
 CLIMB_STEP_DECAY = 0.98
 CLIMB_RESTART_THRESHOLD = 0.05
 MAX_WINDOW_FRACTION = 0.80  # access counts buffered while Redis is down, flushed on return
+# Keys per placement script call. Redis' Lua caps `unpack` (and a C call's arguments) near 8,000
+# values; the record script unpacks 4 BITFIELD words per sketch row per key (16 per key), so a
+# batch of ~500 keys failed with `too many results to unpack`. 256 keys = 4,096 values: half the
+# cap, and it bounds each call's run time (the server is single-threaded). Chunks of one batch
+# are applied in order, which is what one call over the whole batch would have done.
+MAX_KEYS_PER_SCRIPT = 256
+# Sketch counters per BITFIELD command when flushing the counts buffered during an outage.
+MAX_COUNTERS_PER_FLUSH = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,6 +689,11 @@ return #s
 """
 
 
+def _chunks(items: Sequence[T], n: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), n):
+        yield list(items[i : i + n])
+
+
 class SharedWTinyLFU:
     """W-TinyLFU whose sketch and metadata live in the RAM tier's Redis (see module note)."""
 
@@ -703,19 +718,19 @@ class SharedWTinyLFU:
         return [c.width, SKETCH_DEPTH, c.budget_bytes, c.window_bytes, repr(c.protected_fraction)]
 
     def record(self, keys: Sequence[str], hits: set[str]) -> None:
-        if not keys:
-            return
-        args = self._record_args(fetch=False)
-        for k in keys:
-            args += [k, 1 if k in hits else 0]
-        self._run_record(keys, args)
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            args = self._record_args(fetch=False)
+            for k in chunk:
+                args += [k, 1 if k in hits else 0]
+            self._run_record(chunk, args)
 
     def lookup(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """Read the RAM tier and record the accesses in one round trip (see `_LUA_RECORD`)."""
-        if not keys:
-            return {}
-        reply = self._run_record(keys, [*self._record_args(fetch=True), *keys])
-        return {k: v for k, v in zip(keys, reply[1:], strict=True) if v is not None}
+        """Read the RAM tier and record the accesses, one round trip per chunk (see `_LUA_RECORD`)."""
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            reply = self._run_record(chunk, [*self._record_args(fetch=True), *chunk])
+            found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
+        return found
 
     def _record_args(self, *, fetch: bool) -> list[object]:
         c = self.cfg
@@ -740,11 +755,12 @@ class SharedWTinyLFU:
         return reply
 
     def _flush_pending(self) -> None:
-        ops: list[object] = ["OVERFLOW", "SAT"]
-        for key, n in self.pending.items():
-            for o in sketch_indexes(key, self.cfg.width):
-                ops += ["INCRBY", "u4", f"#{o}", min(n, COUNTER_MAX)]
-        self.tier._call("placement.flush", self.tier.client.execute_command, "BITFIELD", self.keys[7], *ops)
+        incr = [(o, min(n, COUNTER_MAX)) for key, n in self.pending.items() for o in sketch_indexes(key, self.cfg.width)]
+        for chunk in _chunks(incr, MAX_COUNTERS_PER_FLUSH):
+            ops: list[object] = ["OVERFLOW", "SAT"]
+            for o, n in chunk:
+                ops += ["INCRBY", "u4", f"#{o}", n]
+            self.tier._call("placement.flush", self.tier.client.execute_command, "BITFIELD", self.keys[7], *ops)
         self.pending.clear()
 
     def age(self) -> None:
@@ -758,15 +774,18 @@ class SharedWTinyLFU:
     def admit(self, sizes: dict[str, int]) -> Placement:
         if not sizes:
             return Placement()
-        args: list[object] = list(self._common)
-        for k, size in sizes.items():
-            args += [k, size]
-        evicted = self.tier._call("placement.admit", self._admit, self.keys, args)
-        return _split(list(sizes), [e.decode() if isinstance(e, bytes) else e for e in evicted])
+        evicted: list[str] = []
+        for chunk in _chunks(list(sizes), MAX_KEYS_PER_SCRIPT):
+            args: list[object] = list(self._common)
+            for k in chunk:
+                args += [k, sizes[k]]
+            reply = self.tier._call("placement.admit", self._admit, self.keys, args)
+            evicted += [e.decode() if isinstance(e, bytes) else e for e in reply]
+        return _split(list(sizes), evicted)
 
     def remove(self, keys: Sequence[str]) -> None:
-        if keys:
-            self.tier._call("placement.remove", self._remove, self.keys, [*self._common, *keys])
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            self.tier._call("placement.remove", self._remove, self.keys, [*self._common, *chunk])
 
     def resident_bytes(self) -> int:
         raw = self.tier._call("placement.bytes", self.tier.client.hvals, self.keys[5])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from caches.tiers.redis import REDIS_ERRORS, make_client
+from caches.redis_client import REDIS_ERRORS, make_client
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class InvalidationBus:
         self.stream = stream
         self.origin = origin or f"replica-{id(self):x}-{time.monotonic_ns()}"
         self.client = make_client(url)
-        self._reader = redis.Redis.from_url(url, socket_timeout=STREAM_SOCKET_TIMEOUT_S, socket_connect_timeout=0.5)
+        self._reader = make_client(url, socket_timeout_s=STREAM_SOCKET_TIMEOUT_S)
         self._last_id = "$"
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -68,9 +68,9 @@ class InvalidationBus:
         try:
             raw = self.client.xadd(self.stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
         except REDIS_ERRORS as exc:
-            # The shared RAM copy is unreachable too, so nothing stale can be served from it;
-            # local SSD copies elsewhere stay stale until their TTL: say so loudly.
-            log.warning("invalidation not published (redis down): %s", exc)
+            # Any Redis error, not only a dead connection (OOM refuses XADD too). The caller
+            # learns it from the None and keeps its durable pending record for a retry.
+            log.warning("invalidation not published (redis failed): %s", exc)
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
@@ -81,8 +81,9 @@ class InvalidationBus:
             info = self._reader.xinfo_stream(self.stream)
             last = info.get("last-generated-id") or info.get(b"last-generated-id")
             self._last_id = last.decode() if isinstance(last, bytes) else str(last)
-        except redis.ResponseError:  # no stream yet
-            self._last_id = "0-0"
+        except redis.ResponseError as exc:
+            # no stream yet: read from the start; any other error: from "now" on the next try
+            self._last_id = "0-0" if "no such key" in str(exc).lower() else "$"
         except REDIS_ERRORS:
             self._last_id = "$"
 
@@ -136,3 +137,66 @@ class InvalidationBus:
             self._thread = None
         self.client.close()
         self._reader.close()
+
+
+# Remove a pending record only if nobody re-armed it since it was read (same score): a newer
+# event of the same entity keeps its own record. KEYS: zset; ARGV: member, score pairs.
+_SETTLE = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i]); n = n + 1
+  end
+end
+return n
+"""
+# Pending records settled per script call (bounds the script's run time and argument count).
+SETTLE_BATCH = 256
+
+
+class PendingInvalidations:
+    """Durable "this entity's cached copies must still be dropped" records, in a Redis ZSET.
+
+    Why: an invalidation that fails after its source-of-truth write (the cache Redis failed right
+    after a Feast push) used to be lost; the old row then lived on in RAM and other replicas' SSD.
+    The writer `arm`s a record *before* the write (score = when the retry is due), and the record
+    is removed only after an invalidation that reached everyone. Every replica `sweep`s due
+    records: drops the copies, publishes, and settles. Replaying an invalidation is harmless
+    (idempotent), so two replicas sweeping the same record is only wasted work.
+    A record's due time also covers reads that straddled the write: they fetched the old row
+    before it and may place it after the first invalidation; the sweep's second drop removes it.
+    """
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client = client
+        self.key = key
+        self._settle = client.register_script(_SETTLE)
+
+    def arm(self, member: str, due_in_s: float) -> None:
+        """Record before the write (raises a Redis error when the record cannot be made)."""
+        self.client.zadd(self.key, {member: time.time() + due_in_s})
+
+    def due(self, limit: int = SETTLE_BATCH) -> list[tuple[str, float]]:
+        raw = self.client.zrangebyscore(self.key, "-inf", time.time(), start=0, num=limit, withscores=True)
+        return [(m.decode() if isinstance(m, bytes) else str(m), float(s)) for m, s in raw]
+
+    def settle(self, records: list[tuple[str, float]]) -> int:
+        n = 0
+        for i in range(0, len(records), SETTLE_BATCH):
+            args: list[object] = []
+            for member, score in records[i : i + SETTLE_BATCH]:
+                args += [member, repr(score)]
+            n += int(self._settle(keys=[self.key], args=args))
+        return n
+
+    def count(self) -> int:
+        return int(self.client.zcard(self.key))
+
+    def sweep(self, apply: Callable[[list[str]], bool]) -> int:
+        """Apply every due record; settle those `apply` confirms reached everyone. Raises Redis
+        errors (the caller's loop retries on its next tick)."""
+        records = self.due()
+        if not records or not apply([m for m, _ in records]):
+            return 0
+        return self.settle(records)

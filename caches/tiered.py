@@ -12,7 +12,7 @@ Why it is built this way:
   reads never exceed LRU's for the same SSD budget.
 - Crash safety: a demotion writes the SSD copy first and deletes the RAM copy second. A SIGKILL
   in between leaves the entry in both tiers (a duplicate that the next admission or TTL cleans),
-  never in neither. `PAUSE_BEFORE_UPPER_DELETE_ENV` lets the tests kill a process right there.
+  never in neither. Tests inject `before_upper_delete` (a callable) to kill a process right there.
 - Failure: RAM unavailable -> reads fall through to SSD and cold, the policy buffers access
   counts locally, callers get `degraded=True` and no exception; the Redis client reconnects by
   itself once the breaker reopens. Cold unavailable -> what the upper tiers hold is served, the
@@ -28,12 +28,10 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
-import os
-import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +44,6 @@ from caches.tiers.rocksdb import RocksDBTier
 
 log = logging.getLogger(__name__)
 
-PAUSE_BEFORE_UPPER_DELETE_ENV = "TIERSERVE_TEST_PAUSE_BEFORE_UPPER_DELETE_S"
-DEMOTION_MARKER = "tierserve: demotion lower-written"
 # SSD drops are batched: deleting one key per over-budget check would write a batch per read.
 SSD_DROP_BATCH = 64
 
@@ -103,6 +99,9 @@ class TieredCache:
                 self._ssd_tick[k] = 0
                 self._ssd_heap.append((0, k))
         self.counters = TieredStats(ssd_budget_bytes=ssd_budget_bytes)
+        # Called with the demoted keys between the SSD write and the RAM delete of a demotion:
+        # tests inject a callable here to crash a process at that point. None in production.
+        self.before_upper_delete: Callable[[list[str]], None] | None = None
         if bus is not None:
             bus.subscribe(self._on_event)
 
@@ -222,11 +221,15 @@ class TieredCache:
         self._enforce_ssd_budget()
         return ok
 
-    def invalidate(self, keys: Sequence[str], *, broadcast: bool = True) -> None:
+    def invalidate(self, keys: Sequence[str], *, broadcast: bool = True) -> bool:
+        """Drop every copy of the keys; True when it reached everyone: the shared RAM copy was
+        deleted and the stream carries the keys to the other replicas. False means a replica
+        may still hold an old copy: the caller keeps its pending record and retries."""
         keys = list(dict.fromkeys(keys))
-        self._drop_everywhere(keys)
-        if broadcast and self.bus is not None:
-            self.bus.publish_keys(keys)
+        done = self._drop_everywhere(keys)
+        if broadcast and self.bus is not None and keys:
+            done = self.bus.publish_keys(keys) is not None and done
+        return done
 
     def purge_prefix(self, prefix: str, *, broadcast: bool = True) -> int:
         """Delete every key under a prefix (an old model version) from every tier copy."""
@@ -247,18 +250,20 @@ class TieredCache:
             self.bus.publish_prefix(prefix)
         return n
 
-    def _drop_everywhere(self, keys: list[str]) -> None:
+    def _drop_everywhere(self, keys: list[str]) -> bool:
         if not keys:
-            return
+            return True
+        ram_ok = True
         if self.ram is not None:
             try:
                 self.ram.delete_many(keys)
                 if self.policy is not None:
                     self.policy.remove(keys)
             except TierUnavailable:
-                pass  # nobody can read the RAM copy while it is down; the stream still carries it
+                ram_ok = False  # the RAM copy may come back with Redis: the caller retries
         if self.ssd is not None:
             self.ssd.delete_many(keys)
+        return ram_ok
 
     def _on_event(self, event: InvalidationEvent) -> None:
         if self.bus is not None and event.origin == self.bus.origin:
@@ -277,11 +282,8 @@ class TieredCache:
             if need:
                 self._ssd_put(self.ram.get_many(need))  # 1. lower tier first
         admitted = {k: candidates[k] for k in placement.admitted}
-        if placement.demoted:
-            pause = os.environ.get(PAUSE_BEFORE_UPPER_DELETE_ENV)
-            if pause:
-                print(DEMOTION_MARKER, placement.demoted, file=sys.stderr, flush=True)
-                time.sleep(float(pause))
+        if placement.demoted and self.before_upper_delete is not None:
+            self.before_upper_delete(placement.demoted)
         if isinstance(self.ttl, dict):
             self._grouped_put(self.ram, admitted)
             self.ram.delete_many(placement.demoted)  # 2. upper tier second

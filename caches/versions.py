@@ -14,14 +14,20 @@ new version immediately.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 
-from caches.result import CacheUnavailable, RedisGuard
+from caches.redis_client import Breaker
+from caches.result import CacheUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 VERSIONS_KEY = "models.__versions"
 # Staleness bound for a bump seen from another replica (see module doc).
@@ -42,7 +48,7 @@ class ModelVersions:
         self.client = client
         self.defaults = dict(defaults)
         self.cache_s = cache_s
-        self.guard = RedisGuard()
+        self.guard = Breaker("model versions")
         self._local: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._bump = client.register_script(_BUMP_SCRIPT)
@@ -55,7 +61,7 @@ class ModelVersions:
         if cached and now - cached[1] < self.cache_s:
             return cached[0]
         try:
-            raw = self.guard.call(lambda: self.client.hget(VERSIONS_KEY, model))
+            raw = self.guard.call("versions.get", self.client.hget, VERSIONS_KEY, model)
         except CacheUnavailable:
             # caches are bypassed while Redis is down, so a stale version cannot serve stale data
             return cached[0] if cached else self._default(model)
@@ -68,7 +74,7 @@ class ModelVersions:
         """Set the model's version; returns the previous one (raises CacheUnavailable if Redis is down)."""
         if not version or ":" in version:
             raise ValueError("version must be non-empty and contain no ':'")
-        raw = self.guard.call(lambda: self._bump(keys=[VERSIONS_KEY], args=[model, version]))
+        raw = self.guard.call("versions.bump", lambda: self._bump(keys=[VERSIONS_KEY], args=[model, version]))
         previous = raw.decode() if raw is not None else self._default(model)
         with self._lock:
             self._local[model] = (version, time.monotonic())
@@ -77,7 +83,7 @@ class ModelVersions:
     def all(self) -> dict[str, str]:
         out = dict(self.defaults)
         try:
-            stored = self.guard.call(lambda: self.client.hgetall(VERSIONS_KEY))
+            stored = self.guard.call("versions.all", self.client.hgetall, VERSIONS_KEY)
         except CacheUnavailable:
             return out
         out.update({k.decode(): v.decode() for k, v in stored.items()})
@@ -119,3 +125,55 @@ def purge_in_background(
     )
     thread.start()
     return thread
+
+
+class Leased(Generic[T]):
+    """The current value of something swappable (a model version's caches), handed out in
+    leases: `swap` installs a new value at once, and the old one is closed only when the last
+    lease taken on it ends, so a reload never closes caches an in-flight request is using."""
+
+    def __init__(self, value: T, close: Callable[[T], None]) -> None:
+        self._value = value
+        self._close = close
+        self._leases: dict[int, int] = {id(value): 0}
+        self._retired: dict[int, T] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> T:
+        return self._value
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[T]:
+        with self._lock:
+            value = self._value
+            self._leases[id(value)] += 1
+        try:
+            yield value
+        finally:
+            self._release(value)
+
+    def swap(self, new: T) -> T:
+        with self._lock:
+            old, self._value = self._value, new
+            self._leases[id(new)] = 0
+            self._retired[id(old)] = old
+        self._release(old, taken=False)
+        return old
+
+    def in_flight(self, value: T) -> int:
+        with self._lock:
+            return self._leases.get(id(value), 0)
+
+    def _release(self, value: T, *, taken: bool = True) -> None:
+        key = id(value)
+        with self._lock:
+            if taken:
+                self._leases[key] -= 1
+            if key not in self._retired or self._leases[key] > 0:
+                return
+            del self._retired[key], self._leases[key]
+        try:
+            self._close(value)
+        except Exception:  # closing old caches must never fail a request that merely finished last
+            log.exception("closing a retired value failed")

@@ -65,6 +65,16 @@ class RecommenderSettings(BaseModel):
     ssd_budget_bytes: int = 64 << 20
     candidates: int = 200
     result_ttl_s: float = 600.0
+    # Bounded memory: the recommendation results' own byte budget in Redis (oldest out first),
+    # how long "Feast does not know this user" is remembered (so a flood of unknown ids stops
+    # reaching Feast; an event of the user makes it stale at once), and the feature entries' TTL
+    # in RAM and SSD (an entry whose invalidation was lost can never live longer than this).
+    result_max_bytes: int = 16 << 20
+    unknown_user_ttl_s: float = 30.0
+    feature_ttl_s: float = 3600.0
+    # How often an idle replica looks for a model-version bump and due pending invalidations
+    # (a request also checks the version, through ModelVersions' 0.5 s cache).
+    watch_interval_s: float = 0.5
     # "feast-only" reads every feature straight from Feast (no RAM/SSD tiers): the baseline arm of
     # benchmarks/recommend_load.py, and a way to rule the tiers out when debugging.
     tiers: Literal["all", "feast-only"] = "all"

@@ -2,17 +2,30 @@
 
 Per request: result cache (user, model version, k, user generation) -> the user's features
 through the TieredCache -> FAISS inner-product search over item embeddings -> the candidates'
-features in one batched read -> score, drop items already rated, top-k. The item index is built
-at start from the feature repo and rebuilt when the model version changes.
+features in one batched read -> score, drop items already rated, top-k. What one model version
+needs (index, feature caches) is a `RecsModel` (deployments/recommender_model.py).
 
-Events (`record_event`): the user's updated row goes into Feast through its push source
-(feature_store/events.py), then the user's feature entries are invalidated on every replica
-(TieredCache.invalidate: shared RAM copy now, every replica's SSD copy through the Redis
-Stream), then the user's generation counter moves, which makes their cached results unreachable.
+Model versions: every replica follows the version in Redis (caches/versions.py): each request
+reads it through ModelVersions' 0.5 s cache, and a watcher thread checks it when the replica is
+idle. A new version's caches are built beside the old ones and swapped in; the old ones close
+when their last in-flight request ends (`Leased`). `reload` (the admin route's call) does the same.
 
-Failure: Feast unreachable -> answers from what the tiers hold, `degraded: true`, or a 503 with
-a message when they hold nothing usable; Redis unreachable -> no result cache, features from SSD
-and Feast (degraded), events refused with a 503 (nothing is written half-way).
+Events (`record_event`): a durable pending-invalidation record is written first (Redis ZSET, see
+caches/invalidation.py PendingInvalidations), then the user's row goes into Feast through its
+push source, then the user's feature entries are invalidated on every replica and the user's
+generation counter moves (cached results become unreachable). If Redis fails after the push the
+answer says `"invalidation": "pending"`, and the record is replayed by whichever replica's
+watcher sees it due, until it reaches everyone. Every record is replayed once more after
+`SECOND_INVALIDATION_S`, which drops an old row re-cached by a read that straddled the push.
+
+Bounded memory: results have their own byte budget (`result_max_bytes`), cold-start answers are
+not result-cached, unknown user ids are remembered for `unknown_user_ttl_s` (per generation, so
+an event of that user makes the memo stale at once), feature entries carry a TTL.
+
+Failure: no Redis error ever escapes as a 500. Feast unreachable -> answers from what the tiers
+hold, `degraded: true`, or a 503 with a message when they hold nothing usable; Redis unreachable
+or failing (OOM, BUSY, script errors) -> no result cache, features from SSD and Feast
+(degraded); events refused with a 503 when nothing was written.
 """
 
 from __future__ import annotations
@@ -22,26 +35,27 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import redis
 from prometheus_client import generate_latest
 from ray import serve
 
-from caches.features import FeatureCache
-from caches.result import CacheUnavailable, ResultCache
-from caches.tiered import TieredCache
-from caches.tiers.feast import FeastTier, FeastView
-from caches.vector_index import make_ip_index
-from caches.versions import ModelVersions
+from caches.invalidation import PendingInvalidations
+from caches.redis_client import REDIS_ERRORS, make_client
+from caches.result import CacheUnavailable
+from caches.tiers.base import TierUnavailable
+from caches.tiers.rocksdb import claim_dir, reclaim_dead_dirs
+from caches.versions import Leased, ModelVersions
 from deployments.config import RecommenderSettings
-from feature_store import names
+from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel
 from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
 from feature_store.pipeline import RepoInfo
+
+__all__ = ["ItemIndex", "RecommenderDeployment"]  # ItemIndex: its home moved to recommender_model
 
 log = logging.getLogger("tierserve.recommender")
 
@@ -61,38 +75,12 @@ GENERATIONS_REMEMBERED = 100_000
 SECOND_INVALIDATION_S = 2.0
 EVENT_LOCK_TIMEOUT_S = 10.0
 EVENT_LOCK_WAIT_S = 5.0
-
-
-class ItemIndex:
-    """FAISS inner-product index over the L2-normalised item embeddings of one model version."""
-
-    def __init__(self, item_parquet: Path, use_gpu: bool = False) -> None:
-        frame = pd.read_parquet(item_parquet, columns=[names.ITEM_KEY, "embedding", "popularity"])
-        vectors = np.stack(frame["embedding"].to_numpy()).astype(np.float32)
-        ids = frame[names.ITEM_KEY].to_numpy(dtype=np.int64)
-        # On the replica's GPU when the config asks and Ray gave it one; the CPU otherwise.
-        self.index = make_ip_index(vectors.shape[1], use_gpu=use_gpu)
-        self.index.add_with_ids(vectors, ids)
-        self.size = len(frame)
-        self.ids = frozenset(int(i) for i in ids)  # the catalogue: events may only name these
-
-    def search(self, vector: np.ndarray, k: int) -> list[int]:
-        _, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), min(k, self.size))
-        return [int(i) for i in ids[0] if i >= 0]
-
-
-def _feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, rocksdb_dir: Path, view: str,
-                   entity_key: str, model_version: str, share: float) -> FeatureCache:
-    if settings.tiers == "feast-only":
-        # No RAM or SSD tier: every read is one Feast call (the benchmark's baseline arm).
-        cold = FeastTier(repo, [FeastView(view, entity_key)])
-        tiered = TieredCache(ram=None, ssd=None, cold=cold, ssd_budget_bytes=0, name=f"features-{view}")
-        return FeatureCache(tiered, view=view, entity_key=entity_key, model_version=model_version)
-    return FeatureCache.open(
-        redis_url=redis_url, rocksdb_dir=rocksdb_dir, feast_repo=repo, view=view, entity_key=entity_key,
-        model_version=model_version, ram_budget_bytes=int(settings.ram_budget_bytes * share),
-        ssd_budget_bytes=int(settings.ssd_budget_bytes * share),
-    )
+# A version whose load failed (missing files, disk full) is tried again after this long.
+FAILED_LOAD_RETRY_S = 30.0
+PENDING_KEY = "tierserve:recs:pending-invalidations"
+ROCKSDB_PREFIX = "recommender-"
+# Every failure of the cache plumbing: none may escape a request as a 500.
+CACHE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TierUnavailable, CacheUnavailable)
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
@@ -100,32 +88,99 @@ class RecommenderDeployment:
     def __init__(self, redis_url: str, state_dir: str, settings: dict[str, Any]) -> None:
         self.settings = RecommenderSettings.model_validate(settings)
         self.repo = Path(self.settings.feast_repo)
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.redis = make_client(redis_url)
         self.redis_url = redis_url
-        self.results = ResultCache(self.redis, default_ttl_s=self.settings.result_ttl_s)
+        self.results = RecommendationResults(self.redis, default_ttl_s=self.settings.result_ttl_s,
+                                             max_bytes=self.settings.result_max_bytes)
+        self.pending = PendingInvalidations(self.redis, PENDING_KEY)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.rocksdb_root = Path(state_dir) / "rocksdb" / f"recommender-{self.replica}"
-        self.info = RepoInfo.load(self.repo)
-        self.versions = ModelVersions(self.redis, {RECS_MODEL: self.info.model_version})
+        # Directories are named by replica id: a restarted replica gets a new one. Claim ours,
+        # then give back the space of replicas that are gone (before opening any RocksDB here).
+        rocksdb_parent = Path(state_dir) / "rocksdb"
+        self.rocksdb_root = rocksdb_parent / f"{ROCKSDB_PREFIX}{self.replica}"
+        self._owner = claim_dir(self.rocksdb_root)
+        for gone in reclaim_dead_dirs(rocksdb_parent, prefix=ROCKSDB_PREFIX, keep=self.rocksdb_root):
+            log.info("reclaimed the RocksDB directory of a dead replica: %s", gone)
+        info = RepoInfo.load(self.repo)
+        self.versions = ModelVersions(self.redis, {RECS_MODEL: info.model_version})
         self.writer = UserActivityWriter(self.repo)
         self._read_gen: OrderedDict[int, int] = OrderedDict()
         self._gen_lock = threading.Lock()
-        self._load(self.info)
+        self._reload_lock = threading.Lock()
+        self._builds = 0
+        self._redis_run_id: str | None = None
+        self._failed: dict[str, float] = {}  # version -> when its failed load may be tried again
+        self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
+                                                 lambda m: m.close(remove_files=True))
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="recs-watch", daemon=True)
+        self._watcher.start()
 
-    def _load(self, info: RepoInfo) -> None:
-        self.model_version = info.model_version
-        self.index = ItemIndex(info.files["item_features"], use_gpu=self.settings.faiss_gpu)
-        rated = pd.read_parquet(info.files["rated"])
-        self.rated = {int(u): set(map(int, items)) for u, items in zip(rated[names.USER_KEY], rated["item_ids"], strict=True)}
-        self.genre_list = list(info.genres)
-        self.genres = {g: i for i, g in enumerate(info.genres)}
-        popular = info.popular_items
-        self.popular = [(int(item), 1.0 - rank / max(len(popular), 1)) for rank, item in enumerate(popular)]
-        common = dict(redis_url=self.redis_url, repo=self.repo, model_version=info.model_version)
-        self.users = _feature_cache(self.settings, rocksdb_dir=self.rocksdb_root / "users", view=names.USER_VIEW,
-                                    entity_key=names.USER_KEY, share=0.25, **common)
-        self.items = _feature_cache(self.settings, rocksdb_dir=self.rocksdb_root / "items", view=names.ITEM_VIEW,
-                                    entity_key=names.ITEM_KEY, share=1.0, **common)
+    def _build(self, version: str, info: RepoInfo | None = None) -> RecsModel:
+        self._builds += 1  # each build its own SSD directory: the one it replaces may still be open
+        return RecsModel(self.settings, info or RepoInfo.load(self.repo), version=version, slot=self._builds,
+                         redis_url=self.redis_url, rocksdb_root=self.rocksdb_root)
+
+    @property
+    def model_version(self) -> str:
+        return self.models.current.version
+
+    # -------------------------------------------------------- version watch
+    def _follow(self, version: str, *, force: bool = False) -> bool:
+        """Serve `version` from now on (no-op when already there unless `force`); one reload at a
+        time. A load that fails leaves the current version serving: a bad bump is not an outage."""
+        with self._reload_lock:
+            if version == self.models.current.version and not force:
+                return True
+            if not force and self._failed.get(version, 0.0) > time.monotonic():
+                return False  # failed moments ago: requests must not each pay for a doomed load
+            try:
+                new = self._build(version)
+            except Exception:
+                log.exception("loading model version %s failed; still serving %s", version, self.models.current.version)
+                self._failed[version] = time.monotonic() + FAILED_LOAD_RETRY_S
+                return False
+            old = self.models.swap(new)
+            log.info("model version %s -> %s", old.version, version)
+            return True
+
+    def _follow_current(self) -> None:
+        version = self.versions.current(RECS_MODEL)  # cached 0.5 s: almost always no round trip
+        if version != self.models.current.version:
+            self._follow(version)
+
+    def _check_redis_restart(self) -> None:
+        """A Redis that came back empty lost the pending-invalidation records with everything
+        else: this replica's SSD copies of user rows may then be stale for good (and a read may
+        already have promoted one into the new, empty RAM). So when the server's run id changes,
+        drop every user row this replica holds, here and in RAM; Feast still has them all."""
+        run_id = self.redis.info("server").get("run_id")
+        if self._redis_run_id is not None and run_id != self._redis_run_id:
+            with self.models.lease() as m:
+                ssd = m.users.tiered.ssd
+                keys = list(ssd.keys()) if ssd is not None else []  # noqa: SIM118 (a method)
+                if not m.users.tiered.invalidate(keys, broadcast=False):
+                    return  # RAM unreachable again: retry on the next tick, run id not taken
+            # Results computed from such a row in the moment before this check: gone too.
+            self.results.delete_prefix(f"{RecommendationResults.NAMESPACE}.")
+            with self._gen_lock:
+                self._read_gen.clear()  # generations restarted from 0 with the server
+            log.warning("Redis restarted (run id %s -> %s): dropped %d user rows", self._redis_run_id, run_id, len(keys))
+        self._redis_run_id = run_id
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.watch_interval_s):
+            try:
+                self._check_redis_restart()
+                self._follow_current()
+                self.pending.sweep(self._invalidate_users_of)
+            except CACHE_ERRORS as exc:  # Redis down: the next tick retries
+                log.debug("watch tick skipped: %s", exc)
+            except Exception:
+                log.exception("recommender watch tick failed")
+
+    def __del__(self) -> None:
+        self._stop.set()
 
     # ---------------------------------------------------------------- keys
     @staticmethod
@@ -136,17 +191,17 @@ class RecommenderDeployment:
     def _rated_key(user_id: int) -> str:
         return f"tierserve:recs:rated:{user_id}"
 
-    def _generation(self, user_id: int) -> int:
-        """Bumped by every event of the user: older cached results become unreachable at once."""
-        return int(self.redis.get(self._gen_key(user_id)) or 0)
+    @staticmethod
+    def _unknown_key(version: str, user_id: int) -> str:
+        return f"tierserve:recs:unknown:{version}:{user_id}"
 
-    def _seen(self, user_id: int) -> set[int]:
-        seen = set(self.rated.get(user_id, ()))
-        with contextlib.suppress(redis.RedisError):
+    def _seen(self, m: RecsModel, user_id: int) -> set[int]:
+        seen = set(m.rated.get(user_id, ()))
+        with contextlib.suppress(*REDIS_ERRORS):
             seen |= {int(x) for x in self.redis.smembers(self._rated_key(user_id))}
         return seen
 
-    def _ensure_fresh(self, user_id: int, gen: int | None) -> None:
+    def _ensure_fresh(self, m: RecsModel, user_id: int, gen: int | None) -> None:
         """Read-your-writes on every replica: the stream delivers an event's invalidation within
         milliseconds, but a request can arrive sooner. When the user's generation moved since this
         replica last read their features, drop this replica's copies before reading."""
@@ -159,47 +214,74 @@ class RecommenderDeployment:
             self._read_gen[user_id] = gen
             while len(self._read_gen) > GENERATIONS_REMEMBERED:
                 self._read_gen.popitem(last=False)
-        self.users.tiered.invalidate([self.users.key(user_id)], broadcast=False)
+        m.users.tiered.invalidate([m.users.key(user_id)], broadcast=False)
 
     # ----------------------------------------------------------- recommend
     def recommend(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
-        key, gen = None, None
+        with contextlib.suppress(*CACHE_ERRORS):
+            self._follow_current()  # Redis down: keep serving the version we have
+        with self.models.lease() as m:
+            try:
+                return self._recommend(m, user_id, k, tenant)
+            except CACHE_ERRORS as exc:
+                # The last line of defence: a Redis failure the paths below did not absorb is a
+                # dependency failure (retry later), never a 500.
+                log.warning("recommendation for user %s failed on the cache: %s", user_id, exc)
+                return {"status": 503, "message": "the cache store failed while answering; retry shortly"}
+
+    def _recommend(self, m: RecsModel, user_id: int, k: int, tenant: str) -> dict[str, Any]:
+        key, gen, unknown = None, None, False
         try:
-            gen = self._generation(user_id)
-            if self.settings.result_cache:
+            # One round trip: the user's generation and the "Feast does not know them" memo.
+            raw_gen, raw_unknown = self.redis.mget([self._gen_key(user_id), self._unknown_key(m.version, user_id)])
+            gen = int(raw_gen or 0)
+            unknown = raw_unknown is not None and int(raw_unknown) == gen
+            if self.settings.result_cache and not unknown:
                 payload = {"user": user_id, "k": k, "gen": gen}
-                key = self.results.key(tenant=tenant, model=RECS_MODEL, version=self.model_version, payload=payload)
+                key = self.results.key(tenant=tenant, model=RECS_MODEL, version=m.version, payload=payload)
                 hit = self.results.get(key)
                 if hit is not None:
                     return {**json.loads(hit), "cached": True, "replica": self.replica}
-        except (CacheUnavailable, redis.RedisError):
+        except CACHE_ERRORS:
             key = None
-        answer = self._compute(user_id, k, gen)
-        if key is not None and answer.get("status", 200) == 200 and not answer["degraded"]:
-            with contextlib.suppress(CacheUnavailable):
+        if unknown:
+            return self._cold_start(m, user_id, k)
+        answer = self._compute(m, user_id, k, gen)
+        if answer.get("cold_start") and gen is not None:
+            # Feast does not know this user: remember it briefly (an event moves `gen`, which
+            # makes the memo stale at once), and keep cold-start lists out of the result budget.
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.redis.set(self._unknown_key(m.version, user_id), gen, ex=max(1, int(self.settings.unknown_user_ttl_s)))
+        elif key is not None and answer.get("status", 200) == 200 and not answer["degraded"]:
+            with contextlib.suppress(*CACHE_ERRORS):
                 self.results.put(key, json.dumps(answer).encode())
         return answer
 
-    def _compute(self, user_id: int, k: int, gen: int | None) -> dict[str, Any]:
-        self._ensure_fresh(user_id, gen)
-        user = self.users.get([user_id])
-        base = {"user_id": user_id, "model_version": self.model_version, "cached": False, "replica": self.replica}
+    def _base(self, m: RecsModel, user_id: int) -> dict[str, Any]:
+        return {"user_id": user_id, "model_version": m.version, "cached": False, "replica": self.replica}
+
+    def _cold_start(self, m: RecsModel, user_id: int, k: int) -> dict[str, Any]:
+        seen = self._seen(m, user_id)
+        items = [{"item_id": i, "score": round(s, 6)} for i, s in m.popular if i not in seen][:k]
+        return {**self._base(m, user_id), "items": items, "cold_start": True, "degraded": False,
+                "sources": {"user": None, "items": {}}}
+
+    def _compute(self, m: RecsModel, user_id: int, k: int, gen: int | None) -> dict[str, Any]:
+        self._ensure_fresh(m, user_id, gen)
+        user = m.users.get([user_id])
         if user_id not in user.features:
             if user.degraded:
                 return {"status": 503, "message": "the feature store is unreachable and this user's features are "
                                                   "not cached on any tier; retry shortly"}
-            seen = self._seen(user_id)
-            items = [{"item_id": i, "score": round(s, 6)} for i, s in self.popular if i not in seen][:k]
-            return {**base, "items": items, "cold_start": True, "degraded": False,
-                    "sources": {"user": None, "items": {}}}
+            return self._cold_start(m, user_id, k)
 
         feats = user.features[user_id]
         u_emb = np.asarray(feats["embedding"], dtype=np.float32)
         affinity = np.asarray(feats.get("genre_affinity") or [], dtype=np.float32)
-        seen = self._seen(user_id)
+        seen = self._seen(m, user_id)
         wanted = max(self.settings.candidates, CANDIDATES_PER_K * k) + len(seen)
-        candidates = [i for i in self.index.search(u_emb, wanted) if i not in seen]
-        batch = self.items.get(candidates)
+        candidates = [i for i in m.index.search(u_emb, wanted) if i not in seen]
+        batch = m.items.get(candidates)
         scored = []
         for item_id in candidates:
             f = batch.features.get(item_id)
@@ -208,7 +290,7 @@ class RecommenderDeployment:
             score = float(np.dot(u_emb, np.asarray(f["embedding"], dtype=np.float32)))
             score += W_MEAN_RATING * (float(f.get("mean_rating") or 0.0) - 3.0) / 2.0
             if affinity.size:
-                idx = [self.genres[g] for g in f.get("genres") or [] if g in self.genres]
+                idx = [m.genres[g] for g in f.get("genres") or [] if g in m.genres]
                 if idx:
                     score += W_GENRE * float(affinity[idx].mean())
             scored.append((score, item_id))
@@ -218,7 +300,8 @@ class RecommenderDeployment:
                                               "items' features are cached; retry shortly"}
         items = [{"item_id": i, "score": round(s, 6)} for s, i in scored[:k]]
         return {
-            **base, "items": items, "cold_start": False, "degraded": bool(batch.degraded or user.degraded),
+            **self._base(m, user_id), "items": items, "cold_start": False,
+            "degraded": bool(batch.degraded or user.degraded),
             # Which tier answered, like the chat route's x-cache: the operator's first question.
             "sources": {"user": user.sources.get(user_id), "items": dict(Counter(batch.sources.values()))},
             "user_activity": {"n_ratings": feats.get("n_ratings"), "last_ts": feats.get("last_ts")},
@@ -230,79 +313,97 @@ class RecommenderDeployment:
             activity = Activity.parse(event)
         except EventRejected as exc:
             return {"status": exc.status, "message": exc.message}
+        with contextlib.suppress(*CACHE_ERRORS):
+            self._follow_current()
+        with self.models.lease() as m:
+            return self._record(m, activity)
+
+    def _record(self, m: RecsModel, activity: Activity) -> dict[str, Any]:
         user_id, item_id = activity.user_id, activity.item_id
-        if item_id not in self.index.ids:
+        if item_id not in m.index.ids:
             return {"status": 404, "message": f"item_id {item_id} is not in the catalogue of model version "
-                                              f"{self.model_version}; events must name a known item"}
+                                              f"{m.version}; events must name a known item"}
         # One event of a user at a time (across replicas): the push is a read-modify-write.
         lock = self.redis.lock(f"tierserve:recs:eventlock:{user_id}", timeout=EVENT_LOCK_TIMEOUT_S,
                                blocking_timeout=EVENT_LOCK_WAIT_S)
         try:
             if not lock.acquire():
                 return {"status": 503, "message": f"another event of user {user_id} is still being recorded; retry it"}
-        except redis.RedisError:
+        except REDIS_ERRORS:
             return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
         try:
-            return self._record_locked(activity)
-        except redis.RedisError:
-            return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
+            return self._record_locked(m, activity)
         finally:
-            with contextlib.suppress(redis.RedisError):  # an expired lock is released by its timeout anyway
+            with contextlib.suppress(*REDIS_ERRORS):  # an expired lock is released by its timeout anyway
                 lock.release()
 
-    def _record_locked(self, activity: Activity) -> dict[str, Any]:
+    def _record_locked(self, m: RecsModel, activity: Activity) -> dict[str, Any]:
         user_id, item_id = activity.user_id, activity.item_id
-        item = self.items.get([item_id])
+        item = m.items.get([item_id])
         if item_id not in item.features:
             if item.degraded:
                 return {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
             return {"status": 404, "message": f"item_id {item_id} has no features in the feature store"}
-        if activity.type == "rating":
-            # Before the push and idempotent: a failed push leaves nothing a retry would double.
-            self.redis.sadd(self._rated_key(user_id), item_id)
         try:
-            row, new_user = self.writer.record(activity, item.features[item_id], self.genre_list)
+            # Before the push: if Redis fails after it, this record still says "invalidate user".
+            self.pending.arm(str(user_id), SECOND_INVALIDATION_S)
+            if activity.type == "rating":
+                # Before the push and idempotent: a failed push leaves nothing a retry would double.
+                self.redis.sadd(self._rated_key(user_id), item_id)
+        except REDIS_ERRORS:
+            return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
+        try:
+            row, new_user = self.writer.record(activity, item.features[item_id], m.genre_list)
         except FeatureStoreUnavailable as exc:
             log.warning("event of user %s not recorded: %s", user_id, exc)
             return {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
-        self.users.invalidate([user_id])
+        published = self._invalidate_users(m, [user_id])
         out: dict[str, Any] = {"status": 202, "accepted": True, "user_id": user_id, "item_id": item_id,
                                "type": activity.type, "new_user": new_user, "n_ratings": row["n_ratings"],
-                               "invalidated": ["user_features", "results"], "replica": self.replica}
-        try:
-            # Last: a result computed from now on is computed from the pushed row.
-            self.redis.incr(self._gen_key(user_id))
-        except redis.RedisError:
-            out["invalidated"] = ["user_features"]
-            out["warning"] = "Redis failed after the push: cached results of this user may be served until they expire"
-        timer = threading.Timer(SECOND_INVALIDATION_S, self._invalidate_quietly, args=([user_id],))
-        timer.daemon = True
-        timer.start()
+                               "invalidation": "published" if published else "pending", "replica": self.replica,
+                               "invalidated": ["user_features", "results"] if published else []}
+        if not published:
+            out["warning"] = ("Redis failed after the push: the invalidation is recorded and will be retried "
+                              "until every replica has it; this user's old answers may be served until then")
         return out
 
-    def _invalidate_quietly(self, user_ids: list[int]) -> None:
+    def _invalidate_users(self, m: RecsModel, user_ids: list[int]) -> bool:
+        """Drop the users' feature copies everywhere, then move their generations (cached
+        results unreachable). True only when both reached everyone."""
         try:
-            self.users.invalidate(user_ids)
-        except Exception:  # a timer thread: log, never raise into nothing
-            log.exception("second invalidation of %s failed", user_ids)
+            ok = m.users.tiered.invalidate([m.users.key(u) for u in user_ids])
+            pipe = self.redis.pipeline(transaction=False)
+            for u in user_ids:
+                pipe.incr(self._gen_key(u))
+            pipe.execute()
+        except CACHE_ERRORS as exc:
+            log.warning("invalidation of users %s not published yet: %s", user_ids[:5], exc)
+            return False
+        return ok
+
+    def _invalidate_users_of(self, members: list[str]) -> bool:
+        with self.models.lease() as m:
+            return self._invalidate_users(m, [int(u) for u in members])
 
     # ---------------------------------------------------------- operations
     def reload(self, version: str | None = None) -> str:
-        self.info = RepoInfo.load(self.repo)
-        self.users.close()
-        self.items.close()
-        self._load(self.info)
-        if version:
-            self.model_version = version
-        return self.model_version
+        """Serve `version` (a no-op when this replica already follows it: the admin route calls
+        this on one replica after the bump, which every replica picks up by itself anyway), or,
+        with no version, load the repo again: new caches swapped in, the old ones closed when
+        their last request ends."""
+        self._follow(version or self.versions.current(RECS_MODEL), force=version is None)
+        return self.models.current.version
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "model_version": self.model_version, "items_indexed": self.index.size, "replica": self.replica,
-            "tiers": self.settings.tiers, "result_cache": self.settings.result_cache,
-        }
-        for name, cache in (("user_features", self.users), ("item_features", self.items)):
-            out[name] = dataclasses.asdict(cache.tiered.stats())
+        with self.models.lease() as m:
+            out: dict[str, Any] = {
+                "model_version": m.version, "items_indexed": m.index.size, "replica": self.replica,
+                "tiers": self.settings.tiers, "result_cache": self.settings.result_cache,
+            }
+            for name, cache in (("user_features", m.users), ("item_features", m.items)):
+                out[name] = dataclasses.asdict(cache.tiered.stats())
+        with contextlib.suppress(*CACHE_ERRORS):
+            out["pending_invalidations"] = self.pending.count()
         return out
 
     def metrics_text(self) -> bytes:

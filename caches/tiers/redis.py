@@ -4,10 +4,10 @@ Why these choices:
 - One round trip per batch: MGET for reads, a Lua script for writes and deletes (the script also
   keeps a per-key size hash and a byte total, so `size_bytes` is the cluster-wide logical size
   without a SCAN; bytes = len(key) + len(value), Redis' own per-key overhead is not counted).
-- Failure is normal: any ConnectionError/TimeoutError becomes `TierUnavailable` (callers degrade
-  to the tiers below), and a short circuit breaker skips Redis for `RETRY_AFTER_S` so a dead
-  server costs one refused connect per interval, not one per request. redis-py drops a broken
-  connection from its pool, so the first call after the breaker reopens reconnects by itself.
+- Failure is normal: any Redis error (connection, timeout, OOM, BUSY, a script error) becomes
+  `TierUnavailable` (callers degrade to the tiers below); the breaker and the client factory are
+  caches/redis_client.py's, shared by every cache. redis-py drops a broken connection from its
+  pool, so the first call after the breaker reopens reconnects by itself.
 - Retries are off in the client: the tiered cache has a better fallback (the next tier) than
   waiting for Redis.
 - Scripts travel by EVALSHA with an automatic reload (redis-py `Script`), so a restarted, empty
@@ -18,31 +18,18 @@ Why these choices:
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from caches import metrics
+from caches.redis_client import REDIS_ERRORS, RETRY_AFTER_S, Breaker, make_client
 from caches.tiers.base import TierStats, TierUnavailable
 
-# Loopback GET is ~0.1 ms; a call that has not answered in this long is a sick server (a loaded
-# 2-core box stalls for hundreds of ms at times: 1 s, overridable, avoids false outages).
-SOCKET_TIMEOUT_S = float(os.environ.get("TIERSERVE_REDIS_TIMEOUT_S", "1.0"))
-CONNECT_TIMEOUT_S = 0.5
-# After a failure, skip Redis for this long before trying again (circuit breaker).
-RETRY_AFTER_S = 0.5
+__all__ = ["MAX_KEYS_PER_CALL", "REDIS_ERRORS", "RETRY_AFTER_S", "RedisTier", "make_client"]
+
 # Keep single commands bounded: one huge MGET blocks the (single-threaded) server for everyone.
 MAX_KEYS_PER_CALL = 1000
-
-REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
-)
 
 # Admitted values in, displaced values out, one round trip: ARGV ttl_ms, n_puts, puts..., deletes...
 _PUT_DELETE = """
@@ -84,18 +71,6 @@ return n
 """
 
 
-def make_client(url: str) -> redis.Redis:
-    """A client that fails fast and never retries on its own (see the module note)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_error=[],
-        health_check_interval=0,
-    )
-
-
 class RedisTier:
     """`get_many`/`put_many`/`delete_many` over a shared Redis; values are opaque bytes."""
 
@@ -108,25 +83,22 @@ class RedisTier:
         self._delete = self.client.register_script(_DELETE)
         self._put_delete = self.client.register_script(_PUT_DELETE)
         self._stats = TierStats()
-        self._down_until = 0.0
-        self._lock = threading.Lock()
+        self.breaker = Breaker(f"redis {url}")
 
     # -- availability -----------------------------------------------------------------------
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        return self.breaker.available
 
     def _call(self, op: str, fn: Any, *args: Any, ns: str = "-") -> Any:
-        if not self.available:
-            raise TierUnavailable(f"redis {self.url} is down (retrying in < {RETRY_AFTER_S}s)")
+        """Every Redis error (connection, OOM, BUSY, a script error) is `RedisUnavailable`, a
+        `TierUnavailable`: the tiered cache degrades to the tiers below, never raises it on."""
         try:
-            return fn(*args)
-        except REDIS_ERRORS as exc:
-            with self._lock:
-                self._down_until = time.monotonic() + RETRY_AFTER_S
-                self._stats.errors += 1
+            return self.breaker.call(op, fn, *args)
+        except TierUnavailable:
+            self._stats.errors += 1
             metrics.ERRORS.labels(tier=self.name, namespace=ns).inc()
-            raise TierUnavailable(f"redis {self.url} failed during {op}: {exc}") from exc
+            raise
 
     def ping(self) -> bool:
         try:
@@ -206,7 +178,9 @@ class RedisTier:
     # -- maintenance ------------------------------------------------------------------------
     def scan_prefix(self, prefix: str, count: int = 1000) -> Iterator[str]:
         """Keys starting with prefix (SCAN, never KEYS: it does not block the server)."""
-        for raw in self._call("scan", self.client.scan_iter, f"{_glob_escape(prefix)}*", count):
+        # Listed inside the guarded call: a generator would raise its Redis errors unguarded.
+        found = self._call("scan", lambda: list(self.client.scan_iter(f"{_glob_escape(prefix)}*", count)))
+        for raw in found:
             yield raw.decode() if isinstance(raw, bytes) else raw
 
     def reconcile(self) -> int:

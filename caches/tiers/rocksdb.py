@@ -11,15 +11,23 @@ Why these choices:
 - TTL per entry, not RocksDB's DB-wide TTL: each value carries an 8-byte expiry header, an
   expired entry reads as a miss and is deleted lazily. Sizes (key + payload) are kept in memory
   (rebuilt by one scan at open) so budgets and `size_bytes` cost nothing per call.
+- Directories are per process and named after it, so a restarted process gets a new one and the
+  old one would stay on the node's disk for ever. `claim_dir` marks a directory as owned by a
+  live process (a `flock` held on a file beside it for the process' life) and `reclaim_dead_dirs`,
+  run at start, deletes the siblings nobody owns (no owner lock and no RocksDB LOCK held).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import struct
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from rocksdict import BlockBasedOptions, Cache, DataBlockIndexType, Options, Rdict, WriteBatch
 
@@ -152,6 +160,84 @@ class RocksDBTier:
     def close(self) -> None:
         # Closing releases the LOCK so the directory can be reopened (by us or a successor).
         self._db.close()
+
+
+OWNER_SUFFIX = ".owner"
+
+
+def claim_dir(path: Path | str) -> IO[bytes]:
+    """Mark `path` as this process' own for as long as the returned file stays open.
+
+    The owner file is created already locked (locked under a temporary name, then renamed), and
+    before the directory exists, so `reclaim_dead_dirs` in another process never sees the
+    directory without a live owner while this one is starting."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}{OWNER_SUFFIX}.tmp"
+    handle = open(tmp, "wb")  # noqa: SIM115 (held open on purpose: the lock lives as long as it)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.replace(tmp, _owner_file(path))
+    path.mkdir(parents=True, exist_ok=True)
+    return handle
+
+
+def _owner_file(path: Path) -> Path:
+    return path.parent / f"{path.name}{OWNER_SUFFIX}"
+
+
+def _flock_held(file: Path) -> bool:
+    """flock locks belong to an open file, so this works from any process, our own included."""
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing our descriptor drops the lock we may have just taken
+    return False
+
+
+def _rocksdb_lock_held(lock: Path) -> bool:
+    """RocksDB's LOCK is a POSIX (fcntl) lock, which belongs to a process: only meaningful for
+    directories this process has not opened (closing our descriptor would drop our own lock)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def reclaim_dead_dirs(root: Path | str, *, prefix: str, keep: Path | str | None = None) -> list[Path]:
+    """Delete `root`'s directories named `prefix*` that no live process owns; returns them.
+
+    Alive means: its owner file (see `claim_dir`) is locked, or a RocksDB LOCK inside it is held
+    (a process of an older build that never wrote an owner file). Call it before this process
+    opens any RocksDB under `root` other than `keep`: the LOCK probe must not touch our own."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    keep_path = Path(keep).resolve() if keep is not None else None
+    removed: list[Path] = []
+    for child in sorted(root.iterdir()):
+        if not child.is_dir() or not child.name.startswith(prefix) or child.resolve() == keep_path:
+            continue
+        if _flock_held(_owner_file(child)) or any(_rocksdb_lock_held(lock) for lock in child.rglob("LOCK")):
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        _owner_file(child).unlink(missing_ok=True)
+        removed.append(child)
+    return removed
 
 
 def _expired(raw_value: bytes, now: float) -> bool:

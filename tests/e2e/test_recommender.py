@@ -12,6 +12,7 @@ Replica ids come back in every answer (`replica`), so a test can tell which repl
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ SOURCE_REPO = REPO_ROOT / "feature_store"
 APP_NAME = "tierserve-recs"
 PREFIX = "/recs"
 START_TIMEOUT_S = 600
+OWN_REDIS: dict[str, Any] = {}  # the module app's own Redis (url, server), for tests that act on it
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,7 @@ def recs(app_url: str, repo_copy: RepoInfo, tmp_path_factory: pytest.TempPathFac
     from deployments.recommender import RecommenderDeployment
 
     with EmbeddedRedis() as own_redis:
+        OWN_REDIS["url"], OWN_REDIS["server"] = own_redis.url, own_redis
         settings = AppSettings.from_args(local_app_config().get("args"))
         settings.redis_url = own_redis.url
         settings.state_dir = str(tmp_path_factory.mktemp("recs_state"))
@@ -208,3 +211,103 @@ def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
         body = recommend(recs, cold_user, 10)
         assert body["degraded"] is False and len(body["items"]) == 10
     assert recommend(recs, warm_user, 99)["degraded"] is False
+
+
+def test_events_say_their_invalidation_was_published(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    user = repo_copy.user_ids_sample[7]
+    resp = recs.post("/v1/events", json={"user_id": user, "item_id": repo_copy.popular_items[5], "type": "view"})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["invalidation"] == "published"
+
+
+def _pending(client: httpx.Client) -> int:
+    return int(client.get("/v1/cache/stats").json()["recommender"].get("pending_invalidations", -1))
+
+
+def test_an_invalidation_redis_refused_after_the_push_is_published_later_not_lost(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    import redis
+
+    user = repo_copy.user_ids_sample[9]
+    warm = until_replicas(recs, user, range(5, 60))  # both replicas hold the user's row (RAM/SSD)
+    n_before = warm[0]["user_activity"]["n_ratings"]
+    item = next(i["item_id"] for i in warm[-1]["items"])
+    admin = redis.Redis.from_url(OWN_REDIS["url"])
+    # The fault, right after the Feast push: Redis refuses the stream publish and the generation
+    # move (ACL: no XADD, no INCR for the app's user) while the lock, the pending record and the
+    # push before them still work. Deterministic, unlike killing Redis at the right instant.
+    admin.execute_command("ACL", "SETUSER", "default", "-xadd", "-incr")
+    try:
+        resp = recs.post("/v1/events", json={"user_id": user, "item_id": item, "type": "rating", "value": 5})
+        assert resp.status_code == 202, resp.text
+        event = resp.json()
+        assert event["invalidation"] == "pending" and "retried" in event["warning"]
+        assert _pending(recs) >= 1  # durable: in Redis, not in a timer of the replica that answered
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "+xadd", "+incr")
+        admin.close()
+    # Redis is healthy again: some replica's watcher replays the record until it is published.
+    deadline = time.monotonic() + 60
+    while _pending(recs) != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _pending(recs) == 0
+    fresh = [a for a in until_replicas(recs, user, range(60, 100)) if not a["cached"]]
+    for answer in fresh:  # every replica now reads the pushed row, none its old SSD copy
+        assert answer["user_activity"]["n_ratings"] == n_before + 1, answer
+        assert item not in [i["item_id"] for i in answer["items"]]
+
+
+def test_a_redis_restart_drops_user_rows_whose_invalidation_it_may_have_lost(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    from feature_store.events import UserActivityWriter
+
+    user = repo_copy.user_ids_sample[10]
+    warm = until_replicas(recs, user, range(5, 60))  # both replicas hold the user's row on SSD
+    n_before = warm[0]["user_activity"]["n_ratings"]
+    server = OWN_REDIS["server"]
+    server.stop()
+    try:
+        # An event whose push reached Feast but whose pending record died with Redis (it restarts
+        # empty: persistence is off): the new row is written here straight into the online store.
+        writer = UserActivityWriter(repo_copy.repo_dir)
+        row = writer.current_row(user)
+        assert row is not None
+        writer.push({**row, names.USER_KEY: user, "n_ratings": n_before + 1})
+    finally:
+        server.start()
+    fresh: dict[str, int] = {}
+    for k in range(60, 101):  # distinct k: fresh computations, not cached answers
+        body = recommend(recs, user, k)
+        if not body["cached"] and not body["degraded"]:
+            fresh[body["replica"]] = body["user_activity"]["n_ratings"]
+        if len(fresh) >= 2 and set(fresh.values()) == {n_before + 1}:
+            break
+        time.sleep(0.25)  # the replicas notice the new server on their next watch tick
+    assert len(fresh) >= 2 and set(fresh.values()) == {n_before + 1}, fresh
+
+
+# Last in the module: it moves the module app to another model version.
+def test_every_replica_follows_a_version_bump_written_only_to_redis(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    import redis
+
+    from caches.versions import VERSIONS_KEY
+
+    user = repo_copy.user_ids_sample[8]
+    until_replicas(recs, user, range(1, 30))
+    # No `reload` call reaches any replica: only the version in Redis changes, as another
+    # Ingress (or the CLI) would leave it. Every replica must notice on its own.
+    client = redis.Redis.from_url(OWN_REDIS["url"])
+    try:
+        client.hset(VERSIONS_KEY, "recs", "followed-v2")
+    finally:
+        client.close()
+    seen: dict[str, str] = {}
+    for k in range(30, 101):
+        body = recommend(recs, user, k)
+        seen[body["replica"]] = body["model_version"]
+        if len(seen) >= 2 and set(seen.values()) == {"followed-v2"}:
+            break
+    assert len(seen) >= 2 and set(seen.values()) == {"followed-v2"}, seen
+    assert body["degraded"] is False and len(body["items"]) == k  # the new version's caches serve

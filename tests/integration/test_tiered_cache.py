@@ -21,7 +21,7 @@ from benchmarks.simulate_policies import simulate
 from caches.admission import SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
 from caches.features import FeatureCache
 from caches.redis_server import EmbeddedRedis, free_port
-from caches.tiered import DEMOTION_MARKER, PAUSE_BEFORE_UPPER_DELETE_ENV, TieredCache
+from caches.tiered import TieredCache
 from caches.tiers.base import TierStats
 from caches.tiers.redis import RETRY_AFTER_S, RedisTier
 from caches.tiers.rocksdb import RocksDBTier
@@ -178,15 +178,23 @@ def test_redis_killed_and_restarted_mid_read(tmp_path: Path) -> None:
         server.stop()
 
 
+DEMOTION_MARKER = "tierserve-test: demotion lower-written"
 CRASH_SCRIPT = textwrap.dedent("""
     import sys
+    import time
     from caches.tiered import TieredCache
-    from tests.integration.test_tiered_cache import source_for
+    from tests.integration.test_tiered_cache import DEMOTION_MARKER, source_for
     url, ssd_dir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     new = [f"crash:m:1:new{i}" for i in range(n)]
     cache = TieredCache.open(redis_url=url, rocksdb_dir=ssd_dir, ram_budget_bytes=10 * 120,
                              ssd_budget_bytes=10**7, cold=source_for(new), name="crash",
                              entry_bytes=120, invalidation=False)
+
+    def pause(demoted):  # the test hook: tell the parent, then wait to be killed right here
+        print(DEMOTION_MARKER, demoted, file=sys.stderr, flush=True)
+        time.sleep(30)
+
+    cache.before_upper_delete = pause
     for k in new:
         cache.get_many([k])
     print("finished without demoting", flush=True)
@@ -203,7 +211,7 @@ def test_sigkill_between_lower_write_and_upper_delete_loses_nothing(
     assert resident
     a.close()
     shutil.rmtree(tmp_path / "a")  # the only copies left are in RAM: a demotion must move them
-    env = {**os.environ, PAUSE_BEFORE_UPPER_DELETE_ENV: "30", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, redis_url, str(tmp_path / "b"), "20"],
                             cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -1,0 +1,101 @@
+"""One home for Redis plumbing: the client factory, the error classification, the breaker.
+
+Why one place: every cache talks to Redis, and each used to decide on its own which errors mean
+"Redis is not usable right now". They disagreed, and what none of them caught (OOM, BUSY, a Lua
+script error such as `too many results to unpack`) escaped as a 500. Here:
+- `make_client`: short socket and connect timeouts, no retries inside the client (every caller
+  has a better fallback than waiting: the next tier, the model, a degraded answer).
+- `REDIS_ERRORS`: everything a Redis call can raise (`redis.RedisError`, plus the OS-level errors
+  a broken socket raises before redis-py wraps them).
+- `RedisUnavailable`: the single exception callers catch. It is both a `TierUnavailable` and a
+  `CacheUnavailable`, so code written against either keeps working while it moves here.
+- `Breaker`: after a failure that says the server is unwell (connection, timeout, BUSY, OOM,
+  LOADING, READONLY), skip Redis for `RETRY_AFTER_S`, so a dead server costs one refused connect
+  per interval, not one per request. An error about one command (WRONGTYPE, a script error) does
+  not open it: it says nothing about the next command.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from caches.result import CacheUnavailable
+from caches.tiers.base import TierUnavailable
+
+T = TypeVar("T")
+
+# Loopback GET is ~0.1 ms; a call that has not answered in this long is a sick server (a loaded
+# 2-core box stalls for hundreds of ms at times: 1 s, overridable, avoids false outages).
+SOCKET_TIMEOUT_S = float(os.environ.get("TIERSERVE_REDIS_TIMEOUT_S", "1.0"))
+CONNECT_TIMEOUT_S = 0.5
+RETRY_AFTER_S = 0.5
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
+)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *CONNECTION_ERRORS)
+# Server replies that say "the server cannot serve now", not "this command was wrong".
+_SERVER_STATE_REPLIES = ("BUSY", "OOM", "LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN")
+
+
+class RedisUnavailable(TierUnavailable, CacheUnavailable):
+    """A Redis call failed or was skipped by the breaker: callers degrade, never crash."""
+
+
+def make_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
+                connect_timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
+    """A client that fails fast and never retries on its own (see the module note)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_error=[],
+        health_check_interval=0,
+    )
+
+
+def server_unwell(exc: BaseException) -> bool:
+    """True for failures that predict the next call fails too (the breaker opens on these)."""
+    if isinstance(exc, (*CONNECTION_ERRORS, redis.BusyLoadingError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).upper().startswith(_SERVER_STATE_REPLIES)
+
+
+class Breaker:
+    """Runs Redis calls; every Redis error comes out as `RedisUnavailable` (see the module note)."""
+
+    def __init__(self, what: str = "redis", retry_after_s: float = RETRY_AFTER_S,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self.what = what
+        self.retry_after_s = retry_after_s
+        self.on_failure = on_failure
+        self.failures = 0
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def call(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        if not self.available:
+            raise RedisUnavailable(f"{self.what} is down (retrying in < {self.retry_after_s}s)")
+        try:
+            return fn(*args)
+        except REDIS_ERRORS as exc:
+            with self._lock:
+                self.failures += 1
+                if server_unwell(exc):
+                    self._down_until = time.monotonic() + self.retry_after_s
+            if self.on_failure is not None:
+                self.on_failure(exc)
+            raise RedisUnavailable(f"{self.what} failed during {op}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,91 @@
+"""What a Recommender replica loads for one model version: the item index, the rated sets, the
+popular list and the two feature caches. A version bump builds a new `RecsModel` beside the old
+one and swaps it in (caches/versions.py `Leased`); the old one closes when its last request ends.
+
+Each version's RocksDB directories are their own (`{replica dir}/{n}-version-{version}/users|items`, n counting
+this replica's loads, so a reload of the same version never meets its predecessor's lock): the new
+caches open while the old ones are still serving, and RocksDB allows one opener per directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from caches.features import FeatureCache
+from caches.result import ResultCache
+from caches.tiered import TieredCache
+from caches.tiers.feast import FeastTier, FeastView
+from caches.vector_index import make_ip_index
+from deployments.config import RecommenderSettings
+from feature_store import names
+from feature_store.pipeline import RepoInfo
+
+
+class RecommendationResults(ResultCache):
+    """The result cache under its own namespace, hence its own byte total and budget: sharing
+    the chat cache's bookkeeping would let one budget evict the other's entries."""
+
+    NAMESPACE = "recs"
+
+
+class ItemIndex:
+    """FAISS inner-product index over the L2-normalised item embeddings of one model version."""
+
+    def __init__(self, item_parquet: Path, use_gpu: bool = False) -> None:
+        frame = pd.read_parquet(item_parquet, columns=[names.ITEM_KEY, "embedding", "popularity"])
+        vectors = np.stack(frame["embedding"].to_numpy()).astype(np.float32)
+        ids = frame[names.ITEM_KEY].to_numpy(dtype=np.int64)
+        # On the replica's GPU when the config asks and Ray gave it one; the CPU otherwise.
+        self.index = make_ip_index(vectors.shape[1], use_gpu=use_gpu)
+        self.index.add_with_ids(vectors, ids)
+        self.size = len(frame)
+        self.ids = frozenset(int(i) for i in ids)  # the catalogue: events may only name these
+
+    def search(self, vector: np.ndarray, k: int) -> list[int]:
+        _, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), min(k, self.size))
+        return [int(i) for i in ids[0] if i >= 0]
+
+
+def feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, rocksdb_dir: Path, view: str,
+                  entity_key: str, model_version: str, share: float) -> FeatureCache:
+    if settings.tiers == "feast-only":
+        # No RAM or SSD tier: every read is one Feast call (the benchmark's baseline arm).
+        cold = FeastTier(repo, [FeastView(view, entity_key)])
+        tiered = TieredCache(ram=None, ssd=None, cold=cold, ssd_budget_bytes=0, name=f"features-{view}")
+        return FeatureCache(tiered, view=view, entity_key=entity_key, model_version=model_version)
+    return FeatureCache.open(
+        redis_url=redis_url, rocksdb_dir=rocksdb_dir, feast_repo=repo, view=view, entity_key=entity_key,
+        model_version=model_version, ram_budget_bytes=int(settings.ram_budget_bytes * share),
+        ssd_budget_bytes=int(settings.ssd_budget_bytes * share), ttl_s=settings.feature_ttl_s or None,
+    )
+
+
+class RecsModel:
+    def __init__(self, settings: RecommenderSettings, info: RepoInfo, *, version: str, slot: int, redis_url: str,
+                 rocksdb_root: Path) -> None:
+        self.version = version
+        self.index = ItemIndex(info.files["item_features"], use_gpu=settings.faiss_gpu)
+        rated = pd.read_parquet(info.files["rated"])
+        self.rated = {int(u): set(map(int, items)) for u, items in zip(rated[names.USER_KEY], rated["item_ids"], strict=True)}
+        self.genre_list = list(info.genres)
+        self.genres = {g: i for i, g in enumerate(info.genres)}
+        popular = info.popular_items
+        self.popular = [(int(item), 1.0 - rank / max(len(popular), 1)) for rank, item in enumerate(popular)]
+        # Prefixed and filtered: a version is any string an admin sent ("..", "a/b").
+        self.rocksdb_dir = rocksdb_root / f"{slot}-version-{re.sub(r'[^A-Za-z0-9._-]', '_', version)}"
+        common = dict(redis_url=redis_url, repo=info.repo_dir, model_version=version)
+        self.users = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "users", view=names.USER_VIEW,
+                                   entity_key=names.USER_KEY, share=0.25, **common)
+        self.items = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "items", view=names.ITEM_VIEW,
+                                   entity_key=names.ITEM_KEY, share=1.0, **common)
+
+    def close(self, *, remove_files: bool = False) -> None:
+        self.users.close()
+        self.items.close()
+        if remove_files:  # a retired version's SSD copies are never read again
+            shutil.rmtree(self.rocksdb_dir, ignore_errors=True)
