@@ -40,6 +40,14 @@ class FeatureCache:
             tiered.cold.add_view(FeastView(view, entity_key))
 
     @classmethod
+    def feast_only(cls, *, feast_repo: Path | str, view: str, entity_key: str, model_version: str) -> FeatureCache:
+        """No RAM or SSD tier: every read is one Feast call (a baseline, and a way to rule the
+        tiers out when debugging)."""
+        cold = FeastTier(feast_repo, [FeastView(view, entity_key)])
+        tiered = TieredCache(ram=None, ssd=None, cold=cold, ssd_budget_bytes=0, name=f"features-{view}")
+        return cls(tiered, view=view, entity_key=entity_key, model_version=model_version)
+
+    @classmethod
     def open(
         cls, *, redis_url: str, rocksdb_dir: Path, feast_repo: Path, view: str, entity_key: str,
         model_version: str, ram_budget_bytes: int, ssd_budget_bytes: int, ttl_s: float | None = None,

@@ -40,7 +40,11 @@ from caches.admission import LRUPolicy, PlacementPolicy, SharedWTinyLFU, WTinyLF
 from caches.invalidation import InvalidationBus, InvalidationEvent
 from caches.tiers.base import Tier, TierStats, TierUnavailable
 from caches.tiers.redis import RedisTier
-from caches.tiers.rocksdb import RocksDBTier
+from caches.tiers.rocksdb import RocksDBTier, claim_dir, reclaim_dead_dirs
+
+# What callers outside caches/ need of the tiers, so that they never import caches.tiers directly:
+# the failure type, and claiming / reclaiming a process's own SSD directory.
+__all__ = ["TieredCache", "TierUnavailable", "claim_dir", "reclaim_dead_dirs"]
 
 log = logging.getLogger(__name__)
 

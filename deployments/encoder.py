@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from ray import serve
 
 from caches.encoder import EMBEDDING_DIM, count_tokens, encode, encoder_identity, load_encoder
+from caches.tiered import claim_dir, reclaim_dead_dirs
 
 log = logging.getLogger("tierserve.encoder")
 
@@ -31,9 +32,14 @@ class EncoderDeployment:
                 from caches.embedding import EmbeddingCache
 
                 replica = serve.get_replica_context().replica_id.unique_id
+                root = Path(state_dir) / "rocksdb"
+                own = root / f"embeddings-{replica}"
+                # this replica's SSD directory is its own while it lives; dead replicas' are reclaimed
+                self._owner = claim_dir(own)
+                reclaim_dead_dirs(root, prefix="embeddings-", keep=own)
                 self.cache = EmbeddingCache.open(
                     redis_url=redis_url,
-                    rocksdb_dir=Path(state_dir) / "rocksdb" / f"embeddings-{replica}",
+                    rocksdb_dir=own,
                     ram_budget_bytes=ram_budget_bytes,
                     ssd_budget_bytes=ssd_budget_bytes,
                     encoder_name=self.name,

@@ -47,8 +47,7 @@ from ray import serve
 from caches.invalidation import PendingInvalidations
 from caches.redis_client import REDIS_ERRORS, make_client
 from caches.result import CacheUnavailable
-from caches.tiers.base import TierUnavailable
-from caches.tiers.rocksdb import claim_dir, reclaim_dead_dirs
+from caches.tiered import TierUnavailable, claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments.config import RecommenderSettings
 from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel

@@ -18,8 +18,6 @@ import pandas as pd
 
 from caches.features import FeatureCache
 from caches.result import ResultCache
-from caches.tiered import TieredCache
-from caches.tiers.feast import FeastTier, FeastView
 from caches.vector_index import make_ip_index
 from deployments.config import RecommenderSettings
 from feature_store import names
@@ -54,10 +52,8 @@ class ItemIndex:
 def feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, rocksdb_dir: Path, view: str,
                   entity_key: str, model_version: str, share: float) -> FeatureCache:
     if settings.tiers == "feast-only":
-        # No RAM or SSD tier: every read is one Feast call (the benchmark's baseline arm).
-        cold = FeastTier(repo, [FeastView(view, entity_key)])
-        tiered = TieredCache(ram=None, ssd=None, cold=cold, ssd_budget_bytes=0, name=f"features-{view}")
-        return FeatureCache(tiered, view=view, entity_key=entity_key, model_version=model_version)
+        # the benchmark's baseline arm
+        return FeatureCache.feast_only(feast_repo=repo, view=view, entity_key=entity_key, model_version=model_version)
     return FeatureCache.open(
         redis_url=redis_url, rocksdb_dir=rocksdb_dir, feast_repo=repo, view=view, entity_key=entity_key,
         model_version=model_version, ram_budget_bytes=int(settings.ram_budget_bytes * share),
