@@ -1,12 +1,15 @@
-"""One identity per chat request: what the caches may do with it, decided in one place.
+"""One identity per request: what the caches may do with it, decided in one place.
 
-A cache is only as good as its identity. :class:`ChatIdentity` is built once from the validated
-request *as the engine will see it* (the deployment's system prompt already in front), the tenant,
+A cache is only as good as its identity. :class:`RequestIdentity` (``ChatIdentity`` is the same
+class, its older name) is built once from the validated request *as the engine will see it* (for
+chat the deployment's system prompt already in front), the route (:data:`ROUTES`), the tenant,
 the model identity (served name, a fingerprint of weights and config, the engine's own default
 sampling) and the encoder identity. It says:
 
 - whether the request is cacheable, and why not (``reason``);
-- its exact key: SHA-256 of the request with only structural canonicalisation (JSON key order).
+- its exact key: SHA-256 of the route and the request with only structural canonicalisation (JSON
+  key order). The route is hashed in, so a chat request and a completion request never share an
+  entry, whatever their fields.
   Two requests share an exact entry only when every field that reaches the engine is equal, byte
   for byte; merging differently written questions is the semantic layer's job, never this one's;
 - whether the semantic layer may answer it, its semantic scope (everything but the last user
@@ -63,8 +66,18 @@ SEMANTIC_FINISH_REASONS = frozenset({"stop"})
 SEMANTIC_EXCLUDED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions",
                             "prompt_logprobs", "echo", "return_token_ids", "return_tokens_as_token_ids")
 # vLLM's own fallback when neither the request nor the model's generation config sets it
-# (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS in vLLM 0.32).
+# (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS and CompletionRequest._DEFAULT_SAMPLING_PARAMS in
+# vLLM 0.32: both 1.0; tests/unit/test_request_identity.py checks them against vLLM's classes).
 VLLM_FALLBACK_TEMPERATURE = 1.0
+# The routes whose answers the caches keep, each with why the semantic layer does or does not take
+# part. `completions` (legacy /v1/completions) is exact only: a raw prompt has no "last user
+# question" to compare, its scope would be the whole prompt, and evaluation harnesses use it with
+# echo/logprobs, which a reworded question's answer cannot give.
+CHAT, COMPLETIONS = "chat", "completions"
+ROUTES: dict[str, str | None] = {
+    CHAT: None,
+    COMPLETIONS: "raw prompt: no question to compare (exact cache only)",
+}
 
 
 class ModelIdentity(BaseModel):
@@ -96,11 +109,12 @@ class EncoderIdentity(BaseModel):
     version: str
 
 
-class ChatIdentity(BaseModel):
-    """What the caches may do with one chat request (see the module doc)."""
+class RequestIdentity(BaseModel):
+    """What the caches may do with one request on one route (see the module doc)."""
 
     model_config = ConfigDict(frozen=True)
 
+    route: str = CHAT
     tenant: str
     model: ModelIdentity
     version: str
@@ -123,18 +137,24 @@ class ChatIdentity(BaseModel):
         encoder: EncoderIdentity | None,
         cache_nondeterministic: bool = False,
         semantic_enabled: bool = True,
-    ) -> ChatIdentity:
+        route: str = CHAT,
+    ) -> RequestIdentity:
         """``request``: the validated request as the engine will get it (system prompt in front)."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; known: {sorted(ROUTES)}")
         body = identity_body(request)
         deterministic = is_greedy(request, model)
-        common = {"tenant": tenant, "model": model, "version": version, "deterministic": deterministic}
+        common = {"route": route, "tenant": tenant, "model": model, "version": version,
+                  "deterministic": deterministic}
         if not deterministic and not cache_nondeterministic:
             why = "sampled answer (temperature is not 0, explicitly or by the engine's default)"
             return cls(cacheable=False, reason=why, **common)
         namespace = f"res.{safe_part(tenant)}"
-        exact_key = make_key(namespace, model.key_part, safe_part(version), digest(body))
+        exact_key = make_key(namespace, model.key_part, safe_part(version), digest({"route": route, "request": body}))
         scope, text, why = _semantic_parts(body, tenant=tenant, model=model, version=version, encoder=encoder)
-        if not semantic_enabled:
+        if ROUTES[route] is not None:
+            scope, text, why = None, None, ROUTES[route]
+        elif not semantic_enabled:
             scope, text, why = None, None, "semantic layer disabled"
         return cls(cacheable=True, exact_key=exact_key, semantic_scope=scope, semantic_text=text,
                    semantic_off=why, **common)
@@ -150,6 +170,10 @@ class ChatIdentity(BaseModel):
         been served the stored answer anyway: cacheable, not asking for a fresh answer, and (for
         the leader, whose answer the others get) allowed to be stored."""
         return self.cacheable and control.lookup and not control.no_store
+
+
+# The older name: chat was the first route with an identity.
+ChatIdentity = RequestIdentity
 
 
 def identity_body(request: dict[str, Any]) -> dict[str, Any]:

@@ -1,38 +1,61 @@
-"""The legacy completions route's wiring: checks, then the model through vLLM's own
-OpenAIServingCompletion (in the LLM replica), streamed or not.
+"""The legacy completions route's wiring: checks, the request identity, then the shared cached
+flow (:class:`deployments.cached_route.CachedRoute`) with vLLM's own OpenAIServingCompletion (in
+the LLM replica) as the engine, streamed or not.
 
-The client's raw prompt is the whole input: no chat template, no system prompt added. Not cached
-yet: every answer is fresh and says `x-cache: bypass`. Only the exact cache fits this route (a raw
-prompt has no "last user question" for the semantic layer to compare); it belongs at the one
-marked place in `answer`, keyed by the request identity of caches/chat.py, storing only complete
-greedy answers from the fingerprint that `meta`/`result["fingerprint"]` carry.
+The client's raw prompt is the whole input: no chat template, no system prompt added. Cached like
+chat, exact only (:data:`caches.chat.ROUTES` says why no semantic layer): greedy requests only,
+Cache-Control, ``Age`` on hits, ``x-cache: exact|coalesced|miss|bypass``, one engine call per
+burst, complete answers only, from the model the identity names. A streamed miss is reassembled
+from its `text_completion` chunks (text and completion-style logprobs merged; anything else
+refuses to store) and a cached answer asked with ``stream: true`` is replayed as a chunk stream.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
-from ray.serve.handle import DeploymentHandle
+from fastapi import Request
+from fastapi.responses import JSONResponse
 
+from caches.cache_control import CacheControl
+from caches.chat import COMPLETIONS, RequestIdentity
 from deployments import metrics
-from deployments.config import AppSettings
-from deployments.llm import META_PREFIX
-from deployments.openai_compat import error_body
-from deployments.openai_surface import open_stream, unknown_model
+from deployments.cached_route import CachedRoute, Turn
+from deployments.openai_compat import StreamAssembler, error_body
+from deployments.openai_surface import CompletionAssembler, completion_stream_from_body, unknown_model
 from deployments.schemas import CompletionRequest
 
-ROUTE = "completions"
+ROUTE = COMPLETIONS
 
 
-class CompletionPath:
+class CompletionPath(CachedRoute):
     """Everything between a validated `/v1/completions` request and its answer (the Ingress owns one)."""
 
-    def __init__(self, settings: AppSettings, llm: DeploymentHandle) -> None:
-        self.settings, self.llm = settings, llm
-        self.model_name = settings.llm.served_model_name
+    route = COMPLETIONS
+    id_prefix = "cmpl"
 
+    # ------------------------------------------------------------------- hooks
+    def _sampling_defaults(self, info: dict[str, Any]) -> dict[str, Any]:
+        # vLLM's completion serving reads the same generation config as chat; the replica reports
+        # its own copy so that a difference between the two can never go unnoticed here.
+        reported = info.get("completion_default_sampling")
+        return reported if reported is not None else (info.get("default_sampling") or {})
+
+    def _call(self, request: dict[str, Any], tenant: str) -> Awaitable[dict[str, Any]]:
+        return self.llm.complete.remote(request, tenant)
+
+    def _call_stream(self, request: dict[str, Any], tenant: str) -> AsyncIterator[str]:
+        return self.llm.options(stream=True).complete_stream.remote(request, tenant)
+
+    def _assembler(self) -> StreamAssembler:
+        return CompletionAssembler()
+
+    def _replay(self, body: dict[str, Any], include_usage: bool) -> Iterator[str]:
+        return completion_stream_from_body(body, include_usage)
+
+    # -------------------------------------------------------------------- route
     def _check(self, body: CompletionRequest) -> JSONResponse | None:
         if body.model != self.model_name:
             return JSONResponse(unknown_model(body.model, self.model_name), status_code=400)
@@ -42,28 +65,19 @@ class CompletionPath:
                                            "max_tokens"), status_code=400)
         return None
 
-    async def answer(self, body: CompletionRequest, tenant: str) -> Any:
+    async def answer(self, body: CompletionRequest, request: Request, tenant: str) -> Any:
         started = time.perf_counter()
         refused = self._check(body)
         if refused is not None:
             metrics.observe(ROUTE, "none", refused.status_code, started)
             return refused
-        request = body.model_dump(mode="json", exclude_unset=True)
-        # cache lookup goes here (exact only: see the module docstring). Until then: bypass.
-        layer = "bypass"
-        headers = {"x-cache": layer}
-        if body.stream:
-            _meta, error, stream = await open_stream(
-                self.llm.options(stream=True).complete_stream.remote(request, tenant), META_PREFIX)
-            if stream is None:  # the replica refused the request: a real 4xx before any chunk
-                error = error or {}
-                status = error.pop("status", 503)
-                metrics.observe(ROUTE, layer, status, started)
-                return JSONResponse(error, status_code=status)
-            metrics.observe(ROUTE, layer, 200, started)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-        result = await self.llm.complete.remote(request, tenant)
-        metrics.observe(ROUTE, layer, result["status"], started)
-        if result["status"] != 200:
-            return JSONResponse(result["body"], status_code=result["status"])
-        return JSONResponse(result["body"], headers=headers)
+        sent = body.model_dump(mode="json", exclude_unset=True)
+        cache = self.settings.cache
+        ident = RequestIdentity.build(
+            sent, tenant=tenant, model=await self._model_identity(), version=await self._version(body.model),
+            encoder=None, cache_nondeterministic=cache.cache_nondeterministic, route=COMPLETIONS,
+        )
+        turn = Turn(ident=ident, control=CacheControl.parse(request.headers.get("cache-control")), request=sent,
+                    stream=body.stream, include_usage=bool((sent.get("stream_options") or {}).get("include_usage")),
+                    started=started)
+        return await self._serve(turn)

@@ -40,6 +40,14 @@ class LLMSettings(BaseModel):
     extra_engine_args: list[str] = Field(default_factory=list)
 
 
+# Deadlines on the calls that only serve the caches (Encoder.embed, SemanticCache.lookup/store):
+# past them the request is answered by the model with `x-cache: bypass`. An embedding of a cached
+# text takes milliseconds and a new one tens of milliseconds on CPU; a lookup is one FAISS search
+# and one Redis read. Seconds mean something is wrong, and the model should not wait on it.
+ENCODER_TIMEOUT_S = 2.0
+SEMANTIC_TIMEOUT_S = 1.0
+
+
 class CacheSettings(BaseModel):
     result_ttl_s: float = 3600.0
     result_max_bytes: int = 64 << 20
@@ -54,6 +62,8 @@ class CacheSettings(BaseModel):
     # Semantic mirrors in GPU memory when the SemanticCache replica has a GPU (configs/gpu.yaml);
     # falls back to the CPU through the same code path (caches/vector_index.py).
     semantic_faiss_gpu: bool = False
+    encoder_timeout_s: float = Field(default=ENCODER_TIMEOUT_S, gt=0)
+    semantic_timeout_s: float = Field(default=SEMANTIC_TIMEOUT_S, gt=0)
     embedding_ram_budget_bytes: int = 32 << 20
     embedding_ssd_budget_bytes: int = 256 << 20
 

@@ -1,8 +1,9 @@
 """Ingress: the FastAPI app: routes, auth, schemas, and the recommendation and admin routes.
 
 Chat goes through :class:`deployments.chat.ChatPath`: exact result cache (one Redis GET, done here
-to save a hop) -> Encoder -> SemanticCache -> single flight -> LLM. Redis down never fails a
-request: the LLM answers with `x-cache: bypass`.
+to save a hop) -> Encoder -> SemanticCache -> single flight -> LLM; legacy completions through
+:class:`deployments.completions.CompletionPath` (the same flow, exact only). Redis down never fails
+a request: the LLM answers with `x-cache: bypass`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -21,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from caches.coalesce import Coalescer
 from caches.result import CacheUnavailable, ResultCache
 from caches.tenancy import AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
@@ -157,8 +160,10 @@ class Ingress:
         llm_cfg = self.settings.llm
         self.model_name = llm_cfg.served_model_name
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
-        self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm)
-        self.completion = CompletionPath(self.settings, llm)
+        # one single-flight table for both routes: their keys never collide (the route is hashed in)
+        coalescer = Coalescer(aioredis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5))
+        self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm, coalescer)
+        self.completion = CompletionPath(self.settings, self.results, self._version, llm, coalescer)
         BodySizeLimit.max_bytes = self.settings.max_body_bytes
 
     # ---------------------------------------------------------------- helpers
@@ -184,7 +189,7 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
-        return await self.completion.answer(body, self._tenant(request))
+        return await self.completion.answer(body, request, self._tenant(request))
 
     # ------------------------------------------------------ models, embeddings
     async def _model_cards(self) -> list[dict[str, Any]]:
@@ -282,7 +287,7 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         try:
-            redis_ok = bool(self.redis.ping())
+            redis_ok = bool(await asyncio.to_thread(self.redis.ping))  # a slow Redis must not stall the loop
         except redis.RedisError:
             redis_ok = False
         return {"status": "ok", "redis": "up" if redis_ok else "down"}

@@ -91,6 +91,10 @@ class LLMServer:
         # What vLLM applies when a request leaves a sampling field out: the model's generation
         # config, read by vLLM itself. The caches decide "greedy or not" from this, never assume.
         self.default_sampling = dict(getattr(chat_serving, "default_sampling_params", None) or {})
+        # The completion route's own copy (vLLM's OpenAIServingCompletion reads it separately).
+        self.completion_default_sampling = (
+            dict(getattr(completion_serving, "default_sampling_params", None) or {})
+            if completion_serving is not None else None)
 
     @classmethod
     async def create(cls, settings: LLMSettings) -> LLMServer:
@@ -202,6 +206,7 @@ class LLMServer:
             "max_tokens_limit": self.settings.max_tokens_limit,
             "fingerprint": self.fingerprint,
             "default_sampling": self.default_sampling,
+            "completion_default_sampling": self.completion_default_sampling,
         }
 
 

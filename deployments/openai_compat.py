@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def new_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def error_body(status: int, message: str, param: str | None = None, err_type: str | None = None) -> dict[str, Any]:
@@ -36,9 +36,9 @@ def completion_from_text(model: str, text: str, usage: dict[str, Any] | None = N
     }
 
 
-def refresh(body: dict[str, Any]) -> dict[str, Any]:
+def refresh(body: dict[str, Any], prefix: str = "chatcmpl") -> dict[str, Any]:
     """A stored completion with a fresh id and timestamp: each answer is its own object."""
-    return {**body, "id": new_id(), "created": int(time.time())}
+    return {**body, "id": new_id(prefix), "created": int(time.time())}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -140,9 +140,11 @@ class StreamAssembler:
     answer may be stored is then :func:`caches.chat.storable`'s call.
     """
 
+    object_name = "chat.completion"
+
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
-        self.choices: dict[int, _Choice] = {}
+        self.choices: dict[int, Any] = {}
         self.usage: dict[str, Any] | None = None
         self.done = False
         self.problem: str | None = None  # why this stream cannot be stored, once known
@@ -162,7 +164,7 @@ class StreamAssembler:
             if chunk.get("usage"):
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices", []):
-                why = self.choices.setdefault(int(choice.get("index", 0)), _Choice()).feed(choice)
+                why = self.choices.setdefault(int(choice.get("index", 0)), self._new_choice()).feed(choice)
                 if why is not None:
                     self.problem = self.problem or f"cannot replay {why}"
 
@@ -174,9 +176,16 @@ class StreamAssembler:
             return None
         choices = []
         for i, c in sorted(self.choices.items()):
-            choice: dict[str, Any] = {"index": i, "message": c.message(), "finish_reason": c.finish,
-                                      "logprobs": {"content": c.logprobs} if c.logprobs is not None else None}
+            choice = {"index": i, **self._choice_body(c)}
             if c.stop_reason is not None:
                 choice["stop_reason"] = c.stop_reason
             choices.append(choice)
-        return {**self.head, "object": "chat.completion", "choices": choices, "usage": self.usage}
+        return {**self.head, "object": self.object_name, "choices": choices, "usage": self.usage}
+
+    # The route-specific part (chat here; legacy completions in deployments.openai_surface).
+    def _new_choice(self) -> Any:
+        return _Choice()
+
+    def _choice_body(self, c: Any) -> dict[str, Any]:
+        return {"message": c.message(), "finish_reason": c.finish,
+                "logprobs": {"content": c.logprobs} if c.logprobs is not None else None}

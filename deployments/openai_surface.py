@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
 
-from deployments.openai_compat import error_body
+from deployments.openai_compat import StreamAssembler, error_body, sse
 
 OWNER = "tierserve"
 
@@ -80,3 +80,71 @@ async def open_stream(chunks: AsyncIterator[str], meta_prefix: str) -> tuple[dic
             yield chunk
 
     return meta, None, replay()
+
+
+# Legacy completion logprobs are four parallel lists, one entry per token; a stream sends each
+# chunk's slice (text offsets already absolute), so concatenating them in order rebuilds the whole.
+COMPLETION_LOGPROB_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+# Choice fields of a completion chunk the assembler knows; any other non-null one (token ids,
+# prompt logprobs, ...) makes the stream unreplayable, and an unreplayable answer is not stored.
+_COMPLETION_CHOICE_FIELDS = {"index", "text", "logprobs", "finish_reason", "stop_reason"}
+
+
+class _TextChoice:
+    """One choice of a legacy completion stream: text pieces and logprob slices, in order."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.logprobs: dict[str, list[Any]] | None = None
+        self.finish: str | None = None
+        self.stop_reason: Any = None
+
+    def feed(self, choice: dict[str, Any]) -> str | None:
+        unknown = [k for k, v in choice.items() if k not in _COMPLETION_CHOICE_FIELDS and v is not None]
+        if unknown:
+            return f"choice field {unknown[0]!r}"
+        if not isinstance(choice.get("text", ""), str):
+            return "non-text choice"
+        self.text.append(choice.get("text") or "")
+        logprobs = choice.get("logprobs")
+        if logprobs:
+            if set(logprobs) - set(COMPLETION_LOGPROB_LISTS):
+                return "logprobs beyond the four token lists"
+            merged = self.logprobs or {name: [] for name in COMPLETION_LOGPROB_LISTS}
+            for name in COMPLETION_LOGPROB_LISTS:
+                merged[name].extend(logprobs.get(name) or [])
+            self.logprobs = merged
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
+            self.stop_reason = choice.get("stop_reason")
+        return None
+
+
+class CompletionAssembler(StreamAssembler):
+    """:class:`deployments.openai_compat.StreamAssembler` for `text_completion` chunks: the same
+    rules (``[DONE]``, no error chunk, a finish reason per choice, nothing unreplayable), with each
+    choice's text and completion-style logprobs merged."""
+
+    object_name = "text_completion"
+
+    def _new_choice(self) -> _TextChoice:
+        return _TextChoice()
+
+    def _choice_body(self, c: _TextChoice) -> dict[str, Any]:
+        return {"text": "".join(c.text), "logprobs": c.logprobs, "finish_reason": c.finish}
+
+
+def completion_stream_from_body(body: dict[str, Any], include_usage: bool) -> Iterator[str]:
+    """Replay a stored `text_completion` as the chunk stream vLLM/OpenAI send: per choice one
+    chunk with its whole text, its logprobs and its finish reason, then the usage chunk when asked
+    for (vLLM's shape: no choices, only usage), then ``[DONE]``."""
+    head = {"id": body["id"], "object": "text_completion", "created": body["created"], "model": body["model"]}
+    for choice in body.get("choices", []):
+        chunk = {"index": choice.get("index", 0), "text": choice.get("text", ""), "logprobs": choice.get("logprobs"),
+                 "finish_reason": choice.get("finish_reason")}
+        if "stop_reason" in choice:
+            chunk["stop_reason"] = choice["stop_reason"]
+        yield sse({**head, "choices": [chunk]})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": body.get("usage")})
+    yield sse("[DONE]")

@@ -74,3 +74,66 @@ def test_open_stream_surfaces_an_error_before_the_stream() -> None:
     assert error == err and stream is None
     meta, error, stream = asyncio.run(open_stream(_gen(META + "{}"), META))
     assert error is not None and error["status"] == 503 and stream is None
+
+
+def _chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None, **extra: object) -> str:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": None,
+              "prompt_token_ids": None, "token_ids": None, **extra}
+    return "data: " + json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m",
+                                  "choices": [choice]}) + "\n\n"
+
+
+def _lp(tokens: list[str], start: int) -> dict:
+    offsets, at = [], start
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens),
+            "top_logprobs": [{t: -0.5} for t in tokens], "text_offset": offsets}
+
+
+def test_completion_stream_is_merged_with_its_logprobs_and_replays_exactly() -> None:
+    from deployments.openai_surface import CompletionAssembler, completion_stream_from_body
+
+    asm = CompletionAssembler()
+    for line in [_chunk(0, " Paris", logprobs=_lp([" Paris"], 0)), _chunk(1, " Rome", logprobs=_lp([" Rome"], 0)),
+                 _chunk(0, ", France", "length", _lp([",", " France"], 6)), _chunk(1, ".", "stop", _lp(["."], 5)),
+                 'data: {"id":"cmpl-1","object":"text_completion","created":5,"model":"m","choices":[],'
+                 '"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n', "data: [DONE]\n\n"]:
+        asm.feed(line)
+    body = asm.completion()
+    assert body is not None and body["object"] == "text_completion"
+    first, second = body["choices"]
+    assert (first["text"], first["finish_reason"]) == (" Paris, France", "length")
+    assert first["logprobs"]["tokens"] == [" Paris", ",", " France"]
+    assert first["logprobs"]["text_offset"] == [0, 6, 7]
+    assert (second["text"], second["finish_reason"]) == (" Rome.", "stop")
+    assert body["usage"]["total_tokens"] == 7
+    # replayed as a chunk stream, it reassembles to the very same answer
+    replay = list(completion_stream_from_body(body, include_usage=True))
+    assert replay[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line[6:]) for line in replay[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
+    again = CompletionAssembler()
+    for line in replay:
+        again.feed(line)
+    assert again.completion() == body
+    without_usage = list(completion_stream_from_body(body, include_usage=False))
+    assert all("usage" not in json.loads(line[6:]) for line in without_usage[:-1])
+
+
+@pytest.mark.parametrize(("lines", "why"), [
+    ([_chunk(0, "Hi", "stop")], "no [DONE]"),
+    ([_chunk(0, "Hi")] + ["data: [DONE]\n\n"], "no finish reason"),
+    ([_chunk(0, "Hi"), 'data: {"error": {"message": "boom", "code": 500}}\n\n', "data: [DONE]\n\n"], "error chunk"),
+    ([_chunk(0, "Hi", "stop", token_ids=[1, 2]), "data: [DONE]\n\n"], "token ids cannot be replayed"),
+    ([_chunk(0, "Hi", "stop", logprobs={"tokens": ["Hi"], "bogus": [1]}), "data: [DONE]\n\n"], "unknown logprobs"),
+])
+def test_completion_streams_that_cannot_be_replayed_exactly_are_not_answers(lines: list[str], why: str) -> None:
+    from deployments.openai_surface import CompletionAssembler
+
+    asm = CompletionAssembler()
+    for line in lines:
+        asm.feed(line)
+    assert asm.completion() is None, why

@@ -1,0 +1,80 @@
+"""The shared cached flow's guards: deadlines and cache errors become a bypass (pure logic, fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+import redis
+
+from caches.result import CacheUnavailable
+from deployments.cached_route import Degraded, bounded, exact_get, exact_put
+from deployments.config import ENCODER_TIMEOUT_S, SEMANTIC_TIMEOUT_S, CacheSettings
+
+
+def test_bounded_passes_answers_and_turns_slowness_and_errors_into_degraded() -> None:
+    async def value() -> int:
+        return 7
+
+    async def slow() -> int:
+        await asyncio.sleep(5)
+        return 0
+
+    async def broken() -> int:
+        raise RuntimeError("replica died")
+
+    assert asyncio.run(bounded(value(), 1.0, "x")) == 7
+    with pytest.raises(Degraded, match="within 0.01s"):
+        asyncio.run(bounded(slow(), 0.01, "semantic lookup"))
+    with pytest.raises(Degraded, match="RuntimeError: replica died"):
+        asyncio.run(bounded(broken(), 1.0, "encoder"))
+
+
+class FakeResults:
+    """Raises what a real Redis may raise, from the thread it is called on."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error, self.threads = error, []
+
+    def get(self, key: str) -> bytes | None:
+        self.threads.append(threading.get_ident())
+        if self.error:
+            raise self.error
+        return b"blob"
+
+    def put(self, key: str, value: bytes, ttl_s: Any = None) -> None:
+        self.threads.append(threading.get_ident())
+        if self.error:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [
+    CacheUnavailable("down"),
+    redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'"),
+    redis.ResponseError("BUSY Redis is busy running a script"),
+    redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+    redis.TimeoutError("timed out"),
+])
+def test_any_redis_error_is_a_bypass_never_an_exception(error: Exception) -> None:
+    results = FakeResults(error)
+    assert asyncio.run(exact_get(results, "k")) == (None, False)  # type: ignore[arg-type]
+    assert asyncio.run(exact_put(results, "k", b"v")) is False  # type: ignore[arg-type]
+
+
+def test_redis_calls_run_off_the_event_loop_thread() -> None:
+    results = FakeResults()
+
+    async def go() -> tuple[bytes | None, bool]:
+        return await exact_get(results, "k")  # type: ignore[arg-type]
+
+    assert asyncio.run(go()) == (b"blob", True)
+    assert results.threads and results.threads[0] != threading.get_ident()
+
+
+def test_deadline_settings_have_named_defaults_and_must_be_positive() -> None:
+    settings = CacheSettings()
+    assert (settings.encoder_timeout_s, settings.semantic_timeout_s) == (ENCODER_TIMEOUT_S, SEMANTIC_TIMEOUT_S)
+    with pytest.raises(ValueError):
+        CacheSettings(semantic_timeout_s=0)
