@@ -36,6 +36,9 @@ from deployments.openai_compat import (
 from deployments.schemas import ChatRequest
 
 log = logging.getLogger("tierserve.chat")
+# The Encoder's identity is asked once per Ingress replica and then kept: a cold replica may take
+# a while to answer it, so it gets a longer deadline than each embedding does.
+ENCODER_INFO_TIMEOUT_S = 10.0
 
 
 class ChatPath(CachedRoute):
@@ -69,7 +72,7 @@ class ChatPath(CachedRoute):
         """None when the Encoder does not say who it is in time: no semantic layer this request."""
         if self._encoder_ident is None:
             try:
-                info = await bounded(self.encoder.info.remote(), self.settings.cache.encoder_timeout_s, "encoder info")
+                info = await bounded(self.encoder.info.remote(), ENCODER_INFO_TIMEOUT_S, "encoder info")
             except Degraded as exc:
                 log.warning("semantic layer skipped: %s", exc)
                 return None
