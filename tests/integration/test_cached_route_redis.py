@@ -1,0 +1,24 @@
+"""The shared cached flow against a real Redis: an error that is not a lost connection is a bypass."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from caches.result import ResultCache
+from deployments.cached_route import exact_get, exact_put
+
+
+def test_a_redis_script_error_is_a_bypass_not_an_exception(redis_client: redis.Redis) -> None:
+    cache = ResultCache(redis_client)
+    key = "res.t:m@f:1:wrongtype"
+    redis_client.delete(key)
+    redis_client.hset(key, "x", "1")  # the Lua GET meets a hash: WRONGTYPE, a ResponseError
+    try:
+        assert asyncio.run(exact_get(cache, key)) == (None, False)
+    finally:
+        redis_client.delete(key)
+    assert asyncio.run(exact_put(cache, key, b"answer")) is True
+    assert asyncio.run(exact_get(cache, key)) == (b"answer", True)
+    redis_client.delete(key)
