@@ -39,6 +39,9 @@ log = logging.getLogger("tierserve.chat")
 # The Encoder's identity is asked once per Ingress replica and then kept: a cold replica may take
 # a while to answer it, so it gets a longer deadline than each embedding does.
 ENCODER_INFO_TIMEOUT_S = 10.0
+# After the Encoder failed to say who it is, requests go without the semantic layer for this long
+# instead of each waiting out the deadline again.
+ENCODER_INFO_RETRY_S = 5.0
 
 
 class ChatPath(CachedRoute):
@@ -53,6 +56,7 @@ class ChatPath(CachedRoute):
         super().__init__(settings, results, version_of, llm, coalescer)
         self.encoder, self.semantic = encoder, semantic
         self._encoder_ident: EncoderIdentity | None = None
+        self._encoder_ident_failed_at = -ENCODER_INFO_RETRY_S
 
     # ------------------------------------------------------------------- hooks
     def _call(self, request: dict[str, Any], tenant: str) -> Awaitable[dict[str, Any]]:
@@ -71,10 +75,13 @@ class ChatPath(CachedRoute):
     async def _encoder_identity(self) -> EncoderIdentity | None:
         """None when the Encoder does not say who it is in time: no semantic layer this request."""
         if self._encoder_ident is None:
+            if time.monotonic() - self._encoder_ident_failed_at < ENCODER_INFO_RETRY_S:
+                return None
             try:
                 info = await bounded(self.encoder.info.remote(), ENCODER_INFO_TIMEOUT_S, "encoder info")
             except Degraded as exc:
-                log.warning("semantic layer skipped: %s", exc)
+                self._encoder_ident_failed_at = time.monotonic()
+                log.warning("semantic layer skipped for %.0fs: %s", ENCODER_INFO_RETRY_S, exc)
                 return None
             self._encoder_ident = EncoderIdentity(name=info["name"], version=info["version"])
         return self._encoder_ident

@@ -10,6 +10,7 @@ whose encoder or semantic deadline is 1 ms answers new chat questions with `x-ca
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -145,3 +146,28 @@ def test_a_missed_cache_deadline_is_a_bypass_never_an_error(impatient_url: str, 
         prompt = f"Rivers flow ({uuid.uuid4().hex[:6]})"
         assert complete(impatient, model_name, prompt).headers["x-cache"] == "miss"
         assert complete(impatient, model_name, prompt).headers["x-cache"] == "exact"
+
+
+def test_a_client_that_hangs_up_mid_completion_stream_stores_nothing(app_url: str, client: httpx.Client,
+                                                                    model_name: str) -> None:
+    prompt = f"Counting slowly from one to twenty: one, ({uuid.uuid4().hex[:6]})"
+    body = {"model": model_name, "prompt": prompt, "temperature": 0, "max_tokens": 60, "stream": True}
+    with httpx.Client(base_url=app_url, timeout=60) as hangs_up, \
+            hangs_up.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.headers["x-cache"] == "miss"
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then the connection closes
+    time.sleep(1.0)
+    after = complete(client, model_name, prompt, max_tokens=60)
+    assert after.headers["x-cache"] == "miss"
+    assert after.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_streamed_chat_request_the_engine_refuses_is_a_typed_4xx(oa: openai.OpenAI, model_name: str) -> None:
+    # The shared flow reads the replica's first line before answering: a refusal is a real 400
+    # with OpenAI's error body (as for completions), not a 200 stream carrying an error event.
+    with pytest.raises(openai.BadRequestError) as info:
+        oa.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "word " * 3000}],
+                                   temperature=0, max_tokens=4, stream=True)
+    assert "context" in str(info.value).lower() or "length" in str(info.value).lower()
