@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.handle import DeploymentHandle
@@ -30,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from caches.cache_control import CacheControl, age_seconds
 from caches.chat import CachedAnswer, ModelIdentity, RequestIdentity, storable
 from caches.coalesce import Coalescer, Flight
+from caches.redis_client import REDIS_ERRORS
 from caches.result import CacheUnavailable, ResultCache
 from deployments import metrics
 from deployments.config import AppSettings
@@ -42,8 +42,9 @@ from deployments.openai_surface import open_stream
 # under the old identity meanwhile: each answer carries the fingerprint of the replica that wrote it).
 IDENTITY_REFRESH_S = 15.0
 # Everything the exact cache's Redis may raise: RedisGuard turns connection errors into
-# CacheUnavailable; the rest (OOM, BUSY, NOSCRIPT, WRONGTYPE, ...) arrive as redis.RedisError.
-CACHE_ERRORS = (CacheUnavailable, redis.RedisError, OSError)
+# CacheUnavailable; the rest (OOM, BUSY, NOSCRIPT, WRONGTYPE, ...) arrive as redis.RedisError,
+# which caches.redis_client's REDIS_ERRORS (the project's one list) covers with the socket errors.
+CACHE_ERRORS = (CacheUnavailable, *REDIS_ERRORS)
 
 
 class Degraded(Exception):
