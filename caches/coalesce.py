@@ -150,10 +150,18 @@ class Coalescer:
             return True
 
     async def _heartbeat(self, flight: Flight) -> None:
-        while True:
+        # Renewed for at most max_wait_s (no request lives longer): a flight that is never closed
+        # (a streamed answer whose client left before the stream started) cannot hold the lease,
+        # and so its followers, forever; its lease lapses and a follower takes over.
+        deadline = time.monotonic() + self.max_wait_s
+        while time.monotonic() < deadline:
             await asyncio.sleep(self.lease_s / 3)
             with contextlib.suppress(*_ERRORS):
                 await self._renew(keys=[self.lease_key(flight.key)], args=[flight.token, int(self.lease_s * 1000)])
+        local = flight.local
+        if local is not None and self._local.get(flight.key) is local:
+            del self._local[flight.key]  # new requests for the key start a new flight
+            local.done.set()
 
     async def _wait(self, flight: Flight) -> bytes | None:
         local = flight.local

@@ -92,3 +92,15 @@ async def test_redis_down_means_no_coalescing_and_no_failure() -> None:
     # in-process followers still share the leader's answer; nobody fails
     assert len(calls) == 1 and len(results) == 3
     await dead.aclose()
+
+
+async def test_a_flight_never_closed_gives_up_its_lease(aclient: aioredis.Redis) -> None:
+    co = Coalescer(aclient, lease_s=0.3, max_wait_s=0.6)
+    orphan = await co.join("k6")  # a leader whose request vanished without closing its flight
+    assert orphan.leader and orphan.heartbeat is not None
+    await asyncio.sleep(0.6 + 0.3 + 0.3)  # renewals stop after max_wait_s, then the lease lapses
+    assert orphan.heartbeat.done()
+    assert not await aclient.exists(co.lease_key("k6"))
+    fresh = await co.join("k6")  # the next request leads at once, not behind the orphan
+    assert fresh.leader and not fresh.follows_local
+    await fresh.close()
