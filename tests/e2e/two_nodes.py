@@ -66,12 +66,16 @@ def _ssd_holds_user(state_dir: Path, replica: str) -> bool:
 
     from feature_store.names import USER_VIEW
 
-    path = state_dir / "rocksdb" / f"recommender-{replica}" / "users"
-    db = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
-    try:
-        return any(k.decode().startswith(f"features:{USER_VIEW}") and k.decode().endswith(f":{USER}") for k in db.keys())  # noqa: SIM118 - Rdict, not a dict
-    finally:
-        db.close()
+    # recommender-<replica>/<build>-version-<v>/users (deployments/recommender*.py)
+    for path in (state_dir / "rocksdb" / f"recommender-{replica}").glob("*/users"):
+        db = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
+        try:
+            keys = [k.decode() for k in db.keys()]  # noqa: SIM118 - Rdict, not a dict
+        finally:
+            db.close()
+        if any(k.startswith(f"features:{USER_VIEW}:") and k.endswith(f":{USER}") for k in keys):
+            return True
+    return False
 
 
 def _drop_ram_copy(r: redis.Redis) -> None:
