@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import generate_latest
 from ray import serve
 
 from caches.encoder import EMBEDDING_DIM, count_tokens, encode, encoder_identity, load_encoder
 from caches.tiered import claim_dir, reclaim_dead_dirs
+from deployments import metrics
 
 log = logging.getLogger("tierserve.encoder")
 
@@ -81,5 +81,5 @@ class EncoderDeployment:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "dim": EMBEDDING_DIM}
 
-    def metrics_text(self) -> bytes:
-        return generate_latest()
+    def metrics_text(self) -> tuple[str, bytes]:
+        return metrics.replica_exposition()

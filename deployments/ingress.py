@@ -294,12 +294,14 @@ class Ingress:
 
     @app.get("/metrics")
     async def prometheus(self) -> PlainTextResponse:
-        parts: dict[str, bytes] = {"Ingress": metrics.local_exposition()}
+        """The answering replicas' own series (one replica per deployment, labelled with it): a
+        page for humans and single-replica development. Prometheus scrapes every node's Ray
+        metrics port instead, where each replica's series are complete (docs/operations.md)."""
+        parts: dict[str, tuple[str, bytes]] = {"Ingress": metrics.replica_exposition()}
         names = ("Encoder", "SemanticCache", "LLM", "Recommender")
         handles = (self.encoder, self.semantic, self.llm, self.recommender)
         results = await asyncio.gather(*(h.metrics_text.remote() for h in handles), return_exceptions=True)
-        for name, blob in zip(names, results, strict=True):
-            if isinstance(blob, bytes):
-                parts[name] = blob
+        for name, part in zip(names, results, strict=True):
+            if isinstance(part, tuple):
+                parts[name] = part
         return PlainTextResponse(metrics.merge_expositions(parts), media_type="text/plain; version=0.0.4")
-

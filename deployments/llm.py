@@ -15,11 +15,11 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from prometheus_client import generate_latest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from caches.fingerprint import fingerprint_model
+from deployments import metrics
 from deployments.config import LLMSettings
 from deployments.routing import PrefixAffinityRouter
 
@@ -31,6 +31,20 @@ def _engine_env(settings: LLMSettings) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
     # Ray already pins replicas to CPUs; vLLM's own OMP binding would fight it on small hosts.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def _stat_loggers() -> list[Any] | None:
+    """In a Serve replica, two Prometheus loggers: vLLM's Ray one records this replica's engine
+    series through ray.util.metrics (Ray's per-node endpoint, `ray_vllm_*` with a ReplicaId tag:
+    what Prometheus scrapes), the plain one keeps them in this process's registry for the app's
+    debug page. Ray's first: the plain one clears vLLM's entries from that registry. Outside a
+    replica (tests of the engine alone) vLLM's default, the plain one."""
+    if metrics.replica_id() is None:
+        return None
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RayPrometheusStatLogger, PrometheusStatLogger]
 
 
 def engine_cli_args(settings: LLMSettings) -> list[str]:
@@ -108,7 +122,7 @@ class LLMServer:
 
         started = time.monotonic()
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(settings))
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args), stat_loggers=_stat_loggers())
         state = State()
         await init_app_state(engine, state, args, supported_tasks=await engine.get_supported_tasks())
         log.info("vLLM engine for %s ready in %.1fs", settings.served_model_name, time.monotonic() - started)
@@ -241,8 +255,8 @@ class LLMDeployment:
     def info(self) -> dict[str, Any]:
         return self.server.info()
 
-    def metrics_text(self) -> bytes:
-        return generate_latest()
+    def metrics_text(self) -> tuple[str, bytes]:
+        return metrics.replica_exposition()
 
     def check_health(self) -> None:
         if self.server.engine.errored:

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import generate_latest
 from ray import serve
 
 from caches.invalidation import PendingInvalidations
@@ -49,6 +48,7 @@ from caches.redis_client import REDIS_ERRORS, make_client
 from caches.result import CacheUnavailable
 from caches.tiered import TierUnavailable, claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
+from deployments import metrics
 from deployments.config import RecommenderSettings
 from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel
 from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
@@ -405,5 +405,5 @@ class RecommenderDeployment:
             out["pending_invalidations"] = self.pending.count()
         return out
 
-    def metrics_text(self) -> bytes:
-        return generate_latest()
+    def metrics_text(self) -> tuple[str, bytes]:
+        return metrics.replica_exposition()

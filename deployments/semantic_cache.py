@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import redis
-from prometheus_client import generate_latest
 from ray import serve
 
 from caches.result import CacheUnavailable
 from caches.semantic import SemanticCache
+from deployments import metrics
 from deployments.config import CacheSettings
 
 log = logging.getLogger("tierserve.semantic")
@@ -81,8 +81,8 @@ class SemanticCacheDeployment:
         except CacheUnavailable:
             return {"status": "unavailable"}
 
-    def metrics_text(self) -> bytes:
-        return generate_latest()
+    def metrics_text(self) -> tuple[str, bytes]:
+        return metrics.replica_exposition()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # best effort at replica shutdown

@@ -1,0 +1,58 @@
+"""Counters add up over replicas: two Ingress replicas, N requests, the node's metrics summed = N.
+
+A side application runs the real Ingress with `num_replicas=2` on top of the session app's other
+deployments. Each replica records its own series through Ray Serve's metrics API; the test reads
+them where Prometheus would, on the node's Ray metrics export port, and sums over `replica`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from deployments.config import AppSettings
+from tests.e2e.conftest import local_app_config, wait_running
+from tests.e2e.node_metrics import node_metrics_urls, poll, samples
+
+APP = "metrics-2x"
+PREFIX = "/metrics-2x"
+N = 24
+COUNTER = "ray_tierserve_requests_total"
+
+
+@pytest.fixture(scope="module")
+def two_ingress_replicas(app_url: str) -> Iterator[str]:
+    from ray import serve
+
+    from deployments.ingress import Ingress
+
+    settings = AppSettings.from_args(local_app_config().get("args"))
+    handles = [serve.get_deployment_handle(n, app_name="tierserve")
+               for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
+    serve.run(Ingress.options(num_replicas=2).bind(settings.model_dump(), *handles), name=APP,
+              route_prefix=PREFIX, blocking=False)
+    wait_running(APP)
+    yield f"{app_url}{PREFIX}"
+    serve.delete(APP)
+
+
+def test_request_counters_summed_over_replicas_equal_requests_sent(two_ingress_replicas: str) -> None:
+    with httpx.Client(base_url=two_ingress_replicas, timeout=60) as client:
+        for i in range(N):
+            resp = client.post("/v1/recommendations", json={"user_id": 1 + i % 4, "k": 5})
+            assert resp.status_code == 200, resp.text
+    urls = node_metrics_urls()
+    assert urls, "no Ray node exports metrics"
+
+    def counted(page: str) -> float:
+        return sum(s.value for s in samples(page, COUNTER, application=APP, route="recommendations"))
+
+    page = poll(urls, lambda p: counted(p) >= N, timeout_s=45)
+    series = samples(page, COUNTER, application=APP, route="recommendations")
+    assert counted(page) == N, [(s.labels.get("replica"), s.labels.get("cache"), s.value) for s in series]
+    # Every series belongs to one replica of the Ingress, and both replicas answered some: a
+    # single scrape of one replica would have shown only part of the N.
+    assert {s.labels["deployment"] for s in series} == {"Ingress"}
+    assert len({s.labels["replica"] for s in series}) == 2, [(s.labels["replica"], s.value) for s in series]
