@@ -195,7 +195,7 @@ class CachedRoute:
         turn.layer = "miss" if answered else "bypass"
         entry = CachedAnswer.decode(blob) if blob is not None else None
         fresh = entry is not None and control.fresh_enough(entry.stored_at)
-        metrics.CACHE_LOOKUPS.labels("exact", ident.tenant, "hit" if fresh else turn.layer).inc()
+        metrics.lookup("exact", ident.tenant, "hit" if fresh else turn.layer)
         if entry is not None and fresh:
             return refresh(entry.body, self.id_prefix), "exact", age_seconds(entry.stored_at), None
         if turn.layer == "bypass":

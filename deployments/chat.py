@@ -101,10 +101,10 @@ class ChatPath(CachedRoute):
                                   self.settings.cache.semantic_timeout_s, "semantic lookup")
         except Degraded as exc:
             log.warning("semantic lookup skipped: %s", exc)
-            metrics.CACHE_LOOKUPS.labels("semantic", ident.tenant, "unavailable").inc()
+            metrics.lookup("semantic", ident.tenant, "unavailable")
             turn.layer = "bypass"
             return None
-        metrics.CACHE_LOOKUPS.labels("semantic", ident.tenant, found["status"]).inc()
+        metrics.lookup("semantic", ident.tenant, found["status"])
         if found["status"] == "unavailable":
             turn.layer = "bypass"
         created = found.get("created")

@@ -105,6 +105,8 @@ class AppSettings(BaseModel):
     # "auto": with no api_keys, only loopback clients are answered (a laptop); "off": anyone is the
     # `default` tenant, deliberately (behind your own gateway). Never implied by a missing setting.
     auth: Literal["auto", "off"] = "auto"
+    # Tenant names as a label on exported metrics: opt-in (see deployments/metrics.py).
+    metrics_tenant_labels: bool = False
     llm: LLMSettings = Field(default_factory=LLMSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)

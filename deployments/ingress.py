@@ -157,6 +157,7 @@ class Ingress:
         )
         self.tenants = Tenants(self.settings.api_keys) if self.settings.api_keys else Tenants.from_env()
         self.admins = AdminKeys(self.settings.admin_keys) if self.settings.admin_keys else AdminKeys.from_env()
+        metrics.TENANT_LABELS = self.settings.metrics_tenant_labels
         llm_cfg = self.settings.llm
         self.model_name = llm_cfg.served_model_name
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
@@ -256,12 +257,7 @@ class Ingress:
         except CacheUnavailable:
             exact = {"status": "unavailable"}
         semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
-        lookups: dict[str, dict[str, dict[str, float]]] = {}
-        for metric in metrics.CACHE_LOOKUPS.collect():
-            for s in metric.samples:
-                if s.name.endswith("_total"):
-                    layer = lookups.setdefault(s.labels["layer"], {})
-                    layer.setdefault(s.labels["tenant"], {})[s.labels["outcome"]] = s.value
+        lookups = metrics.lookups_by_tenant()
         if tenant is not None:
             return tenant_view(tenant, exact=exact, semantic=semantic, lookups=lookups)
         return {"exact": exact, "semantic": semantic, "recommender": recs, "lookups_by_tenant": lookups}

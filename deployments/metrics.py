@@ -44,6 +44,29 @@ CACHE_LOOKUPS = Family("counter", "tierserve_cache_lookups", "Cache lookups by l
                        ("layer", "tenant", "outcome"))
 
 
+# Tenant names on exported series are opt-in (AppSettings.metrics_tenant_labels): a metrics
+# backend is usually readable by more people than any one tenant's data, and every tenant would
+# add series. Off, the label reads "all". /v1/cache/stats keeps its own per-tenant counts here.
+TENANT_LABELS = False
+ALL_TENANTS = "all"
+_LOOKUPS_BY_TENANT: dict[str, dict[str, dict[str, float]]] = {}
+_lookups_lock = threading.Lock()
+
+
+def lookup(layer: str, tenant: str, outcome: str) -> None:
+    """Count one cache lookup: exported (tenant label only when opted in) and kept per tenant."""
+    CACHE_LOOKUPS.labels(layer, tenant if TENANT_LABELS else ALL_TENANTS, outcome).inc()
+    with _lookups_lock:
+        by_outcome = _LOOKUPS_BY_TENANT.setdefault(layer, {}).setdefault(tenant, {})
+        by_outcome[outcome] = by_outcome.get(outcome, 0.0) + 1
+
+
+def lookups_by_tenant() -> dict[str, dict[str, dict[str, float]]]:
+    """{layer: {tenant: {outcome: count}}} of this replica, for /v1/cache/stats."""
+    with _lookups_lock:
+        return {layer: {t: dict(o) for t, o in tenants.items()} for layer, tenants in _LOOKUPS_BY_TENANT.items()}
+
+
 def observe(route: str, cache: str, status: int, started: float) -> None:
     """Count one answered request and its latency since ``started`` (``time.perf_counter()``)."""
     REQUESTS.labels(route, cache, str(status)).inc()

@@ -104,3 +104,14 @@ def test_admin_routes_are_closed_without_admin_keys(client: httpx.Client, model_
     resp = client.post(f"/admin/models/{model_name}/version", json={"version": "v-never"})
     assert resp.status_code == 403 and "TIERSERVE_ADMIN_KEYS" in resp.json()["error"]["message"]
     assert client.get("/v1/models").json()["data"][0]["version"] != "v-never"
+
+
+def test_exported_metrics_carry_no_tenant_names_unless_opted_in(auth_url: str) -> None:
+    from tests.e2e.node_metrics import node_metrics_urls, poll, samples
+
+    chat(auth_url, "key-acme", f"Name a fruit. ({uuid.uuid4().hex[:6]})")
+    urls = node_metrics_urls()
+    page = poll(urls, lambda p: bool(samples(p, "ray_tierserve_cache_lookups_total", tenant="all")))
+    lookups = samples(page, "ray_tierserve_cache_lookups_total")
+    assert lookups and {s.labels["tenant"] for s in lookups} == {"all"}
+    assert 'tenant="acme"' not in page and 'tenant="globex"' not in page
