@@ -154,7 +154,8 @@ def bump_version(
     api_key: ApiKeyOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Bump a model's version: its old cache entries become unreachable at once."""
+    """Bump a model's version: its old cache entries become unreachable at once. Needs an admin
+    key (one of the server's TIERSERVE_ADMIN_KEYS) as --api-key or TIERSERVE_API_KEY."""
     from urllib.parse import quote
 
     answer = _call("POST", f"{url.rstrip('/')}/admin/models/{quote(model, safe='')}/version", api_key, timeout, {"version": version})

@@ -23,6 +23,10 @@ from deployments.config import AppSettings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 START_TIMEOUT_S = float(os.environ.get("TIERSERVE_E2E_START_TIMEOUT_S", "600"))
+# The session app's admin key (TIERSERVE_ADMIN_KEYS in its replicas' environment): admin routes
+# and every tenant's /v1/cache/stats need it.
+ADMIN_KEY = "e2e-admin-key"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def local_app_config() -> dict:
@@ -75,7 +79,7 @@ def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     ray_tmp = tempfile.mkdtemp(prefix="tsray-", dir="/tmp")
     app_cfg = local_app_config()
     env_vars = {**app_cfg["runtime_env"]["env_vars"], "REDIS_URL": redis_url, "TIERSERVE_STATE_DIR": str(state_dir),
-                "TIERSERVE_FEAST_REPO": str(feast_repo)}
+                "TIERSERVE_FEAST_REPO": str(feast_repo), "TIERSERVE_ADMIN_KEYS": ADMIN_KEY}
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=ray_tmp, runtime_env={"env_vars": env_vars},
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -25,7 +25,7 @@ from caches.redis_server import EmbeddedRedis
 from deployments.config import REPO_ROOT, AppSettings
 from feature_store import names
 from feature_store.pipeline import RepoInfo
-from tests.e2e.conftest import local_app_config, wait_running
+from tests.e2e.conftest import ADMIN, local_app_config, wait_running
 
 SOURCE_REPO = REPO_ROOT / "feature_store"
 APP_NAME = "tierserve-recs"
@@ -221,7 +221,7 @@ def test_events_say_their_invalidation_was_published(recs: httpx.Client, repo_co
 
 
 def _pending(client: httpx.Client) -> int:
-    return int(client.get("/v1/cache/stats").json()["recommender"].get("pending_invalidations", -1))
+    return int(client.get("/v1/cache/stats", headers=ADMIN).json()["recommender"].get("pending_invalidations", -1))
 
 
 def test_an_invalidation_redis_refused_after_the_push_is_published_later_not_lost(

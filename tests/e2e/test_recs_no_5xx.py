@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from deployments.config import REPO_ROOT
 from feature_store import names
 from feature_store.pipeline import RepoInfo
+from tests.e2e.conftest import ADMIN
 
 MAX_K = 100  # RecommendationRequest.k's upper bound
 ID_MAX = 2**62  # the schemas' id bound
@@ -103,7 +104,7 @@ def test_valid_events_never_get_a_5xx_other_than_a_retry_later(
 
 
 def _feast_user_misses(client: httpx.Client) -> int:
-    stats = client.get("/v1/cache/stats").json()["recommender"]["user_features"]["tiers"]
+    stats = client.get("/v1/cache/stats", headers=ADMIN).json()["recommender"]["user_features"]["tiers"]
     return int(stats["feast"]["misses"])
 
 

@@ -99,11 +99,15 @@ def test_cache_stats_report_layers_and_tenants(auth_url: str) -> None:
     assert "acme" in admin["exact"]["by_tenant"]
 
 
-def test_admin_routes_are_closed_without_admin_keys(client: httpx.Client, model_name: str) -> None:
-    # the session app configures no admin keys: nobody may bump, not even on loopback
-    resp = client.post(f"/admin/models/{model_name}/version", json={"version": "v-never"})
-    assert resp.status_code == 403 and "TIERSERVE_ADMIN_KEYS" in resp.json()["error"]["message"]
+def test_admin_routes_need_an_admin_key_even_on_loopback(client: httpx.Client, model_name: str) -> None:
+    # the session app runs with auth off (no API keys): that opens the tenant routes to loopback
+    # callers, never the admin routes
+    for headers in ({}, {"authorization": "Bearer not-the-admin-key"}):
+        resp = client.post(f"/admin/models/{model_name}/version", json={"version": "v-never"}, headers=headers)
+        assert resp.status_code == 403 and "admin key" in resp.json()["error"]["message"]
     assert client.get("/v1/models").json()["data"][0]["version"] != "v-never"
+    stats = client.get("/v1/cache/stats").json()
+    assert stats["tenant"] == "default" and "recommender" not in stats  # a tenant's view, not the admin's
 
 
 def test_exported_metrics_carry_no_tenant_names_unless_opted_in(auth_url: str) -> None:
