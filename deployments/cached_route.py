@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -37,6 +38,8 @@ from deployments.llm import META_PREFIX
 from deployments.openai_compat import StreamAssembler, refresh
 from deployments.openai_surface import open_stream
 
+log = logging.getLogger("tierserve.cached_route")
+
 # How often a route re-reads the LLM's identity (fingerprint, engine defaults), in the
 # background: a changed model reaches the keys within this long (answers from it are never stored
 # under the old identity meanwhile: each answer carries the fingerprint of the replica that wrote it).
@@ -45,6 +48,11 @@ IDENTITY_REFRESH_S = 15.0
 # CacheUnavailable; the rest (OOM, BUSY, NOSCRIPT, WRONGTYPE, ...) arrive as redis.RedisError,
 # which caches.redis_client's REDIS_ERRORS (the project's one list) covers with the socket errors.
 CACHE_ERRORS = (CacheUnavailable, *REDIS_ERRORS)
+
+
+class ModelUnavailable(Exception):
+    """The LLM deployment failed or is gone (a replica died, all are restarting): the Ingress answers
+    503 with this message, never a 500. Clients retry; Serve replaces the replica."""
 
 
 class Degraded(Exception):
@@ -154,7 +162,10 @@ class CachedRoute:
 
     async def _refresh_model_identity(self) -> None:
         try:
-            info = await self.llm.info.remote()
+            try:
+                info = await self.llm.info.remote()
+            except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica
+                raise ModelUnavailable(f"the model is unavailable right now ({type(exc).__name__}); retry shortly") from exc
             self._model_ident = ModelIdentity(name=info["id"], fingerprint=info["fingerprint"],
                                               default_sampling=self._sampling_defaults(info))
             self._model_ident_at = time.monotonic()
@@ -168,7 +179,12 @@ class CachedRoute:
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a refresh retried next time
+            log.warning("background step failed: %s", task.exception())
 
     # -------------------------------------------------------------------- flow
     async def _serve(self, turn: Turn) -> Any:
@@ -242,7 +258,11 @@ class CachedRoute:
         try:
             if turn.stream:
                 return await self._open_stream(turn, headers)
-            result = await self._call(turn.request, turn.ident.tenant)
+            try:
+                result = await self._call(turn.request, turn.ident.tenant)
+            except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica
+                metrics.observe(self.route, turn.layer, 503, turn.started)
+                raise ModelUnavailable(f"the model failed to answer ({type(exc).__name__}); retry shortly") from exc
             metrics.observe(self.route, turn.layer, result["status"], turn.started)
             await self._finish(turn, result["status"], result["body"], result.get("fingerprint"))
         finally:
@@ -257,7 +277,11 @@ class CachedRoute:
         raise a typed error), shared with the burst's followers like a non-streamed refusal."""
         handed_over = False
         try:
-            meta, error, stream = await open_stream(self._call_stream(turn.request, turn.ident.tenant), META_PREFIX)
+            try:
+                meta, error, stream = await open_stream(self._call_stream(turn.request, turn.ident.tenant), META_PREFIX)
+            except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica
+                metrics.observe(self.route, turn.layer, 503, turn.started)
+                raise ModelUnavailable(f"the model failed to answer ({type(exc).__name__}); retry shortly") from exc
             if stream is None:
                 error = dict(error or {})
                 status = int(error.pop("status", 503))

@@ -28,6 +28,7 @@ from caches.result import CacheUnavailable, ResultCache
 from caches.tenancy import AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
 from deployments import metrics
+from deployments.cached_route import ModelUnavailable
 from deployments.chat import ChatPath
 from deployments.completions import CompletionPath
 from deployments.config import AppSettings
@@ -123,6 +124,11 @@ app.add_middleware(BodySizeLimit)
 @app.exception_handler(Unauthorized)
 async def _on_unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
     return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
+
+
+@app.exception_handler(ModelUnavailable)
+async def _on_model_unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
+    return JSONResponse(error_body(503, str(exc)), status_code=503, headers={"retry-after": "5"})
 
 
 @app.exception_handler(Forbidden)

@@ -78,3 +78,34 @@ def test_deadline_settings_have_named_defaults_and_must_be_positive() -> None:
     assert (settings.encoder_timeout_s, settings.semantic_timeout_s) == (ENCODER_TIMEOUT_S, SEMANTIC_TIMEOUT_S)
     with pytest.raises(ValueError):
         CacheSettings(semantic_timeout_s=0)
+
+
+class _DeadRemote:
+    async def remote(self, *args: Any) -> Any:
+        raise RuntimeError("ActorDiedError: the replica died")
+
+
+class _DeadLLM:
+    info = _DeadRemote()
+
+
+def test_a_failed_model_replica_is_a_503_never_a_500() -> None:
+    from caches.cache_control import CacheControl
+    from deployments.cached_route import CachedRoute, ModelUnavailable, Turn
+    from deployments.config import AppSettings
+    from tests.support import identity
+
+    class Route(CachedRoute):
+        route = "chat"
+
+        async def _call(self, request: dict[str, Any], tenant: str) -> dict[str, Any]:
+            raise RuntimeError("ActorDiedError: the replica died")
+
+    settings = AppSettings(redis_url="redis://127.0.0.1:1/0")
+    route = Route(settings, FakeResults(), lambda m: "1", _DeadLLM())  # type: ignore[arg-type]
+    with pytest.raises(ModelUnavailable, match="unavailable"):
+        asyncio.run(route._model_identity())
+    turn = Turn(ident=identity({"messages": [], "temperature": 0}), control=CacheControl(), request={},
+                stream=False, include_usage=False, started=0.0)
+    with pytest.raises(ModelUnavailable, match="retry"):
+        asyncio.run(route._generate(turn))
