@@ -36,6 +36,21 @@ def prefixes(n: int, words: int) -> list[str]:
     return out
 
 
+# How long to wait for an arm's replicas to stop. Serve force-kills a replica whose graceful stop
+# hangs only after its own timeouts, and `serve.delete`'s blocking wait gives up after 60 s: a
+# slow stop (seen once: a vLLM replica took 67 s) must not fail a measurement that is complete.
+DELETE_WAIT_S = 180.0
+
+
+def delete_app(app_name: str) -> None:
+    from ray import serve
+
+    serve.delete(app_name, _blocking=False)
+    deadline = time.monotonic() + DELETE_WAIT_S
+    while app_name in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
 def run_arm(router: str, model: str, system_prompts: list[str], questions: int) -> dict[str, Any]:
     from ray import serve
     from ray.serve.config import RequestRouterConfig
@@ -68,7 +83,7 @@ def run_arm(router: str, model: str, system_prompts: list[str], questions: int) 
                 if q > 0 and n_cached == 0:
                     misses += 1  # this prefix was served before, but not by this replica
     finally:
-        serve.delete(f"routing-{router}")
+        delete_app(f"routing-{router}")
     return {
         "cached_token_fraction": statistics.mean(cached),
         "repeat_prefix_misses": misses,

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.prefix_routing import delete_app
 from deployments.config import REPO_ROOT, AppSettings, LLMSettings
 from tests.e2e.conftest import deploy_side_ingress, local_app_config, wait_running
 
@@ -211,7 +212,7 @@ def other_weights_url(app_url: str, model_name: str) -> Iterator[str]:
               route_prefix="/other", blocking=False)
     wait_running("tierserve-other")
     yield f"{app_url}/other"
-    serve.delete("tierserve-other")
+    delete_app("tierserve-other")  # an LLM replica's stop can outlast serve.delete's own 60 s wait
 
 
 def test_other_weights_under_the_same_name_never_get_the_old_answers(other_weights_url: str, client: httpx.Client,
