@@ -113,16 +113,22 @@ def test_logprobs_are_stored_and_replayed_exactly(client: httpx.Client, model_na
     assert [(t["token"], t["logprob"]) for t in replayed] == [(t["token"], t["logprob"]) for t in streamed]
 
 
+def hang_up_after_first_chunk(app_url: str, path: str, body: dict[str, Any]) -> str:
+    """Start a streamed request, read one chunk, close the connection; the answer's x-cache."""
+    with httpx.Client(base_url=app_url, timeout=60) as hangs_up, hangs_up.stream("POST", path, json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then the connection closes
+        layer = resp.headers["x-cache"]
+    time.sleep(1.0)  # the server notices the disconnect
+    return layer
+
+
 def test_a_client_that_hangs_up_mid_stream_stores_nothing(app_url: str, client: httpx.Client, model_name: str) -> None:
     question = f"Count slowly from one to twenty. ({uuid.uuid4().hex[:6]})"
     body = {"model": model_name, "temperature": 0, "max_tokens": 60, "stream": True,
             "messages": [{"role": "user", "content": question}]}
-    with httpx.Client(base_url=app_url, timeout=60) as hangs_up, \
-            hangs_up.stream("POST", "/v1/chat/completions", json=body) as resp:
-        for line in resp.iter_lines():
-            if line.startswith("data: {"):
-                break  # one chunk, then the connection closes
-    time.sleep(1.0)
+    assert hang_up_after_first_chunk(app_url, "/v1/chat/completions", body) == "miss"
     after = chat(client, model_name, question, max_tokens=60)
     assert after.headers["x-cache"] == "miss"
     assert after.json()["choices"][0]["finish_reason"] in ("stop", "length")

@@ -10,7 +10,6 @@ whose encoder or semantic deadline is 1 ms answers new chat questions with `x-ca
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 
 from deployments.config import AppSettings
 from tests.e2e.conftest import deploy_side_ingress, local_app_config
-from tests.e2e.test_answers import chat, engine_requests
+from tests.e2e.test_answers import chat, engine_requests, hang_up_after_first_chunk
 from tests.e2e.test_openai_conformance import conforms
 
 
@@ -152,13 +151,7 @@ def test_a_client_that_hangs_up_mid_completion_stream_stores_nothing(app_url: st
                                                                     model_name: str) -> None:
     prompt = f"Counting slowly from one to twenty: one, ({uuid.uuid4().hex[:6]})"
     body = {"model": model_name, "prompt": prompt, "temperature": 0, "max_tokens": 60, "stream": True}
-    with httpx.Client(base_url=app_url, timeout=60) as hangs_up, \
-            hangs_up.stream("POST", "/v1/completions", json=body) as resp:
-        assert resp.headers["x-cache"] == "miss"
-        for line in resp.iter_lines():
-            if line.startswith("data: {"):
-                break  # one chunk, then the connection closes
-    time.sleep(1.0)
+    assert hang_up_after_first_chunk(app_url, "/v1/completions", body) == "miss"
     after = complete(client, model_name, prompt, max_tokens=60)
     assert after.headers["x-cache"] == "miss"
     assert after.json()["choices"][0]["finish_reason"] in ("stop", "length")
