@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from caches.chat import ChatIdentity, EncoderIdentity, ModelIdentity, semantic_scope
@@ -32,3 +33,19 @@ def scope(*, tenant: str = "t", model: str = "m", version: str = "1", context: A
     """A semantic scope as the ingress builds it, for a given (or empty) context."""
     return semantic_scope(tenant=tenant, model=model_identity(model), version=version, context=context or {},
                           encoder=ENCODER)
+
+
+def wait_app_running(app_name: str, timeout_s: float) -> None:
+    """Block until a Serve application is RUNNING; RuntimeError with Serve's reason if it is not
+    (usable outside pytest: tests/e2e/two_nodes.py runs as a script)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"{app_name} failed to deploy: {status.message}")
+        time.sleep(1)
+    raise RuntimeError(f"{app_name} did not become healthy in {timeout_s:.0f}s")

@@ -19,6 +19,7 @@ import yaml
 
 from caches.redis_server import free_port
 from deployments.config import AppSettings
+from tests.support import wait_app_running
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = REPO_ROOT / "configs" / "local.yaml"
@@ -35,17 +36,10 @@ def local_app_config() -> dict:
 
 def wait_running(app_name: str, timeout_s: float = START_TIMEOUT_S) -> None:
     """Block until a Serve application is RUNNING; fail the test run with Serve's reason if not."""
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app_name)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            pytest.fail(f"{app_name} failed to deploy: {status.message}")
-        time.sleep(1)
-    pytest.fail(f"{app_name} did not become healthy in {timeout_s:.0f}s")
+    try:
+        wait_app_running(app_name, timeout_s)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def deploy_side_ingress(app_name: str, route_prefix: str, settings: AppSettings) -> None:

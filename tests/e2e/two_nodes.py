@@ -94,6 +94,7 @@ def main(out_path: str) -> None:
     from ray.cluster_utils import Cluster
 
     from caches.redis_server import EmbeddedRedis, free_port
+    from tests.support import wait_app_running
 
     t0 = time.monotonic()
     report: dict[str, Any] = {"timings_s": {}}
@@ -122,7 +123,7 @@ def main(out_path: str) -> None:
         # One proxy: two on one machine would both want the same port.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(_build(str(REPO_ROOT / ".models" / "tiny-llama")), name=APP, route_prefix="/", blocking=False)
-        _wait_running(APP, timeout_s=240)
+        wait_app_running(APP, timeout_s=240)
         report["timings_s"]["deployed"] = round(time.monotonic() - t0, 1)
         report["placement"] = _replica_nodes()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
@@ -160,20 +161,6 @@ def _build(tiny_model: str) -> Any:
         s.redis, s.state_dir, s.recommender.model_dump())
     return Ingress.options(ray_actor_options={"num_cpus": 0.25, "resources": {RECS_NODE: 0.01}}).bind(
         s.model_dump(), encoder, semantic, llm, recommender)
-
-
-def _wait_running(app: str, timeout_s: float) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"{app} failed to deploy: {status.message}")
-        time.sleep(1)
-    raise RuntimeError(f"{app} not RUNNING after {timeout_s:.0f}s")
 
 
 def _recommend(client: httpx.Client) -> dict[str, Any]:
