@@ -70,9 +70,6 @@ class EncoderDeployment:
     async def embed(self, text: str) -> list[float]:
         return await self._embed_batch(text)
 
-    async def embed_many(self, texts: list[str]) -> list[list[float]]:
-        return self._embed(texts).tolist()
-
     async def embed_for_api(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """The `/v1/embeddings` answer's parts: float32 rows (kept as an array: base64 is their
         bytes) and the token count for `usage`."""
