@@ -326,10 +326,10 @@ class CachedRoute:
         complete, _ = storable(completion)
         if not complete:
             return
-        entry = CachedAnswer(stored_at=time.time(), body=completion)
+        blob = CachedAnswer(stored_at=time.time(), body=completion).encode()
         if flight is not None:
-            await flight.publish(entry.encode())
+            await flight.publish(blob)
         if turn.layer != "miss" or not ident.store_allowed(turn.control):
             return
-        if await exact_put(self.results, ident.exact_key or "", entry.encode()):
+        if await exact_put(self.results, ident.exact_key or "", blob):
             await self._store_more(turn, completion)
