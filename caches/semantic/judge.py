@@ -1,0 +1,64 @@
+"""Answer equivalence: do two answers say the same thing?
+
+The semantic cache learns where it may answer from a signal that exists in production: when the
+model is called anyway (a miss, or a verification of an uncertain hit), its fresh answer is
+compared with the answers of the entries the lookup proposed. Answer *text* identity is no such
+signal (a model's answers to two paraphrases are almost never the same text), so the comparison
+is a judge behind one small protocol:
+
+- :class:`EmbeddingJudge` (the app's): cosine similarity of the two answers' embeddings by the
+  app's own encoder, above a threshold calibrated on pairs of SmolLM2 answers
+  (``benchmarks/judge_calibration.py``; its measured precision/recall are in the results there).
+- :class:`ExactTextJudge`: answers equal as canonical text. Only right when answers are labels
+  (the benchmark's comparison mode); never the app's default.
+
+Benchmarks add an oracle judge on the stream's labels; it lives in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from caches.keys import canonical_text
+
+# Provisional until calibrated on SmolLM2 answer pairs (see the module docstring).
+ANSWER_SIMILARITY_THRESHOLD = 0.85
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer as the judge sees it: its text and, where known, its unit-norm embedding."""
+
+    text: str
+    vector: np.ndarray | None = None
+
+
+class AnswerJudge(Protocol):
+    """Whether two answers are interchangeable for the user who asked."""
+
+    name: str
+
+    def equivalent(self, a: Answer, b: Answer) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ExactTextJudge:
+    name: str = "exact-text"
+
+    def equivalent(self, a: Answer, b: Answer) -> bool:
+        return canonical_text(a.text) == canonical_text(b.text)
+
+
+@dataclass(frozen=True)
+class EmbeddingJudge:
+    threshold: float = ANSWER_SIMILARITY_THRESHOLD
+    name: str = "answer-embedding"
+
+    def equivalent(self, a: Answer, b: Answer) -> bool:
+        # An answer without a vector cannot be judged: not equivalent, the cautious side.
+        if a.vector is None or b.vector is None:
+            return False
+        return float(np.dot(a.vector, b.vector)) >= self.threshold
