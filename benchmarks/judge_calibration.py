@@ -442,6 +442,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 for label, g in answered.groupby("label")
             },
         },
+        # Where the app's judge's scores sit: mean answer cosine per source and label (and per
+        # category where the file has one: fow_cache's trap kinds).
+        "answer_cosine_mean": {
+            "/".join(str(k) for k in key): round(float(np.mean(scores[APP_JUDGE][idx])), 4)
+            for key, idx in answered.groupby(
+                ["source", "label"] + (["category"] if "category" in answered else []), dropna=False
+            ).indices.items()
+        },
         "encoder": ENCODER_NAME,
         "encoder_version": ENCODER_VERSION,
         "command": "python -m benchmarks.judge_calibration " + " ".join(f"--pairs {_display(p)}" for p in args.pairs)
