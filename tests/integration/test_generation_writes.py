@@ -273,3 +273,24 @@ class BrokenStore:
 
     def get_feature_view(self, name: str) -> Any:
         raise ConnectionError("registry unreachable")
+
+
+def test_ram_writes_land_only_at_the_current_generation_in_bounded_calls(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    from caches.tiers.redis import MAX_KEYS_PER_CALL
+
+    tier = RedisTier(redis_url, meta_prefix="test:gen")
+    n = 2 * MAX_KEYS_PER_CALL + 500  # three script calls
+    items = {f"t:m:1:{i}": b"v" * 10 for i in range(n)}
+    expect = {k: (f"test:gen:counter:{i % 2}", 0) for i, k in enumerate(items)}  # two entities
+    redis_client.set("test:gen:counter:1", 3)  # entity 1 moved on: its rows were read before that
+    refused = tier.put_checked(items, [], expect)
+    assert sorted(refused) == sorted(k for i, k in enumerate(items) if i % 2 == 1)
+    assert sum(v is not None for v in redis_client.mget(list(items))) == n - len(refused)
+    assert tier.size_bytes() == sum(len(k) + 10 for i, k in enumerate(items) if i % 2 == 0)
+    # Deletes ride along (a placement's demotions), in the same bounded calls.
+    deleted = [k for i, k in enumerate(items) if i % 2 == 0]
+    assert tier.put_checked({}, deleted, {}) == []
+    assert tier.size_bytes() == 0 and not any(redis_client.mget(deleted))
+    tier.close()
