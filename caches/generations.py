@@ -54,6 +54,18 @@ def unframe(raw: bytes) -> tuple[int, bytes]:
     return _TAG.unpack_from(raw)[0], raw[TAG_BYTES:]
 
 
+def split_by_generation(
+    found: dict[str, bytes], gens: dict[str, int] | None
+) -> tuple[dict[str, bytes], dict[str, bytes], list[str]]:
+    """(copies of the current generation, copies that cannot be verified, stale keys) of framed
+    values read from a tier: with `gens` unknown nothing is verified; a copy of another
+    generation is neither, and its key is stale."""
+    if gens is None:
+        return {}, dict(found), []
+    current = {k: v for k, v in found.items() if unframe(v)[0] == gens[k]}
+    return current, {}, [k for k in found if k not in current]
+
+
 class GenerationsUnavailable(RuntimeError):
     """The counters could not be read or moved (Redis down or failing)."""
 

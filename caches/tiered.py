@@ -31,9 +31,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -42,8 +40,16 @@ from pathlib import Path
 
 from caches import metrics
 from caches.admission import LRUPolicy, PlacementPolicy, SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
-from caches.generations import UNKNOWN, Generations, GenerationsUnavailable, frame, unframe
+from caches.generations import (
+    UNKNOWN,
+    Generations,
+    GenerationsUnavailable,
+    frame,
+    split_by_generation,
+    unframe,
+)
 from caches.invalidation import InvalidationBus, InvalidationEvent
+from caches.recency import RecencyOrder
 from caches.tiers.base import Tier, TierStats, TierUnavailable
 from caches.tiers.redis import RedisTier
 from caches.tiers.rocksdb import RocksDBTier, claim_dir, reclaim_dead_dirs
@@ -104,14 +110,8 @@ class TieredCache:
         self.ttl = ttl_s
         self.bus = bus
         self.generations = generations
-        self._lock = threading.Lock()
-        self._tick = 0
-        self._ssd_tick: dict[str, int] = {}
-        self._ssd_heap: list[tuple[int, str]] = []
-        if ssd is not None:
-            for k in ssd.keys():  # noqa: SIM118 (a method, not a dict)  entries left by a previous run of this process: oldest first
-                self._ssd_tick[k] = 0
-                self._ssd_heap.append((0, k))
+        # Entries left by a previous run of this process come first in the order: oldest of all.
+        self._recency = RecencyOrder(ssd.keys() if ssd is not None else ())  # noqa: SIM118 (a method)
         self.counters = TieredStats(ssd_budget_bytes=ssd_budget_bytes)
         # Called with the demoted keys between the SSD write and the RAM delete of a demotion:
         # tests inject a callable here to crash a process at that point. None in production.
@@ -375,41 +375,16 @@ class TieredCache:
         if self.ssd is None or not items:
             return
         self._grouped_put(self.ssd, items)
-        with self._lock:
-            for k in items:
-                if k not in self._ssd_tick:
-                    self._tick += 1
-                    self._ssd_tick[k] = self._tick
-                    heapq.heappush(self._ssd_heap, (self._tick, k))
+        self._recency.added(items)
 
     def _touch_ssd(self, keys: Sequence[str]) -> None:
-        if self.ssd is None:
-            return
-        with self._lock:
-            for k in keys:
-                self._tick += 1
-                if k in self._ssd_tick:
-                    self._ssd_tick[k] = self._tick
-                    heapq.heappush(self._ssd_heap, (self._tick, k))
+        if self.ssd is not None:
+            self._recency.touched(keys)
 
     def _enforce_ssd_budget(self) -> None:
         if self.ssd is None or self.ssd.size_bytes() <= self.ssd_budget:
             return
-        with self._lock:
-            excess = self.ssd.size_bytes() - self.ssd_budget
-            drop: list[str] = []
-            while self._ssd_heap and (excess > 0 or len(drop) < SSD_DROP_BATCH // 4):
-                tick, k = heapq.heappop(self._ssd_heap)
-                if self._ssd_tick.get(k) != tick:
-                    continue  # stale heap entry (re-read since)
-                size = self.ssd.entry_size(k)
-                del self._ssd_tick[k]
-                if size is None:
-                    continue
-                drop.append(k)
-                excess -= size
-                if excess <= 0:
-                    break
+        drop = self._recency.coldest(self.ssd.size_bytes() - self.ssd_budget, self.ssd.entry_size, SSD_DROP_BATCH // 4)
         self.ssd.delete_many(drop)
         metrics.count_by_namespace(metrics.DROPS, self.ssd.name, drop)
         self.counters.ssd_drops += len(drop)
@@ -431,18 +406,14 @@ class TieredCache:
 
     def _current(self, found: dict[str, bytes], gens: dict[str, int] | None,
                  drop_from: RocksDBTier | None = None) -> tuple[dict[str, bytes], dict[str, bytes]]:
-        """(copies of the current generation, copies that cannot be verified): with `gens`
-        unknown nothing is verified; copies of another generation are neither, and are deleted
-        from `drop_from` (the local SSD: a demotion or a fill that lost the race left them)."""
-        if gens is None:
-            return {}, found
-        current = {k: v for k, v in found.items() if unframe(v)[0] == gens[k]}
-        stale = [k for k in found if k not in current]
+        """`split_by_generation`, counting the stale copies and deleting them from `drop_from`
+        (the local SSD: a demotion or a fill that lost the race left them)."""
+        current, unverified, stale = split_by_generation(found, gens)
         if stale:
             self.counters.generation_stale += len(stale)
             if drop_from is not None:
                 drop_from.delete_many(stale)
-        return current, {}
+        return current, unverified
 
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> TieredStats:
