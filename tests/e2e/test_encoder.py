@@ -9,16 +9,18 @@ import uuid
 
 import httpx
 
-# Unique texts (the embedding cache must not answer them) long enough that encoding them takes
-# seconds on a CPU: far longer than a model card's round trip.
-BIG_BATCH = 600
+# The most inputs a request may carry (deployments/schemas.py), unique (the embedding cache must
+# not answer them) and near the encoder's 256-token window each, under the 256 KiB body limit:
+# seconds of encoding on a CPU, far longer than a model card's round trip.
+BIG_BATCH = 256
+WORDS_PER_TEXT = 110
 WORDS = ["cache", "tier", "replica", "encoder", "vector", "redis", "rocksdb", "feast", "batch", "latency",
          "tenant", "event", "loop", "thread", "promotion", "demotion", "generation", "budget"]
 
 
 def _texts(n: int) -> list[str]:
     tag = uuid.uuid4().hex
-    return [f"{tag} {i} " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) for i in range(n)]
+    return [f"{tag} {i} " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(WORDS_PER_TEXT)) for i in range(n)]
 
 
 def test_a_cheap_call_is_answered_while_a_big_batch_encodes(client: httpx.Client, app_url: str) -> None:
