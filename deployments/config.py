@@ -93,6 +93,12 @@ class RecommenderSettings(BaseModel):
     # The item index on the replica's GPU (caches.vector_index) when Ray gives it one
     # (ray_actor_options.num_gpus); without a visible GPU it stays on the CPU.
     faiss_gpu: bool = False
+    # Tenants whose API keys may send `POST /v1/events` (the admin key always may). User ids are
+    # the deployment's, not a tenant's: one user base and one catalogue, tenants are API clients,
+    # so an event changes what every tenant is recommended for that user, and it is a write right
+    # (docs/api.md). `default` is the tenant of every request when no API keys are configured (a
+    # laptop on loopback, or `auth: off` behind your own gateway), so those setups keep working.
+    event_tenants: list[str] = Field(default_factory=lambda: ["default"])
 
 
 class AppSettings(BaseModel):

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
 from caches.result import CacheUnavailable, ResultCache
-from caches.tenancy import AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
+from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
 from deployments import metrics
 from deployments.cached_route import ModelUnavailable
@@ -244,10 +244,23 @@ class Ingress:
             return JSONResponse(error_body(status, result["message"]), status_code=status)
         return result
 
+    def _event_sender(self, request: Request) -> str:
+        """Who may send events: the admin key, or a tenant in `recommender.event_tenants`
+        (401 without a valid key, 403 with one that lacks the right); the name goes in the audit."""
+        if self.admins.is_admin(request.headers.get("authorization")):
+            return ADMIN_SENDER
+        tenant = self._tenant(request)
+        if tenant not in self.settings.recommender.event_tenants:
+            raise Forbidden(f"tenant '{tenant}' may not send events: user ids are shared by every tenant of this "
+                            "deployment, so an event changes what all of them are recommended for that user. Events "
+                            "need the admin key, or a tenant listed in the `recommender.event_tenants` setting: ask "
+                            f"the operator to add '{tenant}' there")
+        return tenant
+
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:
-        self._tenant(request)
-        result = await self.recommender.record_event.remote(body.model_dump())
+        sender = self._event_sender(request)
+        result = await self.recommender.record_event.remote(body.model_dump(), sender)
         status = result.pop("status", 202)
         if status >= 400:
             return JSONResponse(error_body(status, result["message"]), status_code=status)
