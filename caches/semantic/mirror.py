@@ -10,6 +10,13 @@ The mirror only proposes: a lookup it decides is a miss needs no Redis, one it d
 validated in Redis (:meth:`caches.semantic.store.SemanticStore.validate`). So the mirror may lag
 (a missed event, a trimmed stream, a Redis restart) without ever serving a stale answer; each of
 those cases resets it, and it reloads lazily.
+
+Bounded memory per replica: the mirrors of all scopes together are capped (``max_entries``,
+``max_bytes``, an estimate of vectors, texts and per-entry and per-scope overhead). Over the cap,
+whole least-recently-used scopes are dropped (they reload from Redis when used again), and if the
+scope in use alone is over, its oldest entries go. Redis expires entries silently, so a sweep in the
+background thread drops entries past their TTL from the mirrors, a bounded number per sweep.
+Dropping from a mirror never loses data: Redis still has what is live there.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import faiss
 import numpy as np
 import redis
 
-from caches.result import CacheUnavailable, RedisGuard
+from caches.redis_client import Breaker
+from caches.result import CacheUnavailable
 from caches.semantic.decision import FloorBand
 from caches.semantic.store import EPOCH_KEY, STREAM_KEY, entry_key
 from caches.vector_index import make_ip_index, on_gpu
@@ -42,6 +50,21 @@ MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created"]
 # GPU mirrors: rebuild once removed entries are this share of the index (and at least this many).
 TOMBSTONE_FRACTION = 0.2
 TOMBSTONE_MIN = 64
+# Mirror memory estimate (bytes): per entry besides vector and texts (FAISS id map, dict and set
+# slots, EntryMeta), and per scope (its FAISS index, dicts, learned band): a flood of one-entry
+# scopes must count too.
+MIRROR_ENTRY_OVERHEAD = 256
+MIRROR_SCOPE_OVERHEAD = 4096
+SWEEP_EVERY_S = 1.0  # how often the background thread drops TTL-expired entries from the mirrors
+SWEEP_BATCH = 2_000  # entries examined per sweep: bounds the time the lock is held
+
+
+@dataclass
+class MirrorUsage:
+    """Entries and estimated bytes of every registered scope of one replica."""
+
+    entries: int = 0
+    bytes: int = 0
 
 
 @dataclass
@@ -82,6 +105,17 @@ class ScopeIndex:
     band: FloorBand = field(default_factory=FloorBand)
     tombstones: set[int] = field(default_factory=set)
     removable: bool = True  # False: tombstones instead of remove_ids (a GPU index)
+    nbytes: int = MIRROR_SCOPE_OVERHEAD  # estimated memory (see MIRROR_ENTRY_OVERHEAD)
+    usage: MirrorUsage | None = None  # the replica's totals, once registered
+
+    def entry_bytes(self, meta: EntryMeta) -> int:
+        return 4 * self.dim + len(meta.query) + len(meta.response) + MIRROR_ENTRY_OVERHEAD
+
+    def _count(self, entries: int, nbytes: int) -> None:
+        self.nbytes += nbytes
+        if self.usage is not None:
+            self.usage.entries += entries
+            self.usage.bytes += nbytes
 
     def __post_init__(self) -> None:
         self.index = make_ip_index(self.dim, self.use_gpu)
@@ -94,6 +128,7 @@ class ScopeIndex:
             return
         for i in fresh:
             self.meta[ids[i]] = meta[i]
+        self._count(len(fresh), sum(self.entry_bytes(meta[i]) for i in fresh))
         # an entry removed and seen again (a reload) is still in the index: revive, do not re-add
         revived = [i for i in fresh if ids[i] in self.tombstones]
         self.tombstones.difference_update(ids[i] for i in revived)
@@ -110,8 +145,11 @@ class ScopeIndex:
         if not gone:
             return
         self.ids.difference_update(gone)
+        freed = 0
         for i in gone:
-            self.meta.pop(i, None)
+            m = self.meta.pop(i, None)
+            freed += self.entry_bytes(m) if m is not None else 0
+        self._count(-len(gone), -freed)
         if self.removable:
             self.index.remove_ids(np.asarray(gone, dtype=np.int64))
             return
@@ -158,11 +196,14 @@ class StreamMirror:
         self,
         client: redis.Redis,
         dim: int,
-        guard: RedisGuard,
+        guard: Breaker,
         *,
         queue_writes: Callable[[Any], None],
         on_reset: Callable[[], None],
         use_gpu: bool = False,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
+        ttl_s: float | None = None,
     ) -> None:
         faiss.omp_set_num_threads(FAISS_OMP_THREADS)
         self.client = client
@@ -170,7 +211,17 @@ class StreamMirror:
         self.use_gpu = use_gpu  # mirrors on the GPU when one is visible (caches.vector_index)
         self.guard = guard
         self.lock = threading.RLock()
-        self.scopes: dict[str, ScopeIndex] = {}
+        self.scopes: dict[str, ScopeIndex] = {}  # least recently used first
+        self.usage = MirrorUsage()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.evicted_scopes = 0
+        self.expired = 0
+        self._sweep_scopes: list[str] = []
+        self._sweep_scope = ""
+        self._sweep_ids: list[int] = []
+        self._last_sweep = 0.0
         self.needs_reset = False  # set when Redis failed: it may have restarted empty meanwhile
         self._queue_writes = queue_writes
         self._on_reset = on_reset
@@ -185,6 +236,7 @@ class StreamMirror:
     def reset(self) -> None:
         with self.lock:
             self.scopes.clear()
+            self.usage.entries = self.usage.bytes = 0
             self._on_reset()
             self._cursor = "$"
             self._epoch = None
@@ -193,7 +245,14 @@ class StreamMirror:
     def drop(self, scopes: set[str]) -> None:
         with self.lock:
             for scope in scopes:
-                self.scopes.pop(scope, None)
+                self._pop(scope)
+
+    def _pop(self, scope: str) -> None:
+        index = self.scopes.pop(scope, None)
+        if index is not None:
+            self.usage.entries -= len(index.ids)
+            self.usage.bytes -= index.nbytes
+            index.usage = None
 
     def start(self, interval_s: float) -> None:
         """Sync and (every :data:`TRIM_CHECK_S`) check for trimming in a thread, every ``interval_s``."""
@@ -204,7 +263,9 @@ class StreamMirror:
         def loop() -> None:
             while not self._stop.wait(interval_s):
                 try:
-                    self.guard.call(self.sync)
+                    if time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
+                        self.sweep_expired()
+                    self.guard.call("semantic.sync", self.sync)
                     if time.monotonic() - self._last_trim_check > TRIM_CHECK_S:
                         self.check_trimmed()
                 except CacheUnavailable:
@@ -283,7 +344,7 @@ class StreamMirror:
                 scope = fields[b"scope"].decode()
                 op = fields[b"op"]
                 if op == b"drop":
-                    self.scopes.pop(scope, None)
+                    self._pop(scope)
                     applied += 1
                     continue
                 index = self.scopes.get(scope)
@@ -308,19 +369,24 @@ class StreamMirror:
                     vector = np.frombuffer(row[0], dtype=np.float32)[None, :]
                     index.add([entry_id], vector, [EntryMeta.from_row(row)])
                     applied += 1
+                self.enforce_cap()
         return applied
 
     def check_trimmed(self) -> None:
         """If the stream was trimmed past our cursor we missed events: reload mirrors lazily."""
         self._last_trim_check = time.monotonic()
-        first = self.guard.call(lambda: self.client.xrange(STREAM_KEY, count=1))
+        first = self.guard.call("semantic.trim_check", self.client.xrange, STREAM_KEY, "-", "+", 1)
         if first and self._cursor not in ("$", "0-0") and _id_lt(self._cursor, first[0][0].decode()):
             self.reset()
 
     # -- scopes ---------------------------------------------------------------------------------
     def get(self, scope: str) -> ScopeIndex | None:
+        """The scope's mirror, now the most recently used one (None when not mirrored here)."""
         with self.lock:
-            return self.scopes.get(scope)
+            index = self.scopes.pop(scope, None)
+            if index is not None:
+                self.scopes[scope] = index
+            return index
 
     def load(self, scope: str) -> ScopeIndex:
         """A scope's snapshot from Redis (not yet registered: see :meth:`register`)."""
@@ -332,7 +398,7 @@ class StreamMirror:
             for entry_id in chunk:
                 pipe.hmget(entry_key(scope, entry_id), MIRROR_FIELDS)
             rows = pipe.execute()
-            alive = [(i, r) for i, r in zip(chunk, rows, strict=True) if r[0] is not None]
+            alive = [(i, r) for i, r in zip(chunk, rows, strict=True) if r[0] is not None and not self._expired(r)]
             if alive:
                 vectors = np.stack([np.frombuffer(r[0], dtype=np.float32) for _, r in alive])
                 index.add([i for i, _ in alive], vectors, [EntryMeta.from_row(r) for _, r in alive])
@@ -343,4 +409,81 @@ class StreamMirror:
         on top (adds are idempotent by id, deletes of absent ids no-ops), so the mirror converges.
         If another thread registered it first, that one is kept."""
         with self.lock:
-            return self.scopes.setdefault(scope, index)
+            if scope in self.scopes:
+                return self.scopes[scope]
+            self.scopes[scope] = index
+            index.usage = self.usage
+            self.usage.entries += len(index.ids)
+            self.usage.bytes += index.nbytes
+            self.enforce_cap(keep=scope)
+            return index
+
+    def remove_entries(self, removed: Sequence[tuple[str, int]], keep: str | None = None) -> None:
+        """Drop entries Redis removed (any scope), then hold the cap (sparing ``keep``)."""
+        with self.lock:
+            for scope, entry_id in removed:
+                index = self.scopes.get(scope)
+                if index is not None:
+                    index.remove([entry_id])
+            self.enforce_cap(keep=keep)
+
+    # -- bounded memory -------------------------------------------------------------------------
+    def _over(self) -> bool:
+        return (self.max_entries is not None and self.usage.entries > self.max_entries) or (
+            self.max_bytes is not None and self.usage.bytes > self.max_bytes
+        )
+
+    def enforce_cap(self, keep: str | None = None) -> None:
+        """Drop least recently used scopes (never ``keep``) until under the cap; if ``keep`` alone
+        is over, its oldest entries go."""
+        with self.lock:
+            while self._over():
+                victim = next((s for s in self.scopes if s != keep), None)
+                if victim is None:
+                    break
+                self._pop(victim)
+                self.evicted_scopes += 1
+            index = self.scopes.get(keep) if keep is not None else None
+            if index is not None and self._over():
+                oldest = sorted(index.meta, key=lambda i: index.meta[i].created)
+                while oldest and self._over():
+                    index.remove(oldest[:64])
+                    oldest = oldest[64:]
+
+    def _expired(self, row: Sequence[Any]) -> bool:
+        return self.ttl_s is not None and row[4] is not None and float(row[4]) + self.ttl_s <= time.time()
+
+    def sweep_expired(self, limit: int = SWEEP_BATCH) -> int:
+        """Drop entries past their TTL, examining at most ``limit``; successive calls walk every
+        scope in turn (a cursor), so the lock is held briefly. Empty scopes go too. Returns how
+        many entries were dropped."""
+        self._last_sweep = time.monotonic()
+        if not self.ttl_s:
+            return 0
+        now, examined, dropped, new_pass = time.time(), 0, 0, False
+        with self.lock:
+            while examined < limit:
+                if not self._sweep_ids:
+                    if not self._sweep_scopes:
+                        if new_pass:
+                            break
+                        self._sweep_scopes, new_pass = list(self.scopes), True
+                        continue
+                    self._sweep_scope = self._sweep_scopes.pop()
+                    index = self.scopes.get(self._sweep_scope)
+                    if index is not None and not index.ids:
+                        self._pop(self._sweep_scope)
+                    self._sweep_ids = list(index.meta) if index is not None else []
+                    continue
+                n = min(limit - examined, len(self._sweep_ids))
+                chunk, self._sweep_ids = self._sweep_ids[-n:], self._sweep_ids[:-n]
+                examined += n
+                index = self.scopes.get(self._sweep_scope)
+                if index is None:
+                    self._sweep_ids = []
+                    continue
+                gone = [i for i in chunk if (m := index.meta.get(i)) is not None and m.created + self.ttl_s <= now]
+                index.remove(gone)
+                dropped += len(gone)
+        self.expired += dropped
+        return dropped
