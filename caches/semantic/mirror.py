@@ -26,7 +26,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -35,9 +34,16 @@ import redis
 
 from caches.redis_client import Breaker
 from caches.result import CacheUnavailable
-from caches.semantic.decision import FloorBand
+from caches.semantic.scope_index import (
+    MIRROR_ENTRY_OVERHEAD,
+    MIRROR_SCOPE_OVERHEAD,
+    TOMBSTONE_FRACTION,
+    TOMBSTONE_MIN,
+    EntryMeta,
+    MirrorUsage,
+    ScopeIndex,
+)
 from caches.semantic.store import EPOCH_KEY, STREAM_KEY, entry_key
-from caches.vector_index import make_ip_index, on_gpu
 
 SYNC_MIN_INTERVAL_S = 0.1  # a lookup syncs the stream at most this often (the thread does the rest)
 TRIM_CHECK_S = 5.0  # how often the background thread checks for a stream trimmed past our cursor
@@ -46,136 +52,15 @@ STREAM_BATCH = 1_000  # events read per XREAD
 # One query at a time is memory-bound: OpenMP threads only add wake-up latency and compete with
 # the other replicas for the few cores a Serve replica gets.
 FAISS_OMP_THREADS = 1
+# re-exported: ScopeIndex and its constants lived here before caches.semantic.scope_index
+__all__ = [
+    "FAISS_OMP_THREADS", "MIRROR_ENTRY_OVERHEAD", "MIRROR_FIELDS", "MIRROR_SCOPE_OVERHEAD", "SNAPSHOT_BATCH",
+    "SWEEP_BATCH", "SWEEP_EVERY_S", "SYNC_MIN_INTERVAL_S", "TOMBSTONE_FRACTION", "TOMBSTONE_MIN",
+    "TRIM_CHECK_S", "EntryMeta", "MirrorUsage", "ScopeIndex", "StreamMirror",
+]  # fmt: skip
 MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created"]
-# GPU mirrors: rebuild once removed entries are this share of the index (and at least this many).
-TOMBSTONE_FRACTION = 0.2
-TOMBSTONE_MIN = 64
-# Mirror memory estimate (bytes): per entry besides vector and texts (FAISS id map, dict and set
-# slots, EntryMeta), and per scope (its FAISS index, dicts, learned band): a flood of one-entry
-# scopes must count too.
-MIRROR_ENTRY_OVERHEAD = 256
-MIRROR_SCOPE_OVERHEAD = 4096
 SWEEP_EVERY_S = 1.0  # how often the background thread drops TTL-expired entries from the mirrors
 SWEEP_BATCH = 2_000  # entries examined per sweep: bounds the time the lock is held
-
-
-@dataclass
-class MirrorUsage:
-    """Entries and estimated bytes of every registered scope of one replica."""
-
-    entries: int = 0
-    bytes: int = 0
-
-
-@dataclass
-class EntryMeta:
-    """What the mirror keeps of an entry besides its vector: enough to decide a miss alone.
-
-    ``query``, ``response`` and ``created`` never change (``created`` gives a hit its ``Age``);
-    ``tau`` is the last learned threshold seen here.
-    """
-
-    query: str
-    response: str
-    tau: float = -1.0
-    created: float = 0.0
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> EntryMeta:
-        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these four)."""
-        return cls(row[1].decode(), row[2].decode(), float(row[3]) if row[3] is not None else -1.0,
-                   float(row[4]) if row[4] is not None else 0.0)
-
-
-@dataclass
-class ScopeIndex:
-    """One scope's vectors and entry metadata, plus the adaptive floor learned for it here.
-
-    On a GPU (``use_gpu`` and one visible, see :mod:`caches.vector_index`) the flat index cannot
-    ``remove_ids``: removed entries become tombstones, filtered out of every search, and the index
-    is rebuilt from its live vectors once tombstones pass :data:`TOMBSTONE_FRACTION` of it (the
-    approach DESIGN.md names for indexes without removal). On the CPU entries are removed at once.
-    """
-
-    dim: int
-    use_gpu: bool = False
-    index: Any = None
-    ids: set[int] = field(default_factory=set)
-    meta: dict[int, EntryMeta] = field(default_factory=dict)
-    band: FloorBand = field(default_factory=FloorBand)
-    tombstones: set[int] = field(default_factory=set)
-    removable: bool = True  # False: tombstones instead of remove_ids (a GPU index)
-    nbytes: int = MIRROR_SCOPE_OVERHEAD  # estimated memory (see MIRROR_ENTRY_OVERHEAD)
-    usage: MirrorUsage | None = None  # the replica's totals, once registered
-
-    def entry_bytes(self, meta: EntryMeta) -> int:
-        return 4 * self.dim + len(meta.query) + len(meta.response) + MIRROR_ENTRY_OVERHEAD
-
-    def _count(self, entries: int, nbytes: int) -> None:
-        self.nbytes += nbytes
-        if self.usage is not None:
-            self.usage.entries += entries
-            self.usage.bytes += nbytes
-
-    def __post_init__(self) -> None:
-        self.index = make_ip_index(self.dim, self.use_gpu)
-        self.removable = self.removable and not on_gpu(self.index)
-
-    def add(self, ids: Sequence[int], vectors: np.ndarray, meta: Sequence[EntryMeta]) -> None:
-        """Add entries not yet here (idempotent by id, so snapshot and stream may overlap)."""
-        fresh = [i for i, entry_id in enumerate(ids) if entry_id not in self.ids]
-        if not fresh:
-            return
-        for i in fresh:
-            self.meta[ids[i]] = meta[i]
-        self._count(len(fresh), sum(self.entry_bytes(meta[i]) for i in fresh))
-        # an entry removed and seen again (a reload) is still in the index: revive, do not re-add
-        revived = [i for i in fresh if ids[i] in self.tombstones]
-        self.tombstones.difference_update(ids[i] for i in revived)
-        new = [i for i in fresh if i not in set(revived)]
-        if new:
-            self.index.add_with_ids(
-                np.ascontiguousarray(vectors[new], dtype=np.float32),
-                np.asarray([ids[i] for i in new], dtype=np.int64),
-            )
-        self.ids.update(ids[i] for i in fresh)
-
-    def remove(self, ids: Sequence[int]) -> None:
-        gone = [i for i in ids if i in self.ids]
-        if not gone:
-            return
-        self.ids.difference_update(gone)
-        freed = 0
-        for i in gone:
-            m = self.meta.pop(i, None)
-            freed += self.entry_bytes(m) if m is not None else 0
-        self._count(-len(gone), -freed)
-        if self.removable:
-            self.index.remove_ids(np.asarray(gone, dtype=np.int64))
-            return
-        self.tombstones.update(gone)
-        if len(self.tombstones) > max(TOMBSTONE_MIN, TOMBSTONE_FRACTION * self.index.ntotal):
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        """A fresh index of the live vectors only (GPU path: drops every tombstone)."""
-        all_ids = faiss.vector_to_array(self.index.id_map)
-        vectors = self.index.index.reconstruct_n(0, self.index.ntotal) if self.index.ntotal else None
-        live = np.asarray([j for j, i in enumerate(all_ids) if int(i) not in self.tombstones], dtype=np.int64)
-        self.index = make_ip_index(self.dim, self.use_gpu)
-        if vectors is not None and len(live):
-            self.index.add_with_ids(np.ascontiguousarray(vectors[live]), all_ids[live])
-        self.tombstones.clear()
-
-    def search(self, vec: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The ``k`` nearest (id, cosine), nearest first; empty when the scope is."""
-        if self.index.ntotal == 0:
-            return []
-        wanted = min(k + len(self.tombstones), self.index.ntotal)
-        sims, ids = self.index.search(vec[None, :], wanted)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True)
-                 if i >= 0 and int(i) not in self.tombstones]
-        return found[:k]
 
 
 def _id_lt(a: str, b: str) -> bool:
@@ -428,9 +313,11 @@ class StreamMirror:
             self.enforce_cap(keep=keep)
 
     # -- bounded memory -------------------------------------------------------------------------
-    def _over(self) -> bool:
-        return (self.max_entries is not None and self.usage.entries > self.max_entries) or (
-            self.max_bytes is not None and self.usage.bytes > self.max_bytes
+    def _over(self, entries: int | None = None, nbytes: int | None = None) -> bool:
+        entries = self.usage.entries if entries is None else entries
+        nbytes = self.usage.bytes if nbytes is None else nbytes
+        return (self.max_entries is not None and entries > self.max_entries) or (
+            self.max_bytes is not None and nbytes > self.max_bytes
         )
 
     def enforce_cap(self, keep: str | None = None) -> None:
@@ -445,10 +332,13 @@ class StreamMirror:
                 self.evicted_scopes += 1
             index = self.scopes.get(keep) if keep is not None else None
             if index is not None and self._over():
-                oldest = sorted(index.meta, key=lambda i: index.meta[i].created)
-                while oldest and self._over():
-                    index.remove(oldest[:64])
-                    oldest = oldest[64:]
+                entries, nbytes, victims = self.usage.entries, self.usage.bytes, []
+                for i in sorted(index.meta, key=lambda i: index.meta[i].created):
+                    if not self._over(entries, nbytes):
+                        break
+                    victims.append(i)
+                    entries, nbytes = entries - 1, nbytes - index.entry_bytes(index.meta[i])
+                index.remove(victims)
 
     def _expired(self, row: Sequence[Any]) -> bool:
         return self.ttl_s is not None and row[4] is not None and float(row[4]) + self.ttl_s <= time.time()
