@@ -6,8 +6,8 @@
 Three phases against a running app (loopback only), each --phase-s long:
 
 1. ``scopes``: chat requests that each open a new semantic scope and a new exact key (a distinct
-   system prompt or distinct earlier turns per request, temperature 0, max_tokens 1): every one is
-   a miss that stores into both caches.
+   system prompt or distinct earlier turns per request, temperature 0, one-word answers, so the
+   answer stops by itself and is stored): every one is a miss that stores into both caches.
 2. ``users``: recommendations for user ids never asked before (known users with a fresh ``k``,
    unknown ids counting up): every known one stores a new result entry.
 3. ``bodies``: bodies just over the body limit (declared and chunked, which must be refused with
@@ -48,8 +48,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "flood.json"
 PHASES = ("scopes", "users", "bodies")
 KNOWN_USERS = 706  # the MovieLens sample's users (ids 1..706 exist in the feature store)
-QUESTIONS = ["What is the capital of France?", "How do I reset my password?", "Name a primary colour.",
-             "What is two plus two?", "Why is the sky blue?"]
+QUESTIONS = ["What is the capital of France?", "What is the capital of Italy?", "Name a primary colour.",
+             "What is two plus two?", "What colour is the sky?"]
+MAX_TOKENS = 16  # only an answer that stops by itself is stored semantically: room for one sentence
+STREAM_KEY = "sem.__stream"  # the semantic cache's event stream (caches.semantic.store)
 # The caches' budget bookkeeping prefixes (caches.semantic.store, caches.result, deployments.recommender_model)
 BOOKKEEPING = {"semantic": "sem.__meta", "results": "res.__meta", "recs": "recs.__meta"}
 
@@ -90,12 +92,12 @@ class Flood:
         n = next(self.counter)
         question = QUESTIONS[n % len(QUESTIONS)]
         if n % 2:  # a distinct system prompt
-            messages = [{"role": "system", "content": f"You are assistant {uuid.uuid4().hex}."},
+            messages = [{"role": "system", "content": f"You are assistant {uuid.uuid4().hex}. Reply in one word."},
                         {"role": "user", "content": question}]
         else:  # distinct earlier turns
-            messages = [{"role": "user", "content": f"My ticket is {uuid.uuid4().hex}."},
+            messages = [{"role": "user", "content": f"My ticket is {uuid.uuid4().hex}. Reply in one word."},
                         {"role": "assistant", "content": "Noted."}, {"role": "user", "content": question}]
-        return {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 1}
+        return {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS}
 
     def recs_body(self) -> dict[str, Any]:
         n = next(self.counter)
@@ -149,6 +151,9 @@ def sample(port: int, redis_url: str, t0: float, phase: str) -> dict[str, Any]:
     try:
         for name, prefix in BOOKKEEPING.items():
             row[name] = usage(client, prefix)
+        # the mirrors' event stream is bounded by its own MAXLEN, not by the budgets: shown apart
+        row["semantic_stream"] = {"events": int(client.xlen(STREAM_KEY)),
+                                  "bytes": int(client.memory_usage(STREAM_KEY, samples=5) or 0)}
     except redis.RedisError as exc:
         row["bookkeeping_error"] = str(exc)
     finally:
@@ -218,7 +223,7 @@ def flatness(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{label}_first_bytes"] = vals[0] if vals else None
         out[f"{label}_peak_bytes"] = max(vals) if vals else None
         out[f"{label}_growth_last_quarter_bytes"] = round(mean(last, f) - mean(third, f))
-    for name in BOOKKEEPING:
+    for name in (*BOOKKEEPING, "semantic_stream"):
         vals = [r[name] for r in rows if name in r]
         if vals:
             out[f"{name}_peak"] = {"entries": max(v["entries"] for v in vals), "bytes": max(v["bytes"] for v in vals)}
@@ -245,6 +250,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[2].plot(t, [r.get(name, {}).get("bytes", 0) / mib for r in rows], color=colour, label=f"{name} counted")
         axes[2].axhline(result["budgets"][name]["global_bytes"] / mib, color=colour, ls="--", lw=0.8,
                         label=f"{name} global budget")
+    axes[2].plot(t, [r.get("semantic_stream", {}).get("bytes", 0) / mib for r in rows], color="grey",
+                 label="semantic event stream (MAXLEN-bounded)")
     axes[2].set_ylabel("MiB (cache bookkeeping)")
     axes[2].set_xlabel("seconds")
     for ax in axes:
