@@ -226,7 +226,7 @@ def flatness(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for name in (*BOOKKEEPING, "semantic_stream"):
         vals = [r[name] for r in rows if name in r]
         if vals:
-            out[f"{name}_peak"] = {"entries": max(v["entries"] for v in vals), "bytes": max(v["bytes"] for v in vals)}
+            out[f"{name}_peak"] = {f: max(v[f] for v in vals) for f in vals[0]}
     return out
 
 

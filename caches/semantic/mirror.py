@@ -120,6 +120,8 @@ class StreamMirror:
     # -- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
         with self.lock:
+            for index in self.scopes.values():  # detached: a late add must not count here
+                index.usage = None
             self.scopes.clear()
             self.usage.entries = self.usage.bytes = 0
             self._on_reset()
