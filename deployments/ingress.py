@@ -158,8 +158,11 @@ class Ingress:
         self.settings = AppSettings.model_validate(settings)
         self.encoder, self.semantic, self.llm, self.recommender = encoder, semantic, llm, recommender
         self.redis = redis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
+        cache = self.settings.cache
         self.results = ResultCache(
-            self.redis, default_ttl_s=self.settings.cache.result_ttl_s, max_bytes=self.settings.cache.result_max_bytes
+            self.redis, default_ttl_s=cache.result_ttl_s, max_bytes=cache.result_max_bytes,
+            max_entries=cache.result_max_entries, tenant_max_bytes=cache.result_tenant_max_bytes,
+            tenant_max_entries=cache.result_tenant_max_entries,
         )
         self.tenants = Tenants(self.settings.api_keys) if self.settings.api_keys else Tenants.from_env()
         self.admins = AdminKeys(self.settings.admin_keys) if self.settings.admin_keys else AdminKeys.from_env()

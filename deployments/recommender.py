@@ -101,7 +101,8 @@ class RecommenderDeployment:
         self.redis = make_client(redis_url)
         self.redis_url = redis_url
         self.results = RecommendationResults(self.redis, default_ttl_s=self.settings.result_ttl_s,
-                                             max_bytes=self.settings.result_max_bytes)
+                                             max_bytes=self.settings.result_max_bytes,
+                                             tenant_max_bytes=self.settings.result_tenant_max_bytes)
         self.pending = PendingInvalidations(self.redis, PENDING_KEY)
         self.replica = serve.get_replica_context().replica_id.unique_id
         # Directories are named by replica id: a restarted replica gets a new one. Claim ours,
