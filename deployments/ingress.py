@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
+from caches.redis_client import REDIS_ERRORS
 from caches.result import CacheUnavailable, ResultCache
 from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
@@ -276,7 +277,7 @@ class Ingress:
         tenant = None if admin else self._tenant(request)
         try:
             exact = self.results.stats()
-        except CacheUnavailable:
+        except (CacheUnavailable, *REDIS_ERRORS):  # any Redis error (a refused key too): a gap, never a 500
             exact = {"status": "unavailable"}
         semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
         lookups = metrics.lookups_by_tenant()

@@ -259,12 +259,15 @@ def test_an_invalidation_redis_refused_after_the_push_is_published_later_not_los
     n_before = warm[0]["user_activity"]["n_ratings"]
     item = next(i["item_id"] for i in warm[-1]["items"])
     admin = redis.Redis.from_url(OWN_REDIS["url"])
-    # The fault, right after the Feast push: Redis refuses the generation move (ACL: no INCR for
-    # the app's user) while the lock, the pending record, the audit entry and the push before it
-    # still work. Without the move the invalidation has not reached everyone (a replica's tiers
-    # would still serve the old row's generation): "pending". Deterministic, unlike killing
-    # Redis at the right instant.
-    admin.execute_command("ACL", "SETUSER", "default", "-incr")
+    # The fault, right after the Feast push: Redis refuses the generation move and the stream
+    # publish (ACL: the app's user loses the generation counters' and the invalidation streams'
+    # keys) while the lock, the pending record, the audit entry, the feature tiers and the push
+    # before them still work. Deterministic, unlike killing Redis at the right instant.
+    # (Keys, not commands: the audit entry is an XADD before the push, and Redis 6.2 did not
+    # refuse INCR for `-incr`.)
+    allowed = ["tierserve:recs:eventlock:*", "tierserve:recs:pending-invalidations", "tierserve:recs:rated:*",
+               "tierserve:recs:events", "features:*", "tierserve:tier:*", "tierserve:placement:*", "models.__versions"]
+    admin.execute_command("ACL", "SETUSER", "default", "resetkeys", *(f"~{k}" for k in allowed))
     try:
         resp = recs.post("/v1/events", json={"user_id": user, "item_id": item, "type": "rating", "value": 5})
         assert resp.status_code == 202, resp.text
@@ -272,7 +275,7 @@ def test_an_invalidation_redis_refused_after_the_push_is_published_later_not_los
         assert event["invalidation"] == "pending" and "retried" in event["warning"]
         assert _pending(recs) >= 1  # durable: in Redis, not in a timer of the replica that answered
     finally:
-        admin.execute_command("ACL", "SETUSER", "default", "+incr")
+        admin.execute_command("ACL", "SETUSER", "default", "resetkeys", "~*")
         admin.close()
     # Redis is healthy again: some replica's watcher replays the record until it is published.
     deadline = time.monotonic() + 60
