@@ -242,7 +242,8 @@ class Ingress:
         metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
         if status != 200:
             return JSONResponse(error_body(status, result["message"]), status_code=status)
-        return result
+        # Plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk of the items.
+        return JSONResponse(result)
 
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:

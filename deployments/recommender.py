@@ -50,7 +50,7 @@ from caches.tiered import TierUnavailable, claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments import metrics
 from deployments.config import RecommenderSettings
-from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel
+from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel, score_items
 from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
 from feature_store.pipeline import RepoInfo
 
@@ -194,11 +194,14 @@ class RecommenderDeployment:
     def _unknown_key(version: str, user_id: int) -> str:
         return f"tierserve:recs:unknown:{version}:{user_id}"
 
-    def _seen(self, m: RecsModel, user_id: int) -> set[int]:
+    def _seen(self, m: RecsModel, user_id: int, rated_since: set[bytes] | None = None) -> set[int]:
+        """Items the user rated: the pipeline's, plus those rated by events since (a Redis set,
+        read here unless the caller fetched it already)."""
         seen = set(m.rated.get(user_id, ()))
-        with contextlib.suppress(*REDIS_ERRORS):
-            seen |= {int(x) for x in self.redis.smembers(self._rated_key(user_id))}
-        return seen
+        if rated_since is None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                rated_since = self.redis.smembers(self._rated_key(user_id))
+        return seen | {int(x) for x in rated_since or ()}
 
     def _ensure_fresh(self, m: RecsModel, user_id: int, gen: int | None) -> None:
         """Read-your-writes on every replica: the stream delivers an event's invalidation within
@@ -229,10 +232,15 @@ class RecommenderDeployment:
                 return {"status": 503, "message": "the cache store failed while answering; retry shortly"}
 
     def _recommend(self, m: RecsModel, user_id: int, k: int, tenant: str) -> dict[str, Any]:
-        key, gen, unknown = None, None, False
+        key, gen, unknown, rated = None, None, False, None
         try:
-            # One round trip: the user's generation and the "Feast does not know them" memo.
-            raw_gen, raw_unknown = self.redis.mget([self._gen_key(user_id), self._unknown_key(m.version, user_id)])
+            # One round trip: the user's generation, the "Feast does not know them" memo and the
+            # items rated by events since the pipeline ran.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.mget([self._gen_key(user_id), self._unknown_key(m.version, user_id)])
+            pipe.smembers(self._rated_key(user_id))
+            (raw_gen, raw_unknown), rated_since = pipe.execute()
+            rated = self._seen(m, user_id, rated_since)
             gen = int(raw_gen or 0)
             unknown = raw_unknown is not None and int(raw_unknown) == gen
             if self.settings.result_cache and not unknown:
@@ -244,8 +252,8 @@ class RecommenderDeployment:
         except CACHE_ERRORS:
             key = None
         if unknown:
-            return self._cold_start(m, user_id, k)
-        answer = self._compute(m, user_id, k, gen)
+            return self._cold_start(m, user_id, k, rated)
+        answer = self._compute(m, user_id, k, gen, rated)
         if answer.get("cold_start") and gen is not None:
             # Feast does not know this user: remember it briefly (an event moves `gen`, which
             # makes the memo stale at once), and keep cold-start lists out of the result budget.
@@ -259,50 +267,62 @@ class RecommenderDeployment:
     def _base(self, m: RecsModel, user_id: int) -> dict[str, Any]:
         return {"user_id": user_id, "model_version": m.version, "cached": False, "replica": self.replica}
 
-    def _cold_start(self, m: RecsModel, user_id: int, k: int) -> dict[str, Any]:
-        seen = self._seen(m, user_id)
+    def _cold_start(self, m: RecsModel, user_id: int, k: int, rated: set[int] | None = None) -> dict[str, Any]:
+        seen = self._seen(m, user_id) if rated is None else rated
         items = [{"item_id": i, "score": round(s, 6)} for i, s in m.popular if i not in seen][:k]
         return {**self._base(m, user_id), "items": items, "cold_start": True, "degraded": False,
                 "sources": {"user": None, "items": {}}}
 
-    def _compute(self, m: RecsModel, user_id: int, k: int, gen: int | None) -> dict[str, Any]:
+    def _compute(self, m: RecsModel, user_id: int, k: int, gen: int | None,
+                 rated: set[int] | None = None) -> dict[str, Any]:
         self._ensure_fresh(m, user_id, gen)
         user = m.users.get([user_id])
         if user_id not in user.features:
             if user.degraded:
                 return {"status": 503, "message": "the feature store is unreachable and this user's features are "
                                                   "not cached on any tier; retry shortly"}
-            return self._cold_start(m, user_id, k)
+            return self._cold_start(m, user_id, k, rated)
 
         feats = user.features[user_id]
         u_emb = np.asarray(feats["embedding"], dtype=np.float32)
         affinity = np.asarray(feats.get("genre_affinity") or [], dtype=np.float32)
-        seen = self._seen(m, user_id)
+        seen = self._seen(m, user_id) if rated is None else rated
         wanted = max(self.settings.candidates, CANDIDATES_PER_K * k) + len(seen)
-        candidates = [i for i in m.index.search(u_emb, wanted) if i not in seen]
-        batch = m.items.get(candidates)
-        scored = []
-        for item_id in candidates:
-            f = batch.features.get(item_id)
-            if f is None:
-                continue  # a candidate no tier could answer is skipped, never scored on empty features
-            score = float(np.dot(u_emb, np.asarray(f["embedding"], dtype=np.float32)))
-            score += W_MEAN_RATING * (float(f.get("mean_rating") or 0.0) - 3.0) / 2.0
-            if affinity.size:
-                idx = [m.genres[g] for g in f.get("genres") or [] if g in m.genres]
-                if idx:
-                    score += W_GENRE * float(affinity[idx].mean())
-            scored.append((score, item_id))
-        scored.sort(reverse=True)
-        if not scored and (batch.degraded or user.degraded):
+        ids, sims = m.index.search_scored(u_emb, wanted)
+        if seen:
+            keep = ~np.isin(ids, np.fromiter(seen, dtype=np.int64, count=len(seen)))
+            ids, sims = ids[keep], sims[keep]
+        degraded = user.degraded
+        if m.item_table is not None:
+            # Item features come with the model version (RecsModel.item_table): no read at all.
+            rows = m.item_table.rows(ids)
+            ids, sims, rows = ids[rows >= 0], sims[rows >= 0], rows[rows >= 0]
+            scores = score_items(sims, m.item_table.mean_rating[rows], m.item_table.genre_matrix[rows], affinity,
+                                 w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
+            item_sources = {"model": int(ids.size)}
+        else:  # the Feast-only baseline: every candidate's features from Feast, as before
+            batch = m.items.get(ids.tolist())
+            found = np.fromiter((int(i) in batch.features for i in ids), dtype=bool, count=ids.size)
+            ids, sims = ids[found], sims[found]  # a candidate no tier answered is skipped, never scored on empty features
+            feats_of = [batch.features[int(i)] for i in ids]
+            mean = np.asarray([float(f.get("mean_rating") or 0.0) for f in feats_of], dtype=np.float64)
+            genres = np.zeros((ids.size, max(1, len(m.genres))), dtype=np.float64)
+            for row, f in enumerate(feats_of):
+                cols = [m.genres[g] for g in f.get("genres") or [] if g in m.genres]
+                if cols:
+                    genres[row, cols] = 1.0 / len(cols)
+            scores = score_items(sims, mean, genres, affinity, w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
+            degraded = degraded or batch.degraded
+            item_sources = dict(Counter(batch.sources.values()))
+        if not ids.size and degraded:
             return {"status": 503, "message": "the feature store is unreachable and none of this user's candidate "
                                               "items' features are cached; retry shortly"}
-        items = [{"item_id": i, "score": round(s, 6)} for s, i in scored[:k]]
+        top = np.argsort(-scores, kind="stable")[:k]
+        items = [{"item_id": int(i), "score": round(float(s), 6)} for i, s in zip(ids[top], scores[top], strict=True)]
         return {
-            **self._base(m, user_id), "items": items, "cold_start": False,
-            "degraded": bool(batch.degraded or user.degraded),
+            **self._base(m, user_id), "items": items, "cold_start": False, "degraded": bool(degraded),
             # Which tier answered, like the chat route's x-cache: the operator's first question.
-            "sources": {"user": user.sources.get(user_id), "items": dict(Counter(batch.sources.values()))},
+            "sources": {"user": user.sources.get(user_id), "items": item_sources},
             "user_activity": {"n_ratings": feats.get("n_ratings"), "last_ts": feats.get("last_ts")},
         }
 
