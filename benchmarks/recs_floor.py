@@ -63,13 +63,14 @@ TARGET_HEALTHZ_RATIO = 1.5
 TARGET_SPEEDUP = 3.0
 TARGET_TAIL = 3.0
 PY_SPY = Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin" / "py-spy"
-# (stage, regex on a frame "function (file:line)"): the innermost frame that matches decides.
+# (stage, regex on a frame "function (file:line)"): the innermost frame that matches decides, the
+# first stage listed wins on one frame (decode_features lives in tiers/feast.py but is msgpack).
 STAGES: list[tuple[str, re.Pattern[str]]] = [
     (name, re.compile(pat)) for name, pat in [
+        ("serialisation", r"\((json|msgpack|pickle|pydantic|pydantic_core|cloudpickle)/|jsonable_encoder|serializ|decode_features"),
         ("feast", r"\((feast|sqlite3)/|tiers/feast\.py"),
         ("redis", r"\(redis/|caches/redis_client\.py|tiers/redis\.py|admission/shared\.py|invalidation\.py"),
         ("faiss", r"\(faiss/|vector_index\.py|search(_scored)? \(deployments/recommender_model\.py"),
-        ("serialisation", r"\((json|msgpack|pickle|pydantic|pydantic_core|cloudpickle)/|jsonable_encoder|serializ|decode_features"),
         ("tiered-cache bookkeeping", r"caches/(tiered|features|admission/\w+)\.py|tiers/rocksdb\.py|\(rocksdict/"),
         ("recommender: scoring, loops", r"deployments/recommender(_model)?\.py|\(numpy/|caches/versions\.py"),
         ("ingress route", r"deployments/(ingress|metrics)\.py|\(prometheus_client/"),

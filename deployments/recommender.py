@@ -1,8 +1,10 @@
 """Recommender deployment: features through the tiered cache, candidates from FAISS.
 
-Per request: result cache (user, model version, k, user generation) -> the user's features
-through the TieredCache -> FAISS inner-product search over item embeddings -> the candidates'
-features in one batched read -> score, drop items already rated, top-k. What one model version
+Per request: one Redis round trip (the user's generation, the unknown-user memo, items rated
+since the pipeline) -> result cache (user, model version, k, user generation) -> the user's
+features through the TieredCache -> FAISS inner-product search over item embeddings -> drop items
+already rated -> a vectorised score over the candidates' features, which come with the model
+version in process (`RecsModel.item_table`; the Feast-only baseline reads them from Feast) -> top-k. What one model version
 needs (index, feature caches) is a `RecsModel` (deployments/recommender_model.py).
 
 Model versions: every replica follows the version in Redis (caches/versions.py): each request
@@ -36,7 +38,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ from caches.tiered import TierUnavailable, claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments import metrics
 from deployments.config import RecommenderSettings
-from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel, score_items
+from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel
 from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
 from feature_store.pipeline import RepoInfo
 
@@ -292,37 +294,18 @@ class RecommenderDeployment:
         if seen:
             keep = ~np.isin(ids, np.fromiter(seen, dtype=np.int64, count=len(seen)))
             ids, sims = ids[keep], sims[keep]
-        degraded = user.degraded
-        if m.item_table is not None:
-            # Item features come with the model version (RecsModel.item_table): no read at all.
-            rows = m.item_table.rows(ids)
-            ids, sims, rows = ids[rows >= 0], sims[rows >= 0], rows[rows >= 0]
-            scores = score_items(sims, m.item_table.mean_rating[rows], m.item_table.genre_matrix[rows], affinity,
-                                 w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
-            item_sources = {"model": int(ids.size)}
-        else:  # the Feast-only baseline: every candidate's features from Feast, as before
-            batch = m.items.get(ids.tolist())
-            found = np.fromiter((int(i) in batch.features for i in ids), dtype=bool, count=ids.size)
-            ids, sims = ids[found], sims[found]  # a candidate no tier answered is skipped, never scored on empty features
-            feats_of = [batch.features[int(i)] for i in ids]
-            mean = np.asarray([float(f.get("mean_rating") or 0.0) for f in feats_of], dtype=np.float64)
-            genres = np.zeros((ids.size, max(1, len(m.genres))), dtype=np.float64)
-            for row, f in enumerate(feats_of):
-                cols = [m.genres[g] for g in f.get("genres") or [] if g in m.genres]
-                if cols:
-                    genres[row, cols] = 1.0 / len(cols)
-            scores = score_items(sims, mean, genres, affinity, w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
-            degraded = degraded or batch.degraded
-            item_sources = dict(Counter(batch.sources.values()))
-        if not ids.size and degraded:
+        ranked = m.score(ids, sims, affinity, w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
+        degraded = user.degraded or ranked.degraded
+        if not ranked.ids.size and degraded:
             return {"status": 503, "message": "the feature store is unreachable and none of this user's candidate "
                                               "items' features are cached; retry shortly"}
-        top = np.argsort(-scores, kind="stable")[:k]
-        items = [{"item_id": int(i), "score": round(float(s), 6)} for i, s in zip(ids[top], scores[top], strict=True)]
+        top = np.argsort(-ranked.scores, kind="stable")[:k]
+        items = [{"item_id": int(i), "score": round(float(s), 6)}
+                 for i, s in zip(ranked.ids[top], ranked.scores[top], strict=True)]
         return {
             **self._base(m, user_id), "items": items, "cold_start": False, "degraded": bool(degraded),
             # Which tier answered, like the chat route's x-cache: the operator's first question.
-            "sources": {"user": user.sources.get(user_id), "items": item_sources},
+            "sources": {"user": user.sources.get(user_id), "items": ranked.sources},
             "user_activity": {"n_ratings": feats.get("n_ratings"), "last_ts": feats.get("last_ts")},
         }
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,14 @@ def feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, 
     )
 
 
+@dataclass
+class Ranked:
+    ids: np.ndarray  # int64 item ids, in candidate order
+    scores: np.ndarray  # float64, one per id
+    degraded: bool  # a feature tier was unavailable while reading the candidates
+    sources: dict[str, int]  # where the candidates' features came from -> how many
+
+
 class RecsModel:
     def __init__(self, settings: RecommenderSettings, info: RepoInfo, *, version: str, slot: int, redis_url: str,
                  rocksdb_root: Path) -> None:
@@ -124,6 +134,32 @@ class RecsModel:
                                    entity_key=names.USER_KEY, share=0.25, **common)
         self.items = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "items", view=names.ITEM_VIEW,
                                    entity_key=names.ITEM_KEY, share=1.0, **common)
+
+    def score(self, ids: np.ndarray, sims: np.ndarray, affinity: np.ndarray, *, w_mean_rating: float,
+              w_genre: float) -> Ranked:
+        """Scores of the candidates `ids` (with their inner products `sims`) for a user's genre
+        affinity. A candidate whose features nobody could answer is dropped, never scored on
+        empty features."""
+        if self.item_table is not None:  # features in process: no read at all
+            rows = self.item_table.rows(ids)
+            ok = rows >= 0
+            ids, sims, rows = ids[ok], sims[ok], rows[ok]
+            scores = score_items(sims, self.item_table.mean_rating[rows], self.item_table.genre_matrix[rows],
+                                 affinity, w_mean_rating=w_mean_rating, w_genre=w_genre)
+            return Ranked(ids, scores, False, {"model": int(ids.size)})
+        # The Feast-only baseline: every candidate's features read through `items` (Feast).
+        batch = self.items.get(ids.tolist())
+        found = np.fromiter((int(i) in batch.features for i in ids), dtype=bool, count=ids.size)
+        ids, sims = ids[found], sims[found]
+        feats = [batch.features[int(i)] for i in ids]
+        mean = np.asarray([float(f.get("mean_rating") or 0.0) for f in feats], dtype=np.float64)
+        genres = np.zeros((ids.size, max(1, len(self.genres))), dtype=np.float64)
+        for row, f in enumerate(feats):
+            cols = [self.genres[g] for g in f.get("genres") or [] if g in self.genres]
+            if cols:
+                genres[row, cols] = 1.0 / len(cols)
+        scores = score_items(sims, mean, genres, affinity, w_mean_rating=w_mean_rating, w_genre=w_genre)
+        return Ranked(ids, scores, batch.degraded, dict(Counter(batch.sources.values())))
 
     def close(self, *, remove_files: bool = False) -> None:
         self.users.close()
