@@ -7,9 +7,10 @@ The floor of one recommendation is one Serve hop, a Redis read of the user's fea
 search and a small numpy score. The app's own `GET /healthz` (one Serve hop to the Ingress and one
 Redis PING) stands for "one hop"; every figure below comes from the same run:
 
-1. sequential, uncached: every user of the ratings file once (after one unmeasured pass over all
-   of them, so their rows sit in the RAM tier: the result cache is off, the feature cache warm),
-   in random order, one request at a time, each recommendation followed by a `/healthz` and a Feast-only recommendation (so noise
+0. priming: one unmeasured request per user of the ratings file, so every row sits in the RAM
+   tier (the result cache is off: "uncached" below means every request computes its answer).
+1. sequential, uncached: `--sequential` users (all by default) once each, in random order, one
+   request at a time, each recommendation followed by a `/healthz` and a Feast-only recommendation (so noise
    from neighbours on a shared machine hits all three alike). Target: p50 <= 1.5 x healthz p50.
 2. concurrency: `--concurrency` closed-loop clients, the tiered and the Feast-only arm
    alternating in `--rounds` rounds (benchmarks.recommend_load.drive). Targets: tiered requests/s
@@ -310,10 +311,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             _say(f"[{name}] warm-up {args.warmup:.0f}s")
             asyncio.run(drive(arms[name], UserStream(users, probs, seed=7), k=args.k, concurrency=args.concurrency,
                               seconds=args.warmup))
-        # Every user once through the tiered arm first: the sequential part then measures the steady
-        # state (the user's row in RAM), not the first read of a user ever (a Feast read).
-        _say(f"priming: {len(order)} users through the tiered arm")
-        asyncio.run(prime(arms["tiered"], order, args.k, args.concurrency))
+        # Every user once through the tiered arm first: the sequential and concurrent parts then
+        # measure the steady state (the user's row in RAM), not the first read of a user ever (a
+        # Feast read, which would land in the tail of whichever part met that user first).
+        _say(f"priming: {len(users)} users through the tiered arm")
+        asyncio.run(prime(arms["tiered"], [int(u) for u in users], args.k, args.concurrency))
         _say(f"sequential: {len(order)} users, recs / healthz / feast-only interleaved")
         out["sequential"] = sequential(arms, order, args.k)
         _say(json.dumps(out["sequential"]))
