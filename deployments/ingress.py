@@ -246,7 +246,8 @@ class Ingress:
         metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
         if status != 200:
             return JSONResponse(error_body(status, result["message"]), status_code=status)
-        return result
+        # Plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk of the items.
+        return JSONResponse(result)
 
     def _event_sender(self, request: Request) -> str:
         """Who may send events: the admin key, or a tenant in `recommender.event_tenants`
