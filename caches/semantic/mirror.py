@@ -38,7 +38,7 @@ STREAM_BATCH = 1_000  # events read per XREAD
 # One query at a time is memory-bound: OpenMP threads only add wake-up latency and compete with
 # the other replicas for the few cores a Serve replica gets.
 FAISS_OMP_THREADS = 1
-MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created"]
+MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created", "group", "answer_embedding"]
 # GPU mirrors: rebuild once removed entries are this share of the index (and at least this many).
 TOMBSTONE_FRACTION = 0.2
 TOMBSTONE_MIN = 64
@@ -56,17 +56,20 @@ class EntryMeta:
     response: str
     tau: float = -1.0
     created: float = 0.0
+    group: int = 0  # judged-equivalent answers share a group (the verified policy's vote)
+    answer_vector: np.ndarray | None = None  # the answer's embedding (the answer judge's input)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> EntryMeta:
-        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these four)."""
+        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these six)."""
+        answer = np.frombuffer(row[6], dtype=np.float32) if row[6] else None
         return cls(row[1].decode(), row[2].decode(), float(row[3]) if row[3] is not None else -1.0,
-                   float(row[4]) if row[4] is not None else 0.0)
+                   float(row[4]) if row[4] is not None else 0.0, int(row[5]) if row[5] else 0, answer)
 
 
 @dataclass
 class ScopeIndex:
-    """One scope's vectors and entry metadata, plus the adaptive floor learned for it here.
+    """One scope's vectors and entry metadata, plus the floor learned for it here (verified mode).
 
     On a GPU (``use_gpu`` and one visible, see :mod:`caches.vector_index`) the flat index cannot
     ``remove_ids``: removed entries become tombstones, filtered out of every search, and the index

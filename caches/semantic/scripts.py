@@ -8,7 +8,8 @@ resurrect an entry that another replica evicted or purged in between.
 # Store with expiry reclaim and eviction, atomically.
 # KEYS: entry, lfu zset, expiry zset, sizes hash, bytes counter, stream
 # ARGV: id, query, response, embedding, created, params, size, ttl_ms (0 = none), now_ms,
-#       max_entries, max_bytes, scope, stream maxlen, reclaim limit, lfu score
+#       max_entries, max_bytes, scope, stream maxlen, reclaim limit, lfu score,
+#       group (judged-equivalent answers share one; "" = none), answer embedding ("" = none)
 STORE_SCRIPT = """
 local id, scope = ARGV[1], ARGV[12]
 local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[8])
@@ -28,6 +29,8 @@ for _, victim in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT
 end
 redis.call('HSET', KEYS[1], 'scope', scope, 'query', ARGV[2], 'response', ARGV[3], 'embedding', ARGV[4],
   'created', ARGV[5], 'params', ARGV[6], 'hits', 0, 'tau', -1)
+if ARGV[16] and ARGV[16] ~= '' then redis.call('HSET', KEYS[1], 'group', ARGV[16]) end
+if ARGV[17] and ARGV[17] ~= '' then redis.call('HSET', KEYS[1], 'answer_embedding', ARGV[17]) end
 redis.call('HSET', KEYS[4], id, ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[15], id)
 local total = redis.call('INCRBY', KEYS[5], ARGV[7])

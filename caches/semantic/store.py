@@ -44,6 +44,8 @@ class SemanticEntry(BaseModel):
     hits: int = 0
     params: dict[str, Any] = Field(default_factory=dict)
     tau: float = -1.0  # learned per-entry threshold: queries at or below it are not answered by it
+    group: int = 0  # entries whose answers a judge found equivalent share a group (0: none recorded)
+    answer_embedding: bytes = b""  # the answer's embedding (what the answer judge compares)
 
 
 def entry_key(scope: str, entry_id: int) -> str:
@@ -102,6 +104,8 @@ class SemanticStore:
         params: dict[str, Any] | None,
         size: int,
         now: float,
+        group: int = 0,
+        answer_embedding: bytes = b"",
     ) -> list[int]:
         """Store an entry created at ``now``, reclaiming expired ones and evicting over budget;
         returns the removed ids."""
@@ -117,6 +121,7 @@ class SemanticStore:
         args = [
             entry_id, query, response, embedding, now, json.dumps(params or {}), size, ttl_ms, int(now * 1000),
             self.max_entries, self.max_bytes, scope, STREAM_MAXLEN, RECLAIM_PER_STORE, lfu_score(0, now),
+            group or "", answer_embedding,
         ]  # fmt: skip
         return [int(r) for r in self._store(keys=keys, args=args)]
 
