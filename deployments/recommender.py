@@ -4,7 +4,7 @@ Per request: one Redis round trip (the user's generation, the unknown-user memo,
 since the pipeline) -> result cache (user, model version, k, user generation) -> the user's
 features through the TieredCache -> FAISS inner-product search over item embeddings -> drop items
 already rated -> a vectorised score over the candidates' features, which come with the model
-version in process (`RecsModel.item_table`; the Feast-only baseline reads them from Feast) -> top-k. What one model version
+version in process (`RecsModel.item_table`, in every arm) -> top-k. What one model version
 needs (index, feature caches) is a `RecsModel` (deployments/recommender_model.py).
 
 Model versions: every replica follows the version in Redis (caches/versions.py): each request

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +127,10 @@ class RecsModel:
                  rocksdb_root: Path) -> None:
         self.version = version
         self.index = ItemIndex(info.files["item_features"], use_gpu=settings.faiss_gpu)
-        # The Feast-only arm (a benchmark baseline) keeps reading item features from Feast.
-        self.item_table = ItemTable(info.files["item_features"], list(info.genres)) if settings.tiers != "feast-only" else None
+        # Item features belong to the model version (events never change them), so every arm holds
+        # them in process, the Feast-only baseline included: the tiered-vs-Feast comparison is about
+        # the user rows the tiers cache, not about an item table only one arm gets.
+        self.item_table = ItemTable(info.files["item_features"], list(info.genres))
         rated = pd.read_parquet(info.files["rated"])
         self.rated = {int(u): set(map(int, items)) for u, items in zip(rated[names.USER_KEY], rated["item_ids"], strict=True)}
         self.genre_list = list(info.genres)
@@ -149,26 +150,12 @@ class RecsModel:
         """Scores of the candidates `ids` (with their inner products `sims`) for a user's genre
         affinity. A candidate whose features nobody could answer is dropped, never scored on
         empty features."""
-        if self.item_table is not None:  # features in process: no read at all
-            rows = self.item_table.rows(ids)
-            ok = rows >= 0
-            ids, sims, rows = ids[ok], sims[ok], rows[ok]
-            scores = score_items(sims, self.item_table.mean_rating[rows], self.item_table.genre_matrix[rows],
-                                 affinity, w_mean_rating=w_mean_rating, w_genre=w_genre)
-            return Ranked(ids, scores, False, {"model": int(ids.size)})
-        # The Feast-only baseline: every candidate's features read through `items` (Feast).
-        batch = self.items.get(ids.tolist())
-        found = np.fromiter((int(i) in batch.features for i in ids), dtype=bool, count=ids.size)
-        ids, sims = ids[found], sims[found]
-        feats = [batch.features[int(i)] for i in ids]
-        mean = np.asarray([float(f.get("mean_rating") or 0.0) for f in feats], dtype=np.float64)
-        genres = np.zeros((ids.size, max(1, len(self.genres))), dtype=np.float64)
-        for row, f in enumerate(feats):
-            cols = [self.genres[g] for g in f.get("genres") or [] if g in self.genres]
-            if cols:
-                genres[row, cols] = 1.0 / len(cols)
-        scores = score_items(sims, mean, genres, affinity, w_mean_rating=w_mean_rating, w_genre=w_genre)
-        return Ranked(ids, scores, batch.degraded, dict(Counter(batch.sources.values())))
+        rows = self.item_table.rows(ids)  # features in process: no read at all
+        ok = rows >= 0
+        ids, sims, rows = ids[ok], sims[ok], rows[ok]
+        scores = score_items(sims, self.item_table.mean_rating[rows], self.item_table.genre_matrix[rows],
+                             affinity, w_mean_rating=w_mean_rating, w_genre=w_genre)
+        return Ranked(ids, scores, False, {"model": int(ids.size)})
 
     def close(self, *, remove_files: bool = False) -> None:
         self.users.close()
