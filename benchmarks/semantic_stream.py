@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -119,6 +120,27 @@ class OracleJudge:
         return ia == ib and not ia.startswith("oos")
 
 
+class MeasuredJudge(OracleJudge):
+    """The oracle degraded to the app's judge as measured (``benchmarks/results/judge_calibration.json``,
+    held-out half): a truly equivalent pair is called equivalent with the measured recall, a
+    different pair with the measured false-positive rate. It gives the policy the signal the app
+    really has (on SmolLM2 answers, a weak one), not the labels production lacks."""
+
+    name = "measured-app-judge"
+
+    def __init__(self, calibration: Path = RESULTS / "judge_calibration.json", seed: int = 0) -> None:
+        super().__init__()
+        held = json.loads(calibration.read_text())["heldout"]
+        self.recall = held["tp"] / max(held["tp"] + held["fn"], 1)
+        negatives = held["n"] - held["n_positive"]
+        self.false_positive_rate = held["fp"] / max(negatives, 1)
+        self.rng = random.Random(seed)
+
+    def equivalent(self, a: Answer, b: Answer) -> bool:
+        truth = super().equivalent(a, b)
+        return self.rng.random() < (self.recall if truth else self.false_positive_rate)
+
+
 class System:
     """lookup(i) -> (status, answer or None): status hit, verify (the model is called for a
     would-be hit) or miss; store(i, answer)."""
@@ -132,9 +154,9 @@ class System:
 
 def tierserve_system(
     name: str, client: redis.Redis, mode: str, threshold: float, texts, vectors, *, explore_rate: float,
-    error_budget: float, seed: int = 0,
+    error_budget: float, seed: int = 0, judge: OracleJudge | None = None,
 ) -> System:
-    judge = OracleJudge()
+    judge = judge if judge is not None else OracleJudge()
     cache = SemanticCache(client, threshold=threshold, mode=mode, max_entries=max(len(texts), 1), ttl_s=None,
                           judge=judge, explore_rate=explore_rate, error_budget=error_budget, seed=seed)
     scope = semantic_scope(tenant="bench", model=ModelIdentity(name="stand-in", fingerprint="0" * 64), version="1",
@@ -269,6 +291,10 @@ def run_stream(
             plans.append(("verified", lambda: tierserve_system(
                 "verified", client, "verified", threshold, texts, vectors, explore_rate=args.explore_rate,
                 error_budget=args.error_budget)))
+        if "verified-app-judge" in wanted:
+            plans.append(("verified-app-judge", lambda: tierserve_system(
+                "verified-app-judge", client, "verified", threshold, texts, vectors,
+                explore_rate=args.explore_rate, error_budget=args.error_budget, judge=MeasuredJudge())))
         if "gptcache" in wanted:
             work = tmp / f"{path.stem}-{answers}"
             plans.append(("gptcache-ours", lambda w=work: gptcache_system(
@@ -310,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "text per intent, for comparison), or both, comma-separated")
     parser.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION)
     parser.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
-    parser.add_argument("--systems", default="static,verified,gptcache", help="comma-separated subset")
+    parser.add_argument("--systems", default="static,verified,gptcache", help="comma-separated subset of static, verified, "
+                        "verified-app-judge (the verified rule with the app's judge as measured), gptcache")
     parser.add_argument("--explore-rate", type=float, default=0.05)
     parser.add_argument("--error-budget", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=RESULTS / "semantic_stream.json")

@@ -59,9 +59,11 @@ class CacheSettings(BaseModel):
     result_tenant_max_bytes: int = Field(default=32 << 20, ge=1)
     result_tenant_max_entries: int = Field(default=100_000, ge=1)
     semantic_enabled: bool = True
-    # "verified" (default): thresholds learned from verified samples within an error budget
-    # (caches.semantic.decision.VerifiedPolicy); "static": the calibrated threshold alone.
-    semantic_mode: Literal["static", "verified"] = "verified"
+    # "static" (default): the calibrated threshold and the trap guard. "verified": thresholds
+    # learned from judged answers within an error budget (caches.semantic.decision.VerifiedPolicy);
+    # it needs an answer judge with real recall, which SmolLM2's answers do not allow
+    # (benchmarks/results/judge_calibration.json, semantic_stream_app_judge.json).
+    semantic_mode: Literal["static", "verified"] = "static"
     # Verified mode: the share of wrong semantic hits it may spend (a Wilson upper bound), and the
     # highest rate at which uncertain would-be hits are sent to the model to be verified (each is a
     # model call; the rate shrinks as the evidence near that similarity grows).
