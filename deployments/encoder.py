@@ -7,6 +7,7 @@ front, so a text seen before (on any replica) costs a Redis MGET instead of a fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ class EncoderDeployment:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
-        return self._embed(texts).tolist()
+        # In a thread: the cache's Redis calls and the forward pass would otherwise hold this
+        # replica's event loop (a slow Redis stalled every caller, `info` included).
+        return (await asyncio.to_thread(self._embed, texts)).tolist()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
@@ -73,7 +76,7 @@ class EncoderDeployment:
     async def embed_for_api(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """The `/v1/embeddings` answer's parts: float32 rows (kept as an array: base64 is their
         bytes) and the token count for `usage`."""
-        return self._embed(texts), sum(count_tokens(texts))
+        return await asyncio.to_thread(self._embed, texts), sum(count_tokens(texts))
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "dim": EMBEDDING_DIM}
