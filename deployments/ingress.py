@@ -50,6 +50,11 @@ RECS_MODEL = "recs"
 # /healthz waits this long for Redis's PONG: it must answer fast whatever Redis does, and a
 # loopback PING takes ~0.1 ms, so a miss means "slow", not "the app is down".
 HEALTH_REDIS_DEADLINE_S = 0.25
+# A recommendation is answered (maybe degraded) or refused within this long. Each of the
+# Recommender's Redis calls is bounded by the client's timeout, but a request makes a dozen: with
+# Redis stalling for 1 s at a time one took 11 s (tests/e2e/test_slow_redis.py). Past the
+# deadline: 503 with a message; the replica's late answer is dropped.
+RECOMMEND_DEADLINE_S = 10.0
 RECOMMENDER_RETRY = {
     "recommend": "retry shortly",
     # The replica may have died after the push: the rating may be recorded already.
@@ -207,11 +212,15 @@ class Ingress:
         future = asyncio.get_running_loop().run_in_executor(None, self._version, model)
         future.add_done_callback(lambda _: setattr(self, "_refreshing_version", False))
 
-    async def _recommender_call(self, what: str, call: Any) -> dict[str, Any]:
+    async def _recommender_call(self, what: str, call: Any, deadline_s: float | None = None) -> dict[str, Any]:
         """A Recommender answer, or a 503 saying why when the replica failed or died mid-request
-        (Serve starts a new one): a dependency failure, never a 500."""
+        (Serve starts a new one) or missed the deadline: a dependency failure, never a 500."""
         try:
-            return dict(await call)
+            return dict(await asyncio.wait_for(call, deadline_s))
+        except TimeoutError:
+            log.warning("recommender %s missed its %.0fs deadline", what, deadline_s)
+            return {"status": 503, "message": f"the recommender did not answer within {deadline_s:g}s (a dependency "
+                                              f"is slow); {RECOMMENDER_RETRY[what]}"}
         except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a dead or failing replica
             log.warning("recommender %s failed: %s: %s", what, type(exc).__name__, exc)
             return {"status": 503, "message": f"the recommender failed while answering ({type(exc).__name__}); "
@@ -270,7 +279,8 @@ class Ingress:
     async def recommendations(self, body: RecommendationRequest, request: Request) -> Any:
         started = time.perf_counter()
         tenant = self._tenant(request)
-        result = await self._recommender_call("recommend", self.recommender.recommend.remote(body.user_id, body.k, tenant))
+        result = await self._recommender_call("recommend", self.recommender.recommend.remote(body.user_id, body.k, tenant),
+                                              RECOMMEND_DEADLINE_S)
         status = result.pop("status", 200)
         metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
         if status != 200:
