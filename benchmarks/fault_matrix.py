@@ -103,6 +103,8 @@ class App:
         env = {**self.app_cfg.get("runtime_env", {}).get("env_vars", {}), "REDIS_URL": self.redis.url,
                "TIERSERVE_STATE_DIR": str(self.state_dir), "TIERSERVE_FEAST_REPO": str(self.feast_repo)}
         os.environ.update(env)  # build_app reads them here too
+        # A busy shared box can take minutes to bring a raylet up (Ray's default wait is 30 s).
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
         ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tsfault-", dir="/tmp"),
                  runtime_env={"env_vars": env}, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
