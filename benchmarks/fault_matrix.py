@@ -4,9 +4,11 @@ answers, lost writes and memory.
     python -m benchmarks.fault_matrix [--rows redis_restart,redis_slow,feast_down,replica_kill]
         [--duration 300] [--concurrency 16] [--window 0.2,0.5] [--event-every 1.0]
 
-It starts its own app (configs/local.yaml's application with its own HTTP port, Ray temp dir,
-state dir, copy of the Feast repo, and a redis-server it owns, passed as REDIS_URL so it can kill
-and restart it), then per row:
+It starts its own app from a copy of --config (deployed as `serve run CONFIG` does, so the
+deployment options apply; its own HTTP port, Ray temp dir, state dir, copy of the Feast repo, and
+a redis-server it owns, passed as REDIS_URL so it can kill and restart it;
+--recommender-replicas overrides the copy's Recommender count), warms it up (first uses are not
+a fault's doing), then per row:
 - load: `benchmarks.http_load`'s workload and workers (chat + recommendations, --concurrency
   connections), its memory monitor (replica RSS, Redis `used_memory`);
 - events: one more connection posts rating events for a fixed set of known users all along
@@ -75,24 +77,25 @@ class App:
     """The app under test, in this process's own Ray instance (private temp dir: never joins or
     disturbs another Ray on the machine), with its own Redis, state and Feast copy."""
 
-    def __init__(self, config: Path, workdir: Path) -> None:
+    def __init__(self, config: Path, workdir: Path, replicas: dict[str, int] | None = None) -> None:
         self.workdir = workdir
-        raw = yaml.safe_load(config.read_text())
-        self.app_cfg = raw["applications"][0]
+        self.config = yaml.safe_load(config.read_text())
+        self.app_cfg = self.config["applications"][0]
         self.port = free_port()
         self.redis = EmbeddedRedis(workdir=workdir / "redis")
         self.feast_repo = workdir / "feature_store"
         self.state_dir = workdir / "state"
         self.url = f"http://127.0.0.1:{self.port}"
-        # The config copy this run serves (own port), kept for the record.
-        raw["http_options"] = {**raw.get("http_options", {}), "port": self.port}
-        (workdir / "config.yaml").write_text(yaml.safe_dump(raw))
+        self.config["http_options"] = {**self.config.get("http_options", {}), "port": self.port}
+        for dep in self.app_cfg.get("deployments", []):
+            if dep["name"] in (replicas or {}):
+                dep["num_replicas"] = replicas[dep["name"]]  # type: ignore[index]
 
     def start(self, timeout_s: float = 900) -> None:
         import ray
-        from ray import serve
+        from ray.serve._private import api as serve_api
+        from ray.serve.schema import ServeDeploySchema
 
-        from deployments.app import build_app
         from tests.support import wait_app_running
 
         src = REPO_ROOT / "feature_store"
@@ -102,13 +105,20 @@ class App:
         self.redis.start()
         env = {**self.app_cfg.get("runtime_env", {}).get("env_vars", {}), "REDIS_URL": self.redis.url,
                "TIERSERVE_STATE_DIR": str(self.state_dir), "TIERSERVE_FEAST_REPO": str(self.feast_repo)}
-        os.environ.update(env)  # build_app reads them here too
+        os.environ.update(env)
+        self.app_cfg.setdefault("runtime_env", {})["env_vars"] = env
+        # The config copy this run serves (own port, Redis, state, Feast copy), kept for the record.
+        (self.workdir / "config.yaml").write_text(yaml.safe_dump(self.config))
         # A busy shared box can take minutes to bring a raylet up (Ray's default wait is 30 s).
         os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
         ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tsfault-", dir="/tmp"),
                  runtime_env={"env_vars": env}, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
-        serve.run(build_app(self.app_cfg.get("args")), name=APP_NAME, route_prefix="/", blocking=False)
+        # What `serve run CONFIG` does: the config's deployment options (replicas, actor options)
+        # apply, as they do in production; serve.run(build_app(...)) would drop them.
+        schema = ServeDeploySchema.model_validate(self.config)
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       proxy_location=schema.proxy_location)
+        client.deploy_apps(schema, _blocking=False)
         wait_app_running(APP_NAME, timeout_s)
 
     def settings(self) -> dict[str, Any]:
@@ -364,6 +374,27 @@ async def wait_healthy(client: httpx.AsyncClient, user: int, timeout_s: float) -
     return float("nan")
 
 
+async def warm_up(app: App, users: list[int], stream: Path, timeout_s: float = 600) -> None:
+    """Before the first row: every replica's first use (Feast's import, the model's first batch)
+    is not a fault's doing and must not count in a row."""
+    texts = http_load.read_stream(stream, 2000)[:4]
+    async with httpx.AsyncClient(base_url=app.url, timeout=120, trust_env=False) as client:
+        model = await http_load.wait_for_model(client, timeout_s)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            started = time.monotonic()
+            with contextlib.suppress(httpx.HTTPError):
+                answers = await asyncio.gather(
+                    *(client.post("/v1/recommendations", json={"user_id": u, "k": 20}) for u in users),
+                    *(client.post("/v1/chat/completions", json={"model": model, "temperature": 0, "max_tokens": 8,
+                                                                "messages": [{"role": "user", "content": t}]})
+                      for t in texts))
+                if all(a.status_code == 200 for a in answers) and time.monotonic() - started < 10:
+                    print(f"warm after {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+                    return
+            await asyncio.sleep(2)
+
+
 # ----------------------------------------------------------------------------- a row
 def _split_5xx(statuses: Counter[int]) -> dict[str, Any]:
     """Every 5xx answer of the row: load workers, events, read-after-write and recovery reads."""
@@ -456,7 +487,8 @@ def catalogue(repo: Path) -> list[int]:
 @contextlib.contextmanager
 def app_running(args: argparse.Namespace) -> Iterator[App]:
     workdir = Path(tempfile.mkdtemp(prefix="tierserve-faults-"))
-    app = App(Path(args.config), workdir)
+    app = App(Path(args.config), workdir, replicas={"Recommender": args.recommender_replicas}
+              if args.recommender_replicas else None)
     try:
         print(f"starting the app on {app.url} (Redis {app.redis.url}, workdir {workdir})", file=sys.stderr, flush=True)
         app.start()
@@ -474,6 +506,7 @@ async def run_all(args: argparse.Namespace, app: App) -> list[dict[str, Any]]:
     known = sorted(users)
     event_users = rng.sample(known, min(args.event_users, len(known)))
     items = catalogue(app.feast_repo)
+    await warm_up(app, event_users, Path(args.stream))
     rows = []
     for name in args.rows:
         row = await run_row(name, app, args, texts, users, weights, event_users, items)
@@ -490,6 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", default="0.2,0.5", help="fault start,end as fractions of --duration")
     p.add_argument("--kills", type=int, default=2, help="replica_kill: kills spread over the window")
     p.add_argument("--kill-deployment", default="Recommender", help="replica_kill: Recommender or Ingress")
+    p.add_argument("--recommender-replicas", type=int, default=0,
+                   help="Recommender replicas (0: as the config says); with 2, a killed one has a survivor")
     p.add_argument("--slow-s", type=float, default=0.5, help="redis_slow: seconds of each DEBUG SLEEP")
     p.add_argument("--event-every", type=float, default=1.0, help="seconds between rating events")
     p.add_argument("--event-users", type=int, default=24)

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
@@ -55,6 +56,7 @@ HEALTH_REDIS_DEADLINE_S = 0.25
 # Redis stalling for 1 s at a time one took 11 s (tests/e2e/test_slow_redis.py). Past the
 # deadline: 503 with a message; the replica's late answer is dropped.
 RECOMMEND_DEADLINE_S = 10.0
+IDEMPOTENT = ("recommend",)  # asked again once after a replica failure; an event is never sent twice
 RECOMMENDER_RETRY = {
     "recommend": "retry shortly",
     # The replica may have died after the push: the rating may be recorded already.
@@ -212,11 +214,24 @@ class Ingress:
         future = asyncio.get_running_loop().run_in_executor(None, self._version, model)
         future.add_done_callback(lambda _: setattr(self, "_refreshing_version", False))
 
-    async def _recommender_call(self, what: str, call: Any, deadline_s: float | None = None) -> dict[str, Any]:
+    async def _recommender_call(self, what: str, call: Callable[[], Awaitable[Any]],
+                                deadline_s: float | None = None) -> dict[str, Any]:
         """A Recommender answer, or a 503 saying why when the replica failed or died mid-request
         (Serve starts a new one) or missed the deadline: a dependency failure, never a 500."""
+        started = time.monotonic()
         try:
-            return dict(await asyncio.wait_for(call, deadline_s))
+            try:
+                return dict(await asyncio.wait_for(call(), deadline_s))
+            except TimeoutError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a dead or failing replica
+                if what not in IDEMPOTENT:
+                    raise
+                # A read: ask once more; Serve's router has dropped the dead replica, so this
+                # reaches another one when there is one (else it waits for the replacement).
+                log.warning("recommender %s failed (%s); asking again", what, type(exc).__name__)
+                left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - started))
+                return dict(await asyncio.wait_for(call(), left))
         except TimeoutError:
             log.warning("recommender %s missed its %.0fs deadline", what, deadline_s)
             return {"status": 503, "message": f"the recommender did not answer within {deadline_s:g}s (a dependency "
@@ -279,7 +294,7 @@ class Ingress:
     async def recommendations(self, body: RecommendationRequest, request: Request) -> Any:
         started = time.perf_counter()
         tenant = self._tenant(request)
-        result = await self._recommender_call("recommend", self.recommender.recommend.remote(body.user_id, body.k, tenant),
+        result = await self._recommender_call("recommend", lambda: self.recommender.recommend.remote(body.user_id, body.k, tenant),
                                               RECOMMEND_DEADLINE_S)
         status = result.pop("status", 200)
         metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
@@ -291,7 +306,7 @@ class Ingress:
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:
         self._tenant(request)
-        result = await self._recommender_call("record_event", self.recommender.record_event.remote(body.model_dump()))
+        result = await self._recommender_call("record_event", lambda: self.recommender.record_event.remote(body.model_dump()))
         status = result.pop("status", 202)
         if status >= 400:
             return JSONResponse(error_body(status, result["message"]), status_code=status,

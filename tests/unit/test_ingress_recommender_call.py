@@ -25,15 +25,30 @@ async def hangs() -> dict[str, Any]:
 
 
 def test_answers_pass_through() -> None:
-    assert asyncio.run(call(None, "recommend", answer(), 1.0)) == {"items": [], "status": 200}
+    assert asyncio.run(call(None, "recommend", answer, 1.0)) == {"items": [], "status": 200}
 
 
 def test_a_dead_replica_is_a_503_that_says_what_to_do() -> None:
-    out = asyncio.run(call(None, "record_event", died()))
+    out = asyncio.run(call(None, "record_event", died))
     assert out["status"] == 503
     assert "RuntimeError" in out["message"] and RECOMMENDER_RETRY["record_event"] in out["message"]
 
 
+def test_a_read_is_asked_again_once_after_a_replica_died_an_event_never() -> None:
+    calls: list[str] = []
+
+    def first_dies() -> Any:
+        calls.append("x")
+        return died() if len(calls) == 1 else answer()
+
+    assert asyncio.run(call(None, "recommend", first_dies, 1.0))["status"] == 200
+    assert len(calls) == 2
+    calls.clear()
+    assert asyncio.run(call(None, "record_event", first_dies, 1.0))["status"] == 503
+    assert len(calls) == 1  # the push may have happened: sending it again could count it twice
+    assert asyncio.run(call(None, "recommend", died, 1.0))["status"] == 503  # twice dead: 503
+
+
 def test_a_missed_deadline_is_a_503() -> None:
-    out = asyncio.run(call(None, "recommend", hangs(), 0.05))
+    out = asyncio.run(call(None, "recommend", hangs, 0.05))
     assert out["status"] == 503 and "within 0.05s" in out["message"]
