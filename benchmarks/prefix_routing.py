@@ -1,14 +1,22 @@
-"""Prefix-aware routing across two LLM replicas against Ray Serve's default router.
+"""Prefix-aware routing across two LLM replicas, against the earlier router and Serve's default.
 
-    python -m benchmarks.prefix_routing [--model DIR] [--prefixes P] [--questions Q] [--prefix-tokens N]
+    python -m benchmarks.prefix_routing [--model DIR] [--workload conversations|apps]
+        [--conversations C] [--turns T] [--doc-tokens N] [--prefixes P] [--questions Q] [--prefix-tokens N]
 
-Starts a local Ray Serve with the LLM deployment at two replicas, twice in one run: once with
-deployments.routing.PrefixAffinityRouter and once with Serve's default power-of-two-choices
-router. The same requests (P distinct shared prefixes, such as P apps with their own system
-prompts, Q questions each, interleaved) go through a deployment handle one at a time. It prints
-the cached fraction of prompt tokens (vLLM's own count), the number of requests whose prefix
-was not found on the replica that served them, the mean latency, and as its last line one JSON
-object with those figures.
+Starts a local Ray Serve with the LLM deployment at two replicas, once per router, in one run:
+``longest-prefix`` (deployments.routing.PrefixAffinityRouter, the app's), ``last-turn`` (the
+router it replaced, kept here as the baseline: rendezvous on everything but the last user turn, so
+turn N+1 of a conversation gets another key than turn N) and ``power-of-two`` (Serve's default).
+
+Workloads, each request sent through a deployment handle one at a time:
+- ``conversations`` (default): C conversations of T turns, interleaved turn by turn (every
+  conversation's turn 1, then every turn 2, ...). Turn 1 brings a document of ~N tokens, later
+  turns ask short follow-ups; each turn carries the model's real earlier answers. The figure is the
+  share of prompt tokens served from vLLM's prefix cache on turns 2+ (vLLM's own count).
+- ``apps``: P shared system prompts (P apps), Q single-turn questions each, interleaved.
+
+It prints one line per router and, as its last line, one JSON object with every figure (also
+written to benchmarks/results/prefix_routing[_apps].json).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ray.serve.request_router import FIFOMixin, RequestRouter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -51,19 +61,71 @@ def delete_app(app_name: str) -> None:
         time.sleep(1.0)
 
 
-def run_arm(router: str, model: str, system_prompts: list[str], questions: int) -> dict[str, Any]:
-    from ray import serve
+class LastTurnRouter(FIFOMixin, RequestRouter):
+    """The baseline: the router the app used before, keyed on everything but the last user turn.
+
+    Each prefix key goes to its rendezvous replica (with the same overload escape); turn N+1 of a
+    conversation has another key than turn N, so it lands wherever that key hashes.
+    """
+
+    async def choose_replicas(self, candidate_replicas: list[Any],
+                              pending_request: Any = None) -> list[list[Any]]:
+        from caches.prefix_affinity import overloaded, rendezvous_order
+        from caches.prompts import shared_prefix_text
+
+        args = pending_request.args if pending_request is not None else ()
+        if (len(candidate_replicas) < 2 or len(args) < 2 or not isinstance(args[0], dict)
+                or not isinstance(args[0].get("messages"), list)):
+            return [candidate_replicas]
+        key = f"{args[1]}\x00{shared_prefix_text(args[0]['messages'])}"
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ordered = [by_id[rid] for rid in rendezvous_order(key, list(by_id))]
+        cache = self.replica_queue_len_cache
+        known = [n for n in (cache.get(r.replica_id) for r in ordered) if n is not None]
+        if overloaded(cache.get(ordered[0].replica_id), known):
+            return [candidate_replicas]
+        return [[ordered[0]], ordered[1:]]
+
+
+ROUTERS = ("longest-prefix", "last-turn", "power-of-two")
+
+
+def _router_config(router: str) -> Any:
     from ray.serve.config import RequestRouterConfig
+
+    from deployments.routing import PrefixAffinityRouter
+
+    if router == "longest-prefix":
+        return RequestRouterConfig(request_router_class=PrefixAffinityRouter)
+    if router == "last-turn":
+        # by its module path, not __main__'s, so that Serve's controller can import it
+        from benchmarks.prefix_routing import LastTurnRouter as baseline
+
+        return RequestRouterConfig(request_router_class=baseline)
+    return RequestRouterConfig()  # Serve's default: power of two choices
+
+
+def _start(router: str, model: str) -> Any:
+    from ray import serve
 
     from deployments.config import LLMSettings
     from deployments.llm import LLMDeployment
 
     settings = LLMSettings(model=model, served_model_name="bench", system_prompt="", max_model_len=2048)
-    options: dict[str, Any] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
-    if router == "power-of-two":
-        options["request_router_config"] = RequestRouterConfig()  # Serve's default
-    handle = serve.run(LLMDeployment.options(**options).bind(settings.model_dump()), name=f"routing-{router}",
-                       route_prefix=None)
+    options: dict[str, Any] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5},
+                               "request_router_config": _router_config(router)}
+    return serve.run(LLMDeployment.options(**options).bind(settings.model_dump()), name=f"routing-{router}",
+                     route_prefix=None)
+
+
+def _cached_share(out: dict[str, Any]) -> tuple[int, int]:
+    usage = out["body"]["usage"]
+    return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0, usage["prompt_tokens"]
+
+
+def run_arm(router: str, model: str, system_prompts: list[str], questions: int) -> dict[str, Any]:
+    """The ``apps`` workload: P system prompts, Q single-turn questions each, interleaved."""
+    handle = _start(router, model)
     cached, misses, latency, tokens = [], 0, [], []
     homes: dict[int, set[str]] = {}
     try:
@@ -76,10 +138,9 @@ def run_arm(router: str, model: str, system_prompts: list[str], questions: int) 
                 out = handle.chat.remote(body, "bench-tenant").result()
                 latency.append(time.perf_counter() - start)
                 homes.setdefault(p, set()).add(out["replica"])
-                usage = out["body"]["usage"]
-                n_cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                cached.append(n_cached / usage["prompt_tokens"])
-                tokens.append(usage["prompt_tokens"])
+                n_cached, n_prompt = _cached_share(out)
+                cached.append(n_cached / n_prompt)
+                tokens.append(n_prompt)
                 if q > 0 and n_cached == 0:
                     misses += 1  # this prefix was served before, but not by this replica
     finally:
@@ -95,12 +156,64 @@ def run_arm(router: str, model: str, system_prompts: list[str], questions: int) 
     }
 
 
+def documents(n: int, tokens: int) -> list[str]:
+    """N distinct documents of about ``tokens`` tokens (a token is ~4 characters of English)."""
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        lines = [f"Item {j} of case {i}: the {topic} team agreed to deliver part {j * 7 + i} by week {j + 2}."
+                 for j in range(tokens // 22 + 1)]
+        out.append(f"Please read this {topic} record number {i}.\n" + "\n".join(lines))
+    return out
+
+
+def run_conversations(router: str, model: str, docs: list[str], turns: int, max_tokens: int = 16) -> dict[str, Any]:
+    """The ``conversations`` workload: each document opens a conversation of ``turns`` turns."""
+    handle = _start(router, model)
+    convs = [[{"role": "system", "content": "You are a careful assistant for case files."},
+              {"role": "user", "content": f"{doc}\nSummarise the record in one line."}] for doc in docs]
+    cached_later = prompt_later = 0
+    homes: list[set[str]] = [set() for _ in docs]
+    latency_later: list[float] = []
+    try:
+        for turn in range(turns):
+            for c, messages in enumerate(convs):
+                if turn > 0:
+                    messages.append({"role": "user", "content": f"Follow-up {turn}: which item is due first?"})
+                body = {"model": "bench", "temperature": 0, "max_tokens": max_tokens, "messages": messages}
+                start = time.perf_counter()
+                out = handle.chat.remote(body, "bench-tenant").result()
+                elapsed = time.perf_counter() - start
+                homes[c].add(out["replica"])
+                messages.append({"role": "assistant", "content": out["body"]["choices"][0]["message"]["content"]})
+                if turn > 0:
+                    n_cached, n_prompt = _cached_share(out)
+                    cached_later += n_cached
+                    prompt_later += n_prompt
+                    latency_later.append(elapsed)
+    finally:
+        delete_app(f"routing-{router}")
+    return {
+        "cached_share_turns_2_plus": cached_later / max(prompt_later, 1),
+        "prompt_tokens_turns_2_plus": prompt_later,
+        "replicas_per_conversation_mean": statistics.mean(len(h) for h in homes),
+        "replicas_used": len(set().union(*homes)),
+        "latency_mean_turns_2_plus_s": statistics.mean(latency_later) if latency_later else 0.0,
+        "requests": len(docs) * turns,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO_ROOT / ".models" / "tiny-llama"))
+    parser.add_argument("--workload", choices=("conversations", "apps"), default="conversations")
+    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--doc-tokens", type=int, default=500)
     parser.add_argument("--prefixes", type=int, default=6)
     parser.add_argument("--questions", type=int, default=4)
     parser.add_argument("--prefix-tokens", type=int, default=300)
+    parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated subset of " + ", ".join(ROUTERS))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,31 +226,42 @@ def main() -> None:
     from caches.redis_server import free_port
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # never share the app's port
-    system_prompts = prefixes(args.prefixes, args.prefix_tokens)
-    results = {}
+    routers = [r for r in args.routers.split(",") if r]
+    results: dict[str, dict[str, Any]] = {}
     try:
-        for router in ("prefix-affinity", "power-of-two"):
-            results[router] = run_arm(router, args.model, system_prompts, args.questions)
-            r = results[router]
-            print(f"{router:>16}: cached tokens {r['cached_token_fraction']:.1%}, "
-                  f"repeat-prefix misses {r['repeat_prefix_misses']}/{args.prefixes * (args.questions - 1)}, "
-                  f"replicas per prefix {r['replicas_per_prefix_mean']:.2f} (of {r['replicas_used']} used), "
-                  f"mean latency {r['latency_mean_s'] * 1000:.0f} ms", flush=True)
+        for router in routers:
+            if args.workload == "conversations":
+                r = results[router] = run_conversations(router, args.model, documents(args.conversations, args.doc_tokens),
+                                                        args.turns)
+                print(f"{router:>15}: prefix-cached share of prompt tokens on turns 2+ "
+                      f"{r['cached_share_turns_2_plus']:.1%}, replicas per conversation "
+                      f"{r['replicas_per_conversation_mean']:.2f} (of {r['replicas_used']} used), "
+                      f"mean latency turns 2+ {r['latency_mean_turns_2_plus_s'] * 1000:.0f} ms", flush=True)
+            else:
+                r = results[router] = run_arm(router, args.model, prefixes(args.prefixes, args.prefix_tokens),
+                                              args.questions)
+                print(f"{router:>15}: cached tokens {r['cached_token_fraction']:.1%}, "
+                      f"repeat-prefix misses {r['repeat_prefix_misses']}/{args.prefixes * (args.questions - 1)}, "
+                      f"replicas per prefix {r['replicas_per_prefix_mean']:.2f} (of {r['replicas_used']} used), "
+                      f"mean latency {r['latency_mean_s'] * 1000:.0f} ms", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
-    summary = {
-        "benchmark": "prefix_routing", "model": Path(args.model).name, "replicas": 2,
-        "prefixes": args.prefixes, "questions_per_prefix": args.questions, "systems": results,
-        "ratios": {
-            "cached_fraction_affinity_over_pow2": results["prefix-affinity"]["cached_token_fraction"]
-            / max(results["power-of-two"]["cached_token_fraction"], 1e-9),
-            "latency_pow2_over_affinity": results["power-of-two"]["latency_mean_s"]
-            / results["prefix-affinity"]["latency_mean_s"],
-        },
-    }
+    summary: dict[str, Any] = {"benchmark": "prefix_routing", "workload": args.workload,
+                               "model": Path(args.model).name, "replicas": 2, "systems": results}
+    if args.workload == "conversations":
+        summary.update(conversations=args.conversations, turns=args.turns, doc_tokens=args.doc_tokens)
+        metric = "cached_share_turns_2_plus"
+    else:
+        summary.update(prefixes=args.prefixes, questions_per_prefix=args.questions)
+        metric = "cached_token_fraction"
+    if "longest-prefix" in results:
+        ours = results["longest-prefix"][metric]
+        summary["ratios"] = {f"{metric}_longest_prefix_over_{other.replace('-', '_')}": ours / max(r[metric], 1e-9)
+                             for other, r in results.items() if other != "longest-prefix"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prefix_routing.json").write_text(json.dumps(summary, indent=2))
+    name = "prefix_routing.json" if args.workload == "conversations" else "prefix_routing_apps.json"
+    (RESULTS / name).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
 
 

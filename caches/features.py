@@ -5,11 +5,15 @@ view, the model version makes a feature-pipeline rebuild invalidate everything a
 are simply never asked for again, and `bump_version` purges them in the background).
 Several FeatureCaches (user and item views) can share one TieredCache, hence one RAM budget and
 one frequency sketch: the sketch then weighs a hot item against a hot user, which is the point.
+Rows that change between pipeline builds (users, through events) are generation-checked: open
+the cache with `generation_key` (entity id -> its counter's Redis key; see caches/generations.py)
+and write through `write`, or bump with `invalidate(..., bump=True)` after your own write.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,21 +55,26 @@ class FeatureCache:
     def open(
         cls, *, redis_url: str, rocksdb_dir: Path, feast_repo: Path, view: str, entity_key: str,
         model_version: str, ram_budget_bytes: int, ssd_budget_bytes: int, ttl_s: float | None = None,
+        generation_key: Callable[[int], str] | None = None,
     ) -> FeatureCache:
-        """One view on its own TieredCache (named after the view: replicas of it share RAM)."""
+        """One view on its own TieredCache (named after the view: replicas of it share RAM).
+        `generation_key`: entity id -> its generation counter (turns on generation checks)."""
         cold = FeastTier(feast_repo, [FeastView(view, entity_key)])
         tiered = TieredCache.open(
             redis_url=redis_url, rocksdb_dir=rocksdb_dir, ram_budget_bytes=ram_budget_bytes,
             ssd_budget_bytes=ssd_budget_bytes, cold=cold, ttl_s=ttl_s, name=f"features-{view}",
+            generation_of=(lambda key: generation_key(ident_of(key))) if generation_key is not None else None,
         )
         return cls(tiered, view=view, entity_key=entity_key, model_version=model_version)
 
     def key(self, ident: int) -> str:
         return make_key(NAMESPACE, self.view, self.model_version, str(int(ident)))
 
-    def get(self, ids: list[int]) -> FeatureBatch:
+    def get(self, ids: list[int], generations: dict[int, int] | None = None) -> FeatureBatch:
+        """`generations`: id -> generation as the caller read it before (generation-checked caches)."""
         keys = {self.key(i): int(i) for i in ids}
-        result = self.tiered.get_many(list(keys))
+        gens = {self.key(i): g for i, g in generations.items()} if generations else None
+        result = self.tiered.get_many(list(keys), gens)
         features = {keys[k]: decode_features(v) for k, v in result.values.items()}
         return FeatureBatch(
             features=features,
@@ -74,9 +83,10 @@ class FeatureCache:
             sources={keys[k]: s for k, s in result.sources.items()},
         )
 
-    def invalidate(self, ids: list[int]) -> None:
-        """Drop upper-tier copies here and, through the stream, on every replica."""
-        self.tiered.invalidate([self.key(i) for i in ids])
+    def invalidate(self, ids: list[int], *, bump: bool = False) -> bool:
+        """Drop upper-tier copies here and, through the stream, on every replica; `bump` (after a
+        write to Feast) moves the ids' generations first. True when it reached everyone."""
+        return self.tiered.invalidate([self.key(i) for i in ids], bump=bump)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Write changed features through Feast, then invalidate the cached copies everywhere.
@@ -85,7 +95,7 @@ class FeatureCache:
         if not isinstance(cold, FeastTier):
             raise TierUnavailable("this FeatureCache has no Feast tier to write through")
         cold.write(self.view, rows)
-        self.invalidate([int(r[self.entity_key]) for r in rows])
+        self.invalidate([int(r[self.entity_key]) for r in rows], bump=True)
 
     def bump_version(self, new_version: str, *, purge_in_background: bool = True) -> threading.Thread | None:
         """Serve `new_version` keys from now on; old keys are unreachable at once and purged."""
@@ -100,3 +110,8 @@ class FeatureCache:
 
     def close(self) -> None:
         self.tiered.close()
+
+
+def ident_of(key: str) -> int:
+    """The entity id of a feature key (its last part)."""
+    return int(key.rsplit(":", 1)[1])

@@ -164,8 +164,9 @@ class PendingInvalidations:
     is removed only after an invalidation that reached everyone. Every replica `sweep`s due
     records: drops the copies, publishes, and settles. Replaying an invalidation is harmless
     (idempotent), so two replicas sweeping the same record is only wasted work.
-    A record's due time also covers reads that straddled the write: they fetched the old row
-    before it and may place it after the first invalidation; the sweep's second drop removes it.
+    The writer settles its own record once its invalidation reached everyone; the due time
+    only matters when it did not (Redis failed, the writer died). Reads that straddle the write
+    need no second drop: the cache's generation checks (caches/generations.py) refuse them.
     """
 
     def __init__(self, client: redis.Redis, key: str) -> None:
@@ -173,9 +174,13 @@ class PendingInvalidations:
         self.key = key
         self._settle = client.register_script(_SETTLE)
 
-    def arm(self, member: str, due_in_s: float) -> None:
-        """Record before the write (raises a Redis error when the record cannot be made)."""
-        self.client.zadd(self.key, {member: time.time() + due_in_s})
+    def arm(self, member: str, due_in_s: float, *, pipe: redis.client.Pipeline | None = None) -> float:
+        """Record before the write (raises a Redis error when the record cannot be made); with
+        `pipe`, queued in the caller's pipeline (atomic with its other records). Returns the
+        record's score, which `settle` needs."""
+        score = time.time() + due_in_s
+        (pipe if pipe is not None else self.client).zadd(self.key, {member: score})
+        return score
 
     def due(self, limit: int = SETTLE_BATCH) -> list[tuple[str, float]]:
         raw = self.client.zrangebyscore(self.key, "-inf", time.time(), start=0, num=limit, withscores=True)

@@ -7,12 +7,13 @@ script error such as `too many results to unpack`) escaped as a 500. Here:
   has a better fallback than waiting: the next tier, the model, a degraded answer).
 - `REDIS_ERRORS`: everything a Redis call can raise (`redis.RedisError`, plus the OS-level errors
   a broken socket raises before redis-py wraps them).
-- `RedisUnavailable`: the single exception callers catch. It is both a `TierUnavailable` and a
-  `CacheUnavailable`, so code written against either keeps working while it moves here.
+- `RedisUnavailable`: the single exception callers catch. It is a `TierUnavailable` (the tiered
+  caches' contract), and `caches.result.CacheUnavailable` is the same class under its old name.
 - `Breaker`: after a failure that says the server is unwell (connection, timeout, BUSY, OOM,
   LOADING, READONLY), skip Redis for `RETRY_AFTER_S`, so a dead server costs one refused connect
   per interval, not one per request. An error about one command (WRONGTYPE, a script error) does
-  not open it: it says nothing about the next command.
+  not open it: it says nothing about the next command. Every cache (tiers, exact results,
+  semantic, versions) runs its Redis calls through one of these.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from caches.result import CacheUnavailable
 from caches.tiers.base import TierUnavailable
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *CONNECTION_E
 _SERVER_STATE_REPLIES = ("BUSY", "OOM", "LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN")
 
 
-class RedisUnavailable(TierUnavailable, CacheUnavailable):
+class RedisUnavailable(TierUnavailable):
     """A Redis call failed or was skipped by the breaker: callers degrade, never crash."""
 
 

@@ -7,67 +7,43 @@ bump makes every old answer unreachable at once; :meth:`ResultCache.delete_model
 reclaims the memory in the background.
 
 Bounded memory: Redis' own ``maxmemory`` is server-wide and shared with the other caches, so this
-cache keeps its own byte budget. Every put runs one Lua script that records the entry's size in a
-hash and its expiry in a sorted set, first forgets entries whose TTL has passed (Redis expired them
-silently, so their bytes must be given back), then evicts the entries closest to expiry (with one
-TTL that is oldest-first) until the total is under ``max_bytes``. The script is atomic, so replicas
-putting at the same time cannot overshoot the budget together. Values larger than
-``max_value_bytes`` are refused outright: one huge answer must not flush hundreds of small ones.
+cache keeps its own budgets, per tenant and global (:mod:`caches.budget`): a tenant that floods it
+evicts its own oldest entries, never another tenant's. Every put runs one Lua script that first
+gives back the bytes of entries whose TTL has passed (Redis expired them silently), stores the
+entry, then evicts oldest-first (closest to expiry) until the tenant's and the global budgets hold.
+The script is atomic, so replicas putting at the same time cannot overshoot together. Values larger
+than ``max_value_bytes`` are refused outright: one huge answer must not flush hundreds of small ones.
 
-Failure behaviour: any Redis connection error becomes :class:`CacheUnavailable`; the caller answers
-from the model with ``x-cache: bypass``. After a failure the cache fails fast for
-:data:`RETRY_AFTER_S` instead of paying a connect timeout on every request, then tries again by
-itself, so caching resumes when Redis is back without re-creating any object.
+Failure behaviour: every Redis call runs through a :class:`caches.redis_client.Breaker`; any Redis
+error becomes :class:`CacheUnavailable` (the caller answers from the model with ``x-cache:
+bypass``), and after a server failure the cache fails fast for ``retry_after_s`` instead of paying
+a connect timeout on every request, then tries again by itself.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
 
 import redis
 
+from caches.budget import BUDGET_LUA, FORGET_SCRIPT, Budget, chunks, forget
 from caches.keys import digest, glob_escape, make_key, model_version_patterns, safe_part
+from caches.redis_client import RETRY_AFTER_S, Breaker, RedisUnavailable
 
-T = TypeVar("T")
+# The one exception type of every cache's Redis trouble, under the name callers already import.
+CacheUnavailable = RedisUnavailable
 
-# How long to fail fast after a connection error before trying Redis again.
-RETRY_AFTER_S = 0.5
-# Keys per SCAN page and per UNLINK call during purges: big enough to be quick, small enough not
-# to block Redis for other clients.
-PURGE_BATCH = 500
+# Keys per SCAN page during purges: big enough to be quick, small enough not to block Redis.
+PURGE_BATCH = 256
 # Expired entries reclaimed per put: bounds the Lua script's run time.
 RECLAIM_PER_PUT = 64
-class CacheUnavailable(RuntimeError):
-    """Redis cannot be reached: the caller answers without the cache (``x-cache: bypass``)."""
-
-
-class RedisGuard:
-    """Turns connection errors into :class:`CacheUnavailable` and fails fast for a moment after one."""
-
-    def __init__(self, retry_after_s: float = RETRY_AFTER_S) -> None:
-        self.retry_after_s = retry_after_s
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-        self.failures = 0
-
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def call(self, fn: Callable[[], T]) -> T:
-        if not self.available:
-            raise CacheUnavailable("redis unavailable (backing off)")
-        try:
-            result = fn()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            with self._lock:
-                self.failures += 1
-                self._down_until = time.monotonic() + self.retry_after_s
-            raise CacheUnavailable(f"redis unavailable: {exc}") from exc
-        return result
+# Bytes an entry counts besides its value: its key sits in the entry, the sizes hash, the expiry
+# zset and the tenant's rank zset (4x), plus Redis' per-object overhead (approximate).
+KEY_COPIES = 4
+ENTRY_OVERHEAD_BYTES = 96
 
 
 def scan_unlink(
@@ -78,55 +54,26 @@ def scan_unlink(
 ) -> int:
     """SCAN + UNLINK in pages (never KEYS: it blocks Redis); returns how many keys were deleted."""
     deleted = 0
-    for page in _chunks(client.scan_iter(match=pattern, count=batch), batch):
+    for page in chunks(client.scan_iter(match=pattern, count=batch), batch):
         if on_batch is not None:
             on_batch(page)
         deleted += int(client.unlink(*page))
     return deleted
 
 
-def _chunks(items: Iterable[T], size: int) -> Iterable[list[T]]:
-    page: list[T] = []
-    for item in items:
-        page.append(item)
-        if len(page) >= size:
-            yield page
-            page = []
-    if page:
-        yield page
-
-
-# KEYS: entry, sizes hash, expiry zset, bytes counter, evictions counter
-# ARGV: value, ttl_ms, now_ms, max_bytes (-1 = unbounded), reclaim limit
-_PUT_SCRIPT = """
-local size = string.len(ARGV[1]) + string.len(KEYS[1])
-local now = tonumber(ARGV[3])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
-for _, k in ipairs(expired) do
-  local s = redis.call('HGET', KEYS[2], k)
-  if s then redis.call('DECRBY', KEYS[4], s) end
-  redis.call('HDEL', KEYS[2], k)
-  redis.call('ZREM', KEYS[3], k)
-end
-local old = redis.call('HGET', KEYS[2], KEYS[1])
-if old then redis.call('DECRBY', KEYS[4], old) end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-redis.call('HSET', KEYS[2], KEYS[1], size)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), KEYS[1])
-local total = redis.call('INCRBY', KEYS[4], size)
-local max = tonumber(ARGV[4])
-local evicted = 0
-while max >= 0 and total > max do
-  local victim = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-  if not victim then break end
-  local s = redis.call('HGET', KEYS[2], victim)
-  redis.call('UNLINK', victim)
-  redis.call('HDEL', KEYS[2], victim)
-  redis.call('ZREM', KEYS[3], victim)
-  if s then total = redis.call('DECRBY', KEYS[4], s) end
-  evicted = evicted + 1
-end
-if evicted > 0 then redis.call('INCRBY', KEYS[5], evicted) end
+# KEYS: entry, evictions counter
+# ARGV: value, ttl_ms, now_ms, prefix, reclaim limit, tenant entries, tenant bytes, global entries,
+#       global bytes (-1 = unbounded), key copies, overhead
+_PUT_SCRIPT = BUDGET_LUA + """
+local P, now, ttl = ARGV[4], tonumber(ARGV[3]), tonumber(ARGV[2])
+local function drop(m) redis.call('UNLINK', m); bk_forget(P, m) end
+bk_reclaim(P, now, tonumber(ARGV[5]), drop)
+local size = string.len(ARGV[1]) + tonumber(ARGV[10]) * string.len(KEYS[1]) + tonumber(ARGV[11])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+local t = bk_add(P, KEYS[1], size, now + ttl, now + ttl)
+local L = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
+local evicted = bk_enforce(P, t, KEYS[1], L, drop)
+if evicted > 0 then redis.call('INCRBY', KEYS[2], evicted) end
 return evicted
 """
 
@@ -136,21 +83,6 @@ local v = redis.call('GET', KEYS[1])
 if v then redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':hits', 1)
 else redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':misses', 1) end
 return v
-"""
-
-# KEYS: sizes hash, expiry zset, bytes counter; ARGV: entry keys already unlinked
-_FORGET_SCRIPT = """
-local freed = 0
-for _, k in ipairs(ARGV) do
-  local s = redis.call('HGET', KEYS[1], k)
-  if s then
-    freed = freed + tonumber(s)
-    redis.call('HDEL', KEYS[1], k)
-  end
-  redis.call('ZREM', KEYS[2], k)
-end
-if freed > 0 then redis.call('DECRBY', KEYS[3], freed) end
-return freed
 """
 
 
@@ -165,16 +97,23 @@ class ResultCache:
         *,
         default_ttl_s: float = 3600,
         max_bytes: int | None = None,
+        max_entries: int | None = None,
+        tenant_max_bytes: int | None = None,
+        tenant_max_entries: int | None = None,
         max_value_bytes: int = 1_000_000,
         retry_after_s: float = RETRY_AFTER_S,
     ) -> None:
+        """``max_bytes``/``max_entries`` bound the whole cache, ``tenant_*`` each tenant's share
+        (None: unbounded; a tenant budget above the global one is the global one)."""
         self.client = client
         self.default_ttl_s = default_ttl_s
+        self.budget = Budget(tenant_entries=tenant_max_entries, tenant_bytes=tenant_max_bytes,
+                             global_entries=max_entries, global_bytes=max_bytes)
         self.max_bytes = max_bytes
         self.max_value_bytes = max_value_bytes
-        self.guard = RedisGuard(retry_after_s)
+        self.guard = Breaker(f"{self.NAMESPACE} cache", retry_after_s)
         # bookkeeping keys live outside every tenant namespace, so purges by prefix never hit them
-        meta = f"{self.NAMESPACE}.__meta"
+        self.meta = meta = f"{self.NAMESPACE}.__meta"
         self._sizes_key = f"{meta}:sizes"
         self._expiry_key = f"{meta}:expiry"
         self._bytes_key = f"{meta}:bytes"
@@ -182,8 +121,13 @@ class ResultCache:
         self._stats_key = f"{meta}:stats"
         self._get = client.register_script(_GET_SCRIPT)
         self._put = client.register_script(_PUT_SCRIPT)
-        self._forget = client.register_script(_FORGET_SCRIPT)
+        self._forget = client.register_script(FORGET_SCRIPT)
         self.local = {"hits": 0, "misses": 0, "puts": 0, "refused": 0, "bypass": 0}
+
+    @staticmethod
+    def entry_size(key: str, value: bytes) -> int:
+        """Bytes an entry counts against the budgets (the put script computes the same)."""
+        return len(value) + KEY_COPIES * len(key.encode()) + ENTRY_OVERHEAD_BYTES
 
     # -- keys ---------------------------------------------------------------------------------
     def namespace(self, tenant: str) -> str:
@@ -205,7 +149,7 @@ class ResultCache:
         try:
             # one round trip: the read and the cluster-wide hit/miss count (so /v1/cache/stats is
             # the same whichever replica answers)
-            value = self.guard.call(lambda: self._get(keys=[key, self._stats_key], args=[field]))
+            value = self.guard.call("result.get", lambda: self._get(keys=[key, self._stats_key], args=[field]))
         except CacheUnavailable:
             self.local["bypass"] += 1
             raise
@@ -213,14 +157,15 @@ class ResultCache:
         return value
 
     def put(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
-        if len(value) > self.max_value_bytes or (self.max_bytes is not None and len(value) > self.max_bytes):
+        fits = self.budget.max_entry_bytes
+        if len(value) > self.max_value_bytes or (fits is not None and self.entry_size(key, value) > fits):
             self.local["refused"] += 1
             return
         ttl_ms = max(1, int(1000 * (ttl_s if ttl_s is not None else self.default_ttl_s)))
         now_ms = int(time.time() * 1000)
-        keys = [key, self._sizes_key, self._expiry_key, self._bytes_key, self._evictions_key]
-        args = [value, ttl_ms, now_ms, -1 if self.max_bytes is None else self.max_bytes, RECLAIM_PER_PUT]
-        self.guard.call(lambda: self._put(keys=keys, args=args))
+        args = [value, ttl_ms, now_ms, self.meta, RECLAIM_PER_PUT, *self.budget.lua_args(), KEY_COPIES,
+                ENTRY_OVERHEAD_BYTES]
+        self.guard.call("result.put", lambda: self._put(keys=[key, self._evictions_key], args=args))
         self.local["puts"] += 1
 
     def delete(self, keys: list[str]) -> int:
@@ -228,35 +173,37 @@ class ResultCache:
             return 0
 
         def run() -> int:
-            n = int(self.client.unlink(*keys))
-            self._forget(keys=[self._sizes_key, self._expiry_key, self._bytes_key], args=keys)
+            n = sum(int(self.client.unlink(*page)) for page in chunks(keys))
+            forget(self.client, self._forget, self.meta, keys)
             return n
 
-        return self.guard.call(run)
+        return self.guard.call("result.delete", run)
 
     # -- invalidation -------------------------------------------------------------------------
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key starting with ``prefix`` (SCAN + UNLINK in batches), with bookkeeping."""
 
-        def forget(page: list[bytes]) -> None:
-            self._forget(keys=[self._sizes_key, self._expiry_key, self._bytes_key], args=page)
-
-        return self.guard.call(lambda: scan_unlink(self.client, glob_escape(prefix) + "*", forget))
+        return self.guard.call(
+            "result.purge", lambda: scan_unlink(self.client, glob_escape(prefix) + "*", self._forget_page)
+        )
 
     def delete_model_version(self, model: str, version: str | None = None) -> int:
         """Purge a model (or one version of it) across all tenants: the background half of a bump."""
-        def forget(page: list[bytes]) -> None:
-            self._forget(keys=[self._sizes_key, self._expiry_key, self._bytes_key], args=page)
-
         patterns = model_version_patterns(self.NAMESPACE, model, version)
-        return self.guard.call(lambda: sum(scan_unlink(self.client, p, forget) for p in patterns))
+        return self.guard.call(
+            "result.purge", lambda: sum(scan_unlink(self.client, p, self._forget_page) for p in patterns)
+        )
 
     def delete_tenant(self, tenant: str) -> int:
         return self.delete_prefix(self.namespace(tenant) + ":")
 
+    def _forget_page(self, page: list[bytes]) -> None:
+        forget(self.client, self._forget, self.meta, page)
+
     # -- observability ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"local": dict(self.local), "max_bytes": self.max_bytes, "available": True}
+        out: dict[str, Any] = {"local": dict(self.local), "max_bytes": self.max_bytes,
+                               "budget": asdict(self.budget), "available": True}
         try:
 
             def run() -> tuple[Any, ...]:
@@ -267,7 +214,7 @@ class ResultCache:
                 pipe.hgetall(self._stats_key)
                 return tuple(pipe.execute())
 
-            used, entries, evictions, counters = self.guard.call(run)
+            used, entries, evictions, counters = self.guard.call("result.stats", run)
         except CacheUnavailable:
             out["available"] = False
             return out

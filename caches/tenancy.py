@@ -18,6 +18,9 @@ from caches.keys import safe_part
 ENV_VAR = "TIERSERVE_API_KEYS"
 ADMIN_ENV_VAR = "TIERSERVE_ADMIN_KEYS"
 DEFAULT_TENANT = "default"
+# How an admin caller is named where a tenant would be (the events' audit entries): parentheses
+# are outside the tenant alphabet, so no tenant can be mistaken for it.
+ADMIN_SENDER = "(admin)"
 # Tenants become key parts: keep them to a safe alphabet rather than escaping everywhere.
 _TENANT_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 

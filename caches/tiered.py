@@ -21,23 +21,35 @@ Why it is built this way:
   publish the keys on the stream so every other replica drops its SSD copy (and the RAM copy
   again, which closes the race where a replica re-promoted an old SSD copy meanwhile).
 - TTL per namespace (the key's first part), applied in RAM (PX) and SSD (expiry header).
+- Generation-checked writes (optional, `generations`; the user feature rows): every value carries
+  its entity's generation as read before the value was read, a RAM write lands only while that
+  generation is current (one Lua compare-and-write) and a copy of another generation is never
+  served from any tier; `invalidate(bump=True)` moves the generations first. Why, and the rules
+  when Redis is down: caches/generations.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from caches import metrics
 from caches.admission import LRUPolicy, PlacementPolicy, SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
+from caches.generations import (
+    UNKNOWN,
+    Generations,
+    GenerationsUnavailable,
+    frame,
+    split_by_generation,
+    unframe,
+)
 from caches.invalidation import InvalidationBus, InvalidationEvent
+from caches.recency import RecencyOrder
 from caches.tiers.base import Tier, TierStats, TierUnavailable
 from caches.tiers.redis import RedisTier
 from caches.tiers.rocksdb import RocksDBTier, claim_dir, reclaim_dead_dirs
@@ -72,6 +84,8 @@ class TieredStats:
     demotions: int = 0
     ssd_drops: int = 0
     degraded_reads: int = 0
+    generation_refused: int = 0  # RAM writes refused: the value's generation was no longer current
+    generation_stale: int = 0  # copies not served: they carried another generation than the current one
 
 
 class TieredCache:
@@ -86,6 +100,7 @@ class TieredCache:
         ttl_s: float | dict[str, float] | None = None,
         bus: InvalidationBus | None = None,
         name: str = "tiered",
+        generations: Generations | None = None,
     ) -> None:
         if ram is not None and policy is None:
             raise ValueError("a RAM tier needs a placement policy")
@@ -94,14 +109,9 @@ class TieredCache:
         self.ssd_budget = ssd_budget_bytes
         self.ttl = ttl_s
         self.bus = bus
-        self._lock = threading.Lock()
-        self._tick = 0
-        self._ssd_tick: dict[str, int] = {}
-        self._ssd_heap: list[tuple[int, str]] = []
-        if ssd is not None:
-            for k in ssd.keys():  # noqa: SIM118 (a method, not a dict)  entries left by a previous run of this process: oldest first
-                self._ssd_tick[k] = 0
-                self._ssd_heap.append((0, k))
+        self.generations = generations
+        # Entries left by a previous run of this process come first in the order: oldest of all.
+        self._recency = RecencyOrder(ssd.keys() if ssd is not None else ())  # noqa: SIM118 (a method)
         self.counters = TieredStats(ssd_budget_bytes=ssd_budget_bytes)
         # Called with the demoted keys between the SSD write and the RAM delete of a demotion:
         # tests inject a callable here to crash a process at that point. None in production.
@@ -124,11 +134,14 @@ class TieredCache:
         policy: str = "tierserve",
         entry_bytes: int | None = None,
         invalidation: bool = True,
+        generation_of: Callable[[str], str] | None = None,
     ) -> TieredCache:
         """The production wiring: shared Redis RAM tier + W-TinyLFU in Redis + local RocksDB.
 
         Every cache (and every replica of it) with the same `name` shares the RAM budget, the
-        placement metadata and the access counts; `rocksdb_dir` must be this process' own."""
+        placement metadata and the access counts; `rocksdb_dir` must be this process' own.
+        `generation_of` (cache key -> its entity's generation counter key) turns on
+        generation-checked writes; the counters live in the RAM tier's Redis."""
         ram = RedisTier(redis_url, meta_prefix=f"tierserve:tier:{name}")
         cfg = WTinyLFUConfig(ram_budget_bytes, **({"entry_bytes": entry_bytes} if entry_bytes else {}))
         pol: PlacementPolicy
@@ -142,13 +155,28 @@ class TieredCache:
             raise ValueError(f"unknown policy {policy!r}")
         ssd = RocksDBTier(rocksdb_dir)
         bus = InvalidationBus(redis_url, stream=f"tierserve:invalidations:{name}") if invalidation else None
+        gens = Generations(ram.client, generation_of) if generation_of is not None else None
         return cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,
-                   ttl_s=ttl_s, bus=bus, name=name)
+                   ttl_s=ttl_s, bus=bus, name=name, generations=gens)
 
     # -- reads ---------------------------------------------------------------------------------
-    def get_many(self, keys: Sequence[str]) -> TieredResult:
+    def get_many(self, keys: Sequence[str], generations: Mapping[str, int] | None = None) -> TieredResult:
+        """`generations`: the keys' generations as the caller read them before this call (one
+        round trip saved, and the caller's own answer is then keyed on the same ones); read
+        here when not given. Only for a generation-checked cache."""
         keys = list(dict.fromkeys(keys))
         degraded = False
+        checked = self.generations is not None and bool(keys)
+        gens: dict[str, int] | None = None
+        if checked:
+            assert self.generations is not None
+            try:
+                # Before any tier is read: a value tagged with these was read after them.
+                known = generations or {}
+                gens = ({k: known[k] for k in keys} if all(k in known for k in keys)
+                        else self.generations.read(keys))
+            except GenerationsUnavailable:
+                degraded = True
         ram_hits: dict[str, bytes] = {}
         ram_ok = self.ram is not None
         recorded = False
@@ -170,21 +198,32 @@ class TieredCache:
             except TierUnavailable:
                 ram_ok, degraded = False, True
 
+        unverified: dict[str, bytes] = {}
+        if checked:
+            ram_hits, _ = self._current(ram_hits, gens)  # RAM copies of another generation: misses
         misses = [k for k in keys if k not in ram_hits]
         ssd_hits = self.ssd.get_many(misses) if self.ssd is not None and misses else {}
+        if checked:
+            ssd_hits, unverified = self._current(ssd_hits, gens, drop_from=self.ssd)
         self._touch_ssd(keys)
         cold_keys = [k for k in misses if k not in ssd_hits]
         cold_hits: dict[str, bytes] = {}
+        cold_ok = self.cold is not None
         if self.cold is not None and cold_keys:
             try:
                 cold_hits = self.cold.get_many(cold_keys)
             except TierUnavailable as exc:
                 log.warning("cold tier unavailable: %s", exc)
-                degraded = True
+                degraded, cold_ok = True, False
+        if checked:
+            cold_hits = {k: frame(gens[k] if gens is not None else UNKNOWN, v) for k, v in cold_hits.items()}
+            if not cold_ok:
+                # Generations unreadable and no source to ask: the SSD copy, unverified (degraded).
+                ssd_hits.update({k: v for k, v in unverified.items() if k not in cold_hits})
         if cold_hits and self.ssd is not None:
             self._ssd_put(cold_hits)  # lower tier first: the SSD copy exists before RAM's
         candidates = {k: (ssd_hits.get(k) or cold_hits[k]) for k in misses if k in ssd_hits or k in cold_hits}
-        if candidates and ram_ok:
+        if candidates and ram_ok and (gens is not None or not checked):
             try:
                 self._place(candidates)
             except TierUnavailable:
@@ -195,7 +234,7 @@ class TieredCache:
         values: dict[str, bytes] = {}
         for tier_name, found in (("redis", ram_hits), ("rocksdb", ssd_hits), ("feast", cold_hits)):
             for k, v in found.items():
-                values[k] = v
+                values[k] = unframe(v)[1] if checked else v
                 sources[k] = getattr(self.cold, "name", tier_name) if found is cold_hits else tier_name
         if degraded:
             self.counters.degraded_reads += 1
@@ -205,11 +244,19 @@ class TieredCache:
         )
 
     # -- writes --------------------------------------------------------------------------------
-    def put_many(self, items: dict[str, bytes]) -> bool:
+    def put_many(self, items: dict[str, bytes], generations: Mapping[str, int] | None = None) -> bool:
         """Store values computed above the cache (e.g. embeddings): SSD first, then RAM as the
-        policy places them. Returns False when RAM was unavailable (stored on SSD only)."""
+        policy places them. Returns False when RAM was unavailable (stored on SSD only).
+        A generation-checked cache tags them with `generations` (read before the values were
+        computed), or with the generations read now."""
         if not items:
             return True
+        if self.generations is not None:
+            gens = dict(generations or {})
+            # Unreadable: tagged UNKNOWN, never served once the generations are readable again.
+            with contextlib.suppress(GenerationsUnavailable):
+                gens.update(self.generations.read([k for k in items if k not in gens]))
+            items = {k: frame(gens.get(k, UNKNOWN), v) for k, v in items.items()}
         if self.ssd is not None:
             self._ssd_put(items)
             self._touch_ssd(list(items))
@@ -225,12 +272,21 @@ class TieredCache:
         self._enforce_ssd_budget()
         return ok
 
-    def invalidate(self, keys: Sequence[str], *, broadcast: bool = True) -> bool:
+    def invalidate(self, keys: Sequence[str], *, broadcast: bool = True, bump: bool = False) -> bool:
         """Drop every copy of the keys; True when it reached everyone: the shared RAM copy was
         deleted and the stream carries the keys to the other replicas. False means a replica
-        may still hold an old copy: the caller keeps its pending record and retries."""
+        may still hold an old copy: the caller keeps its pending record and retries.
+        `bump` (after a write to the source): move the keys' generations first, so that no copy
+        read before the write is placed or served from then on."""
         keys = list(dict.fromkeys(keys))
-        done = self._drop_everywhere(keys)
+        bumped = True
+        if bump and self.generations is not None and keys:
+            try:
+                self.generations.bump(keys)
+            except GenerationsUnavailable as exc:
+                log.warning("generations of %d keys not moved: %s", len(keys), exc)
+                bumped = False
+        done = self._drop_everywhere(keys) and bumped
         if broadcast and self.bus is not None and keys:
             done = self.bus.publish_keys(keys) is not None and done
         return done
@@ -288,7 +344,22 @@ class TieredCache:
         admitted = {k: candidates[k] for k in placement.admitted}
         if placement.demoted and self.before_upper_delete is not None:
             self.before_upper_delete(placement.demoted)
-        if isinstance(self.ttl, dict):
+        if self.generations is not None:
+            # Each write compared with its generation, in the script that writes it.
+            gen_key = self.generations.key_of
+            expect = {k: (gen_key(k), unframe(v)[0]) for k, v in admitted.items()}
+            refused: list[str] = []
+            groups = self._by_ttl(admitted)
+            for i, (ttl, group) in enumerate(groups.items()):
+                last = i == len(groups) - 1
+                refused += self.ram.put_checked(group, placement.demoted if last else [], expect, ttl_s=ttl)
+            if not groups:
+                self.ram.delete_many(placement.demoted)
+            if refused:
+                self.policy.remove(refused)  # not written: the placement must not count them
+                self.counters.generation_refused += len(refused)
+                admitted = {k: v for k, v in admitted.items() if k not in set(refused)}
+        elif isinstance(self.ttl, dict):
             self._grouped_put(self.ram, admitted)
             self.ram.delete_many(placement.demoted)  # 2. upper tier second
         else:
@@ -304,41 +375,16 @@ class TieredCache:
         if self.ssd is None or not items:
             return
         self._grouped_put(self.ssd, items)
-        with self._lock:
-            for k in items:
-                if k not in self._ssd_tick:
-                    self._tick += 1
-                    self._ssd_tick[k] = self._tick
-                    heapq.heappush(self._ssd_heap, (self._tick, k))
+        self._recency.added(items)
 
     def _touch_ssd(self, keys: Sequence[str]) -> None:
-        if self.ssd is None:
-            return
-        with self._lock:
-            for k in keys:
-                self._tick += 1
-                if k in self._ssd_tick:
-                    self._ssd_tick[k] = self._tick
-                    heapq.heappush(self._ssd_heap, (self._tick, k))
+        if self.ssd is not None:
+            self._recency.touched(keys)
 
     def _enforce_ssd_budget(self) -> None:
         if self.ssd is None or self.ssd.size_bytes() <= self.ssd_budget:
             return
-        with self._lock:
-            excess = self.ssd.size_bytes() - self.ssd_budget
-            drop: list[str] = []
-            while self._ssd_heap and (excess > 0 or len(drop) < SSD_DROP_BATCH // 4):
-                tick, k = heapq.heappop(self._ssd_heap)
-                if self._ssd_tick.get(k) != tick:
-                    continue  # stale heap entry (re-read since)
-                size = self.ssd.entry_size(k)
-                del self._ssd_tick[k]
-                if size is None:
-                    continue
-                drop.append(k)
-                excess -= size
-                if excess <= 0:
-                    break
+        drop = self._recency.coldest(self.ssd.size_bytes() - self.ssd_budget, self.ssd.entry_size, SSD_DROP_BATCH // 4)
         self.ssd.delete_many(drop)
         metrics.count_by_namespace(metrics.DROPS, self.ssd.name, drop)
         self.counters.ssd_drops += len(drop)
@@ -348,17 +394,26 @@ class TieredCache:
             return self.ttl.get(metrics.namespace_of(key))
         return self.ttl
 
-    def _grouped_put(self, tier: Tier, items: dict[str, bytes]) -> None:
-        if not items:
-            return
-        if not isinstance(self.ttl, dict):
-            tier.put_many(items, ttl_s=self.ttl)
-            return
+    def _by_ttl(self, items: dict[str, bytes]) -> dict[float | None, dict[str, bytes]]:
         groups: dict[float | None, dict[str, bytes]] = defaultdict(dict)
         for k, v in items.items():
             groups[self._ttl_for(k)][k] = v
-        for ttl, group in groups.items():
+        return groups
+
+    def _grouped_put(self, tier: Tier, items: dict[str, bytes]) -> None:
+        for ttl, group in self._by_ttl(items).items():
             tier.put_many(group, ttl_s=ttl)
+
+    def _current(self, found: dict[str, bytes], gens: dict[str, int] | None,
+                 drop_from: RocksDBTier | None = None) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """`split_by_generation`, counting the stale copies and deleting them from `drop_from`
+        (the local SSD: a demotion or a fill that lost the race left them)."""
+        current, unverified, stale = split_by_generation(found, gens)
+        if stale:
+            self.counters.generation_stale += len(stale)
+            if drop_from is not None:
+                drop_from.delete_many(stale)
+        return current, unverified
 
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> TieredStats:

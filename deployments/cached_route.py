@@ -45,9 +45,8 @@ log = logging.getLogger("tierserve.cached_route")
 # background: a changed model reaches the keys within this long (answers from it are never stored
 # under the old identity meanwhile: each answer carries the fingerprint of the replica that wrote it).
 IDENTITY_REFRESH_S = 15.0
-# Everything the exact cache's Redis may raise: RedisGuard turns connection errors into
-# CacheUnavailable; the rest (OOM, BUSY, NOSCRIPT, WRONGTYPE, ...) arrive as redis.RedisError,
-# which caches.redis_client's REDIS_ERRORS (the project's one list) covers with the socket errors.
+# Everything the exact cache's Redis may raise: its Breaker (caches.redis_client) turns every Redis
+# error into CacheUnavailable; REDIS_ERRORS stays as a belt for calls made outside the cache.
 CACHE_ERRORS = (CacheUnavailable, *REDIS_ERRORS)
 
 

@@ -49,14 +49,28 @@ SEMANTIC_TIMEOUT_S = 1.0
 
 
 class CacheSettings(BaseModel):
+    # Budgets (caches/budget.py): `*_max_*` bound a cache as a whole, `*_tenant_max_*` each tenant's
+    # share of it; a tenant over its share evicts its own entries, and over the global budget the
+    # biggest tenant gives way, so a flood never evicts a smaller tenant's entries. Bytes are
+    # counted as Redis holds them (values, keys and bookkeeping, approximately).
     result_ttl_s: float = 3600.0
-    result_max_bytes: int = 64 << 20
+    result_max_bytes: int = Field(default=64 << 20, ge=1)
+    result_max_entries: int = Field(default=200_000, ge=1)
+    result_tenant_max_bytes: int = Field(default=32 << 20, ge=1)
+    result_tenant_max_entries: int = Field(default=100_000, ge=1)
     semantic_enabled: bool = True
     semantic_mode: str = "adaptive"
     semantic_calibration: str = str(REPO_ROOT / "configs" / "semantic_calibration.json")
     semantic_threshold: float | None = None  # overrides the calibration file when set
-    semantic_max_entries: int = 100_000
-    semantic_max_bytes: int = 256 << 20
+    semantic_max_entries: int = Field(default=100_000, ge=1)
+    semantic_max_bytes: int = Field(default=256 << 20, ge=1)
+    semantic_tenant_max_entries: int = Field(default=50_000, ge=1)
+    semantic_tenant_max_bytes: int = Field(default=128 << 20, ge=1)
+    # Each SemanticCache replica's FAISS mirrors, all scopes together (least recently used scopes
+    # are dropped first; they reload from Redis when used again). Bytes are an estimate of vectors,
+    # texts and overhead, not RSS.
+    semantic_mirror_max_entries: int = Field(default=100_000, ge=1)
+    semantic_mirror_max_bytes: int = Field(default=384 << 20, ge=1)
     semantic_ttl_s: float = 86_400.0
     cache_nondeterministic: bool = False
     # Semantic mirrors in GPU memory when the SemanticCache replica has a GPU (configs/gpu.yaml);
@@ -79,7 +93,8 @@ class RecommenderSettings(BaseModel):
     # how long "Feast does not know this user" is remembered (so a flood of unknown ids stops
     # reaching Feast; an event of the user makes it stale at once), and the feature entries' TTL
     # in RAM and SSD (an entry whose invalidation was lost can never live longer than this).
-    result_max_bytes: int = 16 << 20
+    result_max_bytes: int = Field(default=16 << 20, ge=1)
+    result_tenant_max_bytes: int = Field(default=8 << 20, ge=1)
     unknown_user_ttl_s: float = 30.0
     feature_ttl_s: float = 3600.0
     # How often an idle replica looks for a model-version bump and due pending invalidations
@@ -93,6 +108,12 @@ class RecommenderSettings(BaseModel):
     # The item index on the replica's GPU (caches.vector_index) when Ray gives it one
     # (ray_actor_options.num_gpus); without a visible GPU it stays on the CPU.
     faiss_gpu: bool = False
+    # Tenants whose API keys may send `POST /v1/events` (the admin key always may). User ids are
+    # the deployment's, not a tenant's: one user base and one catalogue, tenants are API clients,
+    # so an event changes what every tenant is recommended for that user, and it is a write right
+    # (docs/api.md). `default` is the tenant of every request when no API keys are configured (a
+    # laptop on loopback, or `auth: off` behind your own gateway), so those setups keep working.
+    event_tenants: list[str] = Field(default_factory=lambda: ["default"])
 
 
 class AppSettings(BaseModel):

@@ -3,12 +3,21 @@
 Single queries arrive one per request; `@serve.batch` gathers those in flight into one forward
 pass (about 15 ms a query alone, about 200/s batched on 2 cores). The embedding cache sits in
 front, so a text seen before (on any replica) costs a Redis MGET instead of a forward pass.
+
+Encoding (and the cache's Redis and RocksDB calls around it) runs on one worker thread, never on
+the replica's event loop: a forward pass of a big `/v1/embeddings` batch takes seconds on CPU, and
+on the loop it would stall every other call of the replica (`info`, the chat path's `embed` with
+its 2 s deadline) until it ended. One thread, because the forward pass already uses every core
+(torch's intra-op threads): more threads would only split them. A big API batch is encoded in
+slices of `API_SLICE` texts, each its own job on that thread, so the chat path's small batches
+queue between slices instead of behind the whole batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +30,17 @@ from deployments import metrics
 
 log = logging.getLogger("tierserve.encoder")
 
+# Texts per job of a `/v1/embeddings` batch on the encoding thread (see the module note): about
+# the forward pass of one `@serve.batch` (32) twice over, so a chat query waits one slice at most.
+API_SLICE = 64
+
 
 @serve.deployment(name="Encoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 class EncoderDeployment:
     def __init__(self, redis_url: str | None, state_dir: str, ram_budget_bytes: int, ssd_budget_bytes: int) -> None:
         load_encoder()
         self.name, self.version = encoder_identity()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self.cache = None
         if redis_url:
             try:
@@ -52,9 +66,11 @@ class EncoderDeployment:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
-        # In a thread: the cache's Redis calls and the forward pass would otherwise hold this
-        # replica's event loop (a slow Redis stalled every caller, `info` included).
-        return (await asyncio.to_thread(self._embed, texts)).tolist()
+        return (await self._off_loop(texts)).tolist()
+
+    async def _off_loop(self, texts: list[str]) -> np.ndarray:
+        """`_embed` on the encoding thread; the event loop stays free meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, texts)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
@@ -76,7 +92,11 @@ class EncoderDeployment:
     async def embed_for_api(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """The `/v1/embeddings` answer's parts: float32 rows (kept as an array: base64 is their
         bytes) and the token count for `usage`."""
-        return await asyncio.to_thread(self._embed, texts), sum(count_tokens(texts))
+        slices = [texts[i : i + API_SLICE] for i in range(0, len(texts), API_SLICE)]
+        parts = [await self._off_loop(part) for part in slices]  # one at a time: others run between
+        tokens = await asyncio.get_running_loop().run_in_executor(self._worker, count_tokens, texts)
+        vectors = np.concatenate(parts) if parts else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return vectors, sum(tokens)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "dim": EMBEDDING_DIM}

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
 from caches.result import CacheUnavailable, ResultCache
-from caches.tenancy import AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
+from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
 from deployments import metrics
 from deployments.cached_route import ModelUnavailable
@@ -173,8 +173,11 @@ class Ingress:
         self.settings = AppSettings.model_validate(settings)
         self.encoder, self.semantic, self.llm, self.recommender = encoder, semantic, llm, recommender
         self.redis = redis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
+        cache = self.settings.cache
         self.results = ResultCache(
-            self.redis, default_ttl_s=self.settings.cache.result_ttl_s, max_bytes=self.settings.cache.result_max_bytes
+            self.redis, default_ttl_s=cache.result_ttl_s, max_bytes=cache.result_max_bytes,
+            max_entries=cache.result_max_entries, tenant_max_bytes=cache.result_tenant_max_bytes,
+            tenant_max_entries=cache.result_tenant_max_entries,
         )
         self.tenants = Tenants(self.settings.api_keys) if self.settings.api_keys else Tenants.from_env()
         self.admins = AdminKeys(self.settings.admin_keys) if self.settings.admin_keys else AdminKeys.from_env()
@@ -303,10 +306,24 @@ class Ingress:
                                 headers={"retry-after": "2"} if status == 503 else None)
         return result
 
+    def _event_sender(self, request: Request) -> str:
+        """Who may send events: the admin key, or a tenant in `recommender.event_tenants`
+        (401 without a valid key, 403 with one that lacks the right); the name goes in the audit."""
+        if self.admins.is_admin(request.headers.get("authorization")):
+            return ADMIN_SENDER
+        tenant = self._tenant(request)
+        if tenant not in self.settings.recommender.event_tenants:
+            raise Forbidden(f"tenant '{tenant}' may not send events: user ids are shared by every tenant of this "
+                            "deployment, so an event changes what all of them are recommended for that user. Events "
+                            "need the admin key, or a tenant listed in the `recommender.event_tenants` setting: ask "
+                            f"the operator to add '{tenant}' there")
+        return tenant
+
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:
-        self._tenant(request)
-        result = await self._recommender_call("record_event", lambda: self.recommender.record_event.remote(body.model_dump()))
+        sender = self._event_sender(request)
+        result = await self._recommender_call("record_event",
+                                              lambda: self.recommender.record_event.remote(body.model_dump(), sender))
         status = result.pop("status", 202)
         if status >= 400:
             return JSONResponse(error_body(status, result["message"]), status_code=status,

@@ -10,13 +10,16 @@ reads it through ModelVersions' 0.5 s cache, and a watcher thread checks it when
 idle. A new version's caches are built beside the old ones and swapped in; the old ones close
 when their last in-flight request ends (`Leased`). `reload` (the admin route's call) does the same.
 
-Events (`record_event`): a durable pending-invalidation record is written first (Redis ZSET, see
-caches/invalidation.py PendingInvalidations), then the user's row goes into Feast through its
-push source, then the user's feature entries are invalidated on every replica and the user's
-generation counter moves (cached results become unreachable). If Redis fails after the push the
-answer says `"invalidation": "pending"`, and the record is replayed by whichever replica's
-watcher sees it due, until it reaches everyone. Every record is replayed once more after
-`SECOND_INVALIDATION_S`, which drops an old row re-cached by a read that straddled the push.
+Events (`record_event`, allowed to the tenants the Ingress lets through: see docs/api.md): only
+users the feature store knows (404 otherwise: users come from the pipeline, see
+`_record_locked`). A durable pending-invalidation record and an audit entry naming the sending
+tenant are written first (Redis, one transaction; caches/invalidation.py PendingInvalidations),
+then the user's row goes into Feast through its push source, then the user's generation moves
+(cached results become unreachable, and no tier accepts or serves a row read before it:
+caches/generations.py) and the user's feature entries are dropped on every replica. If Redis
+fails after the push the answer says `"invalidation": "pending"`, and the record is replayed by
+whichever replica's watcher sees it due, until it reaches everyone. A read that straddles the
+push needs no replay: its row carries the old generation and is refused by every tier.
 
 Bounded memory: results have their own byte budget (`result_max_bytes`), cold-start answers are
 not result-cached, unknown user ids are remembered for `unknown_user_ttl_s` (per generation, so
@@ -36,7 +39,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +53,14 @@ from caches.tiered import TierUnavailable, claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments import metrics
 from deployments.config import RecommenderSettings
-from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel
-from feature_store.events import Activity, EventRejected, FeatureStoreUnavailable, UserActivityWriter
+from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel, generation_key
+from feature_store.events import (
+    Activity,
+    EventRejected,
+    FeatureStoreUnavailable,
+    UserActivityWriter,
+    updated_user_row,
+)
 from feature_store.pipeline import RepoInfo
 
 __all__ = ["ItemIndex", "RecommenderDeployment"]  # ItemIndex: its home moved to recommender_model
@@ -66,13 +75,15 @@ W_GENRE = 0.10
 # Candidates per request: at least this many times k, so a large k still has enough left after
 # the filters (and a larger k really asks the feature tiers for more items).
 CANDIDATES_PER_K = 4
-# Users whose event generation this replica remembers (see _ensure_fresh); bounded, and
-# forgetting one only costs that user one extra Feast read.
-GENERATIONS_REMEMBERED = 100_000
-# Second invalidation of an event's user, after reads that straddled the push have finished:
-# such a read fetched the old row before the push and may place it in RAM after the first one.
-SECOND_INVALIDATION_S = 2.0
 EVENT_LOCK_TIMEOUT_S = 10.0
+# When another replica may replay an event's pending record: only when the event's own
+# invalidation did not settle it (Redis failed after the push, the replica died). Not sooner than
+# the event can still be running (its lock's timeout): a replay that ran ahead of the push, and
+# settled the record, would leave nothing to retry a failed invalidation after it.
+PENDING_REPLAY_S = EVENT_LOCK_TIMEOUT_S
+# Who sent which event (tenant, user, item), newest last; bounded like the invalidation stream.
+AUDIT_STREAM = "tierserve:recs:events"
+AUDIT_MAXLEN = 100_000
 EVENT_LOCK_WAIT_S = 5.0
 # A version whose load failed (missing files, disk full) is tried again after this long.
 FAILED_LOAD_RETRY_S = 30.0
@@ -90,7 +101,8 @@ class RecommenderDeployment:
         self.redis = make_client(redis_url)
         self.redis_url = redis_url
         self.results = RecommendationResults(self.redis, default_ttl_s=self.settings.result_ttl_s,
-                                             max_bytes=self.settings.result_max_bytes)
+                                             max_bytes=self.settings.result_max_bytes,
+                                             tenant_max_bytes=self.settings.result_tenant_max_bytes)
         self.pending = PendingInvalidations(self.redis, PENDING_KEY)
         self.replica = serve.get_replica_context().replica_id.unique_id
         # Directories are named by replica id: a restarted replica gets a new one. Claim ours,
@@ -103,8 +115,6 @@ class RecommenderDeployment:
         info = RepoInfo.load(self.repo)
         self.versions = ModelVersions(self.redis, {RECS_MODEL: info.model_version})
         self.writer = UserActivityWriter(self.repo)
-        self._read_gen: OrderedDict[int, int] = OrderedDict()
-        self._gen_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._builds = 0
         self._redis_run_id: str | None = None
@@ -178,8 +188,6 @@ class RecommenderDeployment:
                     return  # RAM unreachable again: retry on the next tick, run id not taken
             # Results computed from such a row in the moment before this check: gone too.
             self.results.delete_prefix(f"{RecommendationResults.NAMESPACE}.")
-            with self._gen_lock:
-                self._read_gen.clear()  # generations restarted from 0 with the server
             log.warning("Redis restarted (run id %s -> %s): dropped %d user rows", self._redis_run_id, run_id, len(keys))
         self._redis_run_id = run_id
 
@@ -200,7 +208,7 @@ class RecommenderDeployment:
     # ---------------------------------------------------------------- keys
     @staticmethod
     def _gen_key(user_id: int) -> str:
-        return f"tierserve:recs:gen:{user_id}"
+        return generation_key(user_id)
 
     @staticmethod
     def _rated_key(user_id: int) -> str:
@@ -215,21 +223,6 @@ class RecommenderDeployment:
         with contextlib.suppress(*REDIS_ERRORS):
             seen |= {int(x) for x in self.redis.smembers(self._rated_key(user_id))}
         return seen
-
-    def _ensure_fresh(self, m: RecsModel, user_id: int, gen: int | None) -> None:
-        """Read-your-writes on every replica: the stream delivers an event's invalidation within
-        milliseconds, but a request can arrive sooner. When the user's generation moved since this
-        replica last read their features, drop this replica's copies before reading."""
-        if not gen:
-            return  # no event ever, or Redis down (then the stream is down too: nothing to compare)
-        with self._gen_lock:
-            if self._read_gen.get(user_id) == gen:
-                self._read_gen.move_to_end(user_id)
-                return
-            self._read_gen[user_id] = gen
-            while len(self._read_gen) > GENERATIONS_REMEMBERED:
-                self._read_gen.popitem(last=False)
-        m.users.tiered.invalidate([m.users.key(user_id)], broadcast=False)
 
     # ----------------------------------------------------------- recommend
     def recommend(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
@@ -282,8 +275,10 @@ class RecommenderDeployment:
                 "sources": {"user": None, "items": {}}}
 
     def _compute(self, m: RecsModel, user_id: int, k: int, gen: int | None) -> dict[str, Any]:
-        self._ensure_fresh(m, user_id, gen)
-        user = m.users.get([user_id])
+        # Read-your-writes on every replica, before the stream's drop reaches it: the tiers serve
+        # only a row of the generation read above (the one the result is keyed on), so a copy
+        # from before an event is a miss here at once.
+        user = m.users.get([user_id], {user_id: gen} if gen is not None else None)
         if user_id not in user.features:
             if user.degraded:
                 return {"status": 503, "message": "the feature store is unreachable and this user's features are "
@@ -323,7 +318,8 @@ class RecommenderDeployment:
         }
 
     # -------------------------------------------------------------- events
-    def record_event(self, event: dict[str, Any]) -> dict[str, Any]:
+    def record_event(self, event: dict[str, Any], tenant: str = "-") -> dict[str, Any]:
+        """`tenant`: who sent it (the Ingress checked the right), kept in the audit entry."""
         try:
             activity = Activity.parse(event)
         except EventRejected as exc:
@@ -331,9 +327,9 @@ class RecommenderDeployment:
         with contextlib.suppress(*CACHE_ERRORS):
             self._follow_current()
         with self.models.lease() as m:
-            return self._record(m, activity)
+            return self._record(m, activity, tenant)
 
-    def _record(self, m: RecsModel, activity: Activity) -> dict[str, Any]:
+    def _record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
         user_id, item_id = activity.user_id, activity.item_id
         if item_id not in m.index.ids:
             return {"status": 404, "message": f"item_id {item_id} is not in the catalogue of model version "
@@ -347,34 +343,62 @@ class RecommenderDeployment:
         except REDIS_ERRORS:
             return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
         try:
-            return self._record_locked(m, activity)
+            return self._record_locked(m, activity, tenant)
         finally:
             with contextlib.suppress(*REDIS_ERRORS):  # an expired lock is released by its timeout anyway
                 lock.release()
 
-    def _record_locked(self, m: RecsModel, activity: Activity) -> dict[str, Any]:
+    def _record_locked(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
         user_id, item_id = activity.user_id, activity.item_id
+        unavailable = {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
         item = m.items.get([item_id])
         if item_id not in item.features:
             if item.degraded:
-                return {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
+                return unavailable
             return {"status": 404, "message": f"item_id {item_id} has no features in the feature store"}
         try:
-            # Before the push: if Redis fails after it, this record still says "invalidate user".
-            self.pending.arm(str(user_id), SECOND_INVALIDATION_S)
-            if activity.type == "rating":
-                # Before the push and idempotent: a failed push leaves nothing a retry would double.
-                self.redis.sadd(self._rated_key(user_id), item_id)
-        except REDIS_ERRORS:
-            return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
-        try:
-            row, new_user = self.writer.record(activity, item.features[item_id], m.genre_list)
+            # From Feast itself, never a cache tier: a stale row incremented would lose an event.
+            current = self.writer.current_row(user_id)
         except FeatureStoreUnavailable as exc:
             log.warning("event of user %s not recorded: %s", user_id, exc)
-            return {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
+            return unavailable
+        if current is None:
+            # Users come from the feature pipeline, not from events: any API client could
+            # otherwise mint permanent users (a Feast row in a `noeviction` store, and generation
+            # and rated keys, which must not expire: a generation that vanished would reset
+            # under the cached rows it guards). A 404 costs nothing, and the id stays a
+            # cold-start user until the pipeline's next build knows it.
+            return {"status": 404, "message": f"user_id {user_id} is not in the feature store: events are accepted "
+                                              "for known users only; new users arrive with the feature pipeline's "
+                                              "next build (until then they get the cold-start list)"}
+        try:
+            # Before the push, in one transaction: if Redis fails after it, the pending record
+            # still says "invalidate user", and the audit entry says who sent the event.
+            pipe = self.redis.pipeline(transaction=True)
+            pending_score = self.pending.arm(str(user_id), PENDING_REPLAY_S, pipe=pipe)
+            if activity.type == "rating":
+                # Before the push and idempotent: a failed push leaves nothing a retry would double.
+                pipe.sadd(self._rated_key(user_id), item_id)
+            pipe.xadd(AUDIT_STREAM, {"tenant": tenant, "user_id": user_id, "item_id": item_id, "type": activity.type,
+                                     "value": "" if activity.value is None else activity.value,
+                                     "replica": self.replica}, maxlen=AUDIT_MAXLEN, approximate=True)
+            audit_id = pipe.execute()[-1]
+        except REDIS_ERRORS:
+            return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
+        row = updated_user_row(current, activity, item.features[item_id], m.genre_list)
+        try:
+            self.writer.push(row)
+        except FeatureStoreUnavailable as exc:
+            log.warning("event of user %s not recorded: %s", user_id, exc)
+            return unavailable
         published = self._invalidate_users(m, [user_id])
+        if published:  # reached everyone: nothing left to replay
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.pending.settle([(str(user_id), pending_score)])
         out: dict[str, Any] = {"status": 202, "accepted": True, "user_id": user_id, "item_id": item_id,
-                               "type": activity.type, "new_user": new_user, "n_ratings": row["n_ratings"],
+                               "type": activity.type, "new_user": False, "n_ratings": row["n_ratings"],
+                               "tenant": tenant,
+                               "audit_id": audit_id.decode() if isinstance(audit_id, bytes) else str(audit_id),
                                "invalidation": "published" if published else "pending", "replica": self.replica,
                                "invalidated": ["user_features", "results"] if published else []}
         if not published:
@@ -383,17 +407,22 @@ class RecommenderDeployment:
         return out
 
     def _invalidate_users(self, m: RecsModel, user_ids: list[int]) -> bool:
-        """Drop the users' feature copies everywhere, then move their generations (cached
-        results unreachable). True only when both reached everyone."""
+        """Move the users' generations (cached results unreachable, no tier takes or serves an
+        older row), then drop their feature copies everywhere. True only when both reached
+        everyone."""
         try:
-            ok = m.users.tiered.invalidate([m.users.key(u) for u in user_ids])
-            pipe = self.redis.pipeline(transaction=False)
-            for u in user_ids:
-                pipe.incr(self._gen_key(u))
-            pipe.execute()
+            if m.users.tiered.generations is None:
+                # feast-only (no tiers to guard): the generation still keys the cached results
+                pipe = self.redis.pipeline(transaction=False)
+                for u in user_ids:
+                    pipe.incr(self._gen_key(u))
+                pipe.execute()
+            ok = m.users.invalidate(user_ids, bump=True)
         except CACHE_ERRORS as exc:
             log.warning("invalidation of users %s not published yet: %s", user_ids[:5], exc)
             return False
+        if not ok:
+            log.warning("invalidation of users %s not published yet", user_ids[:5])
         return ok
 
     def _invalidate_users_of(self, members: list[str]) -> bool:

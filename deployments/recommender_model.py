@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,12 @@ from caches.vector_index import make_ip_index
 from deployments.config import RecommenderSettings
 from feature_store import names
 from feature_store.pipeline import RepoInfo
+
+
+def generation_key(user_id: int) -> str:
+    """A user's generation counter (Redis, no TTL): moved by every event of the user, it keys the
+    user's cached results and guards every tier write of their feature row (caches/generations.py)."""
+    return f"tierserve:recs:gen:{int(user_id)}"
 
 
 class RecommendationResults(ResultCache):
@@ -50,7 +57,8 @@ class ItemIndex:
 
 
 def feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, rocksdb_dir: Path, view: str,
-                  entity_key: str, model_version: str, share: float) -> FeatureCache:
+                  entity_key: str, model_version: str, share: float,
+                  generations: Callable[[int], str] | None = None) -> FeatureCache:
     if settings.tiers == "feast-only":
         # the benchmark's baseline arm
         return FeatureCache.feast_only(feast_repo=repo, view=view, entity_key=entity_key, model_version=model_version)
@@ -58,6 +66,7 @@ def feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, 
         redis_url=redis_url, rocksdb_dir=rocksdb_dir, feast_repo=repo, view=view, entity_key=entity_key,
         model_version=model_version, ram_budget_bytes=int(settings.ram_budget_bytes * share),
         ssd_budget_bytes=int(settings.ssd_budget_bytes * share), ttl_s=settings.feature_ttl_s or None,
+        generation_key=generations,
     )
 
 
@@ -76,7 +85,7 @@ class RecsModel:
         self.rocksdb_dir = rocksdb_root / f"{slot}-version-{re.sub(r'[^A-Za-z0-9._-]', '_', version)}"
         common = dict(redis_url=redis_url, repo=info.repo_dir, model_version=version)
         self.users = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "users", view=names.USER_VIEW,
-                                   entity_key=names.USER_KEY, share=0.25, **common)
+                                   entity_key=names.USER_KEY, share=0.25, generations=generation_key, **common)
         self.items = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "items", view=names.ITEM_VIEW,
                                    entity_key=names.ITEM_KEY, share=1.0, **common)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 from ray import serve
 
+from caches.redis_client import make_client
 from caches.result import CacheUnavailable
 from caches.semantic import SemanticCache
 from deployments import metrics
@@ -42,13 +42,17 @@ class SemanticCacheDeployment:
     def __init__(self, redis_url: str, settings: dict[str, Any]) -> None:
         self.settings = CacheSettings.model_validate(settings)
         self.threshold = load_threshold(self.settings)
-        client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = make_client(redis_url)
         self.cache = SemanticCache(
             client,
             threshold=self.threshold,
             mode=self.settings.semantic_mode,  # type: ignore[arg-type]
             max_entries=self.settings.semantic_max_entries,
             max_bytes=self.settings.semantic_max_bytes,
+            tenant_max_entries=self.settings.semantic_tenant_max_entries,
+            tenant_max_bytes=self.settings.semantic_tenant_max_bytes,
+            mirror_max_entries=self.settings.semantic_mirror_max_entries,
+            mirror_max_bytes=self.settings.semantic_mirror_max_bytes,
             ttl_s=self.settings.semantic_ttl_s,
             faiss_gpu=self.settings.semantic_faiss_gpu,
         )

@@ -10,12 +10,12 @@ Why it is built this way:
   `mean_rating` and `genre_affinity` (both are running means over the ratings); every event moves
   `last_ts`. The embedding is a factorisation of the whole rating matrix: it is kept as is until
   the pipeline's next build.
-- A never-seen user (no row in the online store) is *accepted*: their first event creates their
-  row by "fold-in", the embedding of the item they acted on (the user coordinates of the SVD
-  space, last coordinate 0, L2-normalised). Their next recommendation is then personal (items
-  near what they just rated or viewed) instead of the cold-start list; the next pipeline build
-  replaces the row with a real one. Unknown *items* are rejected by the caller: nothing can be
-  said about an item the catalogue does not hold.
+- A never-seen user (no row in the online store): `record` creates their row by "fold-in", the
+  embedding of the item they acted on (the user coordinates of the SVD space, last coordinate 0,
+  L2-normalised). The Recommender does not let it: it refuses events of users the store does not
+  know (404; users come from the pipeline, and an API client must not mint permanent ones: see
+  deployments/recommender.py `_record_locked`). Unknown *items* are rejected by the caller too:
+  nothing can be said about an item the catalogue does not hold.
 - Read-modify-write is not atomic across processes: the caller serialises events of one user
   (the Recommender holds a per-user Redis lock around `record`).
 """

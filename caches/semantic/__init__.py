@@ -15,7 +15,7 @@ Why the mirror never serves stale answers
     threshold) and decided again on that. An entry purged, evicted or expired on any replica is
     gone from Redis at once, so it cannot be served even before the stream event reaches this
     replica (the stale vector is then dropped locally). The price is that hits need Redis: when
-    Redis is down (or failed within the last moments), :class:`~caches.result.CacheUnavailable` is
+    Redis is down (or failed within the last moments), :class:`~caches.redis_client.RedisUnavailable` is
     raised and the caller answers from the model (``x-cache: bypass``). Entry ids are random 62-bit
     integers, so a replica whose mirror outlived a Redis restart can never map an old vector onto
     a new, different entry.
@@ -37,8 +37,10 @@ import numpy as np
 import redis
 from pydantic import BaseModel
 
+from caches.budget import Budget
 from caches.keys import glob_escape, model_version_patterns, safe_part
-from caches.result import CacheUnavailable, RedisGuard
+from caches.redis_client import Breaker
+from caches.result import CacheUnavailable
 from caches.semantic.decision import (
     FLOOR_MIN_OBS,
     FLOOR_STEP,
@@ -124,6 +126,10 @@ class SemanticCache:
         mode: Literal["static", "adaptive"] = "adaptive",
         max_entries: int = 100_000,
         max_bytes: int = 256 << 20,
+        tenant_max_entries: int | None = None,
+        tenant_max_bytes: int | None = None,
+        mirror_max_entries: int | None = None,
+        mirror_max_bytes: int | None = None,
         ttl_s: float | None = 86400,
         error_bound: float = 0.01,
         dim: int = 384,
@@ -141,18 +147,21 @@ class SemanticCache:
         self.error_bound = error_bound
         self.dim = dim
         self.use_guard = guard
-        self.guard = RedisGuard()
+        self.guard = Breaker("semantic cache")
         check = trap_guard if guard else None
         self.policy: HitPolicy = (
             StaticPolicy(threshold, guard=check)
             if mode == "static"
             else AdaptivePolicy(threshold, error_bound=error_bound, guard=check)
         )
-        self.redis_store = SemanticStore(client, max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+        # max_* bound the whole cache, tenant_* each tenant's share (see caches.budget)
+        self.budget = Budget(tenant_entries=tenant_max_entries, tenant_bytes=tenant_max_bytes,
+                             global_entries=max_entries, global_bytes=max_bytes)
+        self.redis_store = SemanticStore(client, budget=self.budget, ttl_s=ttl_s)
         self._pending = PendingLookups()
         self.mirror = StreamMirror(
             client, dim, self.guard, queue_writes=self.redis_store.queue_hits, on_reset=self._pending.clear,
-            use_gpu=faiss_gpu,
+            use_gpu=faiss_gpu, max_entries=mirror_max_entries, max_bytes=mirror_max_bytes, ttl_s=ttl_s,
         )
         self._lock = self.mirror.lock  # one lock for the mirror and the learning bookkeeping
         self.counters = {
@@ -186,29 +195,29 @@ class SemanticCache:
         vec = self._as_vector(vector)
         embedding = vec.tobytes()
         size = SemanticStore.entry_size(query, response, embedding)
-        if size > self.max_bytes:
+        fits = self.budget.max_entry_bytes
+        if fits is not None and size > fits:
             return None
         self._learn(scope, query, response)
         entry_id = secrets.randbits(62)
         self._maybe_sync()
         # this replica's recent hits must count before the store script picks eviction victims
-        self.guard.call(self.redis_store.flush_hits)
+        self.guard.call("semantic.hits", self.redis_store.flush_hits)
         index = self._ensure_scope(scope)
         now = time.time()
         removed = self.guard.call(
-            lambda: self.redis_store.put(scope, entry_id, query, response, embedding, params, size, now)
+            "semantic.store", self.redis_store.put, scope, entry_id, query, response, embedding, params, size, now
         )
         with self._lock:
             index.add([entry_id], vec[None, :], [EntryMeta(query, response, created=now)])
-            if removed:
-                index.remove(removed)
+            self.mirror.remove_entries(removed, keep=scope)
         self.counters["stores"] += 1
         self.counters["evicted"] += len(removed)
         return str(entry_id)
 
     def sync(self) -> int:
         """Apply stream events (adds, deletes, scope drops) to the local mirrors; returns how many."""
-        return self.guard.call(self.mirror.sync)
+        return self.guard.call("semantic.sync", self.mirror.sync)
 
     def start_background_sync(self, interval_s: float = 0.2) -> None:
         self.mirror.start(interval_s)
@@ -240,7 +249,7 @@ class SemanticCache:
         }
         try:
             names = list(scopes)
-            sizes = self.guard.call(lambda: self.redis_store.sizes(names)) if names else {}
+            sizes = self.guard.call("semantic.stats", self.redis_store.sizes, names) if names else {}
             for s, (entries, size) in sizes.items():
                 scopes[s].update(entries=entries, bytes=size)
             out["available"] = True
@@ -264,13 +273,13 @@ class SemanticCache:
         index = self.mirror.get(scope)
         if index is not None:
             return index
-        loaded = self.guard.call(lambda: self.mirror.load(scope))
+        loaded = self.guard.call("semantic.load", self.mirror.load, scope)
         return self.mirror.register(scope, loaded)
 
     def _lookup(self, scope: str, query: str, vec: np.ndarray) -> SemanticHit | None:
         if not self.guard.available:  # Redis failed moments ago: the mirror alone never answers
             raise CacheUnavailable("redis unavailable (backing off)")
-        self.guard.call(self._maybe_sync)
+        self.guard.call("semantic.sync", self._maybe_sync)
         index = self._ensure_scope(scope)
         with self._lock:
             found = index.search(vec, self.policy.neighbours)
@@ -329,7 +338,7 @@ class SemanticCache:
 
     def _fetch(self, scope: str, local: Sequence[Candidate]) -> list[Candidate]:
         """The candidates as Redis has them now: an entry gone there is not served."""
-        taus = self.guard.call(lambda: self.redis_store.validate(scope, [c.entry_id for c in local]))
+        taus = self.guard.call("semantic.validate", self.redis_store.validate, scope, [c.entry_id for c in local])
         with self._lock:
             index = self.mirror.scopes.get(scope)
             meta = (
@@ -369,11 +378,11 @@ class SemanticCache:
                         index.meta[c.entry_id].tau = max(index.meta[c.entry_id].tau, c.similarity)
         if wrong:
             self.guard.call(
-                lambda: self.redis_store.raise_taus(scope, [(c.entry_id, c.similarity) for c in wrong])
+                "semantic.learn", lambda: self.redis_store.raise_taus(scope, [(c.entry_id, c.similarity) for c in wrong])
             )
             self.counters["tau_updates"] += len(wrong)
 
     def _purge(self, pattern: str) -> int:
-        deleted, scopes = self.guard.call(lambda: self.redis_store.purge(pattern))
+        deleted, scopes = self.guard.call("semantic.purge", self.redis_store.purge, pattern)
         self.mirror.drop(scopes)
         return deleted

@@ -10,6 +10,13 @@ The mirror only proposes: a lookup it decides is a miss needs no Redis, one it d
 validated in Redis (:meth:`caches.semantic.store.SemanticStore.validate`). So the mirror may lag
 (a missed event, a trimmed stream, a Redis restart) without ever serving a stale answer; each of
 those cases resets it, and it reloads lazily.
+
+Bounded memory per replica: the mirrors of all scopes together are capped (``max_entries``,
+``max_bytes``, an estimate of vectors, texts and per-entry and per-scope overhead). Over the cap,
+whole least-recently-used scopes are dropped (they reload from Redis when used again), and if the
+scope in use alone is over, its oldest entries go. Redis expires entries silently, so a sweep in the
+background thread drops entries past their TTL from the mirrors, a bounded number per sweep.
+Dropping from a mirror never loses data: Redis still has what is live there.
 """
 
 from __future__ import annotations
@@ -19,17 +26,24 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
 import redis
 
-from caches.result import CacheUnavailable, RedisGuard
-from caches.semantic.decision import FloorBand
+from caches.redis_client import Breaker
+from caches.result import CacheUnavailable
+from caches.semantic.scope_index import (
+    MIRROR_ENTRY_OVERHEAD,
+    MIRROR_SCOPE_OVERHEAD,
+    TOMBSTONE_FRACTION,
+    TOMBSTONE_MIN,
+    EntryMeta,
+    MirrorUsage,
+    ScopeIndex,
+)
 from caches.semantic.store import EPOCH_KEY, STREAM_KEY, entry_key
-from caches.vector_index import make_ip_index, on_gpu
 
 SYNC_MIN_INTERVAL_S = 0.1  # a lookup syncs the stream at most this often (the thread does the rest)
 TRIM_CHECK_S = 5.0  # how often the background thread checks for a stream trimmed past our cursor
@@ -38,106 +52,15 @@ STREAM_BATCH = 1_000  # events read per XREAD
 # One query at a time is memory-bound: OpenMP threads only add wake-up latency and compete with
 # the other replicas for the few cores a Serve replica gets.
 FAISS_OMP_THREADS = 1
+# re-exported: ScopeIndex and its constants lived here before caches.semantic.scope_index
+__all__ = [
+    "FAISS_OMP_THREADS", "MIRROR_ENTRY_OVERHEAD", "MIRROR_FIELDS", "MIRROR_SCOPE_OVERHEAD", "SNAPSHOT_BATCH",
+    "SWEEP_BATCH", "SWEEP_EVERY_S", "SYNC_MIN_INTERVAL_S", "TOMBSTONE_FRACTION", "TOMBSTONE_MIN",
+    "TRIM_CHECK_S", "EntryMeta", "MirrorUsage", "ScopeIndex", "StreamMirror",
+]  # fmt: skip
 MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created"]
-# GPU mirrors: rebuild once removed entries are this share of the index (and at least this many).
-TOMBSTONE_FRACTION = 0.2
-TOMBSTONE_MIN = 64
-
-
-@dataclass
-class EntryMeta:
-    """What the mirror keeps of an entry besides its vector: enough to decide a miss alone.
-
-    ``query``, ``response`` and ``created`` never change (``created`` gives a hit its ``Age``);
-    ``tau`` is the last learned threshold seen here.
-    """
-
-    query: str
-    response: str
-    tau: float = -1.0
-    created: float = 0.0
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> EntryMeta:
-        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these four)."""
-        return cls(row[1].decode(), row[2].decode(), float(row[3]) if row[3] is not None else -1.0,
-                   float(row[4]) if row[4] is not None else 0.0)
-
-
-@dataclass
-class ScopeIndex:
-    """One scope's vectors and entry metadata, plus the adaptive floor learned for it here.
-
-    On a GPU (``use_gpu`` and one visible, see :mod:`caches.vector_index`) the flat index cannot
-    ``remove_ids``: removed entries become tombstones, filtered out of every search, and the index
-    is rebuilt from its live vectors once tombstones pass :data:`TOMBSTONE_FRACTION` of it (the
-    approach DESIGN.md names for indexes without removal). On the CPU entries are removed at once.
-    """
-
-    dim: int
-    use_gpu: bool = False
-    index: Any = None
-    ids: set[int] = field(default_factory=set)
-    meta: dict[int, EntryMeta] = field(default_factory=dict)
-    band: FloorBand = field(default_factory=FloorBand)
-    tombstones: set[int] = field(default_factory=set)
-    removable: bool = True  # False: tombstones instead of remove_ids (a GPU index)
-
-    def __post_init__(self) -> None:
-        self.index = make_ip_index(self.dim, self.use_gpu)
-        self.removable = self.removable and not on_gpu(self.index)
-
-    def add(self, ids: Sequence[int], vectors: np.ndarray, meta: Sequence[EntryMeta]) -> None:
-        """Add entries not yet here (idempotent by id, so snapshot and stream may overlap)."""
-        fresh = [i for i, entry_id in enumerate(ids) if entry_id not in self.ids]
-        if not fresh:
-            return
-        for i in fresh:
-            self.meta[ids[i]] = meta[i]
-        # an entry removed and seen again (a reload) is still in the index: revive, do not re-add
-        revived = [i for i in fresh if ids[i] in self.tombstones]
-        self.tombstones.difference_update(ids[i] for i in revived)
-        new = [i for i in fresh if i not in set(revived)]
-        if new:
-            self.index.add_with_ids(
-                np.ascontiguousarray(vectors[new], dtype=np.float32),
-                np.asarray([ids[i] for i in new], dtype=np.int64),
-            )
-        self.ids.update(ids[i] for i in fresh)
-
-    def remove(self, ids: Sequence[int]) -> None:
-        gone = [i for i in ids if i in self.ids]
-        if not gone:
-            return
-        self.ids.difference_update(gone)
-        for i in gone:
-            self.meta.pop(i, None)
-        if self.removable:
-            self.index.remove_ids(np.asarray(gone, dtype=np.int64))
-            return
-        self.tombstones.update(gone)
-        if len(self.tombstones) > max(TOMBSTONE_MIN, TOMBSTONE_FRACTION * self.index.ntotal):
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        """A fresh index of the live vectors only (GPU path: drops every tombstone)."""
-        all_ids = faiss.vector_to_array(self.index.id_map)
-        vectors = self.index.index.reconstruct_n(0, self.index.ntotal) if self.index.ntotal else None
-        live = np.asarray([j for j, i in enumerate(all_ids) if int(i) not in self.tombstones], dtype=np.int64)
-        self.index = make_ip_index(self.dim, self.use_gpu)
-        if vectors is not None and len(live):
-            self.index.add_with_ids(np.ascontiguousarray(vectors[live]), all_ids[live])
-        self.tombstones.clear()
-
-    def search(self, vec: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The ``k`` nearest (id, cosine), nearest first; empty when the scope is."""
-        if self.index.ntotal == 0:
-            return []
-        wanted = min(k + len(self.tombstones), self.index.ntotal)
-        sims, ids = self.index.search(vec[None, :], wanted)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True)
-                 if i >= 0 and int(i) not in self.tombstones]
-        return found[:k]
+SWEEP_EVERY_S = 1.0  # how often the background thread drops TTL-expired entries from the mirrors
+SWEEP_BATCH = 2_000  # entries examined per sweep: bounds the time the lock is held
 
 
 def _id_lt(a: str, b: str) -> bool:
@@ -158,11 +81,14 @@ class StreamMirror:
         self,
         client: redis.Redis,
         dim: int,
-        guard: RedisGuard,
+        guard: Breaker,
         *,
         queue_writes: Callable[[Any], None],
         on_reset: Callable[[], None],
         use_gpu: bool = False,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
+        ttl_s: float | None = None,
     ) -> None:
         faiss.omp_set_num_threads(FAISS_OMP_THREADS)
         self.client = client
@@ -170,7 +96,17 @@ class StreamMirror:
         self.use_gpu = use_gpu  # mirrors on the GPU when one is visible (caches.vector_index)
         self.guard = guard
         self.lock = threading.RLock()
-        self.scopes: dict[str, ScopeIndex] = {}
+        self.scopes: dict[str, ScopeIndex] = {}  # least recently used first
+        self.usage = MirrorUsage()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.evicted_scopes = 0
+        self.expired = 0
+        self._sweep_scopes: list[str] = []
+        self._sweep_scope = ""
+        self._sweep_ids: list[int] = []
+        self._last_sweep = 0.0
         self.needs_reset = False  # set when Redis failed: it may have restarted empty meanwhile
         self._queue_writes = queue_writes
         self._on_reset = on_reset
@@ -184,7 +120,10 @@ class StreamMirror:
     # -- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
         with self.lock:
+            for index in self.scopes.values():  # detached: a late add must not count here
+                index.usage = None
             self.scopes.clear()
+            self.usage.entries = self.usage.bytes = 0
             self._on_reset()
             self._cursor = "$"
             self._epoch = None
@@ -193,7 +132,14 @@ class StreamMirror:
     def drop(self, scopes: set[str]) -> None:
         with self.lock:
             for scope in scopes:
-                self.scopes.pop(scope, None)
+                self._pop(scope)
+
+    def _pop(self, scope: str) -> None:
+        index = self.scopes.pop(scope, None)
+        if index is not None:
+            self.usage.entries -= len(index.ids)
+            self.usage.bytes -= index.nbytes
+            index.usage = None
 
     def start(self, interval_s: float) -> None:
         """Sync and (every :data:`TRIM_CHECK_S`) check for trimming in a thread, every ``interval_s``."""
@@ -204,7 +150,9 @@ class StreamMirror:
         def loop() -> None:
             while not self._stop.wait(interval_s):
                 try:
-                    self.guard.call(self.sync)
+                    if time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
+                        self.sweep_expired()
+                    self.guard.call("semantic.sync", self.sync)
                     if time.monotonic() - self._last_trim_check > TRIM_CHECK_S:
                         self.check_trimmed()
                 except CacheUnavailable:
@@ -283,7 +231,7 @@ class StreamMirror:
                 scope = fields[b"scope"].decode()
                 op = fields[b"op"]
                 if op == b"drop":
-                    self.scopes.pop(scope, None)
+                    self._pop(scope)
                     applied += 1
                     continue
                 index = self.scopes.get(scope)
@@ -308,19 +256,24 @@ class StreamMirror:
                     vector = np.frombuffer(row[0], dtype=np.float32)[None, :]
                     index.add([entry_id], vector, [EntryMeta.from_row(row)])
                     applied += 1
+                self.enforce_cap()
         return applied
 
     def check_trimmed(self) -> None:
         """If the stream was trimmed past our cursor we missed events: reload mirrors lazily."""
         self._last_trim_check = time.monotonic()
-        first = self.guard.call(lambda: self.client.xrange(STREAM_KEY, count=1))
+        first = self.guard.call("semantic.trim_check", self.client.xrange, STREAM_KEY, "-", "+", 1)
         if first and self._cursor not in ("$", "0-0") and _id_lt(self._cursor, first[0][0].decode()):
             self.reset()
 
     # -- scopes ---------------------------------------------------------------------------------
     def get(self, scope: str) -> ScopeIndex | None:
+        """The scope's mirror, now the most recently used one (None when not mirrored here)."""
         with self.lock:
-            return self.scopes.get(scope)
+            index = self.scopes.pop(scope, None)
+            if index is not None:
+                self.scopes[scope] = index
+            return index
 
     def load(self, scope: str) -> ScopeIndex:
         """A scope's snapshot from Redis (not yet registered: see :meth:`register`)."""
@@ -332,7 +285,7 @@ class StreamMirror:
             for entry_id in chunk:
                 pipe.hmget(entry_key(scope, entry_id), MIRROR_FIELDS)
             rows = pipe.execute()
-            alive = [(i, r) for i, r in zip(chunk, rows, strict=True) if r[0] is not None]
+            alive = [(i, r) for i, r in zip(chunk, rows, strict=True) if r[0] is not None and not self._expired(r)]
             if alive:
                 vectors = np.stack([np.frombuffer(r[0], dtype=np.float32) for _, r in alive])
                 index.add([i for i, _ in alive], vectors, [EntryMeta.from_row(r) for _, r in alive])
@@ -343,4 +296,86 @@ class StreamMirror:
         on top (adds are idempotent by id, deletes of absent ids no-ops), so the mirror converges.
         If another thread registered it first, that one is kept."""
         with self.lock:
-            return self.scopes.setdefault(scope, index)
+            if scope in self.scopes:
+                return self.scopes[scope]
+            self.scopes[scope] = index
+            index.usage = self.usage
+            self.usage.entries += len(index.ids)
+            self.usage.bytes += index.nbytes
+            self.enforce_cap(keep=scope)
+            return index
+
+    def remove_entries(self, removed: Sequence[tuple[str, int]], keep: str | None = None) -> None:
+        """Drop entries Redis removed (any scope), then hold the cap (sparing ``keep``)."""
+        with self.lock:
+            for scope, entry_id in removed:
+                index = self.scopes.get(scope)
+                if index is not None:
+                    index.remove([entry_id])
+            self.enforce_cap(keep=keep)
+
+    # -- bounded memory -------------------------------------------------------------------------
+    def _over(self, entries: int | None = None, nbytes: int | None = None) -> bool:
+        entries = self.usage.entries if entries is None else entries
+        nbytes = self.usage.bytes if nbytes is None else nbytes
+        return (self.max_entries is not None and entries > self.max_entries) or (
+            self.max_bytes is not None and nbytes > self.max_bytes
+        )
+
+    def enforce_cap(self, keep: str | None = None) -> None:
+        """Drop least recently used scopes (never ``keep``) until under the cap; if ``keep`` alone
+        is over, its oldest entries go."""
+        with self.lock:
+            while self._over():
+                victim = next((s for s in self.scopes if s != keep), None)
+                if victim is None:
+                    break
+                self._pop(victim)
+                self.evicted_scopes += 1
+            index = self.scopes.get(keep) if keep is not None else None
+            if index is not None and self._over():
+                entries, nbytes, victims = self.usage.entries, self.usage.bytes, []
+                for i in sorted(index.meta, key=lambda i: index.meta[i].created):
+                    if not self._over(entries, nbytes):
+                        break
+                    victims.append(i)
+                    entries, nbytes = entries - 1, nbytes - index.entry_bytes(index.meta[i])
+                index.remove(victims)
+
+    def _expired(self, row: Sequence[Any]) -> bool:
+        return self.ttl_s is not None and row[4] is not None and float(row[4]) + self.ttl_s <= time.time()
+
+    def sweep_expired(self, limit: int = SWEEP_BATCH) -> int:
+        """Drop entries past their TTL, examining at most ``limit``; successive calls walk every
+        scope in turn (a cursor), so the lock is held briefly. Empty scopes go too. Returns how
+        many entries were dropped."""
+        self._last_sweep = time.monotonic()
+        if not self.ttl_s:
+            return 0
+        now, examined, dropped, new_pass = time.time(), 0, 0, False
+        with self.lock:
+            while examined < limit:
+                if not self._sweep_ids:
+                    if not self._sweep_scopes:
+                        if new_pass:
+                            break
+                        self._sweep_scopes, new_pass = list(self.scopes), True
+                        continue
+                    self._sweep_scope = self._sweep_scopes.pop()
+                    index = self.scopes.get(self._sweep_scope)
+                    if index is not None and not index.ids:
+                        self._pop(self._sweep_scope)
+                    self._sweep_ids = list(index.meta) if index is not None else []
+                    continue
+                n = min(limit - examined, len(self._sweep_ids))
+                chunk, self._sweep_ids = self._sweep_ids[-n:], self._sweep_ids[:-n]
+                examined += n
+                index = self.scopes.get(self._sweep_scope)
+                if index is None:
+                    self._sweep_ids = []
+                    continue
+                gone = [i for i in chunk if (m := index.meta.get(i)) is not None and m.created + self.ttl_s <= now]
+                index.remove(gone)
+                dropped += len(gone)
+        self.expired += dropped
+        return dropped

@@ -1,15 +1,17 @@
 """The Redis side of the semantic cache: entries, budgets, learned thresholds, hit counts, purges.
 
 Redis is the source of truth. An entry is a hash ``{scope}:e:{id}`` (:class:`SemanticEntry`) with
-a TTL; per scope a sorted set ``{scope}:lfu`` ranks entries for eviction (least hits first, oldest
-first among equals), ``{scope}:exp`` holds expiry times, ``{scope}:sizes`` each entry's bytes and
-``{scope}:bytes`` their sum. Every change is also appended to one stream (:data:`STREAM_KEY`) that
-replicas follow to keep their FAISS mirrors current (:mod:`caches.semantic.mirror`). Store, expiry
-and eviction run in one Lua script (:mod:`caches.semantic.scripts`), so budgets hold with many
-replicas writing at once.
+a TTL; per scope a sorted set ``{scope}:lfu`` lists its entries (what a mirror loads) and
+``{scope}:bytes`` sums their sizes. Budgets are per tenant and global, not per scope (a scope is a
+conversation turn: a budget per scope bounds nothing): the bookkeeping under :data:`BUDGET_PREFIX`
+(:mod:`caches.budget`) ranks each tenant's entries for eviction (least hits first, oldest first
+among equals), holds sizes and expiry times. Every change is also appended to one stream
+(:data:`STREAM_KEY`) that replicas follow to keep their FAISS mirrors current
+(:mod:`caches.semantic.mirror`). Store, expiry reclaim and eviction run in one Lua script
+(:mod:`caches.semantic.scripts`), so budgets hold with many replicas writing at once.
 
-Nothing here catches Redis errors: the facade wraps each round trip in its
-:class:`~caches.result.RedisGuard`, which turns them into ``CacheUnavailable``.
+Nothing here catches Redis errors: the facade runs each round trip through its
+:class:`~caches.redis_client.Breaker`, which turns them into ``RedisUnavailable``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
+from caches.budget import FORGET_SCRIPT, Budget, forget, tenant_of
 from caches.semantic.scripts import HIT_SCRIPT, STORE_SCRIPT, TAU_SCRIPT, VALIDATE_SCRIPT
 
 STREAM_KEY = "sem.__stream"
@@ -30,7 +33,8 @@ EPOCH_KEY = "sem.__meta:epoch"
 STREAM_MAXLEN = 200_000  # approximate cap on the event stream (events are ~100 bytes)
 RECLAIM_PER_STORE = 32  # expired entries reclaimed per store (bounds the Lua script)
 ENTRY_OVERHEAD_BYTES = 256  # per-entry Redis overhead counted against the byte budget
-PURGE_BATCH = 1_000  # keys per SCAN page and per UNLINK
+PURGE_BATCH = 256  # keys per SCAN page, per UNLINK and per forget script
+BUDGET_PREFIX = "sem.__meta"  # the budget bookkeeping (caches.budget), outside every tenant's keys
 
 
 class SemanticEntry(BaseModel):
@@ -48,6 +52,11 @@ class SemanticEntry(BaseModel):
 
 def entry_key(scope: str, entry_id: int) -> str:
     return f"{scope}:e:{entry_id}"
+
+
+def rank_key(scope: str) -> str:
+    """The zset ranking the scope's tenant's entries for eviction (members are entry keys)."""
+    return f"{BUDGET_PREFIX}:t:{tenant_of(scope + ':')}:rank"
 
 
 def lfu_score(hits: int, created: float) -> float:
@@ -76,16 +85,16 @@ class HitBuffer:
 class SemanticStore:
     """Entries of all scopes in one Redis; every method is one round trip (or one SCAN walk)."""
 
-    def __init__(self, client: redis.Redis, *, max_entries: int, max_bytes: int, ttl_s: float | None) -> None:
+    def __init__(self, client: redis.Redis, *, budget: Budget, ttl_s: float | None) -> None:
         self.client = client
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
+        self.budget = budget
         self.ttl_s = ttl_s
         self.hits = HitBuffer()
         self._store = client.register_script(STORE_SCRIPT)
         self._tau = client.register_script(TAU_SCRIPT)
         self._hit = client.register_script(HIT_SCRIPT)
         self._validate = client.register_script(VALIDATE_SCRIPT)
+        self._forget = client.register_script(FORGET_SCRIPT)
 
     @staticmethod
     def entry_size(query: str, response: str, embedding: bytes) -> int:
@@ -102,23 +111,17 @@ class SemanticStore:
         params: dict[str, Any] | None,
         size: int,
         now: float,
-    ) -> list[int]:
-        """Store an entry created at ``now``, reclaiming expired ones and evicting over budget;
-        returns the removed ids."""
+    ) -> list[tuple[str, int]]:
+        """Store an entry created at ``now``, reclaiming expired ones and evicting over the tenant's
+        and the global budgets; returns the removed entries as (scope, id), any scope."""
         ttl_ms = int(self.ttl_s * 1000) if self.ttl_s else 0
-        keys = [
-            entry_key(scope, entry_id),
-            f"{scope}:lfu",
-            f"{scope}:exp",
-            f"{scope}:sizes",
-            f"{scope}:bytes",
-            STREAM_KEY,
-        ]
+        keys = [entry_key(scope, entry_id), f"{scope}:lfu", f"{scope}:bytes", STREAM_KEY]
         args = [
             entry_id, query, response, embedding, now, json.dumps(params or {}), size, ttl_ms, int(now * 1000),
-            self.max_entries, self.max_bytes, scope, STREAM_MAXLEN, RECLAIM_PER_STORE, lfu_score(0, now),
+            BUDGET_PREFIX, scope, STREAM_MAXLEN, RECLAIM_PER_STORE, lfu_score(0, now), *self.budget.lua_args(),
         ]  # fmt: skip
-        return [int(r) for r in self._store(keys=keys, args=args)]
+        flat = self._store(keys=keys, args=args)
+        return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def validate(self, scope: str, entry_ids: Sequence[int]) -> list[float | None]:
         """Each entry's learned threshold, or None where it no longer exists.
@@ -139,7 +142,8 @@ class SemanticStore:
     def queue_hits(self, pipe: Any) -> None:
         """Queue the buffered hit counts on ``pipe`` (the sync's round trip carries them)."""
         for (scope, entry_id), n in self.hits.drain().items():
-            self._hit(keys=[entry_key(scope, entry_id), f"{scope}:lfu"], args=[entry_id, n], client=pipe)
+            keys = [entry_key(scope, entry_id), f"{scope}:lfu", rank_key(scope)]
+            self._hit(keys=keys, args=[entry_id, n], client=pipe)
 
     def flush_hits(self) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -149,7 +153,8 @@ class SemanticStore:
     def purge(self, pattern: str) -> tuple[int, set[str]]:
         """Delete every key matching ``pattern``; returns (keys deleted, scopes dropped).
 
-        Each dropped scope is announced on the stream, so every replica forgets its mirror.
+        Each dropped scope is announced on the stream, so every replica forgets its mirror; the
+        entries' budget bookkeeping is given back page by page.
         """
         scopes: set[str] = set()
         deleted = 0
@@ -160,10 +165,10 @@ class SemanticStore:
             if k.endswith(":lfu"):
                 scopes.add(k[: -len(":lfu")])
             if len(batch) >= PURGE_BATCH:
-                deleted += int(self.client.unlink(*batch))
+                deleted += self._unlink(batch)
                 batch = []
         if batch:
-            deleted += int(self.client.unlink(*batch))
+            deleted += self._unlink(batch)
         for scope in scopes:
             self.client.xadd(
                 STREAM_KEY,
@@ -172,6 +177,11 @@ class SemanticStore:
                 approximate=True,
             )
         return deleted, scopes
+
+    def _unlink(self, keys: list[bytes]) -> int:
+        n = int(self.client.unlink(*keys))
+        forget(self.client, self._forget, BUDGET_PREFIX, [k for k in keys if b":e:" in k])
+        return n
 
     def sizes(self, scopes: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(entries, bytes) per scope, as Redis counts them."""

@@ -55,6 +55,40 @@ end
 return redis.call('INCRBY', KEYS[2], delta)
 """
 
+# The same with a generation compare per put (caches/generations.py): ARGV ttl_ms, n_puts, then
+# per put: key, value, its generation counter's key, the generation the value was read at; then
+# deletes. A put lands only if the counter still holds that generation, atomically with the
+# write (a bump between a separate compare and the write would let an old row in). Returns the
+# byte total, then the keys refused.
+_PUT_DELETE_CHECKED = """
+local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
+local delta, refused = 0, {}
+local last = 2 + 4 * nput
+for i = 3, last, 4 do
+  local k, v = ARGV[i], ARGV[i + 1]
+  if tonumber(redis.call('GET', ARGV[i + 2]) or '0') == tonumber(ARGV[i + 3]) then
+    if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
+    local n = #k + #v
+    local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
+    redis.call('HSET', KEYS[1], k, n)
+    delta = delta + n - old
+  else
+    refused[#refused + 1] = k
+  end
+end
+for i = last + 1, #ARGV do
+  local k = ARGV[i]
+  redis.call('DEL', k)
+  local old = redis.call('HGET', KEYS[1], k)
+  if old then
+    delta = delta - tonumber(old)
+    redis.call('HDEL', KEYS[1], k)
+  end
+end
+table.insert(refused, 1, redis.call('INCRBY', KEYS[2], delta))
+return refused
+"""
+
 _DELETE = """
 local delta, n = 0, 0
 for i = 1, #ARGV do
@@ -82,6 +116,7 @@ class RedisTier:
         self._bytes_key = f"{meta_prefix}:{name}:bytes"
         self._delete = self.client.register_script(_DELETE)
         self._put_delete = self.client.register_script(_PUT_DELETE)
+        self._put_delete_checked = self.client.register_script(_PUT_DELETE_CHECKED)
         self._stats = TierStats()
         self.breaker = Breaker(f"redis {url}")
 
@@ -151,6 +186,32 @@ class RedisTier:
         ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
         self._stats.bytes = int(self._call("put_delete", self._put_delete, [self._sizes_key, self._bytes_key], args, ns=ns))
         metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
+
+    def put_checked(self, items: dict[str, bytes], deletes: list[str], expect: dict[str, tuple[str, int]],
+                    ttl_s: float | None = None) -> list[str]:
+        """Write `items`, each only while its generation counter (`expect[key]` = (counter key,
+        generation)) holds that generation, and delete `deletes`; returns the keys refused."""
+        if not items and not deletes:
+            return []
+        ttl_ms = int(ttl_s * 1000) if ttl_s else 0
+        ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
+        refused: list[str] = []
+        puts, dels = list(items), list(deletes)
+        while puts or dels:
+            # Bounded calls: at most MAX_KEYS_PER_CALL keys each, puts first (the placement's order).
+            chunk, puts = puts[:MAX_KEYS_PER_CALL], puts[MAX_KEYS_PER_CALL:]
+            room = MAX_KEYS_PER_CALL - len(chunk)
+            dchunk, dels = dels[:room], dels[room:]
+            args: list[Any] = [ttl_ms, len(chunk)]
+            for k in chunk:
+                counter, generation = expect[k]
+                args += [k, items[k], counter, generation]
+            args += dchunk
+            reply = self._call("put_checked", self._put_delete_checked, [self._sizes_key, self._bytes_key], args, ns=ns)
+            self._stats.bytes = int(reply[0])
+            refused += [r.decode() if isinstance(r, bytes) else str(r) for r in reply[1:]]
+        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
+        return refused
 
     def delete_many(self, keys: list[str]) -> int:
         if not keys:

@@ -164,15 +164,25 @@ def test_event_invalidates_and_changes_the_answer_on_the_other_replica(
         assert answer["user_activity"]["n_ratings"] == n_before + 1, answer
 
 
-def test_event_of_a_never_seen_user_personalises_their_next_answer(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+def test_event_of_a_user_the_feature_store_does_not_know_is_a_404_that_leaves_nothing_behind(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    import redis
+
     user = 10**9 + 2
     assert recommend(recs, user, 5)["cold_start"] is True
     item = repo_copy.popular_items[0]
     resp = recs.post("/v1/events", json={"user_id": user, "item_id": item, "type": "rating", "value": 5})
-    assert resp.status_code == 202 and resp.json()["new_user"] is True
+    assert resp.status_code == 404, resp.text
+    assert "not in the feature store" in resp.json()["error"]["message"]
+    assert "pipeline" in resp.json()["error"]["message"]  # says where new users come from
+    client = redis.Redis.from_url(OWN_REDIS["url"])
+    try:  # no permanent keys minted for an id nobody knows
+        assert client.exists(f"tierserve:recs:gen:{user}", f"tierserve:recs:rated:{user}") == 0
+    finally:
+        client.close()
     body = recommend(recs, user, 5)
-    assert body["cold_start"] is False and body["user_activity"]["n_ratings"] == 1
-    assert item not in [i["item_id"] for i in body["items"]]
+    assert body["cold_start"] is True  # still a cold-start user: Feast was not written
 
 
 def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
@@ -213,11 +223,26 @@ def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
     assert recommend(recs, warm_user, 99)["degraded"] is False
 
 
-def test_events_say_their_invalidation_was_published(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+def test_events_say_their_invalidation_was_published_and_are_audited_with_their_tenant(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    import redis
+
     user = repo_copy.user_ids_sample[7]
     resp = recs.post("/v1/events", json={"user_id": user, "item_id": repo_copy.popular_items[5], "type": "view"})
     assert resp.status_code == 202, resp.text
-    assert resp.json()["invalidation"] == "published"
+    event = resp.json()
+    assert event["invalidation"] == "published"
+    assert event["tenant"] == "default"  # no API keys here: the loopback `default` tenant may send events
+    assert _pending(recs) == 0  # the event's own invalidation settled its record: nothing to replay
+    client = redis.Redis.from_url(OWN_REDIS["url"])
+    try:
+        ((_, fields),) = client.xrange("tierserve:recs:events", event["audit_id"], event["audit_id"])
+    finally:
+        client.close()
+    got = {k.decode(): v.decode() for k, v in fields.items()}
+    want = {"tenant": "default", "user_id": str(user), "item_id": str(repo_copy.popular_items[5]), "type": "view"}
+    assert want.items() <= got.items(), got
 
 
 def _pending(client: httpx.Client) -> int:
@@ -234,10 +259,12 @@ def test_an_invalidation_redis_refused_after_the_push_is_published_later_not_los
     n_before = warm[0]["user_activity"]["n_ratings"]
     item = next(i["item_id"] for i in warm[-1]["items"])
     admin = redis.Redis.from_url(OWN_REDIS["url"])
-    # The fault, right after the Feast push: Redis refuses the stream publish and the generation
-    # move (ACL: no XADD, no INCR for the app's user) while the lock, the pending record and the
-    # push before them still work. Deterministic, unlike killing Redis at the right instant.
-    admin.execute_command("ACL", "SETUSER", "default", "-xadd", "-incr")
+    # The fault, right after the Feast push: Redis refuses the generation move (ACL: no INCR for
+    # the app's user) while the lock, the pending record, the audit entry and the push before it
+    # still work. Without the move the invalidation has not reached everyone (a replica's tiers
+    # would still serve the old row's generation): "pending". Deterministic, unlike killing
+    # Redis at the right instant.
+    admin.execute_command("ACL", "SETUSER", "default", "-incr")
     try:
         resp = recs.post("/v1/events", json={"user_id": user, "item_id": item, "type": "rating", "value": 5})
         assert resp.status_code == 202, resp.text
@@ -245,7 +272,7 @@ def test_an_invalidation_redis_refused_after_the_push_is_published_later_not_los
         assert event["invalidation"] == "pending" and "retried" in event["warning"]
         assert _pending(recs) >= 1  # durable: in Redis, not in a timer of the replica that answered
     finally:
-        admin.execute_command("ACL", "SETUSER", "default", "+xadd", "+incr")
+        admin.execute_command("ACL", "SETUSER", "default", "+incr")
         admin.close()
     # Redis is healthy again: some replica's watcher replays the record until it is published.
     deadline = time.monotonic() + 60

@@ -8,7 +8,7 @@ from deployments.config import REPO_ROOT
 
 def test_same_prefix_always_finds_its_kv_blocks(app_url: str) -> None:
     # app_url: Ray and Serve are up; this adds a second application with two LLM replicas.
-    result = run_arm("prefix-affinity", str(REPO_ROOT / ".models" / "tiny-llama"), prefixes(8, 120), questions=3)
+    result = run_arm("longest-prefix", str(REPO_ROOT / ".models" / "tiny-llama"), prefixes(8, 120), questions=3)
     # With power-of-two routing a prefix asked 3 times lands on 1.75 replicas on average and a
     # repeat misses its KV blocks about half the time; with affinity every prefix has one home.
     # One slip is tolerated: on a loaded 2-core box a queue-length probe can time out, and the

@@ -7,9 +7,11 @@ caches, so isolation is tested where it could actually leak.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,6 +32,7 @@ def auth_url(app_url: str) -> Iterator[str]:
     settings = AppSettings.from_args(local_app_config().get("args"))
     settings.api_keys = KEYS
     settings.admin_keys = [ADMIN_KEY]
+    settings.recommender.event_tenants = ["globex"]  # globex may send events, acme may not
     deploy_side_ingress(APP_NAME, PREFIX, settings)
     yield f"{app_url}{PREFIX}"
     serve.delete(APP_NAME)
@@ -119,3 +122,35 @@ def test_exported_metrics_carry_no_tenant_names_unless_opted_in(auth_url: str) -
     lookups = samples(page, "ray_tierserve_cache_lookups_total")
     assert lookups and {s.labels["tenant"] for s in lookups} == {"all"}
     assert 'tenant="acme"' not in page and 'tenant="globex"' not in page
+
+
+def test_events_need_the_admin_key_or_a_tenant_listed_for_them(auth_url: str, redis_url: str) -> None:
+    import redis
+
+    from feature_store.pipeline import RepoInfo
+
+    repo = RepoInfo.load(Path(os.environ["TIERSERVE_FEAST_REPO"]))  # the session app's own copy
+    event = {"user_id": repo.user_ids_sample[-1], "item_id": repo.popular_items[0], "type": "view"}
+    url = f"{auth_url}/v1/events"
+    assert httpx.post(url, json=event, timeout=60).status_code == 401
+    refused = httpx.post(url, json=event, headers={"authorization": "Bearer key-acme"}, timeout=60)
+    assert refused.status_code == 403, refused.text
+    message = refused.json()["error"]["message"]
+    # says why (users are shared by every tenant) and how to get the right
+    assert "acme" in message and "admin key" in message and "recommender.event_tenants" in message
+    listed = httpx.post(url, json=event, headers={"authorization": "Bearer key-globex"}, timeout=60)
+    assert listed.status_code == 202, listed.text
+    assert listed.json()["tenant"] == "globex"
+    admin = httpx.post(url, json=event, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    assert admin.status_code == 202, admin.text
+    assert admin.json()["tenant"] == "(admin)"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        audit = [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange("tierserve:recs:events")]
+    finally:
+        client.close()
+    senders = [e["tenant"] for e in audit if e["user_id"] == str(event["user_id"])]
+    assert "globex" in senders and "(admin)" in senders and "acme" not in senders  # the refused one left no trace
+    unknown = httpx.post(url, json={**event, "user_id": 10**9 + 11}, headers={"authorization": "Bearer key-globex"},
+                         timeout=60)
+    assert unknown.status_code == 404 and "not in the feature store" in unknown.json()["error"]["message"]

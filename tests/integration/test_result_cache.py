@@ -55,7 +55,7 @@ def test_byte_budget_evicts_and_refuses(redis_client: redis.Redis) -> None:
     assert cache.get(keys[0]) is None  # the oldest were evicted
     stats = cache.stats()
     assert stats["bytes"] <= 5_000 and stats["evictions"] > 0
-    real = sum(len(k) + len(v) for k in keys if (v := redis_client.get(k)) is not None)
+    real = sum(cache.entry_size(k, v) for k in keys if (v := redis_client.get(k)) is not None)
     assert real == stats["bytes"]  # the bookkeeping matches what Redis holds
     big = cache.key(tenant="a", model="m", version="1", payload="big")
     cache.put(big, b"x" * 3_000)  # over max_value_bytes: refused, nothing evicted for it

@@ -134,6 +134,7 @@ def test_eviction_bounds_entries_and_bytes(redis_client: redis.Redis) -> None:
     assert cache.lookup(scope, "q1", vs[1]) is None  # old zero-hit entries went first
     assert len(list(redis_client.scan_iter(match=f"{scope}:e:*"))) == 5
 
+    redis_client.flushdb()  # the budget is global: start the byte case from an empty cache
     byte_scope = _scope(tenant="bytes")
     per_entry = 384 * 4 + 256 + 10
     cache = SemanticCache(redis_client, threshold=0.9, mode="static", max_bytes=3 * per_entry + 100)

@@ -25,7 +25,7 @@ from ray.serve.schema import (
 from deployments.config import AppSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = {name: REPO_ROOT / "configs" / f"{name}.yaml" for name in ("local", "gpu")}
+CONFIGS = {name: REPO_ROOT / "configs" / f"{name}.yaml" for name in ("local", "gpu", "flood")}
 APP_DEPLOYMENTS = {"Ingress", "Encoder", "SemanticCache", "LLM", "Recommender"}
 IMPORT_PATH = "deployments.app:build_app"
 

@@ -1,0 +1,105 @@
+"""Per-entity generations: the guard that keeps an old row out of every tier after a write.
+
+Why: a row read from the source of truth can be on its way into a tier while the source changes
+under it (a read that straddles a user event), and a demotion can carry a RAM copy down to SSD
+after the event dropped every copy. Deleting copies cannot win that race: the writer comes after
+the delete. So every cached row carries the generation of its entity *as read before the row was
+read from the source*, and:
+- a write into RAM (fill, promotion) lands only if that generation is still the current one: one
+  Lua script compares and writes atomically (caches/tiers/redis.py), so nothing can slip between
+  the compare and the write;
+- SSD (RocksDB, local) stores the generation with the value, and a read rejects (and deletes) a
+  copy whose generation is not the current one: a demotion or a fill that lost the race leaves a
+  dead entry behind, never a served one;
+- a RAM copy is checked the same way on read (belt and braces: it closes the moment between an
+  event's generation bump and its delete).
+The writer of the source bumps the generation *after* its source write and *before* it deletes
+the cached copies. A reader that saw the new generation therefore reads the new row from the
+source (or later), and a row tagged with an older generation is never served again once the
+bump is done (the event's 202).
+
+Generations live in the RAM tier's Redis (the compare must be atomic with the write), as plain
+counters without a TTL: the cache Redis evicts only keys with a TTL (`volatile-lru`, k8s/), so a
+counter is never evicted and reset under its rows. A Redis that restarts empty resets them all;
+the Recommender drops its SSD user rows when it sees Redis' run id change for that reason.
+
+When the counters cannot be read (Redis down), no tagged copy can be verified: the tiered cache
+then asks the source first and falls back to an unverified SSD copy only when the source fails
+too (degraded). Values filled meanwhile carry `UNKNOWN`, which never matches a real generation.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+
+import redis
+
+from caches.redis_client import REDIS_ERRORS
+
+# Tag of a value filled while the generation could not be read: matches no real generation (>= 0).
+UNKNOWN = -1
+_TAG = struct.Struct("<q")
+TAG_BYTES = _TAG.size
+
+
+def frame(generation: int, value: bytes) -> bytes:
+    return _TAG.pack(generation) + value
+
+
+def unframe(raw: bytes) -> tuple[int, bytes]:
+    """(generation, value) of a framed value; a value too short to carry a tag reads as UNKNOWN."""
+    if len(raw) < TAG_BYTES:
+        return UNKNOWN, raw
+    return _TAG.unpack_from(raw)[0], raw[TAG_BYTES:]
+
+
+def split_by_generation(
+    found: dict[str, bytes], gens: dict[str, int] | None
+) -> tuple[dict[str, bytes], dict[str, bytes], list[str]]:
+    """(copies of the current generation, copies that cannot be verified, stale keys) of framed
+    values read from a tier: with `gens` unknown nothing is verified; a copy of another
+    generation is neither, and its key is stale."""
+    if gens is None:
+        return {}, dict(found), []
+    current = {k: v for k, v in found.items() if unframe(v)[0] == gens[k]}
+    return current, {}, [k for k in found if k not in current]
+
+
+class GenerationsUnavailable(RuntimeError):
+    """The counters could not be read or moved (Redis down or failing)."""
+
+
+class Generations:
+    """Counters in Redis, one per entity; `key_of` maps a cache key to its counter's Redis key
+    (entities, not cache keys: a user's row under every model version shares one counter)."""
+
+    def __init__(self, client: redis.Redis, key_of: Callable[[str], str]) -> None:
+        self.client = client
+        self.key_of = key_of
+
+    def read(self, keys: Sequence[str]) -> dict[str, int]:
+        """Current generation per cache key (0 before the first bump); one MGET."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        try:
+            raw = self.client.mget([self.key_of(k) for k in keys])
+        except REDIS_ERRORS as exc:
+            raise GenerationsUnavailable(f"generations unreadable: {type(exc).__name__}: {exc}") from exc
+        return {k: int(v or 0) for k, v in zip(keys, raw, strict=True)}
+
+    def bump(self, keys: Sequence[str]) -> dict[str, int]:
+        """Move the counters of the keys' entities (call it after the source write, before the
+        deletes); returns the new generation per key."""
+        counters = list(dict.fromkeys(self.key_of(k) for k in keys))
+        if not counters:
+            return {}
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for c in counters:
+                pipe.incr(c)
+            new = dict(zip(counters, pipe.execute(), strict=True))
+        except REDIS_ERRORS as exc:
+            raise GenerationsUnavailable(f"generations not moved: {type(exc).__name__}: {exc}") from exc
+        return {k: int(new[self.key_of(k)]) for k in keys}
