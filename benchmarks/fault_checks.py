@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FRESH, STALE_FEATURES, STALE_RATED_ITEM, UNCHECKED = "fresh", "stale_features", "stale_rated_item", "unchecked"
+# Stale, but the event's 202 said so (`"invalidation": "pending"`: Redis failed after the push and
+# the invalidation is being retried): announced, not silent. Counted apart from the two above.
+STALE_ANNOUNCED = "stale_announced"
 MIB = 1 << 20
 
 
@@ -26,6 +29,7 @@ class AcceptedEvent:
     item_id: int
     n_ratings: int  # the user's row after the event (from the 202 answer)
     received_at: float  # monotonic time the 202 arrived
+    pending: bool = False  # the 202 said its invalidation had not reached every replica yet
 
 
 @dataclass(frozen=True)
@@ -47,18 +51,23 @@ def classify(answer: RecsAnswer, events: Iterable[AcceptedEvent]) -> str:
         return UNCHECKED
     rated = {e.item_id for e in before}
     items = {int(i["item_id"]) for i in answer.body.get("items") or [] if "item_id" in i}
-    if items & rated:
-        return STALE_RATED_ITEM
     activity = answer.body.get("user_activity") or {}
     n = activity.get("n_ratings")
-    if n is None:
+    if items & rated:
+        verdict = STALE_RATED_ITEM
+    elif n is None:
         return UNCHECKED
-    return STALE_FEATURES if int(n) < max(e.n_ratings for e in before) else FRESH
+    elif int(n) < max(e.n_ratings for e in before):
+        verdict = STALE_FEATURES
+    else:
+        return FRESH
+    return STALE_ANNOUNCED if any(e.pending for e in before) else verdict
 
 
 @dataclass
 class Freshness:
-    counts: dict[str, int] = field(default_factory=lambda: {FRESH: 0, STALE_FEATURES: 0, STALE_RATED_ITEM: 0, UNCHECKED: 0})
+    counts: dict[str, int] = field(default_factory=lambda: {FRESH: 0, STALE_FEATURES: 0, STALE_RATED_ITEM: 0,
+                                                             STALE_ANNOUNCED: 0, UNCHECKED: 0})
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -75,7 +84,7 @@ def freshness(answers: Iterable[RecsAnswer], events: Iterable[AcceptedEvent], t0
     for a in answers:
         verdict = classify(a, by_user.get(a.user_id, ()))
         out.counts[verdict] += 1
-        if verdict in (STALE_FEATURES, STALE_RATED_ITEM) and len(out.samples) < max_samples:
+        if verdict in (STALE_FEATURES, STALE_RATED_ITEM, STALE_ANNOUNCED) and len(out.samples) < max_samples:
             evs = [e for e in by_user[a.user_id] if e.received_at <= a.sent_at]
             out.samples.append({"verdict": verdict, "user_id": a.user_id, "t_s": round(a.sent_at - t0, 2),
                                 "answer_n_ratings": (a.body.get("user_activity") or {}).get("n_ratings"),
@@ -156,7 +165,7 @@ def _mib(n: int | None) -> str:
 
 
 COLUMNS = ("fault", "minutes", "requests", "2xx", "5xx (500/503/other)", "transport errors", "events 202/refused",
-           "stale / checked", "lost (phantom)", "peak Redis MiB / budget", "peak replica RSS MiB (before)")
+           "stale (announced) / checked", "lost (phantom)", "peak Redis MiB / budget", "peak replica RSS MiB (before)")
 
 
 def table_row(row: Mapping[str, Any]) -> list[str]:
@@ -165,7 +174,7 @@ def table_row(row: Mapping[str, Any]) -> list[str]:
     return [
         row["fault"], f"{row['elapsed_s'] / 60:.1f}", str(r["sent"]), str(r["2xx"]),
         f"{five['total']} ({five['500']}/{five['503']}/{five['other']})", str(r["transport_errors"]),
-        f"{e['accepted']}/{e['refused']}", f"{row['stale']['stale']} / {row['stale']['checked']}",
+        f"{e['accepted']}/{e['refused']}", f"{row['stale']['stale']} ({row['stale'].get(STALE_ANNOUNCED, 0)}) / {row['stale']['checked']}",
         f"{row['writes']['lost']} ({row['writes']['phantom']})",
         f"{_mib(m['redis_peak_bytes'])} / {_mib(m['redis_budget_bytes'])}",
         f"{_mib(m['replica_rss_peak_bytes'])} ({_mib(m['replica_rss_before_bytes'])})",

@@ -340,7 +340,9 @@ async def post_events(client: httpx.AsyncClient, users: list[int], items: list[i
             await asyncio.sleep(every_s)
             continue
         if resp.status_code == 202:
-            log.accepted.append(AcceptedEvent(user, item, int(resp.json()["n_ratings"]), time.monotonic()))
+            answer = resp.json()
+            log.accepted.append(AcceptedEvent(user, item, int(answer["n_ratings"]), time.monotonic(),
+                                              pending=answer.get("invalidation") == "pending"))
             with contextlib.suppress(httpx.HTTPError):  # read-after-write: the recorder checks it
                 await client.post("/v1/recommendations", json={"user_id": user, "k": 20})
         else:

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.fault_checks import (
     FRESH,
+    STALE_ANNOUNCED,
     STALE_FEATURES,
     STALE_RATED_ITEM,
     UNCHECKED,
@@ -45,6 +46,12 @@ def test_recommending_an_item_rated_in_an_accepted_event_is_stale() -> None:
     assert classify(answer(n=5, items=(7, 100)), [EVENT]) == STALE_RATED_ITEM
 
 
+def test_staleness_the_event_answer_announced_is_counted_apart() -> None:
+    pending = AcceptedEvent(user_id=1, item_id=7, n_ratings=5, received_at=9.0, pending=True)
+    assert classify(answer(n=4), [pending]) == STALE_ANNOUNCED
+    assert classify(answer(n=5), [pending]) == FRESH
+
+
 def test_answers_racing_or_before_the_event_are_not_judged() -> None:
     assert classify(answer(sent_at=8.9, n=4), [EVENT]) == UNCHECKED
     assert classify(answer(n=4), [AcceptedEvent(2, 7, 5, 1.0)]) == UNCHECKED  # another user's event
@@ -63,7 +70,7 @@ def test_the_newest_event_before_the_request_sets_the_bar() -> None:
 
 def test_freshness_counts_and_samples() -> None:
     out = freshness([answer(n=5), answer(n=4), answer(n=5, items=(7,)), answer(user=3)], [EVENT], t0=0.0)
-    assert out.counts == {FRESH: 1, STALE_FEATURES: 1, STALE_RATED_ITEM: 1, UNCHECKED: 1}
+    assert out.counts == {FRESH: 1, STALE_FEATURES: 1, STALE_RATED_ITEM: 1, STALE_ANNOUNCED: 0, UNCHECKED: 1}
     assert out.stale == 2
     assert [s["verdict"] for s in out.samples] == [STALE_FEATURES, STALE_RATED_ITEM]
     assert out.samples[0]["event_n_ratings"] == 5 and out.samples[0]["answer_n_ratings"] == 4
@@ -105,4 +112,4 @@ def test_markdown_table() -> None:
     text = markdown([row])
     lines = text.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| fault |")
-    assert lines[2] == "| redis_slow | 5.0 | 900 | 890 | 10 (1/9/0) | 0 | 250/30 | 0 / 400 | 0 (0) | 12 / 400 | 6000 (n/a) |"
+    assert lines[2] == "| redis_slow | 5.0 | 900 | 890 | 10 (1/9/0) | 0 | 250/30 | 0 (0) / 400 | 0 (0) | 12 / 400 | 6000 (n/a) |"
