@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 import redis
 
+from benchmarks.baselines import BeladyPolicy, LRUPolicy
 from benchmarks.simulate_policies import load_ratings_trace, sweep
-from caches.admission import BeladyPolicy, LRUPolicy, PlacementPolicy, SharedWTinyLFU, WTinyLFUConfig
+from caches.admission import PlacementPolicy, SharedWTinyLFU, WTinyLFUConfig
 from caches.keys import make_key
 from caches.tiered import TieredCache
 from caches.tiers.feast import FeastTier, FeastView, decode_features

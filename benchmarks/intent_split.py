@@ -4,17 +4,18 @@ Anything tuned on a stream (thresholds, policies) is tuned on the ``tune`` half'
 reported on the ``held_out`` half's, so no reported figure comes from data it was fitted to. The
 split is by intent, not by query: a held-out paraphrase of a tuned intent would still leak the
 intent's neighbourhood into the figures. Sorted, then shuffled with a fixed seed: the same split on
-every machine and every run.
+every machine and every run. The split is :func:`benchmarks.streams.split_intents`'s (the one the
+semantic rules were tuned with), applied to any labelled stream.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
-SPLIT_SEED = 77
+from benchmarks.streams import SPLIT_SEED
+from benchmarks.streams import split_intents as split_sorted
 
 
 def read_stream(path: Path) -> Iterator[tuple[str, str]]:
@@ -31,10 +32,8 @@ def read_stream(path: Path) -> Iterator[tuple[str, str]]:
 
 def split_intents(intents: set[str] | list[str], seed: int = SPLIT_SEED) -> tuple[set[str], set[str]]:
     """(tune, held_out): two halves of the intents, fixed by the seed."""
-    ordered = sorted(set(intents))
-    random.Random(seed).shuffle(ordered)
-    half = len(ordered) // 2
-    return set(ordered[:half]), set(ordered[half:])
+    tune, held_out = split_sorted(sorted(set(intents)), seed)
+    return set(tune), set(held_out)
 
 
 def held_out_queries(path: Path, seed: int = SPLIT_SEED) -> list[tuple[str, str]]:

@@ -1,21 +1,31 @@
-"""Replay a query stream through the semantic cache and its peers; report precision and hits.
+"""Replay query streams through the semantic cache and its peers; report precision and hits.
 
-``python -m benchmarks.semantic_stream --stream FILE.jsonl [--limit N] [--peer gptcache]``
+``python -m benchmarks.semantic_stream [--stream FILE.jsonl ...] [--answers per-query,label] [--limit N]``
 
-The stream is JSONL with ``text`` and ``intent`` per line (other fields ignored). Every system sees
-the same queries in the same order with the same vectors (the project's encoder, run once, batched,
-cached on disk under ``.cache/vectors`` keyed by the file's hash), so latency is the lookup alone,
-after encoding. Systems: ``tierserve`` (static calibrated threshold), ``tierserve-adaptive``, and
-with ``--peer gptcache`` the gptcache package (same vectors, its FAISS store) at its default
-threshold (0.8, i.e. cosine >= 0.6) and at ours (T = (t + 1) / 2, since its score is 4 - L2^2).
-GPTCache's entry limit is raised to the stream length so both sides keep every entry.
+With no ``--stream``, the held-out streams of :mod:`benchmarks.streams` (banking77's intents cut in
+half with a fixed seed: ``banking77_tune`` was used to tune the rules, ``banking77_heldout`` never
+was). A stream is JSONL with ``text`` and ``intent`` per line (other fields ignored). Every system
+sees the same queries in the same order with the same vectors (the project's encoder, run once,
+batched, cached on disk under ``.cache/vectors`` keyed by the file's hash), so latency is the
+lookup alone, after encoding. Systems: ``static`` (the calibrated threshold), ``verified`` (the
+app's default mode, :class:`caches.semantic.decision.VerifiedPolicy`), and the gptcache package
+(same vectors, its FAISS store) at ours (T = (t + 1) / 2, since its score is 4 - L2^2) and at its
+default threshold (0.8, i.e. cosine >= 0.6). GPTCache's entry limit is raised to the stream length.
 
-The stand-in for the model answers a miss with the query's intent, which is stored. A hit is
-correct when the cached answer equals the query's intent. Out-of-scope queries (intent starting
-with ``oos``) have no shared answer, so the stand-in answers each of them with a unique string
-(``oos...#i``): any hit for one is wrong, and no cache may learn that two unrelated out-of-scope
-questions agree. Paraphrase queries are those whose exact text was not seen before.
-The last line printed is one JSON object of figures by system.
+Answers (``--answers``): the stand-in model answers a miss, which is stored.
+
+- ``per-query`` (the mode that counts): every answer is its own text (``{intent}#{i}``), as a
+  model's answers to two paraphrases would be. Nothing can lean on answer text identity.
+- ``label`` (comparison only): all queries of an intent get the identical answer text.
+
+A hit is correct when the cached answer was given to a query of the same intent; out-of-scope
+queries (intent starting with ``oos``) have no shared answer, so any hit for one is wrong.
+Correctness comes from the stream's labels, which the cache never sees: the verified rule learns
+through an answer judge, here an oracle on the labels (:class:`OracleJudge`), each call counted.
+A verification (the rule sends a would-be hit to the model to check it) is a model call: it is
+counted (``verifications_per_1k``), its answer served and stored, and it is no hit.
+Paraphrase queries are those whose exact text was not seen before; ``paraphrase_correct_share``
+is correct paraphrase hits over paraphrase queries. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from caches.calibrate import DEFAULT_CALIBRATION, load_threshold
 from caches.chat import EncoderIdentity, ModelIdentity, semantic_scope
 from caches.encoder import ENCODER_NAME, ENCODER_VERSION
 from caches.semantic import SemanticCache
+from caches.semantic.judge import Answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VECTOR_CACHE = REPO_ROOT / ".cache" / "vectors"
@@ -80,33 +91,66 @@ def stream_vectors(path: Path, texts: list[str]) -> np.ndarray:
     return vectors
 
 
-def stand_in_answer(intent: str, i: int) -> str:
-    return f"{intent}#{i}" if intent.startswith("oos") else intent
+def stand_in_answer(intent: str, i: int, answers: str) -> str:
+    """The stand-in model's answer to query ``i``. ``per-query``: its own text, as a model's answer
+    to a paraphrase would be; ``label``: the intent (out-of-scope queries: unique either way)."""
+    if answers == "per-query" or intent.startswith("oos"):
+        return f"{intent}#{i}"
+    return intent
+
+
+def intent_of(answer: str) -> str:
+    return answer.split("#", 1)[0]
+
+
+class OracleJudge:
+    """The benchmark's answer judge: two answers are equivalent when they answer the same
+    in-scope intent (read from the stream's labels, which the cache never sees). Every call is
+    counted: in production each is a judge call on a model answer."""
+
+    name = "oracle-labels"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def equivalent(self, a: Answer, b: Answer) -> bool:
+        self.calls += 1
+        ia, ib = intent_of(a.text), intent_of(b.text)
+        return ia == ib and not ia.startswith("oos")
 
 
 class System:
-    """lookup(i) -> answer or None; store(i, answer)."""
+    """lookup(i) -> (status, answer or None): status hit, verify (the model is called for a
+    would-be hit) or miss; store(i, answer)."""
 
     name: str
-    lookup: Callable[[int], str | None]
+    lookup: Callable[[int], tuple[str, str | None]]
     store: Callable[[int, str], None]
     entries: Callable[[], int]
+    judge_calls: Callable[[], int] = staticmethod(lambda: 0)  # type: ignore[assignment]
 
 
-def tierserve_system(name: str, client: redis.Redis, mode: str, threshold: float, texts, vectors) -> System:
-    cache = SemanticCache(client, threshold=threshold, mode=mode, max_entries=max(len(texts), 1), ttl_s=None)
+def tierserve_system(
+    name: str, client: redis.Redis, mode: str, threshold: float, texts, vectors, *, explore_rate: float,
+    error_budget: float, seed: int = 0,
+) -> System:
+    judge = OracleJudge()
+    cache = SemanticCache(client, threshold=threshold, mode=mode, max_entries=max(len(texts), 1), ttl_s=None,
+                          judge=judge, explore_rate=explore_rate, error_budget=error_budget, seed=seed)
     scope = semantic_scope(tenant="bench", model=ModelIdentity(name="stand-in", fingerprint="0" * 64), version="1",
                            context={}, encoder=EncoderIdentity(name=ENCODER_NAME, version=ENCODER_VERSION))
     system = System()
     system.name = name
 
-    def lookup(i: int) -> str | None:
-        hit = cache.lookup(scope, texts[i], vectors[i])
-        return hit.response if hit else None
+    def lookup(i: int) -> tuple[str, str | None]:
+        found = cache.find(scope, texts[i], vectors[i])
+        return found.status, found.hit.response if found.hit is not None and found.status == "hit" else None
 
     system.lookup = lookup
     system.store = lambda i, answer: cache.store(scope, texts[i], vectors[i], answer) and None
     system.entries = lambda: int(client.zcard(f"{scope}:lfu"))
+    system.judge_calls = lambda: judge.calls
+    system.cache = cache  # type: ignore[attr-defined]
     return system
 
 
@@ -137,9 +181,10 @@ def gptcache_system(name: str, threshold: float, texts, vectors, workdir: Path) 
     system = System()
     system.name = name
 
-    def lookup(i: int) -> str | None:
+    def lookup(i: int) -> tuple[str, str | None]:
         current["v"] = vectors[i]
-        return get(texts[i], cache_obj=cache)
+        answer = get(texts[i], cache_obj=cache)
+        return ("hit", answer) if answer is not None else ("miss", None)
 
     def store(i: int, answer: str) -> None:
         current["v"] = vectors[i]
@@ -151,32 +196,35 @@ def gptcache_system(name: str, threshold: float, texts, vectors, workdir: Path) 
     return system
 
 
-def replay(system: System, texts: list[str], intents: list[str]) -> dict[str, Any]:
+def replay(system: System, texts: list[str], intents: list[str], answers: str) -> dict[str, Any]:
     seen_texts: set[str] = set()
     seen_intents: set[str] = set()
-    hits = correct = oracle = para = para_hits = para_correct = 0
+    hits = correct = oracle = para = para_hits = para_correct = verifications = 0
     latencies = np.zeros(len(texts))
     for i, (text, intent) in enumerate(zip(texts, intents, strict=True)):
         is_para = text not in seen_texts
         oos = intent.startswith("oos")
         oracle += (intent in seen_intents) and not oos
         started = time.perf_counter()
-        answer = system.lookup(i)
+        status, answer = system.lookup(i)
         latencies[i] = time.perf_counter() - started
-        if answer is not None:
-            ok = answer == intent and not oos
+        if status == "hit" and answer is not None:
+            ok = intent_of(answer) == intent and not oos
             hits += 1
             correct += ok
             if is_para:
                 para_hits += 1
                 para_correct += ok
         else:
-            system.store(i, stand_in_answer(intent, i))
+            # a miss, or a verification: the model answers (its answer is served) and is stored
+            verifications += status == "verify"
+            system.store(i, stand_in_answer(intent, i, answers))
         para += is_para
         seen_texts.add(text)
         seen_intents.add(intent)
     n = max(len(texts), 1)
     return {
+        "answers": answers,
         "queries": len(texts),
         "hits": hits,
         "correct_hits": correct,
@@ -190,29 +238,94 @@ def replay(system: System, texts: list[str], intents: list[str]) -> dict[str, An
         "paraphrase_correct_hits": para_correct,
         "paraphrase_hit_rate": round(para_hits / para, 4) if para else None,
         "paraphrase_precision": round(para_correct / para_hits, 4) if para_hits else None,
+        "paraphrase_correct_share": round(para_correct / para, 4) if para else None,
+        "verifications": verifications,
+        "verifications_per_1k": round(1000 * verifications / n, 2),
+        "model_calls_per_1k": round(1000 * (n - hits) / n, 1),
+        "judge_calls_per_1k": round(1000 * system.judge_calls() / n, 1),
         "p50_lookup_ms": round(float(np.percentile(latencies, 50)) * 1000, 3) if len(texts) else None,
         "p99_lookup_ms": round(float(np.percentile(latencies, 99)) * 1000, 3) if len(texts) else None,
         "entries": system.entries(),
     }
 
 
+def run_stream(
+    path: Path, args: argparse.Namespace, threshold: float, client: redis.Redis, tmp: Path
+) -> dict[str, dict[str, Any]]:
+    """Figures by answer mode and system for one stream."""
+    texts, intents = load_stream(path, args.limit)
+    if not texts:
+        raise SystemExit(f"{path}: no lines with text and intent")
+    vectors = stream_vectors(path, texts)
+    wanted = set(args.systems.split(","))
+    out: dict[str, dict[str, Any]] = {}
+    for answers in args.answers.split(","):
+        plans: list[tuple[str, Callable[[], System]]] = []
+        if "static" in wanted:
+            plans.append(("static", lambda: tierserve_system(
+                "static", client, "static", threshold, texts, vectors, explore_rate=0.0,
+                error_budget=args.error_budget)))
+        if "verified" in wanted:
+            plans.append(("verified", lambda: tierserve_system(
+                "verified", client, "verified", threshold, texts, vectors, explore_rate=args.explore_rate,
+                error_budget=args.error_budget)))
+        if "gptcache" in wanted:
+            work = tmp / f"{path.stem}-{answers}"
+            plans.append(("gptcache-ours", lambda w=work: gptcache_system(
+                "gptcache-ours", (threshold + 1) / 2, texts, vectors, w / "o")))
+            plans.append(("gptcache-default", lambda w=work: gptcache_system(
+                "gptcache-default", GPTCACHE_DEFAULT_THRESHOLD, texts, vectors, w / "d")))
+        results: dict[str, Any] = {}
+        for name, make in plans:
+            client.flushdb()
+            started = time.perf_counter()
+            system = make()
+            figures = replay(system, texts, intents, answers)
+            figures["wall_s"] = round(time.perf_counter() - started, 1)
+            cache = getattr(system, "cache", None)
+            if cache is not None:
+                cache.close()
+                floors = [v.get("floor") for v in cache.stats()["scopes"].values()]
+                figures["final_floor"] = floors[0] if floors else None
+            results[name] = figures
+            print(
+                f"{path.stem[:28]:28s} {answers:9s} {name:16s} hit {figures['hit_rate']:.3f} "
+                f"prec {figures['precision']} para_prec {figures['paraphrase_precision']} "
+                f"para_correct_share {figures['paraphrase_correct_share']} "
+                f"verif/1k {figures['verifications_per_1k']} judge/1k {figures['judge_calls_per_1k']} "
+                f"p50 {figures['p50_lookup_ms']}ms entries {figures['entries']}",
+                flush=True,
+            )
+        out[answers] = results
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="Replay a query stream through the semantic caches.")
-    parser.add_argument("--stream", type=Path, required=True)
+    parser = argparse.ArgumentParser(description="Replay query streams through the semantic caches.")
+    parser.add_argument("--stream", type=Path, action="append", default=[],
+                        help="JSONL stream (repeatable); default: the held-out streams of benchmarks.streams")
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--peer", action="append", choices=["gptcache"], default=[])
+    parser.add_argument("--answers", default="per-query,label",
+                        help="per-query (each answer its own text: the mode that counts), label (one answer "
+                             "text per intent, for comparison), or both, comma-separated")
     parser.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION)
     parser.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
-    parser.add_argument("--systems", default="tierserve,tierserve-adaptive", help="comma-separated subset")
+    parser.add_argument("--systems", default="static,verified,gptcache", help="comma-separated subset")
+    parser.add_argument("--explore-rate", type=float, default=0.05)
+    parser.add_argument("--error-budget", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=RESULTS / "semantic_stream.json")
     args = parser.parse_args(argv)
+    for mode in args.answers.split(","):
+        if mode not in ("per-query", "label"):
+            parser.error(f"--answers: unknown mode {mode!r}")
 
     threshold = args.threshold if args.threshold is not None else load_threshold(args.calibration)
-    texts, intents = load_stream(args.stream, args.limit)
-    if not texts:
-        parser.error(f"{args.stream}: no lines with text and intent")
-    vectors = stream_vectors(args.stream, texts)
+    if args.stream:
+        streams = {p.stem: p for p in args.stream}
+    else:
+        from benchmarks.streams import build
 
+        streams = build()
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:
@@ -221,67 +334,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         server = EmbeddedRedis().start()
         url = server.url
     client = redis.Redis.from_url(url)
-    wanted = set(args.systems.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="gptcache-bench-"))
     results: dict[str, Any] = {}
     try:
-        plans: list[tuple[str, Callable[[], System]]] = []
-        if "tierserve" in wanted:
-            plans.append(
-                (
-                    "tierserve",
-                    lambda: tierserve_system("tierserve", client, "static", threshold, texts, vectors),
-                )
-            )
-        if "tierserve-adaptive" in wanted:
-            plans.append(
-                (
-                    "tierserve-adaptive",
-                    lambda: tierserve_system(
-                        "tierserve-adaptive", client, "adaptive", threshold, texts, vectors
-                    ),
-                )
-            )
-        tmp = Path(tempfile.mkdtemp(prefix="gptcache-bench-"))
-        if "gptcache" in args.peer:
-            ours = (threshold + 1) / 2
-            plans.append(
-                ("gptcache-ours", lambda: gptcache_system("gptcache-ours", ours, texts, vectors, tmp / "o"))
-            )
-            plans.append(
-                (
-                    "gptcache-default",
-                    lambda: gptcache_system(
-                        "gptcache-default", GPTCACHE_DEFAULT_THRESHOLD, texts, vectors, tmp / "d"
-                    ),
-                )
-            )
-        for name, make in plans:
-            client.flushdb()
-            started = time.perf_counter()
-            figures = replay(make(), texts, intents)
-            figures["wall_s"] = round(time.perf_counter() - started, 1)
-            results[name] = figures
-            print(
-                f"{name:20s} hit {figures['hit_rate']:.3f} prec {figures['precision']} "
-                f"para_hit {figures['paraphrase_hit_rate']} para_prec {figures['paraphrase_precision']} "
-                f"para_correct {figures['paraphrase_correct_hits']} p50 {figures['p50_lookup_ms']}ms "
-                f"p99 {figures['p99_lookup_ms']}ms entries {figures['entries']}",
-                flush=True,
-            )
+        for name, path in streams.items():
+            results[name] = run_stream(path, args, threshold, client, tmp)
     finally:
         client.flushdb()
         client.close()
         if server:
             server.stop()
     meta = {
-        "stream": str(args.stream),
-        "queries": len(texts),
+        "streams": {name: str(path) for name, path in streams.items()},
+        "limit": args.limit,
         "threshold": threshold,
         "gptcache_threshold_ours": round((threshold + 1) / 2, 6),
+        "explore_rate": args.explore_rate,
+        "error_budget": args.error_budget,
+        "judge": "oracle on the stream's labels (every call counted)",
         "encoder": f"{ENCODER_NAME}/{ENCODER_VERSION}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "systems": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"meta": meta, "streams": results}, indent=2) + "\n")
     print(json.dumps(results, separators=(",", ":")))
     return results
 

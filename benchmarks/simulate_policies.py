@@ -2,7 +2,7 @@
 
     python -m benchmarks.simulate_policies --ratings FILE.csv [--budgets 0.01,0.05,0.1] [--limit N]
 
-It runs the very policy classes the TieredCache uses (`caches.admission`: the in-process
+It runs the very policy classes the TieredCache uses (`caches.admission`, baselines in `benchmarks.baselines`: the in-process
 `WTinyLFU` is decision-for-decision the Lua `SharedWTinyLFU`, see the integration tests) over the
 same batches the real benchmark replays (one batch = the user key and the item key of a rating),
 so a budget sweep costs seconds instead of a full run through Redis, RocksDB and Feast per budget.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from caches.admission import BeladyPolicy, LRUPolicy, PlacementPolicy, WTinyLFU, WTinyLFUConfig
+from benchmarks.baselines import BeladyPolicy, LRUPolicy
+from caches.admission import PlacementPolicy, WTinyLFU, WTinyLFUConfig
 
 DEFAULT_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 UNIFORM_ENTRY_BYTES = 512

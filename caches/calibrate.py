@@ -15,7 +15,7 @@ what the app reads (:func:`load_calibration`); the PNG next to it shows precisio
 the threshold so a person can see how steep the trade-off is around the chosen point.
 
 Precision on balanced pairs is not precision on traffic: it depends on how often near-miss pairs
-occur in real queries. That is why the adaptive mode of the semantic cache exists on top of this.
+occur in real queries. That is why the verified mode of the semantic cache (learning from judged answers) exists on top of this.
 """
 
 from __future__ import annotations

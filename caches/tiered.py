@@ -2,9 +2,9 @@
 
 Why it is built this way:
 - Batched lookup down the tiers: one MGET, one RocksDB multi-get, one cold call per batch.
-- Placement is delegated to a `PlacementPolicy` (caches/admission.py): by default the
+- Placement is delegated to a `PlacementPolicy` (caches/admission/): by default the
   cluster-wide W-TinyLFU whose sketch and metadata live in the same Redis as the RAM tier. The
-  cache only moves bytes the policy decided to move. Baselines (LRU, Belady) plug in unchanged.
+  cache only moves bytes the policy decided to move. Baselines (LRU, Belady in benchmarks/) plug in unchanged.
 - SSD is filled on every cold read (inclusive) and receives every RAM demotion that it does not
   already hold. It drops its coldest entries (least recently read, across all tiers, in this
   process) when over its byte budget: the cold tier still has them. Because SSD recency follows
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from caches import metrics
-from caches.admission import LRUPolicy, PlacementPolicy, SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
+from caches.admission import PlacementPolicy, SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
 from caches.generations import (
     UNKNOWN,
     Generations,
@@ -149,8 +149,6 @@ class TieredCache:
             pol = SharedWTinyLFU(ram, cfg, prefix=f"tierserve:placement:{name}")
         elif policy == "local":
             pol = WTinyLFU(cfg)
-        elif policy == "lru":
-            pol = LRUPolicy(ram_budget_bytes)
         else:
             raise ValueError(f"unknown policy {policy!r}")
         ssd = RocksDBTier(rocksdb_dir)
@@ -182,11 +180,12 @@ class TieredCache:
         recorded = False
         if self.ram is not None and keys:
             try:
-                if isinstance(self.policy, SharedWTinyLFU) and self.policy.tier is self.ram:
-                    # One round trip: the placement script reads the values and records the accesses.
-                    t0 = time.perf_counter()
+                # One round trip where the policy can: its script reads the values and records the accesses.
+                t0 = time.perf_counter()
+                fused = self.policy.lookup(self.ram, keys) if self.policy is not None else None
+                if fused is not None:
                     recorded = True
-                    ram_hits = self.policy.lookup(keys)
+                    ram_hits = fused
                     self.ram.account_read(keys, ram_hits, time.perf_counter() - t0)
                 else:
                     ram_hits = self.ram.get_many(keys)
@@ -298,10 +297,8 @@ class TieredCache:
             try:
                 keys = list(self.ram.scan_prefix(prefix))
                 n += self.ram.delete_many(keys)
-                if isinstance(self.policy, SharedWTinyLFU):
+                if self.policy is not None:
                     self.policy.remove(self.policy.resident_keys(prefix))
-                elif self.policy is not None:
-                    self.policy.remove(keys)
             except TierUnavailable:
                 pass
         if self.ssd is not None:

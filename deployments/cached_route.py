@@ -116,6 +116,9 @@ class Turn:
     started: float
     layer: str = "bypass"  # x-cache of a fresh answer: `miss` when the caches were consulted
     vector: list[float] | None = None  # chat: the question's embedding, once computed
+    # chat: the semantic layer picked a would-be hit for verification (its similarity): the model
+    # answers, `x-cache: miss` with `x-cache-verify`, and storing the answer judges the candidate
+    verify: float | None = None
     flight: Flight | None = None
 
 
@@ -275,6 +278,8 @@ class CachedRoute:
 
     async def _generate(self, turn: Turn) -> Any:
         headers = {"x-cache": turn.layer}
+        if turn.verify is not None:
+            headers["x-cache-verify"] = f"{turn.verify:.4f}"
         try:
             if turn.stream:
                 return await self._open_stream(turn, headers)

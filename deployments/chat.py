@@ -6,6 +6,9 @@ who computes a burst by :mod:`caches.coalesce`. The flow shared with legacy comp
 lookup, single flight, generate, store, stream miss) is :class:`deployments.cached_route.CachedRoute`;
 this module adds the semantic layer (Encoder and SemanticCache deployments, each call under a
 deadline from ``cache.encoder_timeout_s`` / ``cache.semantic_timeout_s``: a miss is a bypass).
+In verified mode a lookup may answer ``verify``: the model answers (``x-cache: miss`` with
+``x-cache-verify: <similarity>``) and the store step, which embeds the answer, lets the cache's
+answer judge compare it with the candidate's answer: that verdict is what the mode learns from.
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ class ChatPath(CachedRoute):
         metrics.lookup("semantic", ident.tenant, found["status"])
         if found["status"] == "unavailable":
             turn.layer = "bypass"
+        if found["status"] == "verify":
+            # verified mode explores: the model answers this one although a cached answer was near;
+            # storing that answer (a miss's usual step) judges the cached one against it
+            turn.verify = float(found["similarity"])
+            return None
         created = found.get("created")
         if found["status"] != "hit" or (control.max_age is not None and created is None):
             return None
@@ -125,7 +133,10 @@ class ChatPath(CachedRoute):
         try:
             if turn.vector is None:  # no lookup happened (Cache-Control: no-cache)
                 turn.vector = await self._embed(ident.semantic_text or "")
-            await bounded(self.semantic.store.remote(ident.semantic_scope, ident.semantic_text or "", turn.vector, text),
+            # the answer's embedding goes with it: the answer judge compares it with the candidates'
+            answer_vector = await self._embed(text)
+            await bounded(self.semantic.store.remote(ident.semantic_scope, ident.semantic_text or "", turn.vector, text,
+                                                     answer_vector),
                           self.settings.cache.semantic_timeout_s, "semantic store")
         except Degraded as exc:
             log.warning("semantic store skipped: %s", exc)

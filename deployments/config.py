@@ -59,7 +59,17 @@ class CacheSettings(BaseModel):
     result_tenant_max_bytes: int = Field(default=32 << 20, ge=1)
     result_tenant_max_entries: int = Field(default=100_000, ge=1)
     semantic_enabled: bool = True
-    semantic_mode: str = "adaptive"
+    # "verified" (default): thresholds learned from verified samples within an error budget
+    # (caches.semantic.decision.VerifiedPolicy); "static": the calibrated threshold alone.
+    semantic_mode: Literal["static", "verified"] = "verified"
+    # Verified mode: the share of wrong semantic hits it may spend (a Wilson upper bound), and the
+    # highest rate at which uncertain would-be hits are sent to the model to be verified (each is a
+    # model call; the rate shrinks as the evidence near that similarity grows).
+    semantic_error_budget: float = Field(default=0.01, gt=0, lt=1)
+    semantic_explore_rate: float = Field(default=0.05, ge=0, le=1)
+    # The answer judge (caches.semantic.judge.EmbeddingJudge): cosine of the two answers'
+    # embeddings at or above this means equivalent; None: the judge module's calibrated constant.
+    semantic_judge_threshold: float | None = None
     semantic_calibration: str = str(REPO_ROOT / "configs" / "semantic_calibration.json")
     semantic_threshold: float | None = None  # overrides the calibration file when set
     semantic_max_entries: int = Field(default=100_000, ge=1)

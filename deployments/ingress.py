@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
+from caches.redis_client import REDIS_ERRORS
 from caches.result import CacheUnavailable, ResultCache
 from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
@@ -304,7 +305,8 @@ class Ingress:
         if status != 200:
             return JSONResponse(error_body(status, result["message"]), status_code=status,
                                 headers={"retry-after": "2"} if status == 503 else None)
-        return result
+        # Plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk of the items.
+        return JSONResponse(result)
 
     def _event_sender(self, request: Request) -> str:
         """Who may send events: the admin key, or a tenant in `recommender.event_tenants`
@@ -337,7 +339,7 @@ class Ingress:
         tenant = None if admin else self._tenant(request)
         try:
             exact = await asyncio.to_thread(self.results.stats)
-        except (CacheUnavailable, redis.RedisError):
+        except (CacheUnavailable, *REDIS_ERRORS):  # any Redis error (a refused key too): a gap, never a 500
             exact = {"status": "unavailable"}
         semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
         lookups = metrics.lookups_by_tenant()

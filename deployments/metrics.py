@@ -42,6 +42,11 @@ LATENCY = Family(
 )
 CACHE_LOOKUPS = Family("counter", "tierserve_cache_lookups", "Cache lookups by layer, tenant and outcome",
                        ("layer", "tenant", "outcome"))
+# Verified semantic mode: would-be hits sent to the model (a lookup outcome "verify" above, each a
+# model call) and the judge's verdict on them once the model's answer is stored.
+SEMANTIC_VERIFICATIONS = Family(
+    "counter", "tierserve_semantic_verifications",
+    "Semantic would-be hits verified against the model's answer, by the answer judge's verdict", ("verdict",))
 
 
 # Tenant names on exported series are opt-in (AppSettings.metrics_tenant_labels): a metrics
@@ -59,6 +64,11 @@ def lookup(layer: str, tenant: str, outcome: str) -> None:
     with _lookups_lock:
         by_outcome = _LOOKUPS_BY_TENANT.setdefault(layer, {}).setdefault(tenant, {})
         by_outcome[outcome] = by_outcome.get(outcome, 0.0) + 1
+
+
+def verification(verdict: str) -> None:
+    """Count one judged verification (``equivalent``: the cached answer would have been right)."""
+    SEMANTIC_VERIFICATIONS.labels(verdict).inc()
 
 
 def lookups_by_tenant() -> dict[str, dict[str, dict[str, float]]]:

@@ -1,8 +1,10 @@
 """Recommender deployment: features through the tiered cache, candidates from FAISS.
 
-Per request: result cache (user, model version, k, user generation) -> the user's features
-through the TieredCache -> FAISS inner-product search over item embeddings -> the candidates'
-features in one batched read -> score, drop items already rated, top-k. What one model version
+Per request: one Redis round trip (the user's generation, the unknown-user memo, items rated
+since the pipeline) -> result cache (user, model version, k, user generation) -> the user's
+features through the TieredCache -> FAISS inner-product search over item embeddings -> drop items
+already rated -> a vectorised score over the candidates' features, which come with the model
+version in process (`RecsModel.item_table`, in every arm) -> top-k. What one model version
 needs (index, feature caches) is a `RecsModel` (deployments/recommender_model.py).
 
 Model versions: every replica follows the version in Redis (caches/versions.py): each request
@@ -39,7 +41,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -218,11 +219,14 @@ class RecommenderDeployment:
     def _unknown_key(version: str, user_id: int) -> str:
         return f"tierserve:recs:unknown:{version}:{user_id}"
 
-    def _seen(self, m: RecsModel, user_id: int) -> set[int]:
+    def _seen(self, m: RecsModel, user_id: int, rated_since: set[bytes] | None = None) -> set[int]:
+        """Items the user rated: the pipeline's, plus those rated by events since (a Redis set,
+        read here unless the caller fetched it already)."""
         seen = set(m.rated.get(user_id, ()))
-        with contextlib.suppress(*REDIS_ERRORS):
-            seen |= {int(x) for x in self.redis.smembers(self._rated_key(user_id))}
-        return seen
+        if rated_since is None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                rated_since = self.redis.smembers(self._rated_key(user_id))
+        return seen | {int(x) for x in rated_since or ()}
 
     # ----------------------------------------------------------- recommend
     def recommend(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
@@ -238,10 +242,15 @@ class RecommenderDeployment:
                 return {"status": 503, "message": "the cache store failed while answering; retry shortly"}
 
     def _recommend(self, m: RecsModel, user_id: int, k: int, tenant: str) -> dict[str, Any]:
-        key, gen, unknown = None, None, False
+        key, gen, unknown, rated = None, None, False, None
         try:
-            # One round trip: the user's generation and the "Feast does not know them" memo.
-            raw_gen, raw_unknown = self.redis.mget([self._gen_key(user_id), self._unknown_key(m.version, user_id)])
+            # One round trip: the user's generation, the "Feast does not know them" memo and the
+            # items rated by events since the pipeline ran.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.mget([self._gen_key(user_id), self._unknown_key(m.version, user_id)])
+            pipe.smembers(self._rated_key(user_id))
+            (raw_gen, raw_unknown), rated_since = pipe.execute()
+            rated = self._seen(m, user_id, rated_since)
             gen = int(raw_gen or 0)
             unknown = raw_unknown is not None and int(raw_unknown) == gen
             if self.settings.result_cache and not unknown:
@@ -253,8 +262,8 @@ class RecommenderDeployment:
         except CACHE_ERRORS:
             key = None
         if unknown:
-            return self._cold_start(m, user_id, k)
-        answer = self._compute(m, user_id, k, gen)
+            return self._cold_start(m, user_id, k, rated)
+        answer = self._compute(m, user_id, k, gen, rated)
         if answer.get("cold_start") and gen is not None:
             # Feast does not know this user: remember it briefly (an event moves `gen`, which
             # makes the memo stale at once), and keep cold-start lists out of the result budget.
@@ -268,13 +277,14 @@ class RecommenderDeployment:
     def _base(self, m: RecsModel, user_id: int) -> dict[str, Any]:
         return {"user_id": user_id, "model_version": m.version, "cached": False, "replica": self.replica}
 
-    def _cold_start(self, m: RecsModel, user_id: int, k: int) -> dict[str, Any]:
-        seen = self._seen(m, user_id)
+    def _cold_start(self, m: RecsModel, user_id: int, k: int, rated: set[int] | None = None) -> dict[str, Any]:
+        seen = self._seen(m, user_id) if rated is None else rated
         items = [{"item_id": i, "score": round(s, 6)} for i, s in m.popular if i not in seen][:k]
         return {**self._base(m, user_id), "items": items, "cold_start": True, "degraded": False,
                 "sources": {"user": None, "items": {}}}
 
-    def _compute(self, m: RecsModel, user_id: int, k: int, gen: int | None) -> dict[str, Any]:
+    def _compute(self, m: RecsModel, user_id: int, k: int, gen: int | None,
+                 rated: set[int] | None = None) -> dict[str, Any]:
         # Read-your-writes on every replica, before the stream's drop reaches it: the tiers serve
         # only a row of the generation read above (the one the result is keyed on), so a copy
         # from before an event is a miss here at once.
@@ -283,37 +293,29 @@ class RecommenderDeployment:
             if user.degraded:
                 return {"status": 503, "message": "the feature store is unreachable and this user's features are "
                                                   "not cached on any tier; retry shortly"}
-            return self._cold_start(m, user_id, k)
+            return self._cold_start(m, user_id, k, rated)
 
         feats = user.features[user_id]
         u_emb = np.asarray(feats["embedding"], dtype=np.float32)
         affinity = np.asarray(feats.get("genre_affinity") or [], dtype=np.float32)
-        seen = self._seen(m, user_id)
+        seen = self._seen(m, user_id) if rated is None else rated
         wanted = max(self.settings.candidates, CANDIDATES_PER_K * k) + len(seen)
-        candidates = [i for i in m.index.search(u_emb, wanted) if i not in seen]
-        batch = m.items.get(candidates)
-        scored = []
-        for item_id in candidates:
-            f = batch.features.get(item_id)
-            if f is None:
-                continue  # a candidate no tier could answer is skipped, never scored on empty features
-            score = float(np.dot(u_emb, np.asarray(f["embedding"], dtype=np.float32)))
-            score += W_MEAN_RATING * (float(f.get("mean_rating") or 0.0) - 3.0) / 2.0
-            if affinity.size:
-                idx = [m.genres[g] for g in f.get("genres") or [] if g in m.genres]
-                if idx:
-                    score += W_GENRE * float(affinity[idx].mean())
-            scored.append((score, item_id))
-        scored.sort(reverse=True)
-        if not scored and (batch.degraded or user.degraded):
+        ids, sims = m.index.search_scored(u_emb, wanted)
+        if seen:
+            keep = ~np.isin(ids, np.fromiter(seen, dtype=np.int64, count=len(seen)))
+            ids, sims = ids[keep], sims[keep]
+        ranked = m.score(ids, sims, affinity, w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
+        degraded = user.degraded or ranked.degraded
+        if not ranked.ids.size and degraded:
             return {"status": 503, "message": "the feature store is unreachable and none of this user's candidate "
                                               "items' features are cached; retry shortly"}
-        items = [{"item_id": i, "score": round(s, 6)} for s, i in scored[:k]]
+        top = np.argsort(-ranked.scores, kind="stable")[:k]
+        items = [{"item_id": int(i), "score": round(float(s), 6)}
+                 for i, s in zip(ranked.ids[top], ranked.scores[top], strict=True)]
         return {
-            **self._base(m, user_id), "items": items, "cold_start": False,
-            "degraded": bool(batch.degraded or user.degraded),
+            **self._base(m, user_id), "items": items, "cold_start": False, "degraded": bool(degraded),
             # Which tier answered, like the chat route's x-cache: the operator's first question.
-            "sources": {"user": user.sources.get(user_id), "items": dict(Counter(batch.sources.values()))},
+            "sources": {"user": user.sources.get(user_id), "items": ranked.sources},
             "user_activity": {"n_ratings": feats.get("n_ratings"), "last_ts": feats.get("last_ts")},
         }
 

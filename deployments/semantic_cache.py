@@ -19,6 +19,7 @@ from ray import serve
 from caches.redis_client import make_client
 from caches.result import CacheUnavailable
 from caches.semantic import SemanticCache
+from caches.semantic.judge import EmbeddingJudge
 from deployments import metrics
 from deployments.config import CacheSettings
 
@@ -46,7 +47,11 @@ class SemanticCacheDeployment:
         self.cache = SemanticCache(
             client,
             threshold=self.threshold,
-            mode=self.settings.semantic_mode,  # type: ignore[arg-type]
+            mode=self.settings.semantic_mode,
+            error_budget=self.settings.semantic_error_budget,
+            explore_rate=self.settings.semantic_explore_rate,
+            judge=EmbeddingJudge() if self.settings.semantic_judge_threshold is None
+            else EmbeddingJudge(threshold=self.settings.semantic_judge_threshold),
             max_entries=self.settings.semantic_max_entries,
             max_bytes=self.settings.semantic_max_bytes,
             tenant_max_entries=self.settings.semantic_tenant_max_entries,
@@ -59,19 +64,32 @@ class SemanticCacheDeployment:
         self.cache.start_background_sync()
 
     def lookup(self, scope: str, query: str, vector: list[float]) -> dict[str, Any]:
+        """``{"status": "hit", ...the hit}``, ``{"status": "verify", ...the candidate}`` (ask the
+        model, answer with its answer, store it: the store judges it against the candidate),
+        ``miss`` or ``unavailable``."""
         try:
-            hit = self.cache.lookup(scope, query, np.asarray(vector, dtype=np.float32))
+            found = self.cache.find(scope, query, np.asarray(vector, dtype=np.float32))
         except CacheUnavailable:
             return {"status": "unavailable"}
-        if hit is None:
+        if found.hit is None:
             return {"status": "miss"}
-        return {"status": "hit", **hit.model_dump()}
+        return {"status": found.status, **found.hit.model_dump()}
 
-    def store(self, scope: str, query: str, vector: list[float], response: str) -> bool:
+    def store(self, scope: str, query: str, vector: list[float], response: str,
+              answer_vector: list[float] | None = None) -> bool:
+        """Store the model's answer with its embedding; judging it against what this query's lookup
+        proposed is the verified mode's learning step."""
+        answer = np.asarray(answer_vector, dtype=np.float32) if answer_vector is not None else None
+        before = dict(self.cache.counters)
         try:
-            return self.cache.store(scope, query, np.asarray(vector, dtype=np.float32), response) is not None
+            stored = self.cache.store(scope, query, np.asarray(vector, dtype=np.float32), response,
+                                      answer_vector=answer) is not None
         except CacheUnavailable:
             return False
+        for verdict in ("verified_equivalent", "verified_different"):
+            if self.cache.counters[verdict] > before[verdict]:
+                metrics.verification(verdict.removeprefix("verified_"))
+        return stored
 
     def purge_model(self, model: str, old_version: str) -> int:
         try:

@@ -58,7 +58,7 @@ __all__ = [
     "SWEEP_BATCH", "SWEEP_EVERY_S", "SYNC_MIN_INTERVAL_S", "TOMBSTONE_FRACTION", "TOMBSTONE_MIN",
     "TRIM_CHECK_S", "EntryMeta", "MirrorUsage", "ScopeIndex", "StreamMirror",
 ]  # fmt: skip
-MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created"]
+MIRROR_FIELDS = ["embedding", "query", "response", "tau", "created", "group", "answer_embedding"]
 SWEEP_EVERY_S = 1.0  # how often the background thread drops TTL-expired entries from the mirrors
 SWEEP_BATCH = 2_000  # entries examined per sweep: bounds the time the lock is held
 

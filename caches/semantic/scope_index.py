@@ -46,17 +46,21 @@ class EntryMeta:
     response: str
     tau: float = -1.0
     created: float = 0.0
+    group: int = 0  # judged-equivalent answers share a group (the verified policy's vote)
+    answer_vector: np.ndarray | None = None  # the answer's embedding (the answer judge's input)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> EntryMeta:
-        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these four)."""
+        """From an HMGET of :data:`MIRROR_FIELDS` (embedding first, then these six)."""
+        answer = np.frombuffer(row[6], dtype=np.float32) if len(row) > 6 and row[6] else None
         return cls(row[1].decode(), row[2].decode(), float(row[3]) if row[3] is not None else -1.0,
-                   float(row[4]) if row[4] is not None else 0.0)
+                   float(row[4]) if row[4] is not None else 0.0,
+                   int(row[5]) if len(row) > 5 and row[5] else 0, answer)
 
 
 @dataclass
 class ScopeIndex:
-    """One scope's vectors and entry metadata, plus the adaptive floor learned for it here.
+    """One scope's vectors and entry metadata, plus the floor learned for it here (verified mode).
 
     On a GPU (``use_gpu`` and one visible, see :mod:`caches.vector_index`) the flat index cannot
     ``remove_ids``: removed entries become tombstones, filtered out of every search, and the index
@@ -76,7 +80,8 @@ class ScopeIndex:
     usage: MirrorUsage | None = None  # the replica's totals, once registered
 
     def entry_bytes(self, meta: EntryMeta) -> int:
-        return 4 * self.dim + len(meta.query) + len(meta.response) + MIRROR_ENTRY_OVERHEAD
+        answer = meta.answer_vector.nbytes if meta.answer_vector is not None else 0
+        return 4 * self.dim + len(meta.query) + len(meta.response) + answer + MIRROR_ENTRY_OVERHEAD
 
     def _count(self, entries: int, nbytes: int) -> None:
         self.nbytes += nbytes

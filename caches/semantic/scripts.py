@@ -36,6 +36,8 @@ end
 bk_reclaim(P, now, tonumber(ARGV[13]), forget)
 redis.call('HSET', KEYS[1], 'scope', scope, 'query', ARGV[2], 'response', ARGV[3], 'embedding', ARGV[4],
   'created', ARGV[5], 'params', ARGV[6], 'hits', 0, 'tau', -1)
+if ARGV[19] and ARGV[19] ~= '' then redis.call('HSET', KEYS[1], 'group', ARGV[19]) end
+if ARGV[20] and ARGV[20] ~= '' then redis.call('HSET', KEYS[1], 'answer_embedding', ARGV[20]) end
 redis.call('ZADD', KEYS[2], ARGV[14], id)
 redis.call('INCRBY', KEYS[3], ARGV[7])
 local t = bk_add(P, KEYS[1], tonumber(ARGV[7]), ttl > 0 and now + ttl or 0, tonumber(ARGV[14]))

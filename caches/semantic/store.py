@@ -111,6 +111,8 @@ class SemanticStore:
         params: dict[str, Any] | None,
         size: int,
         now: float,
+        group: int = 0,
+        answer_embedding: bytes = b"",
     ) -> list[tuple[str, int]]:
         """Store an entry created at ``now``, reclaiming expired ones and evicting over the tenant's
         and the global budgets; returns the removed entries as (scope, id), any scope."""
@@ -119,6 +121,7 @@ class SemanticStore:
         args = [
             entry_id, query, response, embedding, now, json.dumps(params or {}), size, ttl_ms, int(now * 1000),
             BUDGET_PREFIX, scope, STREAM_MAXLEN, RECLAIM_PER_STORE, lfu_score(0, now), *self.budget.lua_args(),
+            group or "", answer_embedding,
         ]  # fmt: skip
         flat = self._store(keys=keys, args=args)
         return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]

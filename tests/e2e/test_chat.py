@@ -145,3 +145,28 @@ def test_oversized_chunked_upload_is_cut_off_while_reading(client: httpx.Client)
 def test_malformed_json_is_a_400(client: httpx.Client) -> None:
     resp = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert resp.status_code == 400
+
+
+def test_semantic_paraphrase_hits_with_the_real_model(client: httpx.Client, model_name: str) -> None:
+    """A near-duplicate rewording (case, spacing, a filler word) is answered from the semantic
+    layer in the default (verified) mode: near-duplicates are never sent for verification."""
+    tag = uuid.uuid4().hex[:8]
+    first = ask(client, model_name, f"How do I reset my password for account {tag}?")
+    assert first.status_code == 200, first.text
+    assert first.headers["x-cache"] == "miss"
+    answer = first.json()["choices"][0]["message"]["content"]
+    second = ask(client, model_name, f"how do I reset my password for account {tag} please?")
+    assert second.status_code == 200, second.text
+    assert second.headers["x-cache"] == "semantic", second.headers
+    assert float(second.headers["x-cache-similarity"]) >= 0.9
+    assert second.json()["choices"][0]["message"]["content"] == answer
+
+
+def test_semantic_trap_misses(client: httpx.Client, model_name: str) -> None:
+    """A minimal edit that changes the meaning (lock / unlock) is never a semantic hit."""
+    tag = uuid.uuid4().hex[:8]
+    first = ask(client, model_name, f"How do I lock my card {tag}?")
+    assert first.status_code == 200, first.text
+    second = ask(client, model_name, f"How do I unlock my card {tag}?")
+    assert second.status_code == 200, second.text
+    assert second.headers["x-cache"] == "miss", second.headers

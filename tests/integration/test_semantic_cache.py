@@ -46,7 +46,7 @@ def encoder():
     return encode
 
 
-@pytest.mark.parametrize("mode", ["static", "adaptive"])
+@pytest.mark.parametrize("mode", ["static", "verified"])
 def test_semantic_hit_with_real_encoder(redis_client: redis.Redis, encoder, mode: str) -> None:
     cache = SemanticCache(redis_client, threshold=load_threshold(), mode=mode)
     texts = ["How do I reset my password?", "how do i reset my password", "What is the capital of France?"]
@@ -68,7 +68,7 @@ def test_trap_pairs_not_merged_at_shipped_threshold(
     va = encoder([r["text_a"] for r in rows])
     vb = encoder([r["text_b"] for r in rows])
     merged = {"0": 0, "1": 0}
-    for mode in ("static", "adaptive"):
+    for mode in ("static", "verified"):
         cache = SemanticCache(redis_client, threshold=threshold, mode=mode, ttl_s=None)
         for i, row in enumerate(rows):
             scope = _scope(tenant=f"{mode}{i}")  # one scope per pair: only the pair is compared
@@ -103,7 +103,7 @@ def test_two_instances_converge_within_a_second(redis_client: redis.Redis) -> No
 
 
 def test_tenant_isolation_under_identical_queries(redis_client: redis.Redis) -> None:
-    cache = SemanticCache(redis_client, threshold=0.9, mode="adaptive")
+    cache = SemanticCache(redis_client, threshold=0.9, mode="verified")
     v = _unit(np.random.default_rng(1))[0]
     cache.store(_scope("acme"), "What is our PTO policy?", v, "acme: 25 days")
     assert cache.lookup(_scope("acme"), "What is our PTO policy?", v).response == "acme: 25 days"
@@ -160,7 +160,7 @@ def test_redis_down_and_back() -> None:
     server = EmbeddedRedis(port=port).start()
     try:
         client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1)
-        cache = SemanticCache(client, threshold=0.9, mode="adaptive")
+        cache = SemanticCache(client, threshold=0.9, mode="verified")
         v = _unit(np.random.default_rng(5))[0]
         cache.store(_scope(), "q", v, "a")
         assert cache.lookup(_scope(), "q", v) is not None
@@ -184,15 +184,16 @@ def test_redis_down_and_back() -> None:
 
 def test_learned_tau_is_shared_and_a_trimmed_stream_reloads_the_mirror(redis_client: redis.Redis) -> None:
     rng = np.random.default_rng(6)
-    a = SemanticCache(redis_client, threshold=0.9, mode="adaptive")
-    b = SemanticCache(redis_client, threshold=0.9, mode="adaptive")
+    # threshold 0.96: a lone neighbour at 0.95 is below it, so the lookup is a miss that learns
+    a = SemanticCache(redis_client, threshold=0.96, mode="verified")
+    b = SemanticCache(redis_client, threshold=0.96, mode="verified")
     scope = _scope()
     v = _unit(rng)[0]
     first = a.store(scope, "q", v, "answer")
     assert b.lookup(scope, "q", v) is not None  # b mirrors the scope and follows the stream
     # a miss whose true answer differs raises the proposed entry's threshold in Redis, for all
     near = _near(v, rng, 0.95)
-    assert a.lookup(scope, "q?", near) is None  # alone and below a near-duplicate: a miss
+    assert a.lookup(scope, "q?", near) is None  # below the floor: a miss
     a.store(scope, "q?", near, "another answer")
     assert float(redis_client.hget(f"{scope}:e:{first}", "tau")) > 0.9
     # events b never read are trimmed away: b notices and reloads its mirror from Redis lazily
@@ -204,3 +205,74 @@ def test_learned_tau_is_shared_and_a_trimmed_stream_reloads_the_mirror(redis_cli
     assert b.stats()["scopes"] == {}
     assert b.lookup(scope, "q", v) is None  # reloaded whole: "q?" (another answer) vetoes now
     assert b.stats()["scopes"][scope]["mirrored"] == 2
+
+
+def _answer(rng: np.random.Generator) -> np.ndarray:
+    return _unit(rng)[0]
+
+
+def test_entries_carry_the_answer_embedding_and_judged_group(redis_client: redis.Redis) -> None:
+    """Verified mode: an entry stores its answer's embedding; a miss's answer judged equivalent to
+    a candidate's joins its group (in Redis, so every replica's mirror sees it), one judged
+    different raises that candidate's threshold."""
+    rng = np.random.default_rng(11)
+    cache = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=0.0)
+    scope = _scope()
+    q, a = _unit(rng)[0], _answer(rng)
+    first = cache.store(scope, "How do I reset my password?", q, "Use the reset link.", answer_vector=a)
+    raw = redis_client.hget(f"{scope}:e:{first}", "answer_embedding")
+    assert raw is not None and np.allclose(np.frombuffer(raw, dtype=np.float32), a)
+    # a paraphrase at 0.85: below the floor, a miss; the model's answer is near the cached one's
+    para = _near(q, rng, 0.85)
+    assert cache.find(scope, "I forgot my password, what now?", para).status == "miss"
+    second = cache.store(scope, "I forgot my password, what now?", para, "Click 'reset password'.",
+                         answer_vector=_near(a, rng, 0.97))
+    assert int(redis_client.hget(f"{scope}:e:{second}", b"group")) == int(first)
+    assert float(redis_client.hget(f"{scope}:e:{first}", "tau")) < 0  # judged right: no veto
+    # another question near the first whose answer is unrelated: the first must not answer there
+    other = _near(q, rng, 0.86)
+    assert cache.find(scope, "How do I reset my PIN?", other).status == "miss"
+    third = cache.store(scope, "How do I reset my PIN?", other, "At any ATM.", answer_vector=_answer(rng))
+    assert float(redis_client.hget(f"{scope}:e:{first}", "tau")) == pytest.approx(0.86, abs=0.01)
+    assert int(redis_client.hget(f"{scope}:e:{third}", b"group")) == int(third)  # a group of its own
+    # a second replica loads the scope from Redis with groups and answer embeddings
+    other_replica = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=0.0)
+    found = other_replica.find(scope, "How do I reset my password?", q)
+    assert found.status in ("hit", "miss")  # (a vote may veto; the point is the load works)
+    meta = other_replica.mirror.scopes[scope].meta[int(second)]
+    assert meta.group == int(first) and meta.answer_vector is not None
+    assert cache.stats()["counters"]["judgements"] >= 2
+
+
+Q1, Q2, Q3 = "How do I reset my password?", "how do i reset my password please", "I need to reset my password, how?"
+
+
+def test_verify_status_and_learning_from_the_verdict(redis_client: redis.Redis) -> None:
+    """With exploration on, an uncertain would-be hit comes back as ``verify`` carrying the
+    candidate; storing the model's answer judges it (counted), and a near-duplicate is never
+    explored."""
+    rng = np.random.default_rng(12)
+    cache = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=1.0, seed=3)
+    scope = _scope()
+    q, a = _unit(rng)[0], _answer(rng)
+    cache.store(scope, Q1, q, "answer one", answer_vector=a)
+    # a reworded question at 0.97, alone above the threshold: a would-be hit, sent for verification
+    # (rate 1 and no evidence yet); the model's answer is judged equivalent: the two form one group
+    second = _near(q, rng, 0.97)
+    found = cache.find(scope, Q2, second)
+    assert found.status == "verify" and found.hit is not None and found.hit.response == "answer one"
+    cache.store(scope, Q2, second, "answer one, reworded", answer_vector=_near(a, rng, 0.99))
+    counters = cache.stats()["counters"]
+    assert counters["verifications"] == 1 and counters["verified_equivalent"] == 1
+    # a third wording near both: the two agree (one group), another verification
+    query = _near(q, rng, 0.95)
+    found = cache.find(scope, Q3, query)
+    assert found.status == "verify" and found.hit is not None and found.hit.response.startswith("answer one")
+    cache.store(scope, Q3, query, "answer one, fresh", answer_vector=_near(a, rng, 0.3))
+    counters = cache.stats()["counters"]
+    assert counters["verifications"] == 2 and counters["verified_different"] == 1  # judged different
+    assert counters["tau_updates"] >= 1  # the candidate judged wrong must not answer there again
+    # near-duplicates are never sent to the model
+    # (here a miss: the answer judged different sits within the vote window, so the region is split)
+    assert cache.find(scope, Q1, q).status != "verify"
+    assert cache.stats()["counters"]["verifications"] == 2

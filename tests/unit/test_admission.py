@@ -131,3 +131,22 @@ def test_adaptive_window_moves_and_stays_in_bounds() -> None:
         assert p.resident_bytes() <= cfg.budget_bytes
     assert p.window_bytes != start
     assert 1 <= p.window_bytes <= cfg.max_window_bytes
+
+
+def test_lua_scripts_ship_as_package_data() -> None:
+    """Every script the shared policy loads is matched by pyproject's package-data (a wheel or the
+    image without them would fail at the first Redis call), and each loads with its common part."""
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from caches.admission.shared import lua_source
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["caches"]
+    scripts = sorted((root / "caches" / "admission" / "lua").glob("*.lua"))
+    assert {p.stem for p in scripts} == {"common", "record", "admit", "remove", "halve"}
+    for path in scripts:
+        rel = path.relative_to(root / "caches").as_posix()
+        assert any(fnmatch(rel, pat) for pat in patterns), rel
+    assert lua_source("record").startswith(lua_source("common")) and "SETRANGE" in lua_source("halve")

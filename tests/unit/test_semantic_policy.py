@@ -1,20 +1,21 @@
-"""The semantic cache's decision rules, without Redis: guard, cacheability, voting, scopes."""
+"""The semantic cache's decision rules, without Redis: guard, verified learning, exploration."""
 
 from __future__ import annotations
 
 from caches.semantic import (
-    VOTE_FLOOR,
+    FLOOR_MIN,
+    NEAR_DUPLICATE,
     VOTE_MARGIN,
-    AdaptivePolicy,
     Candidate,
     FloorBand,
     PendingLookup,
     PendingLookups,
     StaticPolicy,
+    VerifiedPolicy,
     trap_guard,
     wilson_upper,
 )
-from caches.semantic.decision import FLOOR_MIN_OBS, FLOOR_STEP
+from caches.semantic.decision import BIN, BIN_MIN_OBS, Decision
 
 
 def test_trap_guard_catches_minimal_edits() -> None:
@@ -56,79 +57,114 @@ def test_wilson_upper() -> None:
     assert wilson_upper(5, 100) > 0.05
 
 
-def _cand(sim: float, response: str, query: str = "q", tau: float = -1.0, i: int = 0) -> Candidate:
-    return Candidate(entry_id=i, similarity=sim, query=query, response=response, tau=tau)
+def _cand(sim: float, group: int, query: str = "q", tau: float = -1.0, i: int = 0) -> Candidate:
+    return Candidate(entry_id=i or int(sim * 1000) + group, similarity=sim, query=query, response=f"r{group}",
+                     tau=tau, group=group)
 
 
-def _hit(policy: AdaptivePolicy | StaticPolicy, candidates: list[Candidate], query: str, floor: float):
-    return policy.decide(candidates, query, floor).hit
-
-
-def test_vote_rules() -> None:
-    policy = AdaptivePolicy(threshold=0.92, guard=trap_guard)
-    floor = VOTE_FLOOR
-    # below a near-duplicate similarity two agreeing neighbours are needed
-    assert policy.decide([_cand(0.85, "A")], "q", floor).reject == "vote"
-    assert _hit(policy, [_cand(0.85, "A"), _cand(0.80, "A")], "q", floor) is not None
-    # a disagreeing neighbour within the margin vetoes, even above the static threshold
-    assert _hit(policy, [_cand(0.95, "A"), _cand(0.95 - VOTE_MARGIN / 2, "B")], "q", floor) is None
-    # one outside the margin does not
-    assert _hit(policy, [_cand(0.99, "A"), _cand(0.99 - 2 * VOTE_MARGIN, "B")], "q", floor) is not None
-    assert _hit(policy, [_cand(0.95, "A")], "q", floor) is None  # alone and not a near-duplicate
-    # below the floor nothing is answered, and that is a plain miss (no rejection counted)
-    below = policy.decide([_cand(floor - 0.01, "A"), _cand(floor - 0.02, "A")], "q", floor)
-    assert below.hit is None and below.reject is None
-    # a learned per-entry threshold above the similarity vetoes
-    assert policy.decide([_cand(0.95, "A", tau=0.96)], "q", floor).reject == "tau"
-    # the trap guard vetoes
-    trap = policy.decide(
-        [_cand(0.97, "A", query="How do I unlock my card?")], "How do I lock my card?", floor
-    )
-    assert trap.hit is None and trap.reject == "guard"
-    # without a guard the same pair is a hit (the guard is the only thing that stopped it)
-    assert _hit(AdaptivePolicy(threshold=0.92), [_cand(0.99, "A", query="unlock")], "lock", floor) is not None
+def _by_group(candidate: Candidate, answer_group: int) -> bool:
+    return candidate.group_id == answer_group
 
 
 def test_static_rule() -> None:
     policy = StaticPolicy(threshold=0.9, guard=trap_guard)
-    assert _hit(policy, [_cand(0.91, "A")], "q", 0.9) is not None
-    assert _hit(policy, [_cand(0.89, "A")], "q", 0.9) is None
-    trap = policy.decide(
-        [_cand(0.99, "A", query="Cancel my subscription")], "Don't cancel my subscription", 0.9
-    )
+    assert policy.decide([_cand(0.91, 1)], "q", 0.9).hit is not None
+    assert policy.decide([_cand(0.89, 1)], "q", 0.9).hit is None
+    trap = policy.decide([_cand(0.99, 1, query="Cancel my subscription")], "Don't cancel my subscription", 0.9)
     assert trap.hit is None and trap.reject == "guard"
     # static mode learns nothing
-    assert policy.pending([_cand(0.5, "A")], "q", 0.9) is None
+    assert policy.pending([_cand(0.5, 1)], "q", Decision()) is None
 
 
-def test_policy_floors() -> None:
+def test_verified_rule_guard_tau_and_judged_groups() -> None:
+    policy = VerifiedPolicy(threshold=0.92, guard=trap_guard, explore_rate=0.0)
+    floor = 0.80
+    # below a near-duplicate similarity two neighbours the judge put in one group are needed
+    assert policy.decide([_cand(0.85, 1)], "q", floor).reject == "vote"
+    assert policy.decide([_cand(0.85, 1), _cand(0.80, 1)], "q", floor).hit is not None
+    # a neighbour with a non-equivalent answer within the margin vetoes, even above the threshold
+    assert policy.decide([_cand(0.95, 1), _cand(0.95 - VOTE_MARGIN / 2, 2)], "q", floor).hit is None
+    # one outside the margin does not
+    assert policy.decide([_cand(0.99, 1), _cand(0.99 - 2 * VOTE_MARGIN, 2)], "q", floor).hit is not None
+    # below the floor nothing is answered, and that is a plain miss
+    below = policy.decide([_cand(floor - 0.01, 1), _cand(floor - 0.02, 1)], "q", floor)
+    assert below == Decision()
+    # a learned per-entry threshold at or above the similarity vetoes
+    assert policy.decide([_cand(0.99, 1, tau=0.99)], "q", floor).reject == "tau"
+    trap = policy.decide([_cand(0.99, 1, query="How do I unlock my card?")], "How do I lock my card?", floor)
+    assert trap.reject == "guard"
+
+
+def test_floor_starts_at_the_calibrated_threshold_and_opens_only_within_the_budget() -> None:
+    policy = VerifiedPolicy(threshold=0.92, error_budget=0.01)
     band = FloorBand()
-    assert StaticPolicy(threshold=0.9).floor(band) == 0.9
-    assert AdaptivePolicy(threshold=0.9).floor(band) == VOTE_FLOOR
-    assert AdaptivePolicy(threshold=0.7).floor(band) == 0.7  # never above the static threshold
+    assert policy.floor(band) == 0.92
+    # judged-right would-be hits just below the floor open it, one bin at a time, while the Wilson
+    # bound of the region's error rate stays within the budget
+    for _ in range(400):
+        band.observe(0.915, True)
+    policy.adapt_floor(band)
+    assert abs(band.floor - 0.91) < 1e-9
+    # too few observations in the next bin: it stays shut
+    for _ in range(BIN_MIN_OBS - 1):
+        band.observe(0.905, True)
+    policy.adapt_floor(band)
+    assert abs(band.floor - 0.91) < 1e-9
+    # wrong answers there: the budget is spent, the floor goes back up
+    for _ in range(20):
+        band.observe(0.915, False)
+    policy.adapt_floor(band)
+    assert band.floor == 0.92
+    # clearly over budget above the threshold: it closes upwards
+    for _ in range(50):
+        band.observe(0.925, False)
+    policy.adapt_floor(band)
+    assert band.floor > 0.92
+    # and never below FLOOR_MIN
+    low = FloorBand()
+    for b in range(0, 100):
+        for _ in range(500):
+            low.observe(b * BIN + BIN / 2, True)
+    policy.adapt_floor(low)
+    assert low.floor >= FLOOR_MIN - 1e-9
 
 
-def test_learning_raises_tau_of_wrong_candidates_only() -> None:
-    policy = AdaptivePolicy(threshold=0.92)
-    near = [_cand(0.9, "A", i=1), _cand(0.85, "B", i=2), _cand(0.8, "A", i=3), _cand(0.79, "B", i=4)]
-    pending = policy.pending(near, "q", VOTE_FLOOR)
-    assert pending is not None and pending.shadow is None  # the vote is split: no shadow answer
+def test_exploration_shrinks_with_confidence_and_spares_near_duplicates() -> None:
+    policy = VerifiedPolicy(threshold=0.92, explore_rate=0.2, error_budget=0.01)
     band = FloorBand()
-    wrong = policy.learn(pending, "A", band)
-    assert [c.entry_id for c in wrong] == [2]  # only the three nearest learn
-    assert band.n == 0  # no shadow answer, nothing audited
+    assert policy.explore_probability(0.9, band) == 0.2  # no evidence: the full rate
+    assert policy.explore_probability(NEAR_DUPLICATE, band) == 0.0
+    for _ in range(3000):
+        band.observe(0.9, True)
+    assert policy.explore_probability(0.9, band) < 0.2 * 0.5
+    # explore=True draws; with rate 1 and no evidence every uncertain would-be hit is verified
+    always = VerifiedPolicy(threshold=0.92, explore_rate=1.0, seed=1)
+    pair = [_cand(0.95, 1), _cand(0.94, 1)]
+    decision = always.decide(pair, "q", 0.9, FloorBand(), explore=True)
+    assert decision.verify is pair[0] and decision.hit is None
+    assert always.decide(pair, "q", 0.9, FloorBand(), explore=False).hit is pair[0]
 
 
-def test_floor_steps_down_only_within_the_error_bound() -> None:
-    policy = AdaptivePolicy(threshold=0.92, error_bound=0.05)
-    shadow = _cand(VOTE_FLOOR - FLOOR_STEP / 2, "A")
+def test_learning_from_a_miss_and_a_verification() -> None:
+    policy = VerifiedPolicy(threshold=0.92, explore_rate=0.0)
+    near = [_cand(0.9, 1, i=1), _cand(0.85, 2, i=2), _cand(0.8, 1, i=3), _cand(0.79, 2, i=4)]
+    decision = policy.decide(near, "q", 0.92)
+    pending = policy.pending(near, "q", decision)
+    assert pending is not None and pending.shadow is None  # the vote is split: nothing to observe
     band = FloorBand()
-    for _ in range(FLOOR_MIN_OBS):
-        policy.learn(PendingLookup(shadow=shadow, candidates=[shadow]), "A", band)
-    assert band.floor == VOTE_FLOOR - FLOOR_STEP and band.n == 0  # all right: one step down
-    for _ in range(FLOOR_MIN_OBS):
-        policy.learn(PendingLookup(shadow=shadow, candidates=[shadow]), "B", band)
-        assert band.floor == VOTE_FLOOR - FLOOR_STEP  # all wrong: never steps down
+    learned = policy.learn(pending, lambda c: _by_group(c, 1), band)
+    assert [c.entry_id for c in learned.wrong] == [2]  # only the nearest three are judged
+    assert learned.group == 1 and learned.shadow_correct is None and sum(band.n) == 0
+    # a rule-passing shadow below the floor is an observation, right or wrong
+    pair = [_cand(0.9, 1, i=5), _cand(0.88, 1, i=6)]
+    pending = policy.pending(pair, "q", policy.decide(pair, "q", 0.92))
+    assert pending is not None and pending.shadow is pair[0]
+    learned = policy.learn(pending, lambda c: _by_group(c, 2), band)
+    assert learned.shadow_correct is False and learned.group is None and band.wrong[90] == 1
+    # a verification's candidate is the observation
+    verified = policy.pending(pair, "q", Decision(verify=pair[0]))
+    assert verified is not None and verified.verified and verified.shadow is pair[0]
+    assert policy.learn(verified, lambda c: _by_group(c, 1), band).shadow_correct is True
 
 
 def test_pending_lookups_are_bounded() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 
+from benchmarks.baselines import BeladyPolicy, LRUPolicy
 from benchmarks.simulate_policies import simulate
-from caches.admission import BeladyPolicy, LRUPolicy, WTinyLFU, WTinyLFUConfig
+from caches.admission import WTinyLFU, WTinyLFUConfig
 
 
 def _zipf_trace(n: int, keys: int, seed: int = 0) -> list[list[str]]:

@@ -1,0 +1,196 @@
+"""`SharedWTinyLFU`: the W-TinyLFU of `wtinylfu.py`, its state in the RAM tier's Redis.
+
+Why shared: the RAM budget is one shared Redis, so the eviction order must see every replica's
+reads; and metadata that lives and dies with the values (a Redis restart empties both) can never
+describe entries that are not there for long (a key whose value expired by TTL is dropped from
+the metadata on its next read). Per-replica metadata would evict on a partial view and split one
+budget into N guesses.
+
+How: the sketch *and* the placement metadata (regions, LRU order, sizes, byte totals, the
+climber) sit in ten Redis keys under one prefix (`KEY_ORDER`), changed only by the Lua scripts in
+`lua/` (one call per batch, atomic, so replicas never race on a victim). `lua/common.lua` holds
+the helpers the record/admit/remove scripts share and is prepended to each. The integration
+tests replay the same trace through this class and `WTinyLFU` and compare every decision.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, TypeVar
+
+from caches.admission.policy import Placement, PlacementPolicy, split_placement
+from caches.admission.sketch import COUNTER_MAX, SKETCH_DEPTH, sketch_indexes
+from caches.admission.wtinylfu import CLIMB_RESTART_THRESHOLD, CLIMB_STEP_DECAY, WTinyLFUConfig, lua_number
+
+if TYPE_CHECKING:
+    from caches.tiers.base import Tier
+    from caches.tiers.redis import RedisTier
+
+T = TypeVar("T")
+
+# The policy's Redis keys are f"{prefix}:{name}"; every script takes all of them, in this order.
+WINDOW = "window"  # zset: key -> LRU tick, the admission window
+PROBATION = "probation"  # zset: main region, not yet re-read
+PROTECTED = "protected"  # zset: main region, re-read while in probation
+REGION = "region"  # hash: key -> w | p | q
+SIZE = "size"  # hash: key -> bytes
+BYTES = "bytes"  # hash: w | p | q -> bytes per region
+TICK = "tick"  # string: the LRU clock
+SKETCH = "sketch"  # string: BITFIELD of u4 counters, row-major
+ADDS = "adds"  # string: reads counted since the last halving
+CLIMBER = "climber"  # hash: window, step, prev, reads, hits
+KEY_ORDER = (WINDOW, PROBATION, PROTECTED, REGION, SIZE, BYTES, TICK, SKETCH, ADDS, CLIMBER)
+
+HALVING_CHUNK_BYTES = 64 << 10  # aging in slices keeps each Redis script call well under 1 ms
+PENDING_MAX_KEYS = 100_000  # access counts buffered while Redis is down, flushed on return
+# Keys per placement script call. Redis' Lua caps `unpack` (and a C call's arguments) near 8,000
+# values; the record script unpacks 4 BITFIELD words per sketch row per key (16 per key), so a
+# batch of ~500 keys failed with `too many results to unpack`. 256 keys = 4,096 values: half the
+# cap, and it bounds each call's run time (the server is single-threaded). Chunks of one batch
+# are applied in order, which is what one call over the whole batch would have done.
+MAX_KEYS_PER_SCRIPT = 256
+# Sketch counters per BITFIELD command when flushing the counts buffered during an outage.
+MAX_COUNTERS_PER_FLUSH = 1024
+
+
+@cache
+def lua_source(name: str) -> str:
+    """A script from lua/ (shipped as package data); record/admit/remove get common.lua first."""
+    text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    if name in ("record", "admit", "remove"):
+        text = lua_source("common") + text
+    return text
+
+
+def _chunks(items: Sequence[T], n: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), n):
+        yield list(items[i : i + n])
+
+
+class SharedWTinyLFU(PlacementPolicy):
+    """W-TinyLFU whose sketch and metadata live in the RAM tier's Redis (see module note)."""
+
+    name = "tierserve"
+
+    def __init__(self, tier: RedisTier, config: WTinyLFUConfig, *, prefix: str = "tierserve:placement") -> None:
+        self.tier = tier
+        self.cfg = config
+        self.prefix = prefix
+        self.key = {name: f"{prefix}:{name}" for name in KEY_ORDER}
+        self.keys = [self.key[name] for name in KEY_ORDER]
+        client = tier.client
+        self._record = client.register_script(lua_source("record"))
+        self._admit = client.register_script(lua_source("admit"))
+        self._remove = client.register_script(lua_source("remove"))
+        self._halve = client.register_script(lua_source("halve"))
+        self.pending: Counter[str] = Counter()  # accesses counted while Redis was down
+        self.agings = 0
+
+    @property
+    def _common(self) -> list[object]:
+        c = self.cfg
+        return [c.width, SKETCH_DEPTH, c.budget_bytes, c.window_bytes, repr(c.protected_fraction)]
+
+    def record(self, keys: Sequence[str], hits: set[str]) -> None:
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            args = self._record_args(fetch=False)
+            for k in chunk:
+                args += [k, 1 if k in hits else 0]
+            self._run_record(chunk, args)
+
+    def lookup(self, ram: Tier, keys: Sequence[str]) -> dict[str, bytes] | None:
+        """Read the RAM tier and record the accesses, one round trip per chunk (lua/record.lua),
+        when `ram` is the tier this policy's state lives in."""
+        if ram is not self.tier:
+            return None
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            reply = self._run_record(chunk, [*self._record_args(fetch=True), *chunk])
+            found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
+        return found
+
+    def _record_args(self, *, fetch: bool) -> list[object]:
+        c = self.cfg
+        return [
+            *self._common, c.sample, 1 if c.adaptive else 0, c.climb_sample, repr(lua_number(c.climb_step)),
+            repr(CLIMB_STEP_DECAY), repr(CLIMB_RESTART_THRESHOLD), c.max_window_bytes, c.min_window_bytes,
+            1 if fetch else 0,
+        ]
+
+    def _run_record(self, keys: Sequence[str], args: list[object]) -> list:
+        try:
+            if self.pending:
+                self._flush_pending()
+            reply = self.tier._call("placement.record", self._record, self.keys, args)
+        except Exception:
+            # Redis is down: keep counting here so the outage's reads still count when it returns.
+            if len(self.pending) < PENDING_MAX_KEYS:
+                self.pending.update(keys)
+            raise
+        if reply[0]:
+            self.age()
+        return reply
+
+    def _flush_pending(self) -> None:
+        incr = [(o, min(n, COUNTER_MAX)) for key, n in self.pending.items() for o in sketch_indexes(key, self.cfg.width)]
+        for chunk in _chunks(incr, MAX_COUNTERS_PER_FLUSH):
+            ops: list[object] = ["OVERFLOW", "SAT"]
+            for o, n in chunk:
+                ops += ["INCRBY", "u4", f"#{o}", n]
+            self.tier._call("placement.flush", self.tier.client.execute_command, "BITFIELD", self.key[SKETCH], *ops)
+        self.pending.clear()
+
+    def age(self) -> None:
+        """Halve every counter, slice by slice (other replicas keep counting meanwhile)."""
+        total = self.cfg.width * SKETCH_DEPTH // 2
+        for start in range(0, total, HALVING_CHUNK_BYTES):
+            end = min(total, start + HALVING_CHUNK_BYTES) - 1
+            self.tier._call("placement.age", self._halve, [self.key[SKETCH]], [start, end])
+        self.agings += 1
+
+    def admit(self, sizes: dict[str, int]) -> Placement:
+        if not sizes:
+            return Placement()
+        evicted: list[str] = []
+        for chunk in _chunks(list(sizes), MAX_KEYS_PER_SCRIPT):
+            args: list[object] = list(self._common)
+            for k in chunk:
+                args += [k, sizes[k]]
+            reply = self.tier._call("placement.admit", self._admit, self.keys, args)
+            evicted += [e.decode() if isinstance(e, bytes) else e for e in reply]
+        return split_placement(list(sizes), evicted)
+
+    def remove(self, keys: Sequence[str]) -> None:
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            self.tier._call("placement.remove", self._remove, self.keys, [*self._common, *chunk])
+
+    def resident_bytes(self) -> int:
+        raw = self.tier._call("placement.bytes", self.tier.client.hvals, self.key[BYTES])
+        return sum(int(v) for v in raw)
+
+    def window_bytes(self) -> int:
+        raw = self.tier._call("placement.window", self.tier.client.hget, self.key[CLIMBER], "window")
+        return int(float(raw)) if raw is not None else self.cfg.window_bytes
+
+    def resident_keys(self, prefix: str = "") -> list[str]:
+        """Keys the metadata places under `prefix`; may include some whose value expired by TTL
+        (they are dropped on their next read), which is what a purge must remove too."""
+        pattern = f"{prefix}*" if prefix else "*"
+        found = self.tier._call(
+            "placement.scan", lambda: list(self.tier.client.hscan_iter(self.key[REGION], match=pattern, count=1000))
+        )
+        return [k.decode() if isinstance(k, bytes) else k for k, _ in found]
+
+    def estimate(self, key: str) -> int:
+        ops: list[object] = []
+        for o in sketch_indexes(key, self.cfg.width):
+            ops += ["GET", "u4", f"#{o}"]
+        vals = self.tier._call("placement.estimate", self.tier.client.execute_command, "BITFIELD", self.key[SKETCH], *ops)
+        return min(int(v) for v in vals)
+
+    def reset(self) -> None:
+        """Forget everything (tests, benchmarks): metadata and counts."""
+        self.tier._call("placement.reset", self.tier.client.delete, *self.keys)
