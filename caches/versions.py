@@ -70,6 +70,16 @@ class ModelVersions:
             self._local[model] = (version, now)
         return version
 
+    def known(self, model: str) -> tuple[str, bool]:
+        """(the last version seen, whether it is older than the cache period) without touching
+        Redis: for answers where the version is informative only (`/v1/models`), which must not
+        wait on a slow Redis. Never seen: the default, stale."""
+        with self._lock:
+            cached = self._local.get(model)
+        if cached is None:
+            return self._default(model), True
+        return cached[0], time.monotonic() - cached[1] >= self.cache_s
+
     def bump(self, model: str, version: str) -> str:
         """Set the model's version; returns the previous one (raises CacheUnavailable if Redis is down)."""
         if not version or ":" in version:

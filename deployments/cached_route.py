@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -69,19 +70,36 @@ async def bounded(call: Awaitable[Any], timeout_s: float, what: str) -> Any:
         raise Degraded(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
+# The exact cache's sync Redis calls run in threads of their own, never in the loop's default
+# executor: that one has cpu_count + 4 workers (6 on a 2-core box), and with a slow Redis sixteen
+# requests each holding a worker for a socket timeout would queue everything else that uses it
+# (found by tests/e2e/test_slow_redis.py: /healthz waited 2.5 s behind them).
+CACHE_IO = ThreadPoolExecutor(max_workers=32, thread_name_prefix="exact-cache")
+# A Redis call the exact layer waits for at most (the client's own socket timeout is 0.5 s; this
+# also bounds the wait for a free CACHE_IO thread). Past it: bypass. A loopback GET takes ~0.1 ms.
+EXACT_TIMEOUT_S = 0.75
+
+
+async def cache_io(fn: Callable[..., Any], *args: Any, timeout_s: float = EXACT_TIMEOUT_S) -> Any:
+    """``fn(*args)`` in a CACHE_IO thread, waited for at most ``timeout_s`` (TimeoutError past it;
+    a call still queued then is dropped, one already running finishes in its thread)."""
+    loop = asyncio.get_running_loop()
+    return await asyncio.wait_for(loop.run_in_executor(CACHE_IO, fn, *args), timeout_s)
+
+
 async def exact_get(results: ResultCache, key: str) -> tuple[bytes | None, bool]:
-    """(stored blob or None, whether the cache answered), off the event loop."""
+    """(stored blob or None, whether the cache answered in time), off the event loop."""
     try:
-        return await asyncio.to_thread(results.get, key), True
-    except CACHE_ERRORS:
+        return await cache_io(results.get, key), True
+    except (*CACHE_ERRORS, TimeoutError):
         return None, False
 
 
 async def exact_put(results: ResultCache, key: str, blob: bytes) -> bool:
-    """Store off the event loop; False when the cache could not take it (the answer still goes out)."""
+    """Store off the event loop; False when the cache could not take it in time (the answer still goes out)."""
     try:
-        await asyncio.to_thread(results.put, key, blob)
-    except CACHE_ERRORS:
+        await cache_io(results.put, key, blob)
+    except (*CACHE_ERRORS, TimeoutError):
         return False
     return True
 
@@ -175,8 +193,11 @@ class CachedRoute:
             self._refreshing = False
 
     async def _version(self, model: str) -> str:
-        # ModelVersions reads Redis synchronously: a worker thread keeps the loop free.
-        return await asyncio.to_thread(self.version_of, model)
+        # ModelVersions reads Redis synchronously (at most twice a second, else from memory): a
+        # CACHE_IO thread keeps the loop free. No deadline of ours: the client's socket timeout
+        # bounds it, and on failure it answers the last version it saw - guessing one here could
+        # serve entries of a version that was bumped away.
+        return await asyncio.get_running_loop().run_in_executor(CACHE_IO, self.version_of, model)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

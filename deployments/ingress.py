@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
@@ -48,6 +49,20 @@ log = logging.getLogger("tierserve.ingress")
 app = FastAPI(title="tierserve", version="0.1.0", description="Ray Serve app with result, semantic, KV and tiered feature caches")
 
 RECS_MODEL = "recs"
+# /healthz waits this long for Redis's PONG: it must answer fast whatever Redis does, and a
+# loopback PING takes ~0.1 ms, so a miss means "slow", not "the app is down".
+HEALTH_REDIS_DEADLINE_S = 0.25
+# A recommendation is answered (maybe degraded) or refused within this long. Each of the
+# Recommender's Redis calls is bounded by the client's timeout, but a request makes a dozen: with
+# Redis stalling for 1 s at a time one took 11 s (tests/e2e/test_slow_redis.py). Past the
+# deadline: 503 with a message; the replica's late answer is dropped.
+RECOMMEND_DEADLINE_S = 10.0
+IDEMPOTENT = ("recommend",)  # asked again once after a replica failure; an event is never sent twice
+RECOMMENDER_RETRY = {
+    "recommend": "retry shortly",
+    # The replica may have died after the push: the rating may be recorded already.
+    "record_event": "the event may or may not have been recorded; check before sending it again",
+}
 
 
 def _is_loopback(host: str) -> bool:
@@ -171,8 +186,11 @@ class Ingress:
         llm_cfg = self.settings.llm
         self.model_name = llm_cfg.served_model_name
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
+        self._refreshing_version = False
+        # asyncio client: single flight and the health probe wait for Redis without a thread
+        self.aredis = aioredis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
         # one single-flight table for both routes: their keys never collide (the route is hashed in)
-        coalescer = Coalescer(aioredis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5))
+        coalescer = Coalescer(self.aredis)
         self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm, coalescer)
         self.completion = CompletionPath(self.settings, self.results, self._version, llm, coalescer)
         BodySizeLimit.max_bytes = self.settings.max_body_bytes
@@ -193,6 +211,40 @@ class Ingress:
         except Exception:  # noqa: BLE001 - Redis down: the configured version still names the model
             return self.settings.llm.model_version
 
+    def _background_refresh(self, model: str) -> None:
+        if self._refreshing_version:
+            return
+        self._refreshing_version = True
+        future = asyncio.get_running_loop().run_in_executor(None, self._version, model)
+        future.add_done_callback(lambda _: setattr(self, "_refreshing_version", False))
+
+    async def _recommender_call(self, what: str, call: Callable[[], Awaitable[Any]],
+                                deadline_s: float | None = None) -> dict[str, Any]:
+        """A Recommender answer, or a 503 saying why when the replica failed or died mid-request
+        (Serve starts a new one) or missed the deadline: a dependency failure, never a 500."""
+        started = time.monotonic()
+        try:
+            try:
+                return dict(await asyncio.wait_for(call(), deadline_s))
+            except TimeoutError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a dead or failing replica
+                if what not in IDEMPOTENT:
+                    raise
+                # A read: ask once more; Serve's router has dropped the dead replica, so this
+                # reaches another one when there is one (else it waits for the replacement).
+                log.warning("recommender %s failed (%s); asking again", what, type(exc).__name__)
+                left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - started))
+                return dict(await asyncio.wait_for(call(), left))
+        except TimeoutError:
+            log.warning("recommender %s missed its %.0fs deadline", what, deadline_s)
+            return {"status": 503, "message": f"the recommender did not answer within {deadline_s:g}s (a dependency "
+                                              f"is slow); {RECOMMENDER_RETRY[what]}"}
+        except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a dead or failing replica
+            log.warning("recommender %s failed: %s: %s", what, type(exc).__name__, exc)
+            return {"status": 503, "message": f"the recommender failed while answering ({type(exc).__name__}); "
+                                              f"{RECOMMENDER_RETRY[what]}"}
+
     # ------------------------------------------------------------------ chat
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
@@ -206,7 +258,12 @@ class Ingress:
     async def _model_cards(self) -> list[dict[str, Any]]:
         """The chat/completions model first (clients take data[0]), then the embedding model."""
         llm, enc = await asyncio.gather(self.llm.info.remote(), self.encoder.info.remote())
-        return [model_card(llm["id"], max_model_len=llm["max_model_len"], version=self._version(llm["id"])),
+        # Informative here: the last version seen, refreshed in the background when old, so a
+        # slow Redis never delays this route (chat requests refresh it on their own path).
+        version, stale = self.versions.known(llm["id"])
+        if stale:
+            self._background_refresh(llm["id"])
+        return [model_card(llm["id"], max_model_len=llm["max_model_len"], version=version),
                 model_card(enc["name"], version=enc["version"], dimensions=enc["dim"])]
 
     @app.get("/v1/models")
@@ -241,11 +298,13 @@ class Ingress:
     async def recommendations(self, body: RecommendationRequest, request: Request) -> Any:
         started = time.perf_counter()
         tenant = self._tenant(request)
-        result = await self.recommender.recommend.remote(body.user_id, body.k, tenant)
+        result = await self._recommender_call("recommend", lambda: self.recommender.recommend.remote(body.user_id, body.k, tenant),
+                                              RECOMMEND_DEADLINE_S)
         status = result.pop("status", 200)
         metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
         if status != 200:
-            return JSONResponse(error_body(status, result["message"]), status_code=status)
+            return JSONResponse(error_body(status, result["message"]), status_code=status,
+                                headers={"retry-after": "2"} if status == 503 else None)
         # Plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk of the items.
         return JSONResponse(result)
 
@@ -265,10 +324,12 @@ class Ingress:
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:
         sender = self._event_sender(request)
-        result = await self.recommender.record_event.remote(body.model_dump(), sender)
+        result = await self._recommender_call("record_event",
+                                              lambda: self.recommender.record_event.remote(body.model_dump(), sender))
         status = result.pop("status", 202)
         if status >= 400:
-            return JSONResponse(error_body(status, result["message"]), status_code=status)
+            return JSONResponse(error_body(status, result["message"]), status_code=status,
+                                headers={"retry-after": "2"} if status == 503 else None)
         return JSONResponse(result, status_code=202)
 
     # ------------------------------------------------------------ operations
@@ -277,7 +338,7 @@ class Ingress:
         admin = self.admins.is_admin(request.headers.get("authorization"))
         tenant = None if admin else self._tenant(request)
         try:
-            exact = self.results.stats()
+            exact = await asyncio.to_thread(self.results.stats)
         except (CacheUnavailable, *REDIS_ERRORS):  # any Redis error (a refused key too): a gap, never a 500
             exact = {"status": "unavailable"}
         semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
@@ -292,7 +353,7 @@ class Ingress:
         if name not in (self.model_name, RECS_MODEL):
             return JSONResponse(error_body(404, f"unknown model '{name}'; known: {self.model_name}, {RECS_MODEL}"), status_code=404)
         try:
-            previous = self.versions.bump(name, body.version)
+            previous = await asyncio.to_thread(self.versions.bump, name, body.version)
         except (redis.RedisError, CacheUnavailable):
             return JSONResponse(error_body(503, "Redis is unreachable: version not changed, retry when it is back"), status_code=503)
         if name == RECS_MODEL:
@@ -306,11 +367,17 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        """Liveness: always fast. `redis` is `up`, `slow` (no PONG within the deadline) or `down`.
+        The asyncio client waits without a thread: a slow Redis cannot queue this behind the
+        cache calls (with a thread per ping it once waited 2.5 s behind them)."""
         try:
-            redis_ok = bool(await asyncio.to_thread(self.redis.ping))  # a slow Redis must not stall the loop
-        except redis.RedisError:
-            redis_ok = False
-        return {"status": "ok", "redis": "up" if redis_ok else "down"}
+            await asyncio.wait_for(self.aredis.ping(), HEALTH_REDIS_DEADLINE_S)
+            state = "up"
+        except TimeoutError:
+            state = "slow"
+        except (redis.RedisError, OSError):
+            state = "down"
+        return {"status": "ok", "redis": state}
 
     @app.get("/metrics")
     async def prometheus(self) -> PlainTextResponse:

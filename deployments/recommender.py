@@ -122,9 +122,25 @@ class RecommenderDeployment:
         self._failed: dict[str, float] = {}  # version -> when its failed load may be tried again
         self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
                                                  lambda m: m.close(remove_files=True))
+        self._warm_up(info)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="recs-watch", daemon=True)
         self._watcher.start()
+
+    def _warm_up(self, info: RepoInfo) -> None:
+        """One read of each feature view and of the event writer's store before taking traffic:
+        Feast's first use imports it and opens the registry (7-11 s on 2 cores), which the first
+        requests after a (re)start would otherwise wait out, past the Ingress's deadline (seen in
+        benchmarks/fault_matrix.py's replica_kill row). Best effort: a dependency that is down
+        now is the requests' business, not a reason to fail the replica."""
+        users, items = info.user_ids_sample[:1], info.popular_items[:1]
+        with self.models.lease() as m:
+            for cache, ids in ((m.users, users), (m.items, items)):
+                with contextlib.suppress(Exception):
+                    cache.get(ids)
+        if users:
+            with contextlib.suppress(Exception):
+                self.writer.current_row(users[0])
 
     def _build(self, version: str, info: RepoInfo | None = None) -> RecsModel:
         self._builds += 1  # each build its own SSD directory: the one it replaces may still be open

@@ -58,3 +58,13 @@ def test_bump_leaves_no_stale_answer_and_purges(redis_client: redis.Redis) -> No
     results.put(rk2, b"new")
     purge_in_background(results, semantic, "m", "2").join(timeout=5)
     assert results.get(rk2) is None
+
+
+def test_known_answers_without_redis_and_says_when_it_is_old(redis_client: redis.Redis) -> None:
+    versions = ModelVersions(redis_client, {"m": "1"}, cache_s=0.2)
+    assert versions.known("m") == ("1", True)  # never read: the default, to be refreshed
+    ModelVersions(redis_client, {"m": "1"}).bump("m", "2")  # another replica bumps
+    assert versions.current("m") == "2"
+    assert versions.known("m") == ("2", False)
+    time.sleep(0.25)
+    assert versions.known("m") == ("2", True)  # still the last seen; the caller refreshes it

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
 import redis
 
 from caches.result import CacheUnavailable
-from deployments.cached_route import Degraded, bounded, exact_get, exact_put
+from deployments.cached_route import EXACT_TIMEOUT_S, Degraded, bounded, exact_get, exact_put
 from deployments.config import ENCODER_TIMEOUT_S, SEMANTIC_TIMEOUT_S, CacheSettings
 
 
@@ -71,6 +72,53 @@ def test_redis_calls_run_off_the_event_loop_thread() -> None:
 
     assert asyncio.run(go()) == (b"blob", True)
     assert results.threads and results.threads[0] != threading.get_ident()
+
+
+class SlowResults(FakeResults):
+    """A Redis that answers, but only after `delay_s` (a stalled server)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def get(self, key: str) -> bytes | None:
+        threading.Event().wait(self.delay_s)
+        return super().get(key)
+
+    def put(self, key: str, value: bytes, ttl_s: Any = None) -> None:
+        threading.Event().wait(self.delay_s)
+        super().put(key, value)
+
+
+def test_a_slow_exact_cache_is_a_bypass_within_its_deadline() -> None:
+    results = SlowResults(delay_s=3.0)
+
+    async def go() -> tuple[tuple[bytes | None, bool], bool, float]:
+        t0 = time.perf_counter()
+        got = await exact_get(results, "k")  # type: ignore[arg-type]
+        stored = await exact_put(results, "k", b"v")  # type: ignore[arg-type]
+        return got, stored, time.perf_counter() - t0
+
+    got, stored, elapsed = asyncio.run(go())
+    assert got == (None, False) and stored is False
+    assert elapsed < 2 * EXACT_TIMEOUT_S + 1.0  # both gave up at their deadline, not after 6 s
+
+
+def test_slow_cache_calls_do_not_hold_the_default_executor() -> None:
+    """Sixteen stalled lookups at once leave asyncio.to_thread's pool free for everything else
+    (it has cpu_count + 4 workers; the exact cache has its own threads)."""
+    results = SlowResults(delay_s=1.0)
+
+    async def go() -> float:
+        lookups = [asyncio.create_task(exact_get(results, f"k{i}")) for i in range(16)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(lambda: None)
+        waited = time.perf_counter() - t0
+        await asyncio.gather(*lookups)
+        return waited
+
+    assert asyncio.run(go()) < 0.5
 
 
 def test_deadline_settings_have_named_defaults_and_must_be_positive() -> None:
