@@ -14,6 +14,7 @@ from caches.calibrate import load_threshold
 from caches.redis_server import EmbeddedRedis, free_port
 from caches.result import CacheUnavailable
 from caches.semantic import SemanticCache
+from caches.semantic.judge import EmbeddingJudge
 from tests.support import scope
 
 # Fraction of fow_cache trap pairs (label 0) that may be merged at the shipped threshold. The
@@ -211,12 +212,18 @@ def _answer(rng: np.random.Generator) -> np.ndarray:
     return _unit(rng)[0]
 
 
+# These tests are about the mechanism (groups, vetoes, verification), not the calibration: a judge
+# at 0.9 so that answers made 0.97 alike count as equivalent. The app's calibrated threshold
+# (caches.semantic.judge.ANSWER_SIMILARITY_THRESHOLD, 0.993) is tested in tests/unit/test_judge.py.
+MECHANISM_JUDGE = EmbeddingJudge(threshold=0.9)
+
+
 def test_entries_carry_the_answer_embedding_and_judged_group(redis_client: redis.Redis) -> None:
     """Verified mode: an entry stores its answer's embedding; a miss's answer judged equivalent to
     a candidate's joins its group (in Redis, so every replica's mirror sees it), one judged
     different raises that candidate's threshold."""
     rng = np.random.default_rng(11)
-    cache = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=0.0)
+    cache = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=0.0, judge=MECHANISM_JUDGE)
     scope = _scope()
     q, a = _unit(rng)[0], _answer(rng)
     first = cache.store(scope, "How do I reset my password?", q, "Use the reset link.", answer_vector=a)
@@ -236,7 +243,7 @@ def test_entries_carry_the_answer_embedding_and_judged_group(redis_client: redis
     assert float(redis_client.hget(f"{scope}:e:{first}", "tau")) == pytest.approx(0.86, abs=0.01)
     assert int(redis_client.hget(f"{scope}:e:{third}", b"group")) == int(third)  # a group of its own
     # a second replica loads the scope from Redis with groups and answer embeddings
-    other_replica = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=0.0)
+    other_replica = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=0.0, judge=MECHANISM_JUDGE)
     found = other_replica.find(scope, "How do I reset my password?", q)
     assert found.status in ("hit", "miss")  # (a vote may veto; the point is the load works)
     meta = other_replica.mirror.scopes[scope].meta[int(second)]
@@ -252,7 +259,7 @@ def test_verify_status_and_learning_from_the_verdict(redis_client: redis.Redis) 
     candidate; storing the model's answer judges it (counted), and a near-duplicate is never
     explored."""
     rng = np.random.default_rng(12)
-    cache = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=1.0, seed=3)
+    cache = SemanticCache(redis_client, threshold=0.9, mode="verified", explore_rate=1.0, seed=3, judge=MECHANISM_JUDGE)
     scope = _scope()
     q, a = _unit(rng)[0], _answer(rng)
     cache.store(scope, Q1, q, "answer one", answer_vector=a)
