@@ -78,6 +78,10 @@ CACHE_IO = ThreadPoolExecutor(max_workers=32, thread_name_prefix="exact-cache")
 # A Redis call the exact layer waits for at most (the client's own socket timeout is 0.5 s; this
 # also bounds the wait for a free CACHE_IO thread). Past it: bypass. A loopback GET takes ~0.1 ms.
 EXACT_TIMEOUT_S = 0.75
+# A store comes after the answer was computed and only when the lookup just before it worked, so
+# it gets longer: giving up on a store that a busy (not broken) Redis would take in 1 s throws the
+# model's work away for the next asker (seen on a loaded 2-core CI box).
+STORE_TIMEOUT_S = 3.0
 
 
 async def cache_io(fn: Callable[..., Any], *args: Any, timeout_s: float = EXACT_TIMEOUT_S) -> Any:
@@ -98,7 +102,7 @@ async def exact_get(results: ResultCache, key: str) -> tuple[bytes | None, bool]
 async def exact_put(results: ResultCache, key: str, blob: bytes) -> bool:
     """Store off the event loop; False when the cache could not take it in time (the answer still goes out)."""
     try:
-        await cache_io(results.put, key, blob)
+        await cache_io(results.put, key, blob, timeout_s=STORE_TIMEOUT_S)
     except (*CACHE_ERRORS, TimeoutError):
         return False
     return True

@@ -28,7 +28,7 @@ from caches.coalesce import Coalescer
 from caches.prompts import build_messages
 from caches.result import ResultCache
 from deployments import metrics
-from deployments.cached_route import CachedRoute, Degraded, Hit, Turn, bounded
+from deployments.cached_route import STORE_TIMEOUT_S, CachedRoute, Degraded, Hit, Turn, bounded
 from deployments.config import AppSettings
 from deployments.openai_compat import (
     StreamAssembler,
@@ -137,7 +137,7 @@ class ChatPath(CachedRoute):
             answer_vector = await self._embed(text)
             await bounded(self.semantic.store.remote(ident.semantic_scope, ident.semantic_text or "", turn.vector, text,
                                                      answer_vector),
-                          self.settings.cache.semantic_timeout_s, "semantic store")
+                          max(self.settings.cache.semantic_timeout_s, STORE_TIMEOUT_S), "semantic store")
         except Degraded as exc:
             log.warning("semantic store skipped: %s", exc)
 
