@@ -31,8 +31,62 @@ __all__ = ["MAX_KEYS_PER_CALL", "REDIS_ERRORS", "RETRY_AFTER_S", "RedisTier", "m
 # Keep single commands bounded: one huge MGET blocks the (single-threaded) server for everyone.
 MAX_KEYS_PER_CALL = 1000
 
+# Shared by the write scripts: one value written with its size booked in the sizes hash
+# (KEYS[1]), one key deleted with its size given back; each returns the byte delta.
+_BOOKKEEPING = """
+local function put_one(k, v, ttl)
+  if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
+  local n = #k + #v
+  local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
+  redis.call('HSET', KEYS[1], k, n)
+  return n - old
+end
+local function delete_one(k)
+  redis.call('DEL', k)
+  local old = redis.call('HGET', KEYS[1], k)
+  if not old then return 0 end
+  redis.call('HDEL', KEYS[1], k)
+  return -tonumber(old)
+end
+"""
+
 # Admitted values in, displaced values out, one round trip: ARGV ttl_ms, n_puts, puts..., deletes...
-_PUT_DELETE = """
+_PUT_DELETE = _BOOKKEEPING + """
+local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
+local delta = 0
+for i = 3, 2 + 2 * nput, 2 do
+  delta = delta + put_one(ARGV[i], ARGV[i + 1], ttl)
+end
+for i = 3 + 2 * nput, #ARGV do
+  delta = delta + delete_one(ARGV[i])
+end
+return redis.call('INCRBY', KEYS[2], delta)
+"""
+
+# The same with a generation compare per put (caches/generations.py): ARGV ttl_ms, n_puts, then
+# per put: key, value, its generation counter's key, the generation the value was read at; then
+# deletes. A put lands only if the counter still holds that generation, atomically with the
+# write (a bump between a separate compare and the write would let an old row in). Returns the
+# byte total, then the keys refused.
+_PUT_DELETE_CHECKED = _BOOKKEEPING + """
+local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
+local delta, refused = 0, {}
+local last = 2 + 4 * nput
+for i = 3, last, 4 do
+  if tonumber(redis.call('GET', ARGV[i + 2]) or '0') == tonumber(ARGV[i + 3]) then
+    delta = delta + put_one(ARGV[i], ARGV[i + 1], ttl)
+  else
+    refused[#refused + 1] = ARGV[i]
+  end
+end
+for i = last + 1, #ARGV do
+  delta = delta + delete_one(ARGV[i])
+end
+table.insert(refused, 1, redis.call('INCRBY', KEYS[2], delta))
+return refused
+"""
+
+_DELETE = """
 local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
 local delta = 0
 for i = 3, 2 + 2 * nput, 2 do
