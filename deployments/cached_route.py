@@ -36,7 +36,7 @@ from caches.result import CacheUnavailable, ResultCache
 from deployments import metrics
 from deployments.config import AppSettings
 from deployments.llm import META_PREFIX
-from deployments.openai_compat import StreamAssembler, refresh
+from deployments.openai_compat import StreamAssembler, is_done, refresh
 from deployments.openai_surface import open_stream
 
 log = logging.getLogger("tierserve.cached_route")
@@ -82,6 +82,9 @@ EXACT_TIMEOUT_S = 0.75
 # it gets longer: giving up on a store that a busy (not broken) Redis would take in 1 s throws the
 # model's work away for the next asker (seen on a loaded 2-core CI box).
 STORE_TIMEOUT_S = 3.0
+# How long a streamed miss's `[DONE]` waits for its store (read-your-writes for a client that
+# repeats at once; normally a few ms); past it the marker goes and the store finishes behind it.
+STREAM_STORE_WAIT_S = 1.0
 
 
 async def cache_io(fn: Callable[..., Any], *args: Any, timeout_s: float = EXACT_TIMEOUT_S) -> Any:
@@ -329,11 +332,23 @@ class CachedRoute:
         that hangs up closes this generator mid-way: nothing after the loop runs, nothing is stored."""
         assembler = self._assembler()
         try:
+            done: str | None = None
             async for chunk in stream:
                 assembler.feed(chunk)
+                if is_done(chunk):
+                    done = chunk  # held back until the answer is stored (below)
+                    continue
                 yield chunk
             metrics.observe(self.route, turn.layer, 200, turn.started)
-            await self._finish(turn, 200, assembler.completion(), fingerprint)
+            # Store before the final `[DONE]`: a client that repeats the request the moment its
+            # stream ended must find it (read-your-writes). Bounded: a slow Redis delays the end
+            # marker by at most STREAM_STORE_WAIT_S, and the store goes on in the background.
+            store = asyncio.ensure_future(self._finish(turn, 200, assembler.completion(), fingerprint))
+            self._tasks.add(store)
+            store.add_done_callback(self._background_done)
+            await asyncio.wait({store}, timeout=STREAM_STORE_WAIT_S)
+            if done is not None:
+                yield done
         finally:
             if turn.flight is not None:
                 await turn.flight.close()

@@ -130,6 +130,11 @@ class _Choice:
         return message
 
 
+def is_done(chunk: str) -> bool:
+    """True for the stream's end marker alone (``data: [DONE]``), as the engine sends it."""
+    return chunk.strip() == "data: [DONE]"
+
+
 class StreamAssembler:
     """Rebuilds the full completion from vLLM's SSE chunks, so a streamed miss can be cached.
 
