@@ -63,7 +63,7 @@ STAGES: list[tuple[str, re.Pattern[str]]] = [
         ("feast", r"\((feast|sqlite3)/|tiers/feast\.py"),
         ("redis", r"\(redis/|caches/redis_client\.py|tiers/redis\.py|admission/shared\.py|invalidation\.py"),
         ("faiss", r"\(faiss/|vector_index\.py|search(_scored)? \(deployments/recommender_model\.py"),
-        ("tiered-cache bookkeeping", r"caches/(tiered|features|admission/\w+)\.py|tiers/rocksdb\.py|\(rocksdict/"),
+        ("tiered-cache bookkeeping", r"caches/(tiered\w*|features|admission/\w+)\.py|tiers/rocksdb\.py|\(rocksdict/"),
         ("recommender: scoring, loops", r"deployments/recommender(_model)?\.py|\(numpy/|caches/versions\.py"),
         ("ingress route", r"deployments/(ingress|metrics)\.py|\(prometheus_client/"),
         ("http (uvicorn/starlette/fastapi)", r"\((starlette|fastapi|uvicorn|h11|httptools|anyio)/"),
