@@ -112,6 +112,14 @@ def event(repo: RepoInfo, writer: UserActivityWriter, b: FeatureCache, user: int
     return run
 
 
+def sampled_user(repo: RepoInfo, writer: UserActivityWriter, i: int) -> tuple[int, dict[str, Any]]:
+    """The repo's i-th sampled user and its row in the online store now (a sampled user has one)."""
+    user = repo.user_ids_sample[i]
+    row = writer.current_row(user)
+    assert row is not None
+    return user, row
+
+
 def n_ratings(raw: bytes) -> int:
     return int(decode_features(raw)["n_ratings"])
 
@@ -137,9 +145,7 @@ def test_a_read_that_straddles_an_event_leaves_no_old_row_in_any_tier(
     pair: tuple[FeatureCache, FeatureCache], repo: RepoInfo, writer: UserActivityWriter, redis_client: redis.Redis
 ) -> None:
     a, b = pair
-    user = repo.user_ids_sample[0]
-    before = writer.current_row(user)
-    assert before is not None
+    user, before = sampled_user(repo, writer, 0)
     hook = on_read(a.tiered.cold, a.key(user), event(repo, writer, b, user))
 
     straddling = a.get([user])  # generation read, Feast read (old row), the event, then the fills
@@ -165,9 +171,8 @@ def test_a_demotion_after_an_invalidation_does_not_bring_the_old_row_back(
     a = replica(repo, redis_url, tmp_path / "a", ram_budget=4 * ROW_BYTES)
     b = replica(repo, redis_url, tmp_path / "b", ram_budget=4 * ROW_BYTES)
     try:
-        user, others = repo.user_ids_sample[1], repo.user_ids_sample[2:]
-        before = writer.current_row(user)
-        assert before is not None
+        user, before = sampled_user(repo, writer, 1)
+        others = repo.user_ids_sample[2:]
         assert b.get([user]).sources[user] == "feast"  # B placed it in RAM; A has no SSD copy
         assert redis_client.get(a.key(user)) is not None
         # A's demotion reads the RAM copy to write it to its SSD
@@ -197,9 +202,7 @@ def test_a_promotion_after_an_invalidation_is_refused_by_ram(
     pair: tuple[FeatureCache, FeatureCache], repo: RepoInfo, writer: UserActivityWriter, redis_client: redis.Redis
 ) -> None:
     a, b = pair
-    user = repo.user_ids_sample[2]
-    before = writer.current_row(user)
-    assert before is not None
+    user, before = sampled_user(repo, writer, 2)
     a.get([user])  # A's SSD and RAM hold the row
     a.tiered.ram.delete_many([a.key(user)])  # RAM lost it (evicted elsewhere): the next read promotes
     a.tiered.policy.remove([a.key(user)])
