@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--repeat-share", type=float, default=0.3)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--block", type=int, default=25, help="requests per arm per turn (arms interleave)")
     parser.add_argument("--out", type=Path, default=RESULTS / "chat_value.json")
     args = parser.parse_args()
 
@@ -196,11 +197,20 @@ def main() -> None:
     results: dict[str, Any] = {}
     try:
         wait_ready(vllm_url, proc)
-        for arm, url, bodies, engine in (("vllm", vllm_url, vllm_bodies, {"none"}),
-                                         ("tierserve", args.url, app_bodies, {"miss", "bypass"})):
-            start = time.perf_counter()
-            records = asyncio.run(drive(url, bodies, args.concurrency))
-            results[arm] = summarise(records, intents, time.perf_counter() - start, engine)
+        arms = {"vllm": (vllm_url, vllm_bodies, {"none"}), "tierserve": (args.url, app_bodies, {"miss", "bypass"})}
+        records: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+        wall: dict[str, float] = dict.fromkeys(arms, 0.0)
+        # Interleaved in blocks, the arm that goes first alternating: a shared machine's load
+        # changes over minutes, and two arms run one after the other would each get a different
+        # machine. Each arm still sees its own requests in stream order (what its caches need).
+        for b, lo in enumerate(range(0, len(items), args.block)):
+            for arm in (list(arms) if b % 2 == 0 else list(reversed(arms))):
+                url, bodies, _ = arms[arm]
+                start = time.perf_counter()
+                records[arm] += asyncio.run(drive(url, bodies[lo:lo + args.block], args.concurrency))
+                wall[arm] += time.perf_counter() - start
+        for arm, (_, _, engine) in arms.items():
+            results[arm] = summarise(records[arm], intents, wall[arm], engine)
             r = results[arm]
             print(f"{arm:>10}: {r['requests_per_s']:.2f} req/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
                   f"engine {r['engine_s_per_1000']:.0f} s per 1,000 requests, wrong answers {r['wrong_answers']}, "
@@ -213,6 +223,7 @@ def main() -> None:
     summary = {
         "benchmark": "chat_value", "model": settings.served_model_name, "n": len(items),
         "concurrency": args.concurrency, "repeat_share": args.repeat_share, "stream": args.stream.name,
+        "interleaved_block": args.block,
         "intents": "held-out half (benchmarks.intent_split)", "systems": results,
         "ratios": {
             "requests_per_s_app_over_vllm": app["requests_per_s"] / max(alone["requests_per_s"], 1e-9),
