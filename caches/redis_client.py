@@ -14,6 +14,14 @@ script error such as `too many results to unpack`) escaped as a 500. Here:
   per interval, not one per request. An error about one command (WRONGTYPE, a script error) does
   not open it: it says nothing about the next command. Every cache (tiers, exact results,
   semantic, versions) runs its Redis calls through one of these.
+
+Redis Cluster: a URL with the scheme ``redis+cluster://`` (or ``rediss+cluster://``) names a
+cluster (any one node's address: the client discovers the rest), and ``make_client`` returns a
+``redis.cluster.RedisCluster`` with the same timeouts and no retries (the cluster client still
+follows MOVED/ASK redirections, which are not retries of a failure). A scheme, not a query flag,
+because a plain ``redis.Redis.from_url`` refuses it loudly instead of silently talking to one
+node of a cluster. `scan_keys` walks every primary (a purge that scanned one node would leave the
+other masters' keys behind).
 """
 
 from __future__ import annotations
@@ -21,11 +29,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from caches.tiers.base import TierUnavailable
@@ -50,9 +59,34 @@ class RedisUnavailable(TierUnavailable):
     """A Redis call failed or was skipped by the breaker: callers degrade, never crash."""
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def node_url(url: str) -> str:
+    """The plain ``redis://`` (``rediss://``) form of a cluster URL: what redis-py parses."""
+    return url.replace("+cluster://", "://", 1) if is_cluster_url(url) else url
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
 def make_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
-    """A client that fails fast and never retries on its own (see the module note)."""
+    """A client that fails fast and never retries on its own (see the module note); a
+    ``RedisCluster`` when the URL names a cluster (duck-typed as ``redis.Redis`` for callers)."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(  # type: ignore[return-value]
+            node_url(url),
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout_s,
@@ -61,6 +95,23 @@ def make_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
         retry_on_error=[],
         health_check_interval=0,
     )
+
+
+def make_async_client(url: str, **kwargs: Any) -> Any:
+    """The asyncio twin of ``make_client`` with the caller's options (plain or cluster)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    if is_cluster_url(url):
+        return AsyncRedisCluster.from_url(node_url(url), **kwargs)
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+def scan_keys(client: Any, pattern: str, count: int = 1000) -> Iterator[bytes]:
+    """SCAN MATCH over the whole keyspace: every primary of a cluster, the one server otherwise."""
+    if is_cluster(client):
+        return client.scan_iter(match=pattern, count=count, target_nodes=RedisCluster.PRIMARIES)
+    return client.scan_iter(match=pattern, count=count)
 
 
 def server_unwell(exc: BaseException) -> bool:

@@ -23,7 +23,7 @@ from caches.features import FeatureCache
 from caches.redis_server import EmbeddedRedis, free_port
 from caches.tiered import TieredCache
 from caches.tiers.base import TierStats
-from caches.tiers.redis import RETRY_AFTER_S, RedisTier
+from caches.tiers.redis import RETRY_AFTER_S, RedisTier, shards_for
 from caches.tiers.rocksdb import RocksDBTier
 from tests.integration.test_tiers import small_feast_repo
 
@@ -55,6 +55,12 @@ class DictTier:
 
     def stats(self) -> TierStats:
         return TierStats()
+
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
 
 
 def val(key: str, tag: str = "") -> bytes:
@@ -229,7 +235,7 @@ def test_sigkill_between_lower_write_and_upper_delete_loses_nothing(
         if proc.poll() is None:
             proc.kill()
     ssd = RocksDBTier(tmp_path / "b")  # the dead process' lock is gone
-    ram = RedisTier(redis_url, meta_prefix="tierserve:tier:crash")
+    ram = RedisTier(redis_url, meta_prefix="tierserve:tier:crash", shards=shards_for(10 * 120, 120))  # as the cache
     try:
         in_ram, in_ssd = ram.get_many(sorted(resident)), ssd.get_many(sorted(resident))
         for k in resident:
@@ -249,7 +255,7 @@ def test_lua_policy_makes_the_same_decisions_as_the_python_reference(
     trace = [list(dict.fromkeys(b)) for b in trace]
     cfg = WTinyLFUConfig(3000, entry_bytes=120)
     local = WTinyLFU(cfg)
-    shared = SharedWTinyLFU(RedisTier(redis_url), cfg, prefix="test:equiv")
+    shared = SharedWTinyLFU(RedisTier(redis_url, shards=1), cfg, prefix="test:equiv")  # one group: the reference is one
     a = simulate(local, trace, sizes.__getitem__)
     b = simulate(shared, trace, sizes.__getitem__)
     assert a == b
