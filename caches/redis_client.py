@@ -114,6 +114,41 @@ def scan_keys(client: Any, pattern: str, count: int = 1000) -> Iterator[bytes]:
     return client.scan_iter(match=pattern, count=count)
 
 
+class ScriptBatch:
+    """Lua script calls sent together, replies in call order: one pipeline on one server; on a
+    cluster (whose pipelines refuse EVALSHA) one pipeline per node, each call routed to the node
+    of its first key's slot (every key of a call shares that slot: the hash-tag rule)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[tuple[Any, list[Any], list[Any]]] = []
+
+    def add(self, script: Any, keys: list[Any], args: list[Any]) -> None:
+        self.calls.append((script, keys, args))
+
+    def execute(self) -> list[Any]:
+        if not self.calls:
+            return []
+        if not is_cluster(self.client):
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args in self.calls:
+                script(keys=keys, args=args, client=pipe)
+            return list(pipe.execute())
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, (_, keys, _) in enumerate(self.calls):
+            node = self.client.get_node_from_key(keys[0])
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        out: list[Any] = [None] * len(self.calls)
+        for node, indexes in by_node.values():
+            pipe = self.client.get_redis_connection(node).pipeline(transaction=False)
+            for i in indexes:
+                script, keys, args = self.calls[i]
+                script(keys=keys, args=args, client=pipe)
+            for i, reply in zip(indexes, pipe.execute(), strict=True):
+                out[i] = reply
+        return out
+
+
 def server_unwell(exc: BaseException) -> bool:
     """True for failures that predict the next call fails too (the breaker opens on these)."""
     if isinstance(exc, (*CONNECTION_ERRORS, redis.BusyLoadingError)):

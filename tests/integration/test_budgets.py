@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import redis
 
 from caches.budget import usage
@@ -12,6 +13,12 @@ from caches.result import ResultCache
 from caches.semantic import SemanticCache
 from caches.semantic.store import BUDGET_PREFIX
 from tests.support import scope
+
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
 
 
 def _unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
@@ -91,7 +98,7 @@ def test_semantic_flood_of_scopes_evicts_only_the_flooders_entries(redis_client:
     total = usage(redis_client, BUDGET_PREFIX)
     assert total["entries"] == 55 == sum(1 for _ in redis_client.scan_iter(match="sem.[^_]*:e:*"))
     # every evicted scope's index went with its last entry: no per-scope keys pile up
-    assert sum(1 for _ in redis_client.scan_iter(match="sem.a:*:lfu")) == 50
+    assert sum(1 for _ in redis_client.scan_iter(match="sem.{a}:*:lfu")) == 50
 
 
 def test_semantic_global_budget_shared_max_min(redis_client: redis.Redis) -> None:

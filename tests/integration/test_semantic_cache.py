@@ -17,9 +17,16 @@ from caches.semantic import SemanticCache
 from caches.semantic.judge import EmbeddingJudge
 from tests.support import scope
 
+
 # Fraction of fow_cache trap pairs (label 0) that may be merged at the shipped threshold. The
 # shipped calibration merges none of them; a small allowance keeps the test meaningful if the
 # calibration is re-run on other pairs.
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
+
 MAX_TRAP_MERGE_FRACTION = 0.02
 
 
