@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 
 from caches.tiers.base import TierUnavailable
@@ -50,7 +51,9 @@ RETRY_AFTER_S = 0.5
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
 )
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *CONNECTION_ERRORS)
+# A cluster client raises RedisClusterException (not a RedisError) for what it cannot route: a
+# call whose keys span slots, slots no node covers (SlotNotCoveredError), no reachable node.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, *CONNECTION_ERRORS)
 # Server replies that say "the server cannot serve now", not "this command was wrong".
 _SERVER_STATE_REPLIES = ("BUSY", "OOM", "LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN")
 
@@ -95,6 +98,14 @@ def make_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
         retry_on_error=[],
         health_check_interval=0,
     )
+
+
+def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
+    """``redis.Redis.from_url`` with the caller's options, or the cluster client for a cluster URL
+    (for callers that keep redis-py's defaults otherwise)."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(node_url(url), **kwargs)  # type: ignore[return-value]
+    return redis.Redis.from_url(url, **kwargs)
 
 
 def make_async_client(url: str, **kwargs: Any) -> Any:
@@ -151,7 +162,7 @@ class ScriptBatch:
 
 def server_unwell(exc: BaseException) -> bool:
     """True for failures that predict the next call fails too (the breaker opens on these)."""
-    if isinstance(exc, (*CONNECTION_ERRORS, redis.BusyLoadingError)):
+    if isinstance(exc, (*CONNECTION_ERRORS, redis.BusyLoadingError, SlotNotCoveredError)):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).upper().startswith(_SERVER_STATE_REPLIES)
 

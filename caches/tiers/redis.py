@@ -277,7 +277,10 @@ class RedisTier:
                 args: list[Any] = [ttl_ms, len(chunk)]
                 for k in chunk:
                     counter, generation = expect[k]
-                    keys += [self.physical(k), self.counter_name(counter)]
+                    name, counter_name = self.physical(k), self.counter_name(counter)
+                    if self.tagged and name[: name.index("}")] != counter_name[: counter_name.index("}")]:
+                        raise ValueError(f"{k!r}: group_of must name its generation counter {counter!r} (one slot)")
+                    keys += [name, counter_name]
                     args += [items[k], generation]
                 keys += [self.physical(k) for k in dchunk]
                 reply = self._call("put_checked", self._put_delete_checked, keys, args, ns=ns)

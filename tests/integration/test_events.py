@@ -28,6 +28,13 @@ from feature_store.events import (
 )
 from feature_store.pipeline import RepoInfo, build_repo
 
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
+
 LIMIT = 3000
 
 
