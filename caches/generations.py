@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from caches.redis_client import REDIS_ERRORS
+from caches.redis_client import REDIS_ERRORS, mget
 
 # Tag of a value filled while the generation could not be read: matches no real generation (>= 0).
 UNKNOWN = -1
@@ -81,8 +81,6 @@ class Generations:
         self.client = client
         self.key_of = key_of
         self.redis_name = redis_name or (lambda counter: counter)
-        # MGET across slots is refused by a cluster: split per slot there.
-        self._mget = getattr(client, "mget_nonatomic", None) or client.mget
 
     def read(self, keys: Sequence[str]) -> dict[str, int]:
         """Current generation per cache key (0 before the first bump); one MGET."""
@@ -90,7 +88,7 @@ class Generations:
         if not keys:
             return {}
         try:
-            raw = self._mget([self.redis_name(self.key_of(k)) for k in keys])
+            raw = mget(self.client, [self.redis_name(self.key_of(k)) for k in keys])  # per slot on a cluster
         except REDIS_ERRORS as exc:
             raise GenerationsUnavailable(f"generations unreadable: {type(exc).__name__}: {exc}") from exc
         return {k: int(v or 0) for k, v in zip(keys, raw, strict=True)}

@@ -151,13 +151,53 @@ class ScriptBatch:
             by_node.setdefault(node.name, (node, []))[1].append(i)
         out: list[Any] = [None] * len(self.calls)
         for node, indexes in by_node.values():
-            pipe = self.client.get_redis_connection(node).pipeline(transaction=False)
-            for i in indexes:
-                script, keys, args = self.calls[i]
-                script(keys=keys, args=args, client=pipe)
-            for i, reply in zip(indexes, pipe.execute(), strict=True):
+            conn = self.client.get_redis_connection(node)
+            replies = self._evalsha(conn, indexes)
+            missing = [i for i, r in zip(indexes, replies, strict=True) if isinstance(r, redis.exceptions.NoScriptError)]
+            if missing:  # a node that has not seen a script yet (or restarted): load, run those again
+                for script in {id(self.calls[i][0]): self.calls[i][0] for i in missing}.values():
+                    conn.script_load(script.script)
+                replies = [r if i not in missing else None for i, r in zip(indexes, replies, strict=True)]
+                for i, r in zip(missing, self._evalsha(conn, missing), strict=True):
+                    replies[indexes.index(i)] = r
+            for i, reply in zip(indexes, replies, strict=True):
+                if isinstance(reply, Exception):
+                    raise reply
                 out[i] = reply
         return out
+
+    def _evalsha(self, conn: redis.Redis, indexes: list[int]) -> list[Any]:
+        """Raw EVALSHA in one pipeline: redis-py's script pipelining sends SCRIPT EXISTS first,
+        a second round trip per node on every call."""
+        pipe = conn.pipeline(transaction=False)
+        for i in indexes:
+            script, keys, args = self.calls[i]
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
+
+
+def mget(client: Any, keys: list[Any]) -> list[Any]:
+    """MGET in key order. A cluster refuses one MGET across slots: there, one MGET per slot, all of
+    a node's in one pipeline on that node's own connection (cheaper than redis-py's
+    `mget_nonatomic`, which builds a cluster pipeline per call)."""
+    if not is_cluster(client):
+        return list(client.mget(keys))
+    by_slot: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_slot.setdefault(client.keyslot(k), []).append(i)
+    by_node: dict[str, tuple[Any, list[list[int]]]] = {}
+    for slot, idx in by_slot.items():
+        node = client.nodes_manager.get_node_from_slot(slot)
+        by_node.setdefault(node.name, (node, []))[1].append(idx)
+    out: list[Any] = [None] * len(keys)
+    for node, groups in by_node.values():
+        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+        for idx in groups:
+            pipe.mget([keys[i] for i in idx])
+        for idx, values in zip(groups, pipe.execute(), strict=True):
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+    return out
 
 
 def server_unwell(exc: BaseException) -> bool:

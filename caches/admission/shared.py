@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from caches.admission.policy import Placement, PlacementPolicy, split_placement
 from caches.admission.sketch import COUNTER_MAX, SKETCH_DEPTH, sketch_indexes
 from caches.admission.wtinylfu import CLIMB_RESTART_THRESHOLD, CLIMB_STEP_DECAY, WTinyLFUConfig, lua_number
+from caches.redis_client import ScriptBatch
 
 if TYPE_CHECKING:
     from caches.tiers.base import Tier
@@ -121,13 +122,39 @@ class SharedWTinyLFU(PlacementPolicy):
         (lua/record.lua), when `ram` is the tier this policy's state lives in."""
         if ram is not self.tier:
             return None
+        if self.shards > 1:
+            return self._lookup_groups(keys)
         found: dict[str, bytes] = {}
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            names = [self.tier.physical(k) for k in chunk]
+            reply = self._run_record(0, chunk, [*self.shard_keys[0], *names], [*self._record_args(fetch=True), *chunk])
+            found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
+        return found
+
+    def _lookup_groups(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The lookup over hash-tag groups (a cluster): every group's script call in one
+        pipeline per node (a cluster pipeline refuses scripts: redis_client.ScriptBatch)."""
+        calls: list[tuple[int, list[str]]] = []
+        batch = ScriptBatch(self.tier.client)
         for shard, group in self.tier.by_shard(keys).items():
             for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT):
                 names = [self.tier.physical(k) for k in chunk]
-                reply = self._run_record(shard, chunk, [*self.shard_keys[shard], *names],
-                                         [*self._record_args(fetch=True), *chunk])
-                found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
+                batch.add(self._record, [*self.shard_keys[shard], *names], [*self._record_args(fetch=True), *chunk])
+                calls.append((shard, chunk))
+        try:
+            if self.pending:
+                self._flush_pending()
+            replies = self.tier._call("placement.record", batch.execute)
+        except Exception:
+            # Redis is down: keep counting here so the outage's reads still count when it returns.
+            if len(self.pending) < PENDING_MAX_KEYS:
+                self.pending.update(keys)
+            raise
+        found: dict[str, bytes] = {}
+        for (shard, chunk), reply in zip(calls, replies, strict=True):
+            if reply[0]:
+                self.age(shard)
+            found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
         return found
 
     def _record_args(self, *, fetch: bool) -> list[object]:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from caches import metrics
-from caches.redis_client import REDIS_ERRORS, RETRY_AFTER_S, Breaker, is_cluster, make_client, scan_keys
+from caches.redis_client import REDIS_ERRORS, RETRY_AFTER_S, Breaker, is_cluster, make_client, mget, scan_keys
 from caches.tiers.base import TierStats, TierUnavailable
 
 __all__ = ["MAX_KEYS_PER_CALL", "REDIS_ERRORS", "RETRY_AFTER_S", "RedisTier", "make_client", "shards_for"]
@@ -216,10 +216,9 @@ class RedisTier:
         ns = metrics.namespace_of(keys[0])
         t0 = time.perf_counter()
         found: dict[str, bytes] = {}
-        # A cluster splits one MGET per slot and pipelines them per node (mget_nonatomic).
-        mget = self.client.mget_nonatomic if self.tagged else self.client.mget
+        # A cluster: one MGET per hash-tag group, one pipeline per node (redis_client.mget).
         for chunk in _chunks(keys, MAX_KEYS_PER_CALL):
-            values = self._call("MGET", mget, [self.physical(k) for k in chunk], ns=ns)
+            values = self._call("MGET", mget, self.client, [self.physical(k) for k in chunk], ns=ns)
             found.update({k: v for k, v in zip(chunk, values, strict=True) if v is not None})
         self.account_read(keys, found, time.perf_counter() - t0)
         return found

@@ -325,3 +325,29 @@ def test_feast_unreachable_serves_upper_tiers_and_reports_misses(
         assert all(res.features[i] for i in cached)
     finally:
         fc.close()
+
+
+def test_a_budget_split_over_hash_tag_groups_serves_and_accounts(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A budget big enough for several groups: on the cluster every batch spans groups (one
+    script call per group, pipelined per node); on one server it is one group, as before."""
+    ram = 8 * 64 * 120  # 8 groups of 64 entries on a cluster
+    keys = [f"g:m:1:{i}" for i in range(300)]
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for(keys), ram=ram, name="groups")
+    try:
+        assert cache.ram.shards == (8 if cache.ram.tagged else 1)
+        for i in range(0, 300, 30):
+            cache.get_many(keys[i : i + 30])
+        again = cache.get_many(keys[:30])
+        assert again.values == {k: val(k) for k in keys[:30]}
+        assert set(again.sources.values()) <= {"redis", "rocksdb"} and "redis" in set(again.sources.values())
+        assert cache.policy is not None
+        resident = set(cache.policy.resident_keys("g:"))
+        assert resident and resident <= set(keys)
+        assert cache.policy.resident_bytes() <= ram
+        assert set(cache.ram.scan_prefix("g:")) == set(cache.ram.get_many(keys))  # every primary scanned
+        assert cache.invalidate(keys[:30], broadcast=False)
+        assert cache.ram.get_many(keys[:30]) == {}
+    finally:
+        cache.close()
