@@ -150,8 +150,11 @@ class EmbeddedRedisCluster:
                         "--cluster-node-timeout", "5000")
                 self.nodes.append(EmbeddedRedis(free_cluster_port(), node_dir, extra_args=args).start())
             addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
-            subprocess.run([redis_cli_binary(), "--cluster", "create", *addrs, "--cluster-replicas", "0",
-                            "--cluster-yes"], check=True, capture_output=True, timeout=timeout_s)
+            if self.masters == 1:  # redis-cli wants 3 masters: one node takes every slot itself
+                redis.Redis(port=self.nodes[0].port).execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+            else:
+                subprocess.run([redis_cli_binary(), "--cluster", "create", *addrs, "--cluster-replicas", "0",
+                                "--cluster-yes"], check=True, capture_output=True, timeout=timeout_s)
             self._wait_ok(timeout_s)
         except BaseException:
             self.stop()
