@@ -6,6 +6,12 @@ Freshness, as the recommender exposes it: every personal answer carries `user_ac
 rated. An event answered 202 says the row's new `n_ratings`. So an answer to a request *sent
 after* that 202 arrived is stale when its `n_ratings` is behind the event's, or when it recommends
 an item the user rated in an accepted event.
+
+An event answered `"recorded": "queued"` (a dependency was down: kept on the replica's disk,
+applied when it is back) says the answers will not reflect it until then: answers behind only
+such events are "announced", like an invalidation the 202 said was pending. Whether queued events
+were applied in the end is checked by the lost-write count and the final reads (`final_reads`):
+after recovery every event user's answer must show the row Feast ends with.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ class AcceptedEvent:
 
     user_id: int
     item_id: int
-    n_ratings: int  # the user's row after the event (from the 202 answer)
+    n_ratings: int | None  # the user's row after the event (from the 202 answer; None: queued)
     received_at: float  # monotonic time the 202 arrived
     pending: bool = False  # the 202 said its invalidation had not reached every replica yet
+    queued: bool = False  # the 202 said the event waits on the replica's disk for a dependency
 
 
 @dataclass(frozen=True)
@@ -49,15 +56,17 @@ def classify(answer: RecsAnswer, events: Iterable[AcceptedEvent]) -> str:
     before = [e for e in events if e.user_id == answer.user_id and e.received_at <= answer.sent_at]
     if not before or answer.status != 200:
         return UNCHECKED
-    rated = {e.item_id for e in before}
+    applied = [e for e in before if not e.queued]
     items = {int(i["item_id"]) for i in answer.body.get("items") or [] if "item_id" in i}
     activity = answer.body.get("user_activity") or {}
     n = activity.get("n_ratings")
-    if items & rated:
+    if items & {e.item_id for e in applied}:
         verdict = STALE_RATED_ITEM
+    elif items & {e.item_id for e in before}:
+        return STALE_ANNOUNCED  # an item rated only in queued events: the 202 said "not yet"
     elif n is None:
         return UNCHECKED
-    elif int(n) < max(e.n_ratings for e in before):
+    elif applied and int(n) < max(int(e.n_ratings or 0) for e in applied):
         verdict = STALE_FEATURES
     else:
         return FRESH
@@ -88,11 +97,34 @@ def freshness(answers: Iterable[RecsAnswer], events: Iterable[AcceptedEvent], t0
             evs = [e for e in by_user[a.user_id] if e.received_at <= a.sent_at]
             out.samples.append({"verdict": verdict, "user_id": a.user_id, "t_s": round(a.sent_at - t0, 2),
                                 "answer_n_ratings": (a.body.get("user_activity") or {}).get("n_ratings"),
-                                "event_n_ratings": max(e.n_ratings for e in evs),
+                                "event_n_ratings": max((e.n_ratings or 0) for e in evs),
+                                "queued_events": sum(e.queued for e in evs),
                                 "rated": sorted({e.item_id for e in evs}),
                                 "sources": a.body.get("sources"), "cached": a.body.get("cached"),
                                 "degraded": a.body.get("degraded")})
     return out
+
+
+def final_reads(answers: Mapping[int, Mapping[str, Any]], final_rows: Mapping[int, int | None],
+                events: Iterable[AcceptedEvent]) -> dict[str, Any]:
+    """The last answer per event user, read after recovery (and after queued events had time to
+    be applied), against the row Feast ends with: stale when its `n_ratings` differs, or when it
+    recommends an item of any accepted event (queued ones included: by now they are applied)."""
+    rated: dict[int, set[int]] = {}
+    for e in events:
+        rated.setdefault(e.user_id, set()).add(e.item_id)
+    stale: list[dict[str, Any]] = []
+    checked = 0
+    for user, body in answers.items():
+        if user not in rated:
+            continue
+        checked += 1
+        items = {int(i["item_id"]) for i in body.get("items") or [] if "item_id" in i}
+        n = (body.get("user_activity") or {}).get("n_ratings")
+        if items & rated[user] or n is None or int(n) != int(final_rows.get(user) or 0):
+            stale.append({"user_id": user, "answer_n_ratings": n, "feast_n_ratings": final_rows.get(user),
+                          "rated_items_served": sorted(items & rated[user]), "degraded": body.get("degraded")})
+    return {"checked": checked, "stale": len(stale), "samples": stale[:10]}
 
 
 def lost_writes(initial: Mapping[int, int | None], final: Mapping[int, int | None],
@@ -164,17 +196,21 @@ def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / MIB:.0f}"
 
 
-COLUMNS = ("fault", "minutes", "requests", "2xx", "5xx (500/503/other)", "transport errors", "events 202/refused",
-           "stale (announced) / checked", "lost (phantom)", "peak Redis MiB / budget", "peak replica RSS MiB (before)")
+COLUMNS = ("fault", "minutes", "requests", "2xx (fallback)", "5xx (500/503/other)", "transport errors",
+           "events 202 (queued) / refused", "stale (announced) / checked", "stale after recovery / users",
+           "lost (phantom)", "peak Redis MiB / budget", "peak replica RSS MiB (before)")
 
 
 def table_row(row: Mapping[str, Any]) -> list[str]:
     r, e, m = row["requests"], row["events"], row["memory"]
     five = r["5xx"]
+    final = row.get("final_reads") or {"stale": "n/a", "checked": "n/a"}
     return [
-        row["fault"], f"{row['elapsed_s'] / 60:.1f}", str(r["sent"]), str(r["2xx"]),
+        row["fault"], f"{row['elapsed_s'] / 60:.1f}", str(r["sent"]), f"{r['2xx']} ({r.get('fallback', 0)})",
         f"{five['total']} ({five['500']}/{five['503']}/{five['other']})", str(r["transport_errors"]),
-        f"{e['accepted']}/{e['refused']}", f"{row['stale']['stale']} ({row['stale'].get(STALE_ANNOUNCED, 0)}) / {row['stale']['checked']}",
+        f"{e['accepted']} ({e.get('queued', 0)}) / {e['refused']}",
+        f"{row['stale']['stale']} ({row['stale'].get(STALE_ANNOUNCED, 0)}) / {row['stale']['checked']}",
+        f"{final['stale']} / {final['checked']}",
         f"{row['writes']['lost']} ({row['writes']['phantom']})",
         f"{_mib(m['redis_peak_bytes'])} / {_mib(m['redis_budget_bytes'])}",
         f"{_mib(m['replica_rss_peak_bytes'])} ({_mib(m['replica_rss_before_bytes'])})",

@@ -58,6 +58,7 @@ from benchmarks.fault_checks import (
     AcceptedEvent,
     RecsAnswer,
     Window,
+    final_reads,
     freshness,
     lost_writes,
     markdown,
@@ -68,7 +69,7 @@ from caches.redis_server import EmbeddedRedis, free_port
 REPO_ROOT = http_load.REPO_ROOT
 DEFAULT_STREAM = REPO_ROOT.parent / "shared" / "data" / "streams" / "banking77_zipf1.0_n20000_seed0.jsonl"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "fault_matrix.json"
-ROWS = ("redis_restart", "redis_slow", "feast_down", "replica_kill")
+ROWS = ("redis_restart", "redis_slow", "feast_down", "replica_kill", "ingress_kill")
 APP_NAME = "tierserve"
 
 
@@ -255,6 +256,10 @@ def make_fault(name: str, app: App, args: argparse.Namespace) -> Fault:
         return FeastDown(app)
     if name == "replica_kill":
         return ReplicaKill(app, args.kill_deployment)
+    if name == "ingress_kill":
+        fault = ReplicaKill(app, "Ingress")
+        fault.name = name
+        return fault
     raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
 
 
@@ -292,6 +297,7 @@ class Recorder:
     watched: set[int]
     answers: list[RecsAnswer] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
+    fallback: Counter[str] = field(default_factory=Counter)  # fallback answers, by reason
     _sent: dict[int, float] = field(default_factory=dict)
 
     async def on_request(self, request: httpx.Request) -> None:
@@ -307,14 +313,15 @@ class Recorder:
             user = int(json.loads(request.content)["user_id"])
         except (ValueError, KeyError, TypeError):
             return
-        if user not in self.watched:
-            return
         await response.aread()
         try:
             body = response.json()
         except ValueError:
             body = {}
-        self.answers.append(RecsAnswer(user, sent, response.status_code, body))
+        if isinstance(body, dict) and body.get("fallback"):
+            self.fallback[str(body["fallback"].get("reason", ""))[:80]] += 1
+        if user in self.watched:
+            self.answers.append(RecsAnswer(user, sent, response.status_code, body))
 
 
 @dataclass
@@ -341,8 +348,10 @@ async def post_events(client: httpx.AsyncClient, users: list[int], items: list[i
             continue
         if resp.status_code == 202:
             answer = resp.json()
-            log.accepted.append(AcceptedEvent(user, item, int(answer["n_ratings"]), time.monotonic(),
-                                              pending=answer.get("invalidation") == "pending"))
+            queued = answer.get("recorded") == "queued"
+            log.accepted.append(AcceptedEvent(user, item, None if queued else int(answer["n_ratings"]),
+                                              time.monotonic(), pending=answer.get("invalidation") == "pending",
+                                              queued=queued))
             with contextlib.suppress(httpx.HTTPError):  # read-after-write: the recorder checks it
                 await client.post("/v1/recommendations", json={"user_id": user, "k": 20})
         else:
@@ -362,6 +371,19 @@ def feast_n_ratings(repo: Path, users: list[int]) -> dict[int, int | None]:
         row = writer.current_row(u)
         out[u] = None if row is None else int(row["n_ratings"] or 0)
     return out
+
+
+async def wait_settled(app: App, before: dict[int, int | None], accepted: Counter[int], users: list[int],
+                       timeout_s: float) -> float:
+    """Seconds until Feast holds every accepted rating (queued ones applied), or NaN."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        with contextlib.suppress(Exception):
+            rows = await asyncio.to_thread(feast_n_ratings, app.feast_repo, users)
+            if lost_writes(before, rows, accepted)[0] == 0:
+                return time.monotonic() - t0
+        await asyncio.sleep(2)
+    return float("nan")
 
 
 async def wait_healthy(client: httpx.AsyncClient, user: int, timeout_s: float) -> float:
@@ -438,13 +460,18 @@ async def run_row(name: str, app: App, args: argparse.Namespace, texts: list[str
         await asyncio.gather(*background, return_exceptions=True)
         fault.heal()  # idempotent: a row cut short still leaves the app whole
         recovery_s = await wait_healthy(side, event_users[0], args.recovery_timeout)
-        # One last read per event user, after recovery: stale answers must not outlive the fault.
+        accepted_per_user = Counter(e.user_id for e in events.accepted)
+        # Events queued during the fault are applied by their replicas once it is over: wait
+        # (bounded) until Feast holds every accepted one, then read each event user once more.
+        settled_s = await wait_settled(app, before_rows, accepted_per_user, event_users, args.recovery_timeout)
+        final: dict[int, dict[str, Any]] = {}
         for u in event_users:
-            with contextlib.suppress(httpx.HTTPError):
-                await side.post("/v1/recommendations", json={"user_id": u, "k": 20})
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                resp = await side.post("/v1/recommendations", json={"user_id": u, "k": 20})
+                if resp.status_code == 200:
+                    final[u] = resp.json()
     after = await asyncio.to_thread(http_load.memory_snapshot, app.port, app.redis.url)
     after_rows = await asyncio.to_thread(feast_n_ratings, app.feast_repo, event_users)
-    accepted_per_user = Counter(e.user_id for e in events.accepted)
     lost, phantom, detail = lost_writes(before_rows, after_rows, accepted_per_user)
     fresh = freshness(recorder.answers, events.accepted, t0=started)
     ok = sum(len(v) for v in tally.latencies.values())
@@ -457,18 +484,22 @@ async def run_row(name: str, app: App, args: argparse.Namespace, texts: list[str
         "fault_timeline": faults_timeline,
         "elapsed_s": round(elapsed, 1),
         "recovery_s": None if recovery_s != recovery_s else round(recovery_s, 1),
+        "queued_events_settled_s": None if settled_s != settled_s else round(settled_s, 1),
         "requests": {
-            "sent": tally.sent, "2xx": ok,
+            "sent": tally.sent, "2xx": ok, "fallback": sum(recorder.fallback.values()),
+            "fallback_by_reason": dict(recorder.fallback),
             "5xx": _split_5xx(recorder.statuses), "statuses": dict(recorder.statuses),
             "transport_errors": sum(n for k, n in tally.errors.items() if not k.startswith("http_")),
             "errors_by_kind": dict(tally.errors), "error_samples": tally.error_samples,
             "classes": {k: http_load.summarise(v, elapsed) for k, v in sorted(tally.latencies.items())},
         },
-        "events": {"accepted": len(events.accepted), "refused": sum(events.refused.values()),
+        "events": {"accepted": len(events.accepted), "queued": sum(e.queued for e in events.accepted),
+                   "refused": sum(events.refused.values()),
                    "refused_by_status": dict(events.refused), "transport_errors": events.transport_errors,
                    "samples": events.samples},
         "stale": {"stale": fresh.stale, "checked": sum(v for k, v in fresh.counts.items() if k != "unchecked"),
                   **fresh.counts, "samples": fresh.samples},
+        "final_reads": final_reads(final, after_rows, events.accepted),
         "writes": {"lost": lost, "phantom": phantom, "detail": detail},
         "memory": {
             "redis_peak_bytes": max(redis_used) if redis_used else None,
@@ -489,8 +520,9 @@ def catalogue(repo: Path) -> list[int]:
 @contextlib.contextmanager
 def app_running(args: argparse.Namespace) -> Iterator[App]:
     workdir = Path(tempfile.mkdtemp(prefix="tierserve-faults-"))
-    app = App(Path(args.config), workdir, replicas={"Recommender": args.recommender_replicas}
-              if args.recommender_replicas else None)
+    replicas = {name: n for name, n in (("Recommender", args.recommender_replicas),
+                                        ("Ingress", args.ingress_replicas)) if n}
+    app = App(Path(args.config), workdir, replicas=replicas or None)
     try:
         print(f"starting the app on {app.url} (Redis {app.redis.url}, workdir {workdir})", file=sys.stderr, flush=True)
         app.start()
@@ -527,6 +559,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill-deployment", default="Recommender", help="replica_kill: Recommender or Ingress")
     p.add_argument("--recommender-replicas", type=int, default=0,
                    help="Recommender replicas (0: as the config says); with 2, a killed one has a survivor")
+    p.add_argument("--ingress-replicas", type=int, default=0,
+                   help="Ingress replicas (0: as the config says); ingress_kill needs 2 for a survivor")
     p.add_argument("--slow-s", type=float, default=0.5, help="redis_slow: seconds of each DEBUG SLEEP")
     p.add_argument("--event-every", type=float, default=1.0, help="seconds between rating events")
     p.add_argument("--event-users", type=int, default=24)

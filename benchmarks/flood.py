@@ -40,7 +40,7 @@ import httpx
 import redis
 import yaml
 
-from benchmarks.http_load import check_loopback, memory_snapshot, wait_for_model
+from benchmarks.http_load import check_loopback, memory_snapshot, wait_for_model, write_result
 from caches.budget import usage
 from deployments.config import AppSettings
 
@@ -292,9 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = asyncio.run(run(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result(result, args.out, indent=1)
     plot(result, out.with_suffix(".png"))
     summary = {k: {f: v for f, v in p.items() if f != "statuses"} for k, p in result["phases"].items()}
     print(json.dumps(summary, indent=1), file=sys.stderr)

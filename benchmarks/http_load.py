@@ -452,12 +452,18 @@ def lines(result: dict[str, Any]) -> Iterator[str]:
                f"{mem['after']['redis_used_memory_bytes'] / mib:.1f} MiB")
 
 
+def write_result(result: dict[str, Any], out: str | Path, indent: int) -> Path:
+    """The run's figures as JSON at `out` (its folder made); `out` as a Path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=indent) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = asyncio.run(run(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, args.out, indent=2)
     for line in lines(result):
         print(line, file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr, flush=True)

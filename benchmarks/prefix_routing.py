@@ -27,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,34 @@ def run_conversations(router: str, model: str, docs: list[str], turns: int, max_
     }
 
 
+@dataclass(frozen=True)
+class Workload:
+    """How a workload's figures are named: its headline share, what replicas are counted per, its latency."""
+
+    metric: str  # the share of prompt tokens served from the prefix cache (the ratios compare it)
+    metric_label: str
+    per: str  # replicas_per_<per>_mean: a conversation's or a shared prefix's replicas
+    latency_key: str
+    latency_label: str
+    results_file: str
+
+
+WORKLOADS = {
+    "conversations": Workload("cached_share_turns_2_plus", "prefix-cached share of prompt tokens on turns 2+",
+                              "conversation", "latency_mean_turns_2_plus_s", "mean latency turns 2+",
+                              "prefix_routing.json"),
+    "apps": Workload("cached_token_fraction", "cached tokens", "prefix", "latency_mean_s", "mean latency",
+                     "prefix_routing_apps.json"),
+}
+
+
+def router_line(router: str, r: dict[str, Any], workload: Workload, extra: str = "") -> str:
+    """One router's figures as printed; `extra` goes before the replica count."""
+    return (f"{router:>15}: {workload.metric_label} {r[workload.metric]:.1%}, {extra}replicas per {workload.per} "
+            f"{r[f'replicas_per_{workload.per}_mean']:.2f} (of {r['replicas_used']} used), "
+            f"{workload.latency_label} {r[workload.latency_key] * 1000:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO_ROOT / ".models" / "tiny-llama"))
@@ -227,23 +256,19 @@ def main() -> None:
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # never share the app's port
     routers = [r for r in args.routers.split(",") if r]
+    workload = WORKLOADS[args.workload]
     results: dict[str, dict[str, Any]] = {}
     try:
         for router in routers:
             if args.workload == "conversations":
                 r = results[router] = run_conversations(router, args.model, documents(args.conversations, args.doc_tokens),
                                                         args.turns)
-                print(f"{router:>15}: prefix-cached share of prompt tokens on turns 2+ "
-                      f"{r['cached_share_turns_2_plus']:.1%}, replicas per conversation "
-                      f"{r['replicas_per_conversation_mean']:.2f} (of {r['replicas_used']} used), "
-                      f"mean latency turns 2+ {r['latency_mean_turns_2_plus_s'] * 1000:.0f} ms", flush=True)
+                extra = ""
             else:
                 r = results[router] = run_arm(router, args.model, prefixes(args.prefixes, args.prefix_tokens),
                                               args.questions)
-                print(f"{router:>15}: cached tokens {r['cached_token_fraction']:.1%}, "
-                      f"repeat-prefix misses {r['repeat_prefix_misses']}/{args.prefixes * (args.questions - 1)}, "
-                      f"replicas per prefix {r['replicas_per_prefix_mean']:.2f} (of {r['replicas_used']} used), "
-                      f"mean latency {r['latency_mean_s'] * 1000:.0f} ms", flush=True)
+                extra = f"repeat-prefix misses {r['repeat_prefix_misses']}/{args.prefixes * (args.questions - 1)}, "
+            print(router_line(router, r, workload, extra), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -251,17 +276,15 @@ def main() -> None:
                                "model": Path(args.model).name, "replicas": 2, "systems": results}
     if args.workload == "conversations":
         summary.update(conversations=args.conversations, turns=args.turns, doc_tokens=args.doc_tokens)
-        metric = "cached_share_turns_2_plus"
     else:
         summary.update(prefixes=args.prefixes, questions_per_prefix=args.questions)
-        metric = "cached_token_fraction"
+    metric = workload.metric
     if "longest-prefix" in results:
         ours = results["longest-prefix"][metric]
         summary["ratios"] = {f"{metric}_longest_prefix_over_{other.replace('-', '_')}": ours / max(r[metric], 1e-9)
                              for other, r in results.items() if other != "longest-prefix"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "prefix_routing.json" if args.workload == "conversations" else "prefix_routing_apps.json"
-    (RESULTS / name).write_text(json.dumps(summary, indent=2))
+    (RESULTS / workload.results_file).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
 
 

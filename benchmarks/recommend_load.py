@@ -41,10 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -55,8 +51,9 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from benchmarks.app_runner import REPO_ROOT, report, serve_here, wait_running
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RATINGS = REPO_ROOT.parent / "shared" / "data" / "movielens_latest_small_2015" / "ratings.csv"
 TIER_FAMILIES = {"tierserve_tier_hits_total": "hits", "tierserve_tier_misses_total": "misses"}
 FEATURE_NAMESPACE = "features"
@@ -218,91 +215,32 @@ def measure(arms: dict[str, str], stream_factory: Any, args: argparse.Namespace)
 
 
 # --------------------------------------------------------------------- self-hosted apps
-def feature_repo(args: argparse.Namespace, work: Path) -> Path:
-    """A Feast repo for --ratings in `work`: a copy of the project's when built from the same input."""
-    from feature_store import names
-    from feature_store.pipeline import PACKAGE_DIR, build_repo, is_complete, model_version
-
-    movies = args.movies
-    if movies is None and (args.ratings.parent / "movies.csv").exists():
-        movies = args.ratings.parent / "movies.csv"
-    params = dict(user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col or None,
-                  time_col=args.time_col, embedding_dim=32, limit=None)
-    version = model_version(args.ratings.resolve(), movies.resolve() if movies else None, **params)
-    target = work / "feature_repo"
-    if is_complete(PACKAGE_DIR, version):
-        target.mkdir(parents=True)
-        shutil.copyfile(PACKAGE_DIR / "feature_store.yaml", target / "feature_store.yaml")
-        shutil.copytree(PACKAGE_DIR / names.DATA_DIR, target / names.DATA_DIR,
-                        ignore=shutil.ignore_patterns(".build.lock", "*.tmp"))
-        _say(f"feature repo: copied the project's build of the same input ({version})")
-        return target
-    _say(f"feature repo: building from {args.ratings} (a minute or two: Feast import, SVD, materialise)")
-    build_repo(args.ratings, target, movies, progress=False, **params)  # type: ignore[arg-type]
-    return target
-
-
-def _wait_running(app_names: list[str], timeout_s: float = 900) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        apps = serve.status().applications
-        states = {n: apps[n].status if n in apps else "MISSING" for n in app_names}
-        failed = [n for n, s in states.items() if s == "DEPLOY_FAILED"]
-        if failed:
-            raise RuntimeError(f"{failed} failed to deploy: {apps[failed[0]].message}")
-        if all(s == "RUNNING" for s in states.values()):
-            return
-        time.sleep(2)
-    raise TimeoutError(f"apps not running after {timeout_s:.0f}s: {states}")
-
-
 @contextmanager
 def self_hosted(args: argparse.Namespace) -> Iterator[dict[str, str]]:
     """Ray + Serve + Redis here; the real app (tiered) at / and a feast-only one at /feast-only."""
-    import ray
-    import yaml
     from ray import serve
 
-    from caches.redis_server import EmbeddedRedis, free_port
-
-    with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recommend-load-")))
-        repo = feature_repo(args, work)
-        redis_url = os.environ.get("REDIS_URL") or stack.enter_context(EmbeddedRedis(workdir=work / "redis")).url
-        cfg = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())["applications"][0]
-        # build_app lets these variables win over its args: point them at this run's resources.
-        env = {"REDIS_URL": redis_url, "TIERSERVE_FEAST_REPO": str(repo), "TIERSERVE_STATE_DIR": str(work / "state")}
-        os.environ.update(env)
-        ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rlray-", dir="/tmp"),
-                 runtime_env={"env_vars": {**cfg["runtime_env"]["env_vars"], **env}}, log_to_driver=False)
-        stack.callback(ray.shutdown)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        stack.callback(serve.shutdown)
-
+    with serve_here(args, prefix="recommend-load-", ray_prefix="rlray-", redis_from_env=True) as here:
         from deployments.app import build_app
         from deployments.config import AppSettings
         from deployments.ingress import Ingress
         from deployments.recommender import RecommenderDeployment
 
-        app_args = dict(cfg.get("args") or {})
+        app_args = dict(here.cfg.get("args") or {})
         app_args["recommender"] = {**(app_args.get("recommender") or {}), "tiers": "all", "result_cache": False}
-        _say(f"starting the app on port {port} (the chat deployments too: a minute or more)")
+        _say(f"starting the app on port {here.port} (the chat deployments too: a minute or more)")
         started = time.monotonic()
         serve.run(build_app(app_args), name="tierserve", route_prefix="/", blocking=False)
-        _wait_running(["tierserve"])
+        wait_running(["tierserve"])
         settings = AppSettings.from_args(app_args)
         settings.recommender.tiers = "feast-only"
         chat = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache", "LLM")]
         baseline = RecommenderDeployment.bind(settings.redis, settings.state_dir, settings.recommender.model_dump())
         serve.run(Ingress.bind(settings.model_dump(), *chat, baseline), name="tierserve-feast-only",
                   route_prefix="/feast-only", blocking=False)
-        _wait_running(["tierserve", "tierserve-feast-only"])
+        wait_running(["tierserve", "tierserve-feast-only"])
         _say(f"apps running after {time.monotonic() - started:.0f}s")
-        base = f"http://127.0.0.1:{port}"
-        yield {ARM_TIERED: base, ARM_FEAST: f"{base}/feast-only"}
+        yield {ARM_TIERED: here.base, ARM_FEAST: f"{here.base}/feast-only"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -342,11 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ARM_TIERED in results and ARM_FEAST in results and results[ARM_FEAST]["requests_per_s"]:
         out["speedup_requests_per_s"] = round(
             results[ARM_TIERED]["requests_per_s"] / results[ARM_FEAST]["requests_per_s"], 2)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    target = args.out_dir / f"recommend_load_{args.ratings.parent.name}_{args.ratings.stem}.json"
-    target.write_text(json.dumps(out, indent=2) + "\n")
-    _say(f"written to {target}")
-    print(json.dumps(out), flush=True)
+    report(out, args.out_dir / f"recommend_load_{args.ratings.parent.name}_{args.ratings.stem}.json")
     return out
 
 

@@ -38,27 +38,18 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from benchmarks.recommend_load import (
-    DEFAULT_RATINGS,
-    REPO_ROOT,
-    RESULTS_DIR,
-    UserStream,
-    _wait_running,
-    drive,
-    feature_repo,
-    user_weights,
-)
+from benchmarks.app_runner import REPO_ROOT, report, serve_here, wait_running
+from benchmarks.recommend_load import DEFAULT_RATINGS, RESULTS_DIR, UserStream, drive, user_weights
 
 TARGET_HEALTHZ_RATIO = 1.5
 TARGET_SPEEDUP = 3.0
@@ -72,7 +63,7 @@ STAGES: list[tuple[str, re.Pattern[str]]] = [
         ("feast", r"\((feast|sqlite3)/|tiers/feast\.py"),
         ("redis", r"\(redis/|caches/redis_client\.py|tiers/redis\.py|admission/shared\.py|invalidation\.py"),
         ("faiss", r"\(faiss/|vector_index\.py|search(_scored)? \(deployments/recommender_model\.py"),
-        ("tiered-cache bookkeeping", r"caches/(tiered|features|admission/\w+)\.py|tiers/rocksdb\.py|\(rocksdict/"),
+        ("tiered-cache bookkeeping", r"caches/(tiered\w*|features|admission/\w+)\.py|tiers/rocksdb\.py|\(rocksdict/"),
         ("recommender: scoring, loops", r"deployments/recommender(_model)?\.py|\(numpy/|caches/versions\.py"),
         ("ingress route", r"deployments/(ingress|metrics)\.py|\(prometheus_client/"),
         ("http (uvicorn/starlette/fastapi)", r"\((starlette|fastapi|uvicorn|h11|httptools|anyio)/"),
@@ -119,31 +110,15 @@ def _pct(xs: list[float], q: float) -> float | None:
 # ------------------------------------------------------------------------------ the apps
 @contextmanager
 def recs_apps(args: argparse.Namespace) -> Iterator[dict[str, str]]:
-    import ray
-    import yaml
     from ray import serve
 
-    from caches.redis_server import EmbeddedRedis, free_port
-
-    with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recs-floor-")))
-        repo = feature_repo(args, work)
-        redis_url = stack.enter_context(EmbeddedRedis(workdir=work / "redis")).url
-        cfg = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())["applications"][0]
-        env = {"REDIS_URL": redis_url, "TIERSERVE_FEAST_REPO": str(repo), "TIERSERVE_STATE_DIR": str(work / "state"),
-               **dict(kv.split("=", 1) for kv in args.serve_env)}
-        os.environ.update(env)
-        ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rfray-", dir="/tmp"),
-                 runtime_env={"env_vars": {**cfg["runtime_env"]["env_vars"], **env}}, log_to_driver=False)
-        stack.callback(ray.shutdown)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        stack.callback(serve.shutdown)
-
+    extra_env = dict(kv.split("=", 1) for kv in args.serve_env)
+    with serve_here(args, prefix="recs-floor-", ray_prefix="rfray-", extra_env=extra_env) as here:
         from deployments.config import AppSettings
         from deployments.ingress import Ingress
         from deployments.recommender import RecommenderDeployment
 
+        cfg = here.cfg
         app_args = dict(cfg.get("args") or {})
         prefixes = {"recs": "/", "recs-feast-only": "/feast-only"}
         for name, tiers in (("recs", "all"), ("recs-feast-only", "feast-only")):
@@ -152,9 +127,8 @@ def recs_apps(args: argparse.Namespace) -> Iterator[dict[str, str]]:
             rec = RecommenderDeployment.bind(settings.redis, settings.state_dir, settings.recommender.model_dump())
             serve.run(Ingress.bind(settings.model_dump(), rec, rec, rec, rec), name=name,
                       route_prefix=prefixes[name], blocking=False)
-        _wait_running(list(prefixes))
-        base = f"http://127.0.0.1:{port}"
-        yield {"tiered": base, "feast_only": f"{base}/feast-only"}
+        wait_running(list(prefixes))
+        yield {"tiered": here.base, "feast_only": f"{here.base}/feast-only"}
 
 
 def replica_pids() -> dict[str, int]:
@@ -330,11 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"concurrency {args.concurrency} req/s >= {TARGET_SPEEDUP}x feast-only": conc.get("speedup_requests_per_s"),
         f"p99 <= {TARGET_TAIL}x p50 (concurrent)": conc["tiered"].get("p99_over_p50"),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    target = args.out_dir / f"recs_floor_{args.label}.json"
-    target.write_text(json.dumps(out, indent=2) + "\n")
-    _say(f"written to {target}")
-    print(json.dumps(out), flush=True)
+    report(out, args.out_dir / f"recs_floor_{args.label}.json")
     return out
 
 

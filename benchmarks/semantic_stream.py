@@ -154,11 +154,11 @@ class System:
 
 def tierserve_system(
     name: str, client: redis.Redis, mode: str, threshold: float, texts, vectors, *, explore_rate: float,
-    error_budget: float, seed: int = 0, judge: OracleJudge | None = None,
+    error_budget: float, seed: int = 0, judge: OracleJudge | None = None, guard: bool = True,
 ) -> System:
     judge = judge if judge is not None else OracleJudge()
     cache = SemanticCache(client, threshold=threshold, mode=mode, max_entries=max(len(texts), 1), ttl_s=None,
-                          judge=judge, explore_rate=explore_rate, error_budget=error_budget, seed=seed)
+                          judge=judge, explore_rate=explore_rate, error_budget=error_budget, seed=seed, guard=guard)
     scope = semantic_scope(tenant="bench", model=ModelIdentity(name="stand-in", fingerprint="0" * 64), version="1",
                            context={}, encoder=EncoderIdentity(name=ENCODER_NAME, version=ENCODER_VERSION))
     system = System()
@@ -287,6 +287,10 @@ def run_stream(
             plans.append(("static", lambda: tierserve_system(
                 "static", client, "static", threshold, texts, vectors, explore_rate=0.0,
                 error_budget=args.error_budget)))
+        if "static-unguarded" in wanted:  # what the trap guard costs (and buys) on this stream
+            plans.append(("static-unguarded", lambda: tierserve_system(
+                "static-unguarded", client, "static", threshold, texts, vectors, explore_rate=0.0,
+                error_budget=args.error_budget, guard=False)))
         if "verified" in wanted:
             plans.append(("verified", lambda: tierserve_system(
                 "verified", client, "verified", threshold, texts, vectors, explore_rate=args.explore_rate,
@@ -336,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "text per intent, for comparison), or both, comma-separated")
     parser.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION)
     parser.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
-    parser.add_argument("--systems", default="static,verified,gptcache", help="comma-separated subset of static, verified, "
+    parser.add_argument("--systems", default="static,verified,gptcache", help="comma-separated subset of static, "
+                        "static-unguarded (the trap guard off), verified, "
                         "verified-app-judge (the verified rule with the app's judge as measured), gptcache")
     parser.add_argument("--explore-rate", type=float, default=0.05)
     parser.add_argument("--error-budget", type=float, default=0.01)

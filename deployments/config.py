@@ -112,6 +112,10 @@ class RecommenderSettings(BaseModel):
     # How often an idle replica looks for a model-version bump and due pending invalidations
     # (a request also checks the version, through ModelVersions' 0.5 s cache).
     watch_interval_s: float = 0.5
+    # A request's personal answer must be ready within this (seconds), else the replica answers
+    # the fallback list (popular items the user has not rated, `degraded: true`). Below the
+    # Ingress's 10 s deadline, which can only answer 503.
+    answer_within_s: float = Field(default=6.0, gt=0)
     # "feast-only" reads every feature straight from Feast (no RAM/SSD tiers): the baseline arm of
     # benchmarks/recommend_load.py, and a way to rule the tiers out when debugging.
     tiers: Literal["all", "feast-only"] = "all"

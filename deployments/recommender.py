@@ -12,25 +12,21 @@ reads it through ModelVersions' 0.5 s cache, and a watcher thread checks it when
 idle. A new version's caches are built beside the old ones and swapped in; the old ones close
 when their last in-flight request ends (`Leased`). `reload` (the admin route's call) does the same.
 
-Events (`record_event`, allowed to the tenants the Ingress lets through: see docs/api.md): only
-users the feature store knows (404 otherwise: users come from the pipeline, see
-`_record_locked`). A durable pending-invalidation record and an audit entry naming the sending
-tenant are written first (Redis, one transaction; caches/invalidation.py PendingInvalidations),
-then the user's row goes into Feast through its push source, then the user's generation moves
-(cached results become unreachable, and no tier accepts or serves a row read before it:
-caches/generations.py) and the user's feature entries are dropped on every replica. If Redis
-fails after the push the answer says `"invalidation": "pending"`, and the record is replayed by
-whichever replica's watcher sees it due, until it reaches everyone. A read that straddles the
-push needs no replay: its row carries the old generation and is refused by every tier.
+Events (`record_event`, allowed to the tenants the Ingress lets through: see docs/api.md) are
+applied, or queued on the replica's disk and applied later, by deployments/recommender_events.py.
 
 Bounded memory: results have their own byte budget (`result_max_bytes`), cold-start answers are
 not result-cached, unknown user ids are remembered for `unknown_user_ttl_s` (per generation, so
 an event of that user makes the memo stale at once), feature entries carry a TTL.
 
-Failure: no Redis error ever escapes as a 500. Feast unreachable -> answers from what the tiers
-hold, `degraded: true`, or a 503 with a message when they hold nothing usable; Redis unreachable
-or failing (OOM, BUSY, script errors) -> no result cache, features from SSD and Feast
-(degraded); events refused with a 503 when nothing was written.
+Failure: no dependency failure becomes a 5xx for a valid request. Feast unreachable -> answers
+from what the tiers hold (`degraded: true`); Redis unreachable or failing (OOM, BUSY, script
+errors) -> no result cache, features from Feast first, then SSD (degraded). When nothing usable is
+held, or the personal answer is not ready within `answer_within_s` (a slow dependency), the answer
+is the fallback list: the popular items the user has not rated, `degraded: true` and `fallback`
+saying why. An event that cannot be applied now (Redis or Feast down, slow or busy) is queued on
+the replica's disk (feature_store/journal.py) and answered 202 `"recorded": "queued"`; the
+watcher applies queued events in order when they answer again.
 """
 
 from __future__ import annotations
@@ -41,27 +37,30 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from caches.invalidation import PendingInvalidations
 from caches.redis_client import REDIS_ERRORS, make_client
-from caches.result import CacheUnavailable
-from caches.tiered import TierUnavailable, claim_dir, reclaim_dead_dirs
+from caches.tiered import claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments import metrics
 from deployments.config import RecommenderSettings
-from deployments.recommender_model import ItemIndex, RecommendationResults, RecsModel, generation_key
-from feature_store.events import (
-    Activity,
-    EventRejected,
-    FeatureStoreUnavailable,
-    UserActivityWriter,
-    updated_user_row,
+from deployments.recommender_events import EventRecorder
+from deployments.recommender_model import (
+    CACHE_ERRORS,
+    ItemIndex,
+    RecommendationResults,
+    RecsModel,
+    generation_key,
+    rated_key,
 )
+from feature_store.events import Activity, EventRejected, UserActivityWriter
+from feature_store.journal import EventJournal
 from feature_store.pipeline import RepoInfo
 
 __all__ = ["ItemIndex", "RecommenderDeployment"]  # ItemIndex: its home moved to recommender_model
@@ -76,22 +75,12 @@ W_GENRE = 0.10
 # Candidates per request: at least this many times k, so a large k still has enough left after
 # the filters (and a larger k really asks the feature tiers for more items).
 CANDIDATES_PER_K = 4
-EVENT_LOCK_TIMEOUT_S = 10.0
-# When another replica may replay an event's pending record: only when the event's own
-# invalidation did not settle it (Redis failed after the push, the replica died). Not sooner than
-# the event can still be running (its lock's timeout): a replay that ran ahead of the push, and
-# settled the record, would leave nothing to retry a failed invalidation after it.
-PENDING_REPLAY_S = EVENT_LOCK_TIMEOUT_S
-# Who sent which event (tenant, user, item), newest last; bounded like the invalidation stream.
-AUDIT_STREAM = "tierserve:recs:events"
-AUDIT_MAXLEN = 100_000
-EVENT_LOCK_WAIT_S = 5.0
 # A version whose load failed (missing files, disk full) is tried again after this long.
 FAILED_LOAD_RETRY_S = 30.0
-PENDING_KEY = "tierserve:recs:pending-invalidations"
 ROCKSDB_PREFIX = "recommender-"
-# Every failure of the cache plumbing: none may escape a request as a 500.
-CACHE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TierUnavailable, CacheUnavailable)
+JOURNAL_PREFIX = "recommender-"
+# Threads that compute answers under the replica's answer deadline (one per ongoing request).
+ANSWER_THREADS = 32
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
@@ -104,7 +93,6 @@ class RecommenderDeployment:
         self.results = RecommendationResults(self.redis, default_ttl_s=self.settings.result_ttl_s,
                                              max_bytes=self.settings.result_max_bytes,
                                              tenant_max_bytes=self.settings.result_tenant_max_bytes)
-        self.pending = PendingInvalidations(self.redis, PENDING_KEY)
         self.replica = serve.get_replica_context().replica_id.unique_id
         # Directories are named by replica id: a restarted replica gets a new one. Claim ours,
         # then give back the space of replicas that are gone (before opening any RocksDB here).
@@ -113,6 +101,16 @@ class RecommenderDeployment:
         self._owner = claim_dir(self.rocksdb_root)
         for gone in reclaim_dead_dirs(rocksdb_parent, prefix=ROCKSDB_PREFIX, keep=self.rocksdb_root):
             log.info("reclaimed the RocksDB directory of a dead replica: %s", gone)
+        # Events accepted while a dependency was down wait here (feature_store/journal.py); a dead
+        # replica's queue is adopted, not dropped.
+        journal_parent = Path(state_dir) / "journal"
+        journal_dir = journal_parent / f"{JOURNAL_PREFIX}{self.replica}"
+        self._journal_owner = claim_dir(journal_dir)
+        self.journal = EventJournal(journal_dir)
+        for gone in reclaim_dead_dirs(journal_parent, prefix=JOURNAL_PREFIX, keep=journal_dir,
+                                      salvage=self.journal.adopt):
+            log.info("adopted the queued events of a dead replica: %s", gone)
+        self._answers = ThreadPoolExecutor(max_workers=ANSWER_THREADS, thread_name_prefix="recs-answer")
         info = RepoInfo.load(self.repo)
         self.versions = ModelVersions(self.redis, {RECS_MODEL: info.model_version})
         self.writer = UserActivityWriter(self.repo)
@@ -122,6 +120,7 @@ class RecommenderDeployment:
         self._failed: dict[str, float] = {}  # version -> when its failed load may be tried again
         self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
                                                  lambda m: m.close(remove_files=True))
+        self.events = EventRecorder(self.redis, self.writer, self.journal, self.models, self.replica)
         self._warm_up(info)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="recs-watch", daemon=True)
@@ -194,42 +193,61 @@ class RecommenderDeployment:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.settings.watch_interval_s):
-            try:
-                self._check_redis_restart()
-                self._follow_current()
-                self.pending.sweep(self._invalidate_users_of)
-            except CACHE_ERRORS as exc:  # Redis down: the next tick retries
-                log.debug("watch tick skipped: %s", exc)
-            except Exception:
-                log.exception("recommender watch tick failed")
+            # Two independent duties: queued events need Feast and Redis, the rest Redis only.
+            for duty in (self._watch_redis, self.events.replay_queued):
+                try:
+                    duty()
+                except CACHE_ERRORS as exc:  # Redis down: the next tick retries
+                    log.debug("watch tick skipped: %s", exc)
+                except Exception:
+                    log.exception("recommender watch tick failed")
+
+    def _watch_redis(self) -> None:
+        self._check_redis_restart()
+        self._follow_current()
+        self.events.pending.sweep(self.events.invalidate_users_of)
 
     def __del__(self) -> None:
         self._stop.set()
 
     # ---------------------------------------------------------------- keys
     @staticmethod
-    def _gen_key(user_id: int) -> str:
-        return generation_key(user_id)
-
-    @staticmethod
-    def _rated_key(user_id: int) -> str:
-        return f"tierserve:recs:rated:{user_id}"
-
-    @staticmethod
     def _unknown_key(version: str, user_id: int) -> str:
         return f"tierserve:recs:unknown:{version}:{user_id}"
 
-    def _seen(self, m: RecsModel, user_id: int, rated_since: set[bytes] | None = None) -> set[int]:
+    def _seen(self, m: RecsModel, user_id: int, rated_since: set[bytes] | None = None, *,
+              ask_redis: bool = True) -> set[int]:
         """Items the user rated: the pipeline's, plus those rated by events since (a Redis set,
-        read here unless the caller fetched it already)."""
+        read here unless the caller fetched it already), plus those of events queued here (not
+        applied yet, but the user said so: no answer of ours should offer them again)."""
         seen = set(m.rated.get(user_id, ()))
-        if rated_since is None:
+        if rated_since is None and ask_redis:
             with contextlib.suppress(*REDIS_ERRORS):
-                rated_since = self.redis.smembers(self._rated_key(user_id))
-        return seen | {int(x) for x in rated_since or ()}
+                rated_since = self.redis.smembers(rated_key(user_id))
+        return seen | {int(x) for x in rated_since or ()} | self.journal.items_of(user_id)
 
     # ----------------------------------------------------------- recommend
     def recommend(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
+        """The personal answer if it is ready within `answer_within_s`, else the fallback list.
+
+        Why a deadline here and not only the Ingress's: a slow Redis or Feast makes every call of
+        the path wait out its timeout, and a dozen of them pass the Ingress's deadline, which can
+        only answer 503. Here the replica still has something true to say: the popular items the
+        user has not rated (`degraded: true`, `fallback` says why). The late answer finishes in
+        its thread (it may still fill the caches) and is dropped."""
+        started = time.monotonic()
+        future = self._answers.submit(self._recommend_leased, user_id, k, tenant)
+        try:
+            return future.result(timeout=self.settings.answer_within_s)
+        except FutureTimeout:
+            log.warning("recommendation for user %s not ready within %.1fs: fallback list", user_id,
+                        self.settings.answer_within_s)
+            left = max(0.0, self.settings.answer_within_s - (time.monotonic() - started))
+            with self.models.lease() as m:
+                return self._fallback(m, user_id, k, "the answer was not ready within "
+                                      f"{self.settings.answer_within_s:g}s (a slow dependency)", rated_wait_s=left)
+
+    def _recommend_leased(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
         with contextlib.suppress(*CACHE_ERRORS):
             self._follow_current()  # Redis down: keep serving the version we have
         with self.models.lease() as m:
@@ -237,9 +255,9 @@ class RecommenderDeployment:
                 return self._recommend(m, user_id, k, tenant)
             except CACHE_ERRORS as exc:
                 # The last line of defence: a Redis failure the paths below did not absorb is a
-                # dependency failure (retry later), never a 500.
+                # dependency failure: the fallback list, never a 500.
                 log.warning("recommendation for user %s failed on the cache: %s", user_id, exc)
-                return {"status": 503, "message": "the cache store failed while answering; retry shortly"}
+                return self._fallback(m, user_id, k, "the cache store failed while answering")
 
     def _recommend(self, m: RecsModel, user_id: int, k: int, tenant: str) -> dict[str, Any]:
         key, gen, unknown, rated = None, None, False, None
@@ -247,8 +265,8 @@ class RecommenderDeployment:
             # One round trip: the user's generation, the "Feast does not know them" memo and the
             # items rated by events since the pipeline ran.
             pipe = self.redis.pipeline(transaction=False)
-            pipe.mget([self._gen_key(user_id), self._unknown_key(m.version, user_id)])
-            pipe.smembers(self._rated_key(user_id))
+            pipe.mget([generation_key(user_id), self._unknown_key(m.version, user_id)])
+            pipe.smembers(rated_key(user_id))
             (raw_gen, raw_unknown), rated_since = pipe.execute()
             rated = self._seen(m, user_id, rated_since)
             gen = int(raw_gen or 0)
@@ -283,6 +301,18 @@ class RecommenderDeployment:
         return {**self._base(m, user_id), "items": items, "cold_start": True, "degraded": False,
                 "sources": {"user": None, "items": {}}}
 
+    def _fallback(self, m: RecsModel, user_id: int, k: int, why: str, *, rated: set[int] | None = None,
+                  rated_wait_s: float | None = None) -> dict[str, Any]:
+        """The popular items the user has not rated, when their personal answer cannot be had (a
+        dependency down or too slow): a degraded answer, never a 5xx for a valid request. The
+        rated filter uses what is known here: the pipeline's ratings, the events' (Redis, when
+        it answers in time), and the events queued on this replica."""
+        if rated is None:
+            rated = self._seen(m, user_id, ask_redis=rated_wait_s is None or rated_wait_s > 0)
+        items = [{"item_id": i, "score": round(s, 6)} for i, s in m.popular if i not in rated][:k]
+        return {**self._base(m, user_id), "items": items, "cold_start": False, "degraded": True,
+                "fallback": {"kind": "popular", "reason": why}, "sources": {"user": None, "items": {}}}
+
     def _compute(self, m: RecsModel, user_id: int, k: int, gen: int | None,
                  rated: set[int] | None = None) -> dict[str, Any]:
         # Read-your-writes on every replica, before the stream's drop reaches it: the tiers serve
@@ -291,8 +321,8 @@ class RecommenderDeployment:
         user = m.users.get([user_id], {user_id: gen} if gen is not None else None)
         if user_id not in user.features:
             if user.degraded:
-                return {"status": 503, "message": "the feature store is unreachable and this user's features are "
-                                                  "not cached on any tier; retry shortly"}
+                return self._fallback(m, user_id, k, "the feature store is unreachable and this user's features "
+                                      "are not cached on any tier", rated=rated)
             return self._cold_start(m, user_id, k, rated)
 
         feats = user.features[user_id]
@@ -307,8 +337,8 @@ class RecommenderDeployment:
         ranked = m.score(ids, sims, affinity, w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
         degraded = user.degraded or ranked.degraded
         if not ranked.ids.size and degraded:
-            return {"status": 503, "message": "the feature store is unreachable and none of this user's candidate "
-                                              "items' features are cached; retry shortly"}
+            return self._fallback(m, user_id, k, "the feature store is unreachable and none of this user's "
+                                  "candidate items' features are cached", rated=seen)
         top = np.argsort(-ranked.scores, kind="stable")[:k]
         items = [{"item_id": int(i), "score": round(float(s), 6)}
                  for i, s in zip(ranked.ids[top], ranked.scores[top], strict=True)]
@@ -329,107 +359,7 @@ class RecommenderDeployment:
         with contextlib.suppress(*CACHE_ERRORS):
             self._follow_current()
         with self.models.lease() as m:
-            return self._record(m, activity, tenant)
-
-    def _record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
-        user_id, item_id = activity.user_id, activity.item_id
-        if item_id not in m.index.ids:
-            return {"status": 404, "message": f"item_id {item_id} is not in the catalogue of model version "
-                                              f"{m.version}; events must name a known item"}
-        # One event of a user at a time (across replicas): the push is a read-modify-write.
-        lock = self.redis.lock(f"tierserve:recs:eventlock:{user_id}", timeout=EVENT_LOCK_TIMEOUT_S,
-                               blocking_timeout=EVENT_LOCK_WAIT_S)
-        try:
-            if not lock.acquire():
-                return {"status": 503, "message": f"another event of user {user_id} is still being recorded; retry it"}
-        except REDIS_ERRORS:
-            return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
-        try:
-            return self._record_locked(m, activity, tenant)
-        finally:
-            with contextlib.suppress(*REDIS_ERRORS):  # an expired lock is released by its timeout anyway
-                lock.release()
-
-    def _record_locked(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
-        user_id, item_id = activity.user_id, activity.item_id
-        unavailable = {"status": 503, "message": "the feature store is unreachable: the event was not recorded, retry it"}
-        item = m.items.get([item_id])
-        if item_id not in item.features:
-            if item.degraded:
-                return unavailable
-            return {"status": 404, "message": f"item_id {item_id} has no features in the feature store"}
-        try:
-            # From Feast itself, never a cache tier: a stale row incremented would lose an event.
-            current = self.writer.current_row(user_id)
-        except FeatureStoreUnavailable as exc:
-            log.warning("event of user %s not recorded: %s", user_id, exc)
-            return unavailable
-        if current is None:
-            # Users come from the feature pipeline, not from events: any API client could
-            # otherwise mint permanent users (a Feast row in a `noeviction` store, and generation
-            # and rated keys, which must not expire: a generation that vanished would reset
-            # under the cached rows it guards). A 404 costs nothing, and the id stays a
-            # cold-start user until the pipeline's next build knows it.
-            return {"status": 404, "message": f"user_id {user_id} is not in the feature store: events are accepted "
-                                              "for known users only; new users arrive with the feature pipeline's "
-                                              "next build (until then they get the cold-start list)"}
-        try:
-            # Before the push, in one transaction: if Redis fails after it, the pending record
-            # still says "invalidate user", and the audit entry says who sent the event.
-            pipe = self.redis.pipeline(transaction=True)
-            pending_score = self.pending.arm(str(user_id), PENDING_REPLAY_S, pipe=pipe)
-            if activity.type == "rating":
-                # Before the push and idempotent: a failed push leaves nothing a retry would double.
-                pipe.sadd(self._rated_key(user_id), item_id)
-            pipe.xadd(AUDIT_STREAM, {"tenant": tenant, "user_id": user_id, "item_id": item_id, "type": activity.type,
-                                     "value": "" if activity.value is None else activity.value,
-                                     "replica": self.replica}, maxlen=AUDIT_MAXLEN, approximate=True)
-            audit_id = pipe.execute()[-1]
-        except REDIS_ERRORS:
-            return {"status": 503, "message": "Redis is unreachable: the event was not recorded, retry it"}
-        row = updated_user_row(current, activity, item.features[item_id], m.genre_list)
-        try:
-            self.writer.push(row)
-        except FeatureStoreUnavailable as exc:
-            log.warning("event of user %s not recorded: %s", user_id, exc)
-            return unavailable
-        published = self._invalidate_users(m, [user_id])
-        if published:  # reached everyone: nothing left to replay
-            with contextlib.suppress(*REDIS_ERRORS):
-                self.pending.settle([(str(user_id), pending_score)])
-        out: dict[str, Any] = {"status": 202, "accepted": True, "user_id": user_id, "item_id": item_id,
-                               "type": activity.type, "new_user": False, "n_ratings": row["n_ratings"],
-                               "tenant": tenant,
-                               "audit_id": audit_id.decode() if isinstance(audit_id, bytes) else str(audit_id),
-                               "invalidation": "published" if published else "pending", "replica": self.replica,
-                               "invalidated": ["user_features", "results"] if published else []}
-        if not published:
-            out["warning"] = ("Redis failed after the push: the invalidation is recorded and will be retried "
-                              "until every replica has it; this user's old answers may be served until then")
-        return out
-
-    def _invalidate_users(self, m: RecsModel, user_ids: list[int]) -> bool:
-        """Move the users' generations (cached results unreachable, no tier takes or serves an
-        older row), then drop their feature copies everywhere. True only when both reached
-        everyone."""
-        try:
-            if m.users.tiered.generations is None:
-                # feast-only (no tiers to guard): the generation still keys the cached results
-                pipe = self.redis.pipeline(transaction=False)
-                for u in user_ids:
-                    pipe.incr(self._gen_key(u))
-                pipe.execute()
-            ok = m.users.invalidate(user_ids, bump=True)
-        except CACHE_ERRORS as exc:
-            log.warning("invalidation of users %s not published yet: %s", user_ids[:5], exc)
-            return False
-        if not ok:
-            log.warning("invalidation of users %s not published yet", user_ids[:5])
-        return ok
-
-    def _invalidate_users_of(self, members: list[str]) -> bool:
-        with self.models.lease() as m:
-            return self._invalidate_users(m, [int(u) for u in members])
+            return self.events.record(m, activity, tenant)
 
     # ---------------------------------------------------------- operations
     def reload(self, version: str | None = None) -> str:
@@ -449,7 +379,8 @@ class RecommenderDeployment:
             for name, cache in (("user_features", m.users), ("item_features", m.items)):
                 out[name] = dataclasses.asdict(cache.tiered.stats())
         with contextlib.suppress(*CACHE_ERRORS):
-            out["pending_invalidations"] = self.pending.count()
+            out["pending_invalidations"] = self.events.pending.count()
+        out["queued_events"] = self.journal.count()
         return out
 
     def metrics_text(self) -> tuple[str, bytes]:

@@ -19,11 +19,22 @@ import numpy as np
 import pandas as pd
 
 from caches.features import FeatureCache
-from caches.result import ResultCache
+from caches.redis_client import REDIS_ERRORS
+from caches.result import CacheUnavailable, ResultCache
+from caches.tiered import TierUnavailable
 from caches.vector_index import make_ip_index
 from deployments.config import RecommenderSettings
 from feature_store import names
 from feature_store.pipeline import RepoInfo
+
+# Every failure of the cache plumbing: none may escape a request as a 500.
+CACHE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TierUnavailable, CacheUnavailable)
+
+
+def rated_key(user_id: int) -> str:
+    """Items a user rated by events since the pipeline's build (a Redis set, no TTL: see
+    deployments/recommender_events.py on why events are for known users only)."""
+    return f"tierserve:recs:rated:{user_id}"
 
 
 def generation_key(user_id: int) -> str:

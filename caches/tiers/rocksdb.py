@@ -25,7 +25,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -218,12 +218,15 @@ def _rocksdb_lock_held(lock: Path) -> bool:
         os.close(fd)
 
 
-def reclaim_dead_dirs(root: Path | str, *, prefix: str, keep: Path | str | None = None) -> list[Path]:
+def reclaim_dead_dirs(root: Path | str, *, prefix: str, keep: Path | str | None = None,
+                      salvage: Callable[[Path], object] | None = None) -> list[Path]:
     """Delete `root`'s directories named `prefix*` that no live process owns; returns them.
 
     Alive means: its owner file (see `claim_dir`) is locked, or a RocksDB LOCK inside it is held
     (a process of an older build that never wrote an owner file). Call it before this process
-    opens any RocksDB under `root` other than `keep`: the LOCK probe must not touch our own."""
+    opens any RocksDB under `root` other than `keep`: the LOCK probe must not touch our own.
+    `salvage(dir)` runs before a dead directory is deleted (e.g. adopting a dead replica's queued
+    events); if it raises, the directory is kept for the next try."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -234,6 +237,11 @@ def reclaim_dead_dirs(root: Path | str, *, prefix: str, keep: Path | str | None 
             continue
         if _flock_held(_owner_file(child)) or any(_rocksdb_lock_held(lock) for lock in child.rglob("LOCK")):
             continue
+        if salvage is not None:
+            try:
+                salvage(child)
+            except Exception:  # noqa: BLE001 - kept for the next start; never fails this one
+                continue
         shutil.rmtree(child, ignore_errors=True)
         _owner_file(child).unlink(missing_ok=True)
         removed.append(child)

@@ -185,11 +185,13 @@ def test_event_of_a_user_the_feature_store_does_not_know_is_a_404_that_leaves_no
     assert body["cold_start"] is True  # still a cold-start user: Feast was not written
 
 
-def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
+def test_feast_unreachable_serves_from_the_tiers_or_a_fallback_and_queues_events_then_recovers(
     recs: httpx.Client, repo_copy: RepoInfo, tmp_path: Path
 ) -> None:
     warm_user, cold_user = repo_copy.user_ids_sample[5], repo_copy.user_ids_sample[6]
     until_replicas(recs, warm_user, range(10, 40))  # both replicas hold the user's row
+    n_before = recommend(recs, warm_user, 7)["user_activity"]["n_ratings"]
+    rated_item = next(i for i in repo_copy.popular_items[:50] if i not in rated_by(repo_copy, warm_user))
     db = repo_copy.repo_dir / names.ONLINE_DB
     backup = tmp_path / "online_store.db"
     shutil.copyfile(db, backup)
@@ -198,10 +200,8 @@ def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
     with open(db, "r+b") as f:
         f.truncate(0)
     try:
-        statuses = []
         for _ in range(4):  # several requests, so both replicas meet the outage
             resp = recs.post("/v1/recommendations", json={"user_id": warm_user, "k": 100})
-            statuses.append(resp.status_code)
             assert resp.status_code == 200, resp.text
             body = resp.json()
             # The user's row is in the tiers and item features come with the model version (no
@@ -210,19 +210,35 @@ def test_feast_unreachable_serves_from_the_tiers_or_503_then_recovers(
             assert sum(body["sources"]["items"].values()) >= 100 and body["sources"]["user"] != "feast"
             assert not {i["item_id"] for i in body["items"]} & rated_by(repo_copy, warm_user)
         for _ in range(3):
+            # No tier holds this user: not a 503 but the fallback list, saying so.
             resp = recs.post("/v1/recommendations", json={"user_id": cold_user, "k": 10})
-            assert resp.status_code == 503, resp.text
-            assert "feature store is unreachable" in resp.json()["error"]["message"]
-        resp = recs.post("/v1/events", json={"user_id": warm_user, "item_id": repo_copy.popular_items[3],
-                                             "type": "view"})
-        assert resp.status_code == 503 and "not recorded" in resp.json()["error"]["message"]
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["degraded"] is True and body["fallback"]["kind"] == "popular"
+            assert "feature store is unreachable" in body["fallback"]["reason"]
+            assert len(body["items"]) == 10 and not {i["item_id"] for i in body["items"]} & rated_by(repo_copy, cold_user)
+        # An event now cannot be applied (its row is in Feast): it is queued on disk, not refused.
+        resp = recs.post("/v1/events", json={"user_id": warm_user, "item_id": rated_item, "type": "rating",
+                                             "value": 4})
+        assert resp.status_code == 202, resp.text
+        queued = resp.json()
+        assert queued["recorded"] == "queued" and "feature store" in queued["warning"]
         assert recs.get("/healthz").status_code == 200
     finally:
         shutil.copyfile(backup, db)
     for _ in range(4):
         body = recommend(recs, cold_user, 10)
         assert body["degraded"] is False and len(body["items"]) == 10
-    assert recommend(recs, warm_user, 99)["degraded"] is False
+    # The queued event is applied by its replica's watcher once Feast answers: the row moves on
+    # every replica, and the rated item leaves the answers.
+    deadline = time.monotonic() + 60
+    while True:
+        body = recommend(recs, warm_user, 99)
+        if body["user_activity"]["n_ratings"] == n_before + 1:
+            break
+        assert time.monotonic() < deadline, f"queued event not applied: {body['user_activity']}"
+        time.sleep(0.5)
+    assert body["degraded"] is False and rated_item not in [i["item_id"] for i in body["items"]]
 
 
 def test_events_say_their_invalidation_was_published_and_are_audited_with_their_tenant(
@@ -318,6 +334,34 @@ def test_a_redis_restart_drops_user_rows_whose_invalidation_it_may_have_lost(
             break
         time.sleep(0.25)  # the replicas notice the new server on their next watch tick
     assert len(fresh) >= 2 and set(fresh.values()) == {n_before + 1}, fresh
+
+
+def test_an_event_while_redis_is_down_is_queued_then_applied_when_it_is_back(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    user = repo_copy.user_ids_sample[11]
+    n_before = recommend(recs, user, 9)["user_activity"]["n_ratings"]
+    item = next(i for i in repo_copy.popular_items[:50] if i not in rated_by(repo_copy, user))
+    server = OWN_REDIS["server"]
+    server.stop()
+    try:
+        # No per-user lock and no durable pending record without Redis: queued on disk, not refused.
+        resp = recs.post("/v1/events", json={"user_id": user, "item_id": item, "type": "rating", "value": 5})
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["recorded"] == "queued" and "Redis" in resp.json()["warning"]
+        for k in (11, 12, 13):  # answers go on (from Feast and the SSD tier), never a 5xx
+            resp = recs.post("/v1/recommendations", json={"user_id": user, "k": k})
+            assert resp.status_code == 200, resp.text
+    finally:
+        server.start()
+    deadline = time.monotonic() + 60
+    while True:  # applied by the replica that queued it, then read by every replica
+        body = recommend(recs, user, 20)
+        if body["user_activity"]["n_ratings"] == n_before + 1 and not body["degraded"]:
+            break
+        assert time.monotonic() < deadline, f"queued event not applied: {body}"
+        time.sleep(0.5)
+    assert item not in [i["item_id"] for i in body["items"]]
 
 
 # Last in the module: it moves the module app to another model version.

@@ -26,7 +26,8 @@ from feature_store.events import (
     fold_in_embedding,
     updated_user_row,
 )
-from feature_store.pipeline import RepoInfo, build_repo
+from feature_store.pipeline import RepoInfo
+from tests.support import item_features, user_cache
 
 
 @pytest.fixture
@@ -35,42 +36,12 @@ def redis_url(both_redis_urls: str) -> str:
     return both_redis_urls
 
 
-LIMIT = 3000
-
-
-@pytest.fixture(scope="module")
-def repo(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> RepoInfo:
-    movielens = shared_data / "movielens_latest_small_2015"
-    out = tmp_path_factory.mktemp("events_repo")
-    return build_repo(movielens / "ratings.csv", out, movielens / "movies.csv", limit=LIMIT, progress=False)
-
-
-@pytest.fixture(scope="module")
-def writer(repo: RepoInfo) -> UserActivityWriter:
-    return UserActivityWriter(repo.repo_dir)
-
-
 @pytest.fixture
 def replicas(repo: RepoInfo, redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[list[FeatureCache]]:
-    caches = [
-        FeatureCache.open(
-            redis_url=redis_url, rocksdb_dir=tmp_path / f"replica-{i}", feast_repo=repo.repo_dir,
-            view=names.USER_VIEW, entity_key=names.USER_KEY, model_version=repo.model_version,
-            ram_budget_bytes=1 << 20, ssd_budget_bytes=8 << 20,
-        )
-        for i in range(2)
-    ]
+    caches = [user_cache(repo, redis_url, tmp_path / f"replica-{i}") for i in range(2)]
     yield caches
     for c in caches:
         c.close()
-
-
-def _item(repo: RepoInfo, writer: UserActivityWriter, item_id: int) -> dict:
-    store = writer._open()
-    rows = store.get_online_features(
-        features=[f"{names.ITEM_VIEW}:{f}" for f in names.ITEM_FEATURES], entity_rows=[{names.ITEM_KEY: item_id}]
-    ).to_dict()
-    return {f: rows[f][0] for f in names.ITEM_FEATURES}
 
 
 def test_activity_parse_rejects_bad_events() -> None:
@@ -106,7 +77,7 @@ def test_rating_push_updates_the_online_store(repo: RepoInfo, writer: UserActivi
     before = writer.current_row(user)
     assert before is not None
     item_id = repo.popular_items[0]
-    row, new_user = writer.record(Activity(user, item_id, "rating", 5.0), _item(repo, writer, item_id), repo.genres)
+    row, new_user = writer.record(Activity(user, item_id, "rating", 5.0), item_features(writer, item_id), repo.genres)
     assert not new_user
     after = writer.current_row(user)
     assert after is not None
@@ -121,7 +92,7 @@ def test_never_seen_user_gets_a_folded_in_row(repo: RepoInfo, writer: UserActivi
     user = 10**9 + 7
     assert writer.current_row(user) is None
     item_id = repo.popular_items[1]
-    item = _item(repo, writer, item_id)
+    item = item_features(writer, item_id)
     _, new_user = writer.record(Activity(user, item_id, "click"), item, repo.genres)
     assert new_user
     row = writer.current_row(user)
@@ -145,7 +116,7 @@ def test_event_invalidates_every_replicas_tiers(
     old_n = first.features[user]["n_ratings"]
 
     item_id = repo.popular_items[2]
-    writer.record(Activity(user, item_id, "rating", 1.0), _item(repo, writer, item_id), repo.genres)
+    writer.record(Activity(user, item_id, "rating", 1.0), item_features(writer, item_id), repo.genres)
     a.invalidate([user])  # what the Recommender does after the push
 
     # B drops its SSD copy when the stream reaches it (its consumer thread), without being asked.

@@ -28,7 +28,8 @@ from caches.tiers.rocksdb import RocksDBTier
 from deployments.recommender_model import generation_key
 from feature_store import names
 from feature_store.events import Activity, UserActivityWriter
-from feature_store.pipeline import RepoInfo, build_repo
+from feature_store.pipeline import RepoInfo
+from tests.support import item_features, user_cache
 
 
 @pytest.fixture
@@ -37,65 +38,53 @@ def redis_url(both_redis_urls: str) -> str:
     return both_redis_urls
 
 
-LIMIT = 3000
 ROW_BYTES = 700  # a user row's key and framed value are about 600 bytes
 NAME = f"features-{names.USER_VIEW}"  # the users cache's name: A and B share its RAM metadata
-
-
-@pytest.fixture(scope="module")
-def repo(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> RepoInfo:
-    movielens = shared_data / "movielens_latest_small_2015"
-    out = tmp_path_factory.mktemp("genwrites_repo")
-    return build_repo(movielens / "ratings.csv", out, movielens / "movies.csv", limit=LIMIT, progress=False)
-
-
-@pytest.fixture(scope="module")
-def writer(repo: RepoInfo) -> UserActivityWriter:
-    return UserActivityWriter(repo.repo_dir)
 
 
 class OnRead:
     """Runs `then` once, right after the wrapped tier answered a read that asked for `key`."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, then: Callable[[], None]) -> None:
         self.key = key
-        self.then: Callable[[], None] | None = None
+        self.then = then
         self.fired = False
 
     def after(self, keys: list[str]) -> None:
-        if self.then is not None and not self.fired and self.key in keys:
+        if not self.fired and self.key in keys:
             self.fired = True
             self.then()
 
 
-class HookedRedis(RedisTier):
+class Hooked:
+    """A tier (mixed in before it) whose reads can run an event right after they answer."""
+
     hook: OnRead | None = None
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        found = super().get_many(keys)
+        found = super().get_many(keys)  # type: ignore[misc]
         if self.hook is not None:
             self.hook.after(keys)
         return found
 
 
-class HookedRocksDB(RocksDBTier):
-    hook: OnRead | None = None
-
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        found = super().get_many(keys)
-        if self.hook is not None:
-            self.hook.after(keys)
-        return found
+class HookedRedis(Hooked, RedisTier):
+    pass
 
 
-class HookedFeast(FeastTier):
-    hook: OnRead | None = None
+class HookedRocksDB(Hooked, RocksDBTier):
+    pass
 
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        found = super().get_many(keys)  # the old row, read before the event's push
-        if self.hook is not None:
-            self.hook.after(keys)
-        return found
+
+class HookedFeast(Hooked, FeastTier):
+    pass  # its read returns the old row, read before the event's push
+
+
+def on_read(tier: object, key: str, then: Callable[[], None]) -> OnRead:
+    """Arms a Hooked tier: `then` runs once, right after it answers a read of `key`."""
+    assert isinstance(tier, Hooked)
+    tier.hook = OnRead(key, then)
+    return tier.hook
 
 
 def replica(repo: RepoInfo, redis_url: str, path: Path, *, ram_budget: int = 1 << 20) -> FeatureCache:
@@ -115,15 +104,6 @@ def replica(repo: RepoInfo, redis_url: str, path: Path, *, ram_budget: int = 1 <
     return FeatureCache(tiered, view=names.USER_VIEW, entity_key=names.USER_KEY, model_version=repo.model_version)
 
 
-def opened(repo: RepoInfo, redis_url: str, path: Path, *, ram_budget: int = 1 << 20) -> FeatureCache:
-    """A replica exactly as the Recommender opens it."""
-    return FeatureCache.open(
-        redis_url=redis_url, rocksdb_dir=path, feast_repo=repo.repo_dir, view=names.USER_VIEW,
-        entity_key=names.USER_KEY, model_version=repo.model_version, ram_budget_bytes=ram_budget,
-        ssd_budget_bytes=8 << 20, ttl_s=3600.0, generation_key=generation_key,
-    )
-
-
 @pytest.fixture
 def pair(repo: RepoInfo, redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[tuple[FeatureCache, FeatureCache]]:
     a = replica(repo, redis_url, tmp_path / "a")
@@ -138,15 +118,18 @@ def event(repo: RepoInfo, writer: UserActivityWriter, b: FeatureCache, user: int
 
     def run() -> None:
         item_id = repo.popular_items[0]
-        store = writer._open()
-        item_row = store.get_online_features(
-            features=[f"{names.ITEM_VIEW}:{f}" for f in names.ITEM_FEATURES], entity_rows=[{names.ITEM_KEY: item_id}],
-        ).to_dict()
-        item = {f: item_row[f][0] for f in names.ITEM_FEATURES}
-        writer.record(Activity(user, item_id, "rating", 1.0), item, repo.genres)
+        writer.record(Activity(user, item_id, "rating", 1.0), item_features(writer, item_id), repo.genres)
         assert b.invalidate([user], bump=True)
 
     return run
+
+
+def sampled_user(repo: RepoInfo, writer: UserActivityWriter, i: int) -> tuple[int, dict[str, Any]]:
+    """The repo's i-th sampled user and its row in the online store now (a sampled user has one)."""
+    user = repo.user_ids_sample[i]
+    row = writer.current_row(user)
+    assert row is not None
+    return user, row
 
 
 def n_ratings(raw: bytes) -> int:
@@ -176,13 +159,8 @@ def test_a_read_that_straddles_an_event_leaves_no_old_row_in_any_tier(
     pair: tuple[FeatureCache, FeatureCache], repo: RepoInfo, writer: UserActivityWriter, redis_client: redis.Redis
 ) -> None:
     a, b = pair
-    user = repo.user_ids_sample[0]
-    before = writer.current_row(user)
-    assert before is not None
-    hook = OnRead(a.key(user))
-    hook.then = event(repo, writer, b, user)
-    assert isinstance(a.tiered.cold, HookedFeast)
-    a.tiered.cold.hook = hook
+    user, before = sampled_user(repo, writer, 0)
+    hook = on_read(a.tiered.cold, a.key(user), event(repo, writer, b, user))
 
     straddling = a.get([user])  # generation read, Feast read (old row), the event, then the fills
     assert hook.fired
@@ -207,15 +185,12 @@ def test_a_demotion_after_an_invalidation_does_not_bring_the_old_row_back(
     a = replica(repo, redis_url, tmp_path / "a", ram_budget=4 * ROW_BYTES)
     b = replica(repo, redis_url, tmp_path / "b", ram_budget=4 * ROW_BYTES)
     try:
-        user, others = repo.user_ids_sample[1], repo.user_ids_sample[2:]
-        before = writer.current_row(user)
-        assert before is not None
+        user, before = sampled_user(repo, writer, 1)
+        others = repo.user_ids_sample[2:]
         assert b.get([user]).sources[user] == "feast"  # B placed it in RAM; A has no SSD copy
         assert redis_client.get(a.tiered.ram.physical(a.key(user))) is not None
-        hook = OnRead(a.key(user))  # A's demotion reads the RAM copy to write it to its SSD
-        hook.then = event(repo, writer, b, user)
-        assert isinstance(a.tiered.ram, HookedRedis)
-        a.tiered.ram.hook = hook
+        # A's demotion reads the RAM copy to write it to its SSD
+        hook = on_read(a.tiered.ram, a.key(user), event(repo, writer, b, user))
         for other in others:
             for _ in range(3):  # read more often than the target: it loses its place in RAM to them
                 a.get([other])
@@ -241,16 +216,12 @@ def test_a_promotion_after_an_invalidation_is_refused_by_ram(
     pair: tuple[FeatureCache, FeatureCache], repo: RepoInfo, writer: UserActivityWriter, redis_client: redis.Redis
 ) -> None:
     a, b = pair
-    user = repo.user_ids_sample[2]
-    before = writer.current_row(user)
-    assert before is not None
+    user, before = sampled_user(repo, writer, 2)
     a.get([user])  # A's SSD and RAM hold the row
     a.tiered.ram.delete_many([a.key(user)])  # RAM lost it (evicted elsewhere): the next read promotes
     a.tiered.policy.remove([a.key(user)])
-    hook = OnRead(a.key(user))  # after A's SSD answered with the (then current) row
-    hook.then = event(repo, writer, b, user)
-    assert isinstance(a.tiered.ssd, HookedRocksDB)
-    a.tiered.ssd.hook = hook
+    # after A's SSD answered with the (then current) row
+    hook = on_read(a.tiered.ssd, a.key(user), event(repo, writer, b, user))
 
     promoted = a.get([user])
     assert hook.fired and promoted.sources[user] == "rocksdb"
@@ -266,7 +237,7 @@ def test_without_readable_generations_feast_answers_before_an_unverified_ssd_cop
 ) -> None:
     user = repo.user_ids_sample[3]
     with EmbeddedRedis() as server:
-        a = opened(repo, server.url, tmp_path / "a")
+        a = user_cache(repo, server.url, tmp_path / "a", ttl_s=3600.0, generation_key=generation_key)
         try:
             assert a.get([user]).sources[user] == "feast"  # SSD now holds it
             server.stop()

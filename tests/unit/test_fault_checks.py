@@ -15,6 +15,7 @@ from benchmarks.fault_checks import (
     RecsAnswer,
     Window,
     classify,
+    final_reads,
     freshness,
     lost_writes,
     markdown,
@@ -50,6 +51,25 @@ def test_staleness_the_event_answer_announced_is_counted_apart() -> None:
     pending = AcceptedEvent(user_id=1, item_id=7, n_ratings=5, received_at=9.0, pending=True)
     assert classify(answer(n=4), [pending]) == STALE_ANNOUNCED
     assert classify(answer(n=5), [pending]) == FRESH
+
+
+def test_a_queued_event_announces_that_answers_do_not_show_it_yet() -> None:
+    queued = AcceptedEvent(user_id=1, item_id=7, n_ratings=None, received_at=9.0, queued=True)
+    assert classify(answer(n=4, items=(7, 100)), [queued]) == STALE_ANNOUNCED  # its item, not yet applied
+    assert classify(answer(n=4), [queued]) == FRESH  # no applied event sets a bar
+    # an applied event still sets its bar, queued ones beside it or not
+    assert classify(answer(n=4), [queued, EVENT]) == STALE_FEATURES
+    assert classify(answer(n=5, items=(7,)), [queued, EVENT]) == STALE_RATED_ITEM
+
+
+def test_final_reads_must_show_the_row_feast_ends_with() -> None:
+    queued = AcceptedEvent(user_id=1, item_id=7, n_ratings=None, received_at=9.0, queued=True)
+    ok = {"items": [{"item_id": 100}], "user_activity": {"n_ratings": 6}}
+    assert final_reads({1: ok}, {1: 6}, [queued]) == {"checked": 1, "stale": 0, "samples": []}
+    behind = final_reads({1: {**ok, "user_activity": {"n_ratings": 5}}}, {1: 6}, [queued])
+    assert behind["stale"] == 1 and behind["samples"][0]["feast_n_ratings"] == 6
+    assert final_reads({1: {**ok, "items": [{"item_id": 7}]}}, {1: 6}, [queued])["stale"] == 1
+    assert final_reads({2: ok}, {2: 1}, [queued])["checked"] == 0  # not an event user
 
 
 def test_answers_racing_or_before_the_event_are_not_judged() -> None:
@@ -103,13 +123,14 @@ def test_redis_budget_reads_what_the_settings_have() -> None:
 
 def test_markdown_table() -> None:
     row = {"fault": "redis_slow", "elapsed_s": 300.0,
-           "requests": {"sent": 900, "2xx": 890, "transport_errors": 0,
+           "requests": {"sent": 900, "2xx": 890, "fallback": 12, "transport_errors": 0,
                         "5xx": {"total": 10, "500": 1, "503": 9, "other": 0}},
-           "events": {"accepted": 250, "refused": 30}, "stale": {"stale": 0, "checked": 400},
-           "writes": {"lost": 0, "phantom": 0},
+           "events": {"accepted": 250, "queued": 40, "refused": 30}, "stale": {"stale": 0, "checked": 400},
+           "final_reads": {"stale": 0, "checked": 24}, "writes": {"lost": 0, "phantom": 0},
            "memory": {"redis_peak_bytes": 12 << 20, "redis_budget_bytes": 400 << 20,
                       "replica_rss_peak_bytes": 6000 << 20, "replica_rss_before_bytes": None}}
     text = markdown([row])
     lines = text.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| fault |")
-    assert lines[2] == "| redis_slow | 5.0 | 900 | 890 | 10 (1/9/0) | 0 | 250/30 | 0 (0) / 400 | 0 (0) | 12 / 400 | 6000 (n/a) |"
+    assert lines[2] == ("| redis_slow | 5.0 | 900 | 890 (12) | 10 (1/9/0) | 0 | 250 (40) / 30 | 0 (0) / 400 | 0 / 24 | 0 (0) "
+                        "| 12 / 400 | 6000 (n/a) |")

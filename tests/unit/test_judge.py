@@ -9,14 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.judge_calibration import (
-    APP_JUDGE,
-    DEFAULT_OUT,
-    lexical_overlap,
-    operating_point,
-    roc_auc,
-    select_pairs,
-)
+from benchmarks.judge_calibration import DEFAULT_OUT
+from benchmarks.judge_pairs import select_pairs
+from benchmarks.judge_scores import APP_JUDGE, lexical_overlap, operating_point, roc_auc
 from caches.semantic.judge import (
     ANSWER_SIMILARITY_THRESHOLD,
     Answer,
@@ -135,7 +130,7 @@ def test_split_without_intents_keeps_shared_questions_together(tmp_path: Path) -
 
 
 def test_wilson_lower_bound() -> None:
-    from benchmarks.judge_calibration import wilson_lower
+    from benchmarks.judge_scores import wilson_lower
 
     assert wilson_lower(9, 9) == pytest.approx(0.701, abs=1e-3)
     assert wilson_lower(0, 0) == 0.0

@@ -1,0 +1,212 @@
+"""Rating, view and click events of the Recommender: applied now, or queued and applied later.
+
+Applying one (`record`): one event of a user at a time across replicas (a Redis lock: the push is
+a read-modify-write of the user's Feast row); a durable pending-invalidation record and an audit
+entry naming the sending tenant first (Redis, one transaction; caches/invalidation.py), then the
+user's row into Feast through its push source, then the user's generation moves (cached results
+become unreachable, and no tier accepts or serves a row read before it: caches/generations.py)
+and the user's feature entries are dropped on every replica. If Redis fails after the push the
+answer says `"invalidation": "pending"`, and the record is replayed by whichever replica's watcher
+sees it due, until it reaches everyone.
+
+When a step cannot be done now (Redis or Feast down, slow, or the user's lock busy) the event is
+queued on the replica's disk (feature_store/journal.py) and answered 202 `"recorded": "queued"`;
+the replica's watcher calls `replay_queued`, which applies queued events oldest first through the
+same path. Only users the feature store knows get events (404 otherwise: see `_record_locked`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import redis
+
+from caches.invalidation import PendingInvalidations
+from caches.redis_client import REDIS_ERRORS
+from caches.versions import Leased
+from deployments.recommender_model import CACHE_ERRORS, RecsModel, generation_key, rated_key
+from feature_store.events import Activity, FeatureStoreUnavailable, UserActivityWriter, updated_user_row
+from feature_store.journal import EventJournal
+
+log = logging.getLogger("tierserve.recommender")
+
+EVENT_LOCK_TIMEOUT_S = 10.0
+EVENT_LOCK_WAIT_S = 5.0
+# When another replica may replay an event's pending record: only when the event's own
+# invalidation did not settle it (Redis failed after the push, the replica died). Not sooner than
+# the event can still be running (its lock's timeout): a replay that ran ahead of the push, and
+# settled the record, would leave nothing to retry a failed invalidation after it.
+PENDING_REPLAY_S = EVENT_LOCK_TIMEOUT_S
+PENDING_KEY = "tierserve:recs:pending-invalidations"
+# Who sent which event (tenant, user, item), newest last; bounded like the invalidation stream.
+AUDIT_STREAM = "tierserve:recs:events"
+AUDIT_MAXLEN = 100_000
+# Queued events applied per watcher tick (the rest wait for the next one).
+REPLAY_BATCH = 64
+
+
+class NotNow(RuntimeError):
+    """An event cannot be applied right now (a dependency is down, slow or busy): queue it."""
+
+
+class EventRecorder:
+    """One per Recommender replica; `models` is the replica's current model version (leased)."""
+
+    def __init__(self, client: redis.Redis, writer: UserActivityWriter, journal: EventJournal,
+                 models: Leased[RecsModel], replica: str) -> None:
+        self.redis = client
+        self.writer = writer
+        self.journal = journal
+        self.models = models
+        self.replica = replica
+        self.pending = PendingInvalidations(client, PENDING_KEY)
+
+    def record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
+        """The answer to one event: 202 applied or queued, 404 for an unknown item or user."""
+        if activity.item_id not in m.index.ids:
+            return _unknown_item(m, activity.item_id)
+        if self.journal.holds_user(activity.user_id):
+            return self.queue(activity, tenant, "earlier events of this user are still queued here")
+        try:
+            return self._record(m, activity, tenant)
+        except NotNow as exc:
+            return self.queue(activity, tenant, str(exc))
+
+    def queue(self, activity: Activity, tenant: str, why: str) -> dict[str, Any]:
+        """Accept an event that cannot be applied now: on disk before the 202, applied by the
+        watcher (`replay_queued`) when the dependencies answer."""
+        try:
+            entry = self.journal.append(activity, tenant)
+        except Exception as exc:  # noqa: BLE001 - sqlite3/OS errors: disk full, read-only volume
+            log.error("event of user %s could not be queued: %s", activity.user_id, exc)
+            return {"status": 503, "message": f"the event could not be recorded ({why}) nor queued on this replica's "
+                                              "disk; retry it"}
+        log.info("event of user %s queued (%s)", activity.user_id, why)
+        return {"status": 202, "accepted": True, "recorded": "queued", "user_id": activity.user_id,
+                "item_id": activity.item_id, "type": activity.type, "tenant": tenant, "queue_id": entry,
+                "replica": self.replica, "invalidation": "queued", "invalidated": [],
+                "warning": f"{why}: the event is kept on this replica's disk and applied when the dependency answers "
+                           "again; recommendations reflect it from then on"}
+
+    def replay_queued(self) -> None:
+        """Apply queued events, oldest first; stop at the first that still cannot be applied
+        (order is kept). One that can never be (its user or item unknown) is dropped and logged:
+        the 202 had said it was queued, not applied."""
+        for entry in self.journal.due(REPLAY_BATCH):
+            with self.models.lease() as m:
+                try:
+                    out = self._record(m, entry.activity, entry.tenant)
+                except NotNow as exc:
+                    delay = self.journal.retry_later(entry)
+                    log.info("queued event %s of user %s not applied yet (%s); next try in %.1fs",
+                             entry.id, entry.activity.user_id, exc, delay)
+                    return
+            if out["status"] != 202:
+                log.warning("queued event %s dropped: %s", entry.id, out.get("message"))
+            self.journal.done(entry)
+
+    def _record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
+        """Apply one event now, or raise NotNow (a dependency down or busy: the caller queues)."""
+        user_id, item_id = activity.user_id, activity.item_id
+        if item_id not in m.index.ids:
+            return _unknown_item(m, item_id)
+        # One event of a user at a time (across replicas): the push is a read-modify-write.
+        lock = self.redis.lock(f"tierserve:recs:eventlock:{user_id}", timeout=EVENT_LOCK_TIMEOUT_S,
+                               blocking_timeout=EVENT_LOCK_WAIT_S)
+        try:
+            if not lock.acquire():
+                raise NotNow(f"another event of user {user_id} is still being recorded")
+        except REDIS_ERRORS as exc:
+            raise NotNow("Redis is unreachable") from exc
+        try:
+            return self._record_locked(m, activity, tenant)
+        finally:
+            with contextlib.suppress(*REDIS_ERRORS):  # an expired lock is released by its timeout anyway
+                lock.release()
+
+    def _record_locked(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
+        user_id, item_id = activity.user_id, activity.item_id
+        item = m.items.get([item_id])
+        if item_id not in item.features:
+            if item.degraded:
+                raise NotNow("the feature store is unreachable")
+            return {"status": 404, "message": f"item_id {item_id} has no features in the feature store"}
+        try:
+            # From Feast itself, never a cache tier: a stale row incremented would lose an event.
+            current = self.writer.current_row(user_id)
+        except FeatureStoreUnavailable as exc:
+            raise NotNow("the feature store is unreachable") from exc
+        if current is None:
+            # Users come from the feature pipeline, not from events: any API client could
+            # otherwise mint permanent users (a Feast row in a `noeviction` store, and generation
+            # and rated keys, which must not expire: a generation that vanished would reset
+            # under the cached rows it guards). A 404 costs nothing, and the id stays a
+            # cold-start user until the pipeline's next build knows it.
+            return {"status": 404, "message": f"user_id {user_id} is not in the feature store: events are accepted "
+                                              "for known users only; new users arrive with the feature pipeline's "
+                                              "next build (until then they get the cold-start list)"}
+        try:
+            # Before the push, in one transaction: if Redis fails after it, the pending record
+            # still says "invalidate user", and the audit entry says who sent the event.
+            pipe = self.redis.pipeline(transaction=True)
+            pending_score = self.pending.arm(str(user_id), PENDING_REPLAY_S, pipe=pipe)
+            if activity.type == "rating":
+                # Before the push and idempotent: a failed push leaves nothing a retry would double.
+                pipe.sadd(rated_key(user_id), item_id)
+            pipe.xadd(AUDIT_STREAM, {"tenant": tenant, "user_id": user_id, "item_id": item_id, "type": activity.type,
+                                     "value": "" if activity.value is None else activity.value,
+                                     "replica": self.replica}, maxlen=AUDIT_MAXLEN, approximate=True)
+            audit_id = pipe.execute()[-1]
+        except REDIS_ERRORS as exc:
+            raise NotNow("Redis is unreachable") from exc
+        row = updated_user_row(current, activity, item.features[item_id], m.genre_list)
+        try:
+            self.writer.push(row)
+        except FeatureStoreUnavailable as exc:
+            # Nothing of the event is in Feast (the pending record and the rated item are
+            # idempotent: the replay writes them again).
+            raise NotNow("the feature store is unreachable") from exc
+        published = self.invalidate_users(m, [user_id])
+        if published:  # reached everyone: nothing left to replay
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.pending.settle([(str(user_id), pending_score)])
+        out: dict[str, Any] = {"status": 202, "accepted": True, "recorded": "applied", "user_id": user_id, "item_id": item_id,
+                               "type": activity.type, "new_user": False, "n_ratings": row["n_ratings"],
+                               "tenant": tenant,
+                               "audit_id": audit_id.decode() if isinstance(audit_id, bytes) else str(audit_id),
+                               "invalidation": "published" if published else "pending", "replica": self.replica,
+                               "invalidated": ["user_features", "results"] if published else []}
+        if not published:
+            out["warning"] = ("Redis failed after the push: the invalidation is recorded and will be retried "
+                              "until every replica has it; this user's old answers may be served until then")
+        return out
+
+    def invalidate_users(self, m: RecsModel, user_ids: list[int]) -> bool:
+        """Move the users' generations (cached results unreachable, no tier takes or serves an
+        older row), then drop their feature copies everywhere. True only when both reached
+        everyone."""
+        try:
+            if m.users.tiered.generations is None:
+                # feast-only (no tiers to guard): the generation still keys the cached results
+                pipe = self.redis.pipeline(transaction=False)
+                for u in user_ids:
+                    pipe.incr(generation_key(u))
+                pipe.execute()
+            ok = m.users.invalidate(user_ids, bump=True)
+        except CACHE_ERRORS as exc:
+            log.warning("invalidation of users %s not published yet: %s", user_ids[:5], exc)
+            return False
+        if not ok:
+            log.warning("invalidation of users %s not published yet", user_ids[:5])
+        return ok
+
+    def invalidate_users_of(self, members: list[str]) -> bool:
+        with self.models.lease() as m:
+            return self.invalidate_users(m, [int(u) for u in members])
+
+
+def _unknown_item(m: RecsModel, item_id: int) -> dict[str, Any]:
+    return {"status": 404, "message": f"item_id {item_id} is not in the catalogue of model version {m.version}; "
+                                      "events must name a known item"}
