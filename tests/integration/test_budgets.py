@@ -168,3 +168,17 @@ def test_mirror_sweep_drops_entries_whose_ttl_passed(redis_client: redis.Redis) 
         assert cache.mirror.usage.entries == 0
     finally:
         cache.close()
+
+
+def test_the_ledger_is_rebuilt_from_the_tenants_books(redis_client: redis.Redis) -> None:
+    """A crash between a tenant's script and its ledger call leaves the ledger off: rebuild."""
+    cache = ResultCache(redis_client, max_bytes=1 << 20)
+    for tenant in ("a", "b"):
+        for i in range(5):
+            cache.put(cache.key(tenant=tenant, model="m", version="1", payload=i), b"x" * 100)
+    truth = usage(redis_client, cache.meta)
+    redis_client.delete(*cache.books.ledger[:3])  # one slot: a multi-key DEL is fine on a cluster
+    redis_client.set(cache._bytes_key, 7)
+    cache.books.rebuild(["a", "b"])
+    assert usage(redis_client, cache.meta) == truth == {"entries": 10, "bytes": _real_bytes(redis_client, cache)}
+    assert usage(redis_client, cache.meta, "a")["entries"] == 5
