@@ -6,9 +6,9 @@ parameters) is created by every new conversation, so a budget per scope bounds n
 entries out.
 
 Where the bookkeeping lives (Redis Cluster): every key a script touches must hash to one slot,
-so the bookkeeping is split in two. A tenant's entries are ``{ns}.{{tenant}}:...`` (the tenant is
+so the bookkeeping is split in two. A tenant's entries are ``<ns>.{<tenant>}:...`` (the tenant is
 the hash tag, :func:`caches.keys.tenant_namespace`) and its bookkeeping sits beside them under
-the same tag, ``{prefix}.{{tenant}}`` (``res.__meta.{acme}``: outside every tenant's namespace,
+the same tag, ``<prefix>.{<tenant>}`` (``res.__meta.{acme}``: outside every tenant's namespace,
 so purges by tenant or model pattern never match it):
 
 - ``:sizes``: hash, entry key -> bytes counted (its length is the tenant's entry count)
@@ -17,7 +17,7 @@ so purges by tenant or model pattern never match it):
 - ``:rank``: zset, the tenant's entries in eviction order (lowest first)
 - ``:bytes``: the tenant's byte total
 
-The global view is a *ledger* in one slot of its own, ``{{prefix}}`` (``{res.__meta}:bytes``):
+The global view is a *ledger* in one slot of its own, ``{<prefix>}`` (``{res.__meta}:bytes``):
 ``:bytes`` and ``:entries`` (global totals), ``:tenants:bytes`` / ``:tenants:entries`` (zsets,
 tenant -> its totals), ``:tenants:expiry`` (zset, tenant -> its earliest entry expiry) and
 ``:evictions``. A tenant script reports what it changed (byte and entry deltas, its earliest
@@ -47,7 +47,7 @@ The Lua below is a library: each cache's scripts start with :data:`BUDGET_LUA` a
 index); the library does the accounting. Every bookkeeping key is passed in KEYS (``KEYS[1..4]``:
 :func:`tenant_keys`). The entries a script evicts are found inside it (in the rank zset), so
 they cannot be declared beforehand; they carry the tenant's tag, so they are in the script's slot.
-The tenant is read from the entry key, ``{namespace}.{{tenant}}:...`` (:mod:`caches.keys`).
+The tenant is read from the entry key, ``<namespace>.{<tenant>}:...`` (:mod:`caches.keys`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Budget:
 
 
 def tenant_of(key: str) -> str:
-    """The tenant part of ``{namespace}.{{tenant}}:...`` (as the Lua reads it); the braces of the
+    """The tenant part of ``<namespace>.{<tenant>}:...`` (as the Lua reads it); the braces of the
     hash tag are not part of it (keys from before the tags, ``{namespace}.{tenant}:``, read too)."""
     head = key.split(":", 1)[0]
     if "." not in head:

@@ -1,6 +1,6 @@
 """Cache key scheme: ``{namespace}:{model identity}:{version}:{digest}``.
 
-The tenant sits in the namespace (``res.{{tenant}}``, ``sem.{{tenant}}``), so no lookup ever
+The tenant sits in the namespace (``res.{<tenant>}``, ``sem.{<tenant>}``), so no lookup ever
 crosses tenants. The braces make the tenant the key's Redis Cluster hash tag: every key of a
 tenant's exact and semantic caches, and their budget bookkeeping (:mod:`caches.budget`), hash to
 one slot, which is what lets one Lua script store an entry and evict others of the same tenant on
@@ -64,7 +64,7 @@ def safe_part(part: str) -> str:
 
 
 def tenant_namespace(prefix: str, tenant: str) -> str:
-    """``{prefix}.{{tenant}}``: the tenant is the hash tag (see the module note)."""
+    """``<prefix>.{<tenant>}``: the tenant is the hash tag (see the module note)."""
     return f"{prefix}.{{{safe_part(tenant)}}}"
 
 

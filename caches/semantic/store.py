@@ -11,7 +11,7 @@ among equals), holds sizes and expiry times. Every change is also appended to on
 in one Lua script (:mod:`caches.semantic.scripts`), so tenant budgets hold with many replicas
 writing at once; the global budget follows through the budget ledger.
 
-Redis Cluster: a scope is ``sem.{{tenant}}:...``, so a tenant's entries, scope indexes and books
+Redis Cluster: a scope is ``sem.{<tenant>}:...``, so a tenant's entries, scope indexes and books
 share one hash tag and every script's keys are one slot. The stream is one key for every tenant
 (a mirror follows one stream), so it cannot be written inside a tenant's script: the store
 appends the events right after its script, in one pipelined round trip. A crash in between loses
