@@ -3,37 +3,58 @@
 Why not per scope, per key or Redis' own ``maxmemory``: a scope (tenant + earlier turns +
 parameters) is created by every new conversation, so a budget per scope bounds nothing; and
 ``maxmemory`` is server-wide, so a tenant that floods the cache would push every other tenant's
-entries out. Here each cache keeps, beside its entries, one set of bookkeeping keys under
-``{prefix}`` (``sem.__meta``, ``res.__meta``, ``recs.__meta``: outside every tenant's namespace, so
-purges by tenant or model pattern never match them):
+entries out.
 
-- ``{prefix}:sizes``: hash, entry key -> bytes counted (its length is the global entry count)
-- ``{prefix}:expiry``: zset, entry key -> expiry (ms); Redis expires entries silently, so their
-  bytes are given back by a bounded reclaim on every store
-- ``{prefix}:bytes``: the global byte total
-- ``{prefix}:t:{tenant}:rank``: zset, the tenant's entries in eviction order (lowest first)
-- ``{prefix}:t:{tenant}:bytes``: the tenant's byte total
-- ``{prefix}:tenants:bytes`` / ``{prefix}:tenants:entries``: zsets, tenant -> its totals
+Where the bookkeeping lives (Redis Cluster): every key a script touches must hash to one slot,
+so the bookkeeping is split in two. A tenant's entries are ``<ns>.{<tenant>}:...`` (the tenant is
+the hash tag, :func:`caches.keys.tenant_namespace`) and its bookkeeping sits beside them under
+the same tag, ``<prefix>.{<tenant>}`` (``res.__meta.{acme}``: outside every tenant's namespace,
+so purges by tenant or model pattern never match it):
 
-Eviction (all in the cache's store script, atomically, so replicas storing at once cannot
-overshoot together):
+- ``:sizes``: hash, entry key -> bytes counted (its length is the tenant's entry count)
+- ``:expiry``: zset, entry key -> expiry (ms); Redis expires entries silently, so their bytes are
+  given back by a bounded reclaim
+- ``:rank``: zset, the tenant's entries in eviction order (lowest first)
+- ``:bytes``: the tenant's byte total
 
-1. While the storing tenant is over its own budget (entries or bytes), its lowest-ranked entry goes.
+The global view is a *ledger* in one slot of its own, ``{<prefix>}`` (``{res.__meta}:bytes``):
+``:bytes`` and ``:entries`` (global totals), ``:tenants:bytes`` / ``:tenants:entries`` (zsets,
+tenant -> its totals), ``:tenants:expiry`` (zset, tenant -> its earliest entry expiry) and
+``:evictions``. A tenant script reports what it changed (byte and entry deltas, its earliest
+expiry); the client applies that to the ledger in a second call (:class:`Books`), which answers
+whether the cache is over its global budget and who gives way.
+
+Eviction:
+
+1. While the storing tenant is over its own budget (entries or bytes), its lowest-ranked entry
+   goes: in the store script itself, atomically, so replicas storing at once cannot overshoot a
+   tenant budget together.
 2. While the cache is over the global budget, the *biggest* tenant (by the dimension that is over)
-   gives way, and the storing tenant whenever it is among the biggest. So the global budget is
-   shared max-min fairly: a tenant never evicts the entries of a tenant smaller than or as big as
-   itself, and a flood, which makes the flooder the biggest, evicts only the flooder's own entries.
+   gives way, and the storing tenant whenever it is among the biggest; it sheds at most down to
+   the next biggest tenant's level per round. So the global budget is shared max-min fairly: a
+   tenant never evicts the entries of a tenant smaller than or as big as itself, and a flood,
+   which makes the flooder the biggest, evicts only the flooder's own entries. This runs on the
+   victim tenant's slot after the ledger said so: it is not atomic with the store, so replicas
+   storing at the very same moment can overshoot the *global* budget by about one entry each,
+   until their next store (the same on one server and on a cluster: one algorithm). A crash
+   between a tenant script and its ledger call leaves the ledger off by that one store;
+   :meth:`Books.rebuild` recomputes it from the tenants' own books.
+3. Expired entries are reclaimed on the storing tenant's slot in the store script, and on
+   another tenant's slot when the ledger says that tenant's earliest entry has expired.
 
-The Lua below is a library: each cache's script starts with :data:`BUDGET_LUA` and passes a
+The Lua below is a library: each cache's scripts start with :data:`BUDGET_LUA` and define a
 ``forget`` function that removes the entry itself (its key, and for the semantic cache its scope's
-index and a stream event); the library does the accounting. The tenant is read from the entry key,
-``{namespace}.{tenant}:...`` (:mod:`caches.keys`).
+index); the library does the accounting. Every bookkeeping key is passed in KEYS (``KEYS[1..4]``:
+:func:`tenant_keys`). The entries a script evicts are found inside it (in the rank zset), so
+they cannot be declared beforehand; they carry the tenant's tag, so they are in the script's slot.
+The tenant is read from the entry key, ``<namespace>.{<tenant>}:...`` (:mod:`caches.keys`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
@@ -74,108 +95,176 @@ class Budget:
 
 
 def tenant_of(key: str) -> str:
-    """The tenant part of ``{namespace}.{tenant}:...`` (as the Lua reads it)."""
+    """The tenant part of ``<namespace>.{<tenant>}:...`` (as the Lua reads it); the braces of the
+    hash tag are not part of it (keys from before the tags, ``{namespace}.{tenant}:``, read too)."""
     head = key.split(":", 1)[0]
-    return head.split(".", 1)[1] if "." in head else "_"
+    if "." not in head:
+        return "_"
+    part = head.split(".", 1)[1]
+    return part[1:-1] if part.startswith("{") and part.endswith("}") else part
 
 
-# The library. Locals only: each script that includes it stays self-contained.
+def tenant_keys(prefix: str, tenant: str) -> list[str]:
+    """The tenant's bookkeeping keys, in the order the scripts take them (KEYS[1..4]); ``tenant``
+    as it appears inside keys (already :func:`safe_part`)."""
+    tk = f"{prefix}.{{{tenant}}}"
+    return [f"{tk}:sizes", f"{tk}:expiry", f"{tk}:rank", f"{tk}:bytes"]
+
+
+def ledger_keys(prefix: str) -> list[str]:
+    """The global ledger's keys (one slot: ``{prefix}`` is their hash tag), in script order."""
+    lk = f"{{{prefix}}}"
+    return [f"{lk}:tenants:bytes", f"{lk}:tenants:entries", f"{lk}:tenants:expiry", f"{lk}:bytes",
+            f"{lk}:entries", f"{lk}:evictions"]
+
+
+# The library. Locals only: each script that includes it stays self-contained. KEYS[1..4]: the
+# tenant's sizes hash, expiry zset, rank zset, byte total. Every script ends with bk_report().
 BUDGET_LUA = """
-local function bk_tenant(member) return string.match(member, '^[^:]-%.([^:]+):') or '_' end
+local BK_SIZES, BK_EXPIRY, BK_RANK, BK_BYTES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local bk_dbytes, bk_dentries, bk_evicted = 0, 0, 0
 local function bk_over(limit, value) return limit >= 0 and value > limit end
 
 -- Forget an entry's accounting; returns the bytes it counted (0 when it was not accounted).
-local function bk_forget(P, member)
-  redis.call('ZREM', P .. ':expiry', member)
-  local t = bk_tenant(member)
-  local tk = P .. ':t:' .. t
-  redis.call('ZREM', tk .. ':rank', member)
-  local s = redis.call('HGET', P .. ':sizes', member)
+local function bk_forget(member)
+  redis.call('ZREM', BK_EXPIRY, member)
+  redis.call('ZREM', BK_RANK, member)
+  local s = redis.call('HGET', BK_SIZES, member)
   if not s then return 0 end
   s = tonumber(s)
-  redis.call('HDEL', P .. ':sizes', member)
-  redis.call('DECRBY', P .. ':bytes', s)
-  redis.call('DECRBY', tk .. ':bytes', s)
-  redis.call('ZINCRBY', P .. ':tenants:bytes', -s, t)
-  if tonumber(redis.call('ZINCRBY', P .. ':tenants:entries', -1, t)) <= 0 then
-    redis.call('DEL', tk .. ':bytes')
-    redis.call('ZREM', P .. ':tenants:bytes', t)
-    redis.call('ZREM', P .. ':tenants:entries', t)
-  end
+  redis.call('HDEL', BK_SIZES, member)
+  if redis.call('HLEN', BK_SIZES) == 0 then redis.call('DEL', BK_BYTES)
+  else redis.call('DECRBY', BK_BYTES, s) end
+  bk_dbytes, bk_dentries = bk_dbytes - s, bk_dentries - 1
   return s
 end
 
--- Account a new entry (an overwrite gives its old bytes back first); returns its tenant.
-local function bk_add(P, member, size, expiry_ms, rank)
-  bk_forget(P, member)
-  local t = bk_tenant(member)
-  local tk = P .. ':t:' .. t
-  redis.call('HSET', P .. ':sizes', member, size)
-  if expiry_ms > 0 then redis.call('ZADD', P .. ':expiry', expiry_ms, member) end
-  redis.call('ZADD', tk .. ':rank', rank, member)
-  redis.call('INCRBY', P .. ':bytes', size)
-  redis.call('INCRBY', tk .. ':bytes', size)
-  redis.call('ZINCRBY', P .. ':tenants:bytes', size, t)
-  redis.call('ZINCRBY', P .. ':tenants:entries', 1, t)
-  return t
+-- Account a new entry (an overwrite gives its old bytes back first).
+local function bk_add(member, size, expiry_ms, rank)
+  bk_forget(member)
+  redis.call('HSET', BK_SIZES, member, size)
+  if expiry_ms > 0 then redis.call('ZADD', BK_EXPIRY, expiry_ms, member) end
+  redis.call('ZADD', BK_RANK, rank, member)
+  redis.call('INCRBY', BK_BYTES, size)
+  bk_dbytes, bk_dentries = bk_dbytes + size, bk_dentries + 1
 end
 
 -- Expired entries (Redis dropped them silently) given back, at most `limit`.
-local function bk_reclaim(P, now_ms, limit, forget)
-  local expired = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', now_ms, 'LIMIT', 0, limit)
+local function bk_reclaim(now_ms, limit, forget)
+  local expired = redis.call('ZRANGEBYSCORE', BK_EXPIRY, '-inf', now_ms, 'LIMIT', 0, limit)
   for _, m in ipairs(expired) do forget(m) end
   return #expired
 end
 
-local function bk_lowest(P, t, exclude)
-  local c = redis.call('ZRANGE', P .. ':t:' .. t .. ':rank', 0, 1)
+local function bk_lowest(exclude)
+  local c = redis.call('ZRANGE', BK_RANK, 0, 1)
   if c[1] == exclude then return c[2] end
   return c[1]
 end
 
--- The next entry to evict for a store by tenant `t`, or nil when every budget holds.
--- L: tenant entries, tenant bytes, global entries, global bytes (-1 = unbounded).
-local function bk_victim(P, t, exclude, L)
-  local tk = P .. ':t:' .. t
-  if bk_over(L[1], redis.call('ZCARD', tk .. ':rank'))
-      or bk_over(L[2], tonumber(redis.call('GET', tk .. ':bytes') or '0')) then
-    return bk_lowest(P, t, exclude)
-  end
-  local by = nil
-  if bk_over(L[3], redis.call('HLEN', P .. ':sizes')) then by = P .. ':tenants:entries'
-  elseif bk_over(L[4], tonumber(redis.call('GET', P .. ':bytes') or '0')) then by = P .. ':tenants:bytes' end
-  if not by then return nil end
-  local top = redis.call('ZREVRANGE', by, 0, 0, 'WITHSCORES')
-  if not top[1] then return nil end
-  local mine = redis.call('ZSCORE', by, t)
-  if mine and tonumber(mine) >= tonumber(top[2]) then
-    local v = bk_lowest(P, t, exclude)
-    if v then return v end
-  end
-  return bk_lowest(P, top[1], exclude)
-end
-
--- Evict until every budget holds; returns how many entries went.
-local function bk_enforce(P, t, exclude, L, forget)
-  local n = 0
-  while true do
-    local v = bk_victim(P, t, exclude, L)
-    if not v then return n end
+-- Evict until the tenant's own budget holds (L: tenant entries, tenant bytes; -1 = unbounded).
+local function bk_enforce(exclude, L, forget)
+  while bk_over(L[1], redis.call('ZCARD', BK_RANK))
+      or bk_over(L[2], tonumber(redis.call('GET', BK_BYTES) or '0')) do
+    local v = bk_lowest(exclude)
+    if not v then return end
     forget(v)
-    n = n + 1
+    bk_evicted = bk_evicted + 1
   end
+end
+
+-- Evict the lowest entries until `entries` are gone and `bytes` freed (the global budget's share).
+local function bk_shrink(exclude, entries, bytes, forget)
+  local gone, freed = 0, 0
+  while gone < entries or freed < bytes do
+    local v = bk_lowest(exclude)
+    if not v then return end
+    local before = bk_dbytes
+    forget(v)
+    gone, freed = gone + 1, freed + before - bk_dbytes
+    bk_evicted = bk_evicted + 1
+  end
+end
+
+-- What every script returns first: byte and entry deltas, the earliest expiry left (-1: none),
+-- evictions; then the script's own values.
+local function bk_report(extra)
+  local first = redis.call('ZRANGE', BK_EXPIRY, 0, 0, 'WITHSCORES')
+  local out = {bk_dbytes, bk_dentries, first[2] and math.floor(tonumber(first[2])) or -1, bk_evicted}
+  for _, v in ipairs(extra or {}) do out[#out + 1] = v end
+  return out
 end
 """
 
-# Forget the accounting of entries already deleted (purges, deletes).
-# KEYS: none (the prefix names them); ARGV: prefix, entry keys...
+# Forget the accounting of entries already deleted (purges, deletes). KEYS: tenant (4); ARGV: entries.
 FORGET_SCRIPT = BUDGET_LUA + """
-local P, freed = ARGV[1], 0
-for i = 2, #ARGV do freed = freed + bk_forget(P, ARGV[i]) end
-return freed
+for i = 1, #ARGV do bk_forget(ARGV[i]) end
+return bk_report()
 """
 
 
+def shrink_script(forget_lua: str) -> str:
+    """Evict for the global budget on one tenant's slot (KEYS: tenant (4); ARGV: now_ms, reclaim
+    limit, entry to spare, entries, bytes); ``forget_lua`` defines ``forget(member)`` and may
+    fill a table ``removed`` that the script returns after the report."""
+    return BUDGET_LUA + "local removed = {}\n" + forget_lua + """
+bk_reclaim(tonumber(ARGV[1]), tonumber(ARGV[2]), forget)
+bk_shrink(ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), forget)
+return bk_report(removed)
+"""
+
+
+# The ledger (KEYS: ledger_keys). ARGV: now_ms, tenant reported, byte delta, entry delta, earliest
+# expiry (-1: none), evictions, global entries, global bytes (-1 = unbounded), expired tenants to
+# list, the storing tenant (it gives way whenever it is among the biggest; '' for none).
+# Returns: the tenant to give way (false: none), entries and bytes it should shed, then tenants
+# whose earliest entry has expired (their bytes are still counted).
+LEDGER_SCRIPT = """
+local TB, TE, TX, B, E, EV = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local now, t = tonumber(ARGV[1]), ARGV[2]
+local db, de, earliest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if db ~= 0 then redis.call('INCRBY', B, db); redis.call('ZINCRBY', TB, db, t) end
+if de ~= 0 then redis.call('INCRBY', E, de); redis.call('ZINCRBY', TE, de, t) end
+if tonumber(ARGV[6]) > 0 then redis.call('INCRBY', EV, ARGV[6]) end
+if tonumber(redis.call('ZSCORE', TE, t) or '0') <= 0 then
+  redis.call('ZREM', TB, t); redis.call('ZREM', TE, t); redis.call('ZREM', TX, t)
+elseif earliest >= 0 then redis.call('ZADD', TX, earliest, t)
+else redis.call('ZREM', TX, t) end
+local function over(limit, key)
+  if limit < 0 then return 0 end
+  return math.max(0, tonumber(redis.call('GET', key) or '0') - limit)
+end
+local le, lb = tonumber(ARGV[7]), tonumber(ARGV[8])
+local oe, ob = over(le, E), 0
+if oe == 0 then ob = over(lb, B) end
+local victim, ne, nb = false, 0, 0
+if oe > 0 or ob > 0 then
+  local by = TB
+  if oe > 0 then by = TE end
+  local top = redis.call('ZREVRANGE', by, 0, 1, 'WITHSCORES')
+  if top[1] then
+    victim = top[1]
+    local mine = ARGV[10] ~= '' and redis.call('ZSCORE', by, ARGV[10])
+    if mine and tonumber(mine) >= tonumber(top[2]) then victim = ARGV[10] end
+    -- shed at most down to the next biggest tenant: max-min fairness, one level at a time
+    local gap = tonumber(redis.call('ZSCORE', by, victim)) - tonumber(top[4] or '0')
+    if oe > 0 then ne = math.max(1, math.min(oe, gap)) else nb = math.max(1, math.min(ob, gap)) end
+  end
+end
+local out = {victim, ne, nb}
+for _, x in ipairs(redis.call('ZRANGEBYSCORE', TX, '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))) do
+  out[#out + 1] = x
+end
+return out
+"""
+
+# Rebuild the ledger's rows of one tenant from its own books (KEYS: tenant (4) - read only here;
+# the client writes the ledger): returns entries, bytes, earliest expiry.
+_TENANT_TOTALS = """
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {redis.call('HLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[4]) or '0'),
+        first[2] and math.floor(tonumber(first[2])) or -1}
+"""
 def chunks(items: Iterable[T], size: int = MAX_KEYS_PER_SCRIPT) -> Iterator[list[T]]:
     page: list[T] = []
     for item in items:
@@ -187,23 +276,130 @@ def chunks(items: Iterable[T], size: int = MAX_KEYS_PER_SCRIPT) -> Iterator[list
         yield page
 
 
-def forget(client: redis.Redis, script: Any, prefix: str, members: Sequence[bytes | str]) -> int:
-    """Forget the accounting of ``members`` (already deleted), in chunks; returns bytes freed."""
-    freed = 0
-    for page in chunks(members):
-        freed += int(script(args=[prefix, *page], client=client))
-    return freed
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+@dataclass
+class Report:
+    """What a tenant script changed, and what it returned besides."""
+
+    dbytes: int = 0
+    dentries: int = 0
+    earliest: int = -1
+    evictions: int = 0
+    extra: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, reply: Sequence[Any]) -> Report:
+        return cls(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]), list(reply[4:]))
+
+
+# Rounds of "apply to the ledger, evict or reclaim on a tenant's slot" per store: each round
+# sheds at least one entry, and a store adds one, so a few rounds restore the budget.
+MAX_ROUNDS = 64
+# Other tenants whose expired entries one store reclaims.
+RECLAIM_TENANTS = 2
+
+
+class Books:
+    """One cache's bookkeeping: per-tenant books (atomic with its entries, in the cache's own
+    scripts) and the global ledger (see the module note). ``forget_lua`` is the cache's Lua
+    ``forget(member)`` (it removes the entry and calls ``bk_forget``)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, budget: Budget, forget_lua: str, *,
+                 reclaim_limit: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.budget = budget
+        self.reclaim_limit = reclaim_limit
+        self.ledger = ledger_keys(prefix)
+        self._ledger = client.register_script(LEDGER_SCRIPT)
+        self._shrink = client.register_script(shrink_script(forget_lua))
+        self._forget = client.register_script(FORGET_SCRIPT)
+        self._totals = client.register_script(_TENANT_TOTALS)
+
+    def keys(self, tenant: str) -> list[str]:
+        return tenant_keys(self.prefix, tenant)
+
+    def settle(self, tenant: str, report: Report, spare: str = "", now_ms: int | None = None) -> list[Any]:
+        """Apply a tenant script's report to the ledger, then evict (max-min) and reclaim until
+        the global budget holds; returns the extra values of every script run here."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        limits = self.budget.lua_args()
+        storing = tenant
+        extra: list[Any] = []
+        done: set[str] = set()
+        for _ in range(MAX_ROUNDS):
+            reply = self._ledger(keys=self.ledger, args=[
+                now_ms, tenant, report.dbytes, report.dentries, report.earliest, report.evictions,
+                limits[2], limits[3], RECLAIM_TENANTS + len(done), storing])
+            victim, need_entries, need_bytes = reply[0], int(reply[1]), int(reply[2])
+            expired = [t for t in (_text(x) for x in reply[3:]) if t not in done]
+            if expired:  # reclaiming frees room for nothing: before any eviction
+                tenant, spare_now, need_entries, need_bytes = expired[0], "", 0, 0
+                done.add(tenant)
+            elif victim:
+                tenant = _text(victim)
+                spare_now = spare if tenant == storing else ""
+            else:
+                return extra
+            report = Report.of(self._shrink(keys=self.keys(tenant), args=[
+                now_ms, self.reclaim_limit, spare_now, need_entries, need_bytes]))
+            extra += report.extra
+            if not expired and report.dentries == 0:
+                # nothing left to evict there (the ledger was off): apply and stop
+                break
+        self._ledger(keys=self.ledger, args=[now_ms, tenant, report.dbytes, report.dentries, report.earliest,
+                                             report.evictions, -1, -1, 0, ""])
+        return extra
+
+    def forget(self, members: Sequence[bytes | str]) -> int:
+        """Forget the accounting of ``members`` (already deleted), per tenant and in chunks;
+        returns bytes freed."""
+        by_tenant: dict[str, list[str]] = {}
+        for m in members:
+            k = _text(m)
+            by_tenant.setdefault(tenant_of(k), []).append(k)
+        freed = 0
+        for tenant, keys in by_tenant.items():
+            for page in chunks(keys):
+                report = Report.of(self._forget(keys=self.keys(tenant), args=page))
+                self._ledger(keys=self.ledger, args=[0, tenant, report.dbytes, report.dentries, report.earliest,
+                                                     0, -1, -1, 0, ""])
+                freed -= report.dbytes
+        return freed
+
+    def rebuild(self, tenants: Iterable[str]) -> None:
+        """Recompute the ledger from the tenants' own books (after a crash between the two)."""
+        rows = [(t, *(int(v) for v in self._totals(keys=self.keys(t)))) for t in tenants]
+        tb, te, tx, b, e, _ = self.ledger
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(tb)
+        pipe.delete(te)
+        pipe.delete(tx)
+        pipe.set(b, sum(r[2] for r in rows))
+        pipe.set(e, sum(r[1] for r in rows))
+        for t, entries, size, earliest in rows:
+            if entries > 0:
+                pipe.zadd(te, {t: entries})
+                pipe.zadd(tb, {t: size})
+                if earliest >= 0:
+                    pipe.zadd(tx, {t: earliest})
+        pipe.execute()
 
 
 def usage(client: redis.Redis, prefix: str, tenant: str | None = None) -> dict[str, int]:
-    """Entries and bytes counted globally, or for one tenant (raises Redis errors)."""
+    """Entries and bytes counted globally (the ledger), or for one tenant (its own books);
+    raises Redis errors."""
     pipe = client.pipeline(transaction=False)
     if tenant is None:
-        pipe.hlen(f"{prefix}:sizes")
-        pipe.get(f"{prefix}:bytes")
+        _, _, _, b, e, _ = ledger_keys(prefix)
+        pipe.get(e)
+        pipe.get(b)
     else:
-        tk = f"{prefix}:t:{safe_part(tenant)}"
-        pipe.zcard(f"{tk}:rank")
-        pipe.get(f"{tk}:bytes")
+        sizes, _, _, size_key = tenant_keys(prefix, safe_part(tenant))
+        pipe.hlen(sizes)
+        pipe.get(size_key)
     entries, size = pipe.execute()
-    return {"entries": int(entries), "bytes": int(size or 0)}
+    return {"entries": int(entries or 0), "bytes": int(size or 0)}

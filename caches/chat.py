@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from caches.cache_control import CacheControl
-from caches.keys import digest, make_key, safe_part
+from caches.keys import digest, make_key, safe_part, tenant_namespace
 from caches.prompts import message_text
 
 # Request fields that never change the answer, each with why. Everything else is in the identity.
@@ -149,7 +149,7 @@ class RequestIdentity(BaseModel):
         if not deterministic and not cache_nondeterministic:
             why = "sampled answer (temperature is not 0, explicitly or by the engine's default)"
             return cls(cacheable=False, reason=why, **common)
-        namespace = f"res.{safe_part(tenant)}"
+        namespace = tenant_namespace("res", tenant)
         exact_key = make_key(namespace, model.key_part, safe_part(version), digest({"route": route, "request": body}))
         scope, text, why = _semantic_parts(body, tenant=tenant, model=model, version=version, encoder=encoder)
         if ROUTES[route] is not None:
@@ -219,7 +219,7 @@ def semantic_scope(*, tenant: str, model: ModelIdentity, version: str, context: 
     """``sem.{tenant}:{model}@{fingerprint}:{version}:{sha256(context, encoder)[:32]}``: tenant,
     model and version stay readable so that purges find a tenant's or a version's scopes."""
     ident = digest({"context": context, "encoder": encoder.model_dump()})[:32]
-    return make_key(f"sem.{safe_part(tenant)}", model.key_part, safe_part(version), ident)
+    return make_key(tenant_namespace("sem", tenant), model.key_part, safe_part(version), ident)
 
 
 class CachedAnswer(BaseModel):

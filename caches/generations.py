@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from caches.redis_client import REDIS_ERRORS
+from caches.redis_client import REDIS_ERRORS, mget
 
 # Tag of a value filled while the generation could not be read: matches no real generation (>= 0).
 UNKNOWN = -1
@@ -74,9 +74,13 @@ class Generations:
     """Counters in Redis, one per entity; `key_of` maps a cache key to its counter's Redis key
     (entities, not cache keys: a user's row under every model version shares one counter)."""
 
-    def __init__(self, client: redis.Redis, key_of: Callable[[str], str]) -> None:
+    def __init__(self, client: redis.Redis, key_of: Callable[[str], str],
+                 redis_name: Callable[[str], str] | None = None) -> None:
+        """`redis_name`: a counter's Redis name (on a Redis Cluster, the RAM tier's hash-tagged
+        name, so a checked write and its counter are one slot: RedisTier.counter_name)."""
         self.client = client
         self.key_of = key_of
+        self.redis_name = redis_name or (lambda counter: counter)
 
     def read(self, keys: Sequence[str]) -> dict[str, int]:
         """Current generation per cache key (0 before the first bump); one MGET."""
@@ -84,7 +88,7 @@ class Generations:
         if not keys:
             return {}
         try:
-            raw = self.client.mget([self.key_of(k) for k in keys])
+            raw = mget(self.client, [self.redis_name(self.key_of(k)) for k in keys])  # per slot on a cluster
         except REDIS_ERRORS as exc:
             raise GenerationsUnavailable(f"generations unreadable: {type(exc).__name__}: {exc}") from exc
         return {k: int(v or 0) for k, v in zip(keys, raw, strict=True)}
@@ -98,7 +102,7 @@ class Generations:
         try:
             pipe = self.client.pipeline(transaction=False)
             for c in counters:
-                pipe.incr(c)
+                pipe.incr(self.redis_name(c))
             new = dict(zip(counters, pipe.execute(), strict=True))
         except REDIS_ERRORS as exc:
             raise GenerationsUnavailable(f"generations not moved: {type(exc).__name__}: {exc}") from exc

@@ -1,7 +1,10 @@
 """Cache key scheme: ``{namespace}:{model identity}:{version}:{digest}``.
 
-The tenant sits in the namespace (``res.{tenant}``, ``sem.{tenant}``), so no lookup ever crosses
-tenants. The model identity (served name plus a fingerprint of weights and config, see
+The tenant sits in the namespace (``res.{<tenant>}``, ``sem.{<tenant>}``), so no lookup ever
+crosses tenants. The braces make the tenant the key's Redis Cluster hash tag: every key of a
+tenant's exact and semantic caches, and their budget bookkeeping (:mod:`caches.budget`), hash to
+one slot, which is what lets one Lua script store an entry and evict others of the same tenant on
+a cluster. (The cost: one tenant's caches live on one master; tenants spread over the masters.) The model identity (served name plus a fingerprint of weights and config, see
 :mod:`caches.chat`) and the version sit inside every key, so that a changed model or a version bump
 makes all old entries unreachable at once (no scan on the hot path); the background purge then
 deletes them by pattern. The digest is the SHA-256 of the input with *structural*
@@ -51,12 +54,18 @@ def canonical_text(text: str) -> str:
 
 
 def safe_part(part: str) -> str:
-    """A key part may not contain ':' (it separates parts) nor '@' (it separates a model's name
-    from its fingerprint); model names like 'llama3:8b' do. Escaped, so distinct names stay
-    distinct."""
+    """A key part may not contain ':' (it separates parts), '@' (it separates a model's name
+    from its fingerprint) nor braces (a Redis Cluster hash tag); model names like 'llama3:8b' do.
+    Escaped, so distinct names stay distinct."""
     if not part:
         raise ValueError("key part must be non-empty")
-    return part.replace("%", "%25").replace(":", "%3A").replace("@", "%40")
+    return (part.replace("%", "%25").replace(":", "%3A").replace("@", "%40")
+            .replace("{", "%7B").replace("}", "%7D"))  # braces would move a key's hash tag
+
+
+def tenant_namespace(prefix: str, tenant: str) -> str:
+    """``<prefix>.{<tenant>}``: the tenant is the hash tag (see the module note)."""
+    return f"{prefix}.{{{safe_part(tenant)}}}"
 
 
 def glob_escape(text: str) -> str:

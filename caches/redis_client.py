@@ -14,6 +14,14 @@ script error such as `too many results to unpack`) escaped as a 500. Here:
   per interval, not one per request. An error about one command (WRONGTYPE, a script error) does
   not open it: it says nothing about the next command. Every cache (tiers, exact results,
   semantic, versions) runs its Redis calls through one of these.
+
+Redis Cluster: a URL with the scheme ``redis+cluster://`` (or ``rediss+cluster://``) names a
+cluster (any one node's address: the client discovers the rest), and ``make_client`` returns a
+``redis.cluster.RedisCluster`` with the same timeouts and no retries (the cluster client still
+follows MOVED/ASK redirections, which are not retries of a failure). A scheme, not a query flag,
+because a plain ``redis.Redis.from_url`` refuses it loudly instead of silently talking to one
+node of a cluster. `scan_keys` walks every primary (a purge that scanned one node would leave the
+other masters' keys behind).
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 
 from caches.tiers.base import TierUnavailable
@@ -41,7 +51,9 @@ RETRY_AFTER_S = 0.5
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
 )
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *CONNECTION_ERRORS)
+# A cluster client raises RedisClusterException (not a RedisError) for what it cannot route: a
+# call whose keys span slots, slots no node covers (SlotNotCoveredError), no reachable node.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, *CONNECTION_ERRORS)
 # Server replies that say "the server cannot serve now", not "this command was wrong".
 _SERVER_STATE_REPLIES = ("BUSY", "OOM", "LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN")
 
@@ -50,9 +62,34 @@ class RedisUnavailable(TierUnavailable):
     """A Redis call failed or was skipped by the breaker: callers degrade, never crash."""
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def node_url(url: str) -> str:
+    """The plain ``redis://`` (``rediss://``) form of a cluster URL: what redis-py parses."""
+    return url.replace("+cluster://", "://", 1) if is_cluster_url(url) else url
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
 def make_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
-    """A client that fails fast and never retries on its own (see the module note)."""
+    """A client that fails fast and never retries on its own (see the module note); a
+    ``RedisCluster`` when the URL names a cluster (duck-typed as ``redis.Redis`` for callers)."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(  # type: ignore[return-value]
+            node_url(url),
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout_s,
@@ -63,9 +100,109 @@ def make_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
     )
 
 
+def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
+    """``redis.Redis.from_url`` with the caller's options, or the cluster client for a cluster URL
+    (for callers that keep redis-py's defaults otherwise)."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(node_url(url), **kwargs)  # type: ignore[return-value]
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def make_async_client(url: str, **kwargs: Any) -> Any:
+    """The asyncio twin of ``make_client`` with the caller's options (plain or cluster)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    if is_cluster_url(url):
+        return AsyncRedisCluster.from_url(node_url(url), **kwargs)
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+def scan_keys(client: Any, pattern: str, count: int = 1000) -> Iterator[bytes]:
+    """SCAN MATCH over the whole keyspace: every primary of a cluster, the one server otherwise."""
+    if is_cluster(client):
+        return client.scan_iter(match=pattern, count=count, target_nodes=RedisCluster.PRIMARIES)
+    return client.scan_iter(match=pattern, count=count)
+
+
+class ScriptBatch:
+    """Lua script calls sent together, replies in call order: one pipeline on one server; on a
+    cluster (whose pipelines refuse EVALSHA) one pipeline per node, each call routed to the node
+    of its first key's slot (every key of a call shares that slot: the hash-tag rule)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[tuple[Any, list[Any], list[Any]]] = []
+
+    def add(self, script: Any, keys: list[Any], args: list[Any]) -> None:
+        self.calls.append((script, keys, args))
+
+    def execute(self) -> list[Any]:
+        if not self.calls:
+            return []
+        if not is_cluster(self.client):
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args in self.calls:
+                script(keys=keys, args=args, client=pipe)
+            return list(pipe.execute())
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, (_, keys, _) in enumerate(self.calls):
+            node = self.client.get_node_from_key(keys[0])
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        out: list[Any] = [None] * len(self.calls)
+        for node, indexes in by_node.values():
+            conn = self.client.get_redis_connection(node)
+            replies = self._evalsha(conn, indexes)
+            missing = [i for i, r in zip(indexes, replies, strict=True) if isinstance(r, redis.exceptions.NoScriptError)]
+            if missing:  # a node that has not seen a script yet (or restarted): load, run those again
+                for script in {id(self.calls[i][0]): self.calls[i][0] for i in missing}.values():
+                    conn.script_load(script.script)
+                replies = [r if i not in missing else None for i, r in zip(indexes, replies, strict=True)]
+                for i, r in zip(missing, self._evalsha(conn, missing), strict=True):
+                    replies[indexes.index(i)] = r
+            for i, reply in zip(indexes, replies, strict=True):
+                if isinstance(reply, Exception):
+                    raise reply
+                out[i] = reply
+        return out
+
+    def _evalsha(self, conn: redis.Redis, indexes: list[int]) -> list[Any]:
+        """Raw EVALSHA in one pipeline: redis-py's script pipelining sends SCRIPT EXISTS first,
+        a second round trip per node on every call."""
+        pipe = conn.pipeline(transaction=False)
+        for i in indexes:
+            script, keys, args = self.calls[i]
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
+
+
+def mget(client: Any, keys: list[Any]) -> list[Any]:
+    """MGET in key order. A cluster refuses one MGET across slots: there, one MGET per slot, all of
+    a node's in one pipeline on that node's own connection (cheaper than redis-py's
+    `mget_nonatomic`, which builds a cluster pipeline per call)."""
+    if not is_cluster(client):
+        return list(client.mget(keys))
+    by_slot: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_slot.setdefault(client.keyslot(k), []).append(i)
+    by_node: dict[str, tuple[Any, list[list[int]]]] = {}
+    for slot, idx in by_slot.items():
+        node = client.nodes_manager.get_node_from_slot(slot)
+        by_node.setdefault(node.name, (node, []))[1].append(idx)
+    out: list[Any] = [None] * len(keys)
+    for node, groups in by_node.values():
+        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+        for idx in groups:
+            pipe.mget([keys[i] for i in idx])
+        for idx, values in zip(groups, pipe.execute(), strict=True):
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+    return out
+
+
 def server_unwell(exc: BaseException) -> bool:
     """True for failures that predict the next call fails too (the breaker opens on these)."""
-    if isinstance(exc, (*CONNECTION_ERRORS, redis.BusyLoadingError)):
+    if isinstance(exc, (*CONNECTION_ERRORS, redis.BusyLoadingError, SlotNotCoveredError)):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).upper().startswith(_SERVER_STATE_REPLIES)
 

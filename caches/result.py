@@ -29,9 +29,9 @@ from typing import Any
 
 import redis
 
-from caches.budget import BUDGET_LUA, FORGET_SCRIPT, Budget, chunks, forget
-from caches.keys import digest, glob_escape, make_key, model_version_patterns, safe_part
-from caches.redis_client import RETRY_AFTER_S, Breaker, RedisUnavailable
+from caches.budget import BUDGET_LUA, Books, Budget, Report, chunks, tenant_of
+from caches.keys import digest, glob_escape, make_key, model_version_patterns, safe_part, tenant_namespace
+from caches.redis_client import RETRY_AFTER_S, Breaker, RedisUnavailable, scan_keys
 
 # The one exception type of every cache's Redis trouble, under the name callers already import.
 CacheUnavailable = RedisUnavailable
@@ -52,36 +52,39 @@ def scan_unlink(
     on_batch: Callable[[list[bytes]], None] | None = None,
     batch: int = PURGE_BATCH,
 ) -> int:
-    """SCAN + UNLINK in pages (never KEYS: it blocks Redis); returns how many keys were deleted."""
+    """SCAN + UNLINK in pages (never KEYS: it blocks Redis), on every primary of a cluster;
+    returns how many keys were deleted."""
     deleted = 0
-    for page in chunks(client.scan_iter(match=pattern, count=batch), batch):
+    for page in chunks(scan_keys(client, pattern, batch), batch):
         if on_batch is not None:
             on_batch(page)
-        deleted += int(client.unlink(*page))
+        deleted += int(client.unlink(*page))  # a cluster client splits it per slot
     return deleted
 
 
-# KEYS: entry, evictions counter
-# ARGV: value, ttl_ms, now_ms, prefix, reclaim limit, tenant entries, tenant bytes, global entries,
-#       global bytes (-1 = unbounded), key copies, overhead
-_PUT_SCRIPT = BUDGET_LUA + """
-local P, now, ttl = ARGV[4], tonumber(ARGV[3]), tonumber(ARGV[2])
-local function drop(m) redis.call('UNLINK', m); bk_forget(P, m) end
-bk_reclaim(P, now, tonumber(ARGV[5]), drop)
-local size = string.len(ARGV[1]) + tonumber(ARGV[10]) * string.len(KEYS[1]) + tonumber(ARGV[11])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-local t = bk_add(P, KEYS[1], size, now + ttl, now + ttl)
-local L = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
-local evicted = bk_enforce(P, t, KEYS[1], L, drop)
-if evicted > 0 then redis.call('INCRBY', KEYS[2], evicted) end
-return evicted
+# Removes an entry (the budget library's `forget`): its key and its accounting.
+_FORGET_ENTRY = """
+local function forget(m) redis.call('UNLINK', m); bk_forget(m) end
 """
 
-# KEYS: entry, stats hash; ARGV: tenant
+# KEYS: the tenant's books (4: caches.budget.tenant_keys), entry
+# ARGV: value, ttl_ms, now_ms, reclaim limit, tenant entries, tenant bytes (-1 = unbounded),
+#       key copies, overhead. Returns the budget report (caches.budget.Report).
+_PUT_SCRIPT = BUDGET_LUA + _FORGET_ENTRY + """
+local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[2])
+bk_reclaim(now, tonumber(ARGV[4]), forget)
+local size = string.len(ARGV[1]) + tonumber(ARGV[7]) * string.len(KEYS[5]) + tonumber(ARGV[8])
+redis.call('SET', KEYS[5], ARGV[1], 'PX', ttl)
+bk_add(KEYS[5], size, now + ttl, now + ttl)
+bk_enforce(KEYS[5], {tonumber(ARGV[5]), tonumber(ARGV[6])}, forget)
+return bk_report()
+"""
+
+# KEYS: entry, the tenant's stats hash (same hash tag); ARGV: none
 _GET_SCRIPT = """
 local v = redis.call('GET', KEYS[1])
-if v then redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':hits', 1)
-else redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':misses', 1) end
+if v then redis.call('HINCRBY', KEYS[2], 'hits', 1)
+else redis.call('HINCRBY', KEYS[2], 'misses', 1) end
 return v
 """
 
@@ -112,16 +115,13 @@ class ResultCache:
         self.max_bytes = max_bytes
         self.max_value_bytes = max_value_bytes
         self.guard = Breaker(f"{self.NAMESPACE} cache", retry_after_s)
-        # bookkeeping keys live outside every tenant namespace, so purges by prefix never hit them
+        # bookkeeping keys live outside every tenant namespace, so purges by prefix never hit them;
+        # per tenant beside its entries (one hash tag), the global ledger in a slot of its own
         self.meta = meta = f"{self.NAMESPACE}.__meta"
-        self._sizes_key = f"{meta}:sizes"
-        self._expiry_key = f"{meta}:expiry"
-        self._bytes_key = f"{meta}:bytes"
-        self._evictions_key = f"{meta}:evictions"
-        self._stats_key = f"{meta}:stats"
+        self.books = Books(client, meta, self.budget, _FORGET_ENTRY, reclaim_limit=RECLAIM_PER_PUT)
+        _, _, _, self._bytes_key, self._entries_key, self._evictions_key = self.books.ledger
         self._get = client.register_script(_GET_SCRIPT)
         self._put = client.register_script(_PUT_SCRIPT)
-        self._forget = client.register_script(FORGET_SCRIPT)
         self.local = {"hits": 0, "misses": 0, "puts": 0, "refused": 0, "bypass": 0}
 
     @staticmethod
@@ -131,7 +131,7 @@ class ResultCache:
 
     # -- keys ---------------------------------------------------------------------------------
     def namespace(self, tenant: str) -> str:
-        return f"{self.NAMESPACE}.{safe_part(tenant)}"
+        return tenant_namespace(self.NAMESPACE, tenant)
 
     def key(self, *, tenant: str, model: str, version: str, payload: Any) -> str:
         """Key of any other request (recommendations, embeddings): the canonical payload."""
@@ -139,17 +139,20 @@ class ResultCache:
 
     @staticmethod
     def tenant_of(key: str) -> str:
-        ns = key.split(":", 1)[0]
-        return ns.split(".", 1)[1] if "." in ns else ns
+        return tenant_of(key)
+
+    def _stats_key(self, tenant: str) -> str:
+        """The tenant's hit/miss counters, beside its entries (same hash tag)."""
+        return f"{self.meta}.{{{tenant}}}:stats"
 
     # -- data path ----------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
-        field = self.tenant_of(key)
+        stats_key = self._stats_key(self.tenant_of(key))
 
         try:
             # one round trip: the read and the cluster-wide hit/miss count (so /v1/cache/stats is
             # the same whichever replica answers)
-            value = self.guard.call("result.get", lambda: self._get(keys=[key, self._stats_key], args=[field]))
+            value = self.guard.call("result.get", lambda: self._get(keys=[key, stats_key]))
         except CacheUnavailable:
             self.local["bypass"] += 1
             raise
@@ -163,9 +166,17 @@ class ResultCache:
             return
         ttl_ms = max(1, int(1000 * (ttl_s if ttl_s is not None else self.default_ttl_s)))
         now_ms = int(time.time() * 1000)
-        args = [value, ttl_ms, now_ms, self.meta, RECLAIM_PER_PUT, *self.budget.lua_args(), KEY_COPIES,
-                ENTRY_OVERHEAD_BYTES]
-        self.guard.call("result.put", lambda: self._put(keys=[key, self._evictions_key], args=args))
+        tenant = self.tenant_of(key)
+        limits = self.budget.lua_args()
+        args = [value, ttl_ms, now_ms, RECLAIM_PER_PUT, limits[0], limits[1], KEY_COPIES, ENTRY_OVERHEAD_BYTES]
+
+        def run() -> None:
+            # 1. on the tenant's slot: store, reclaim, the tenant budget (atomic); 2. the ledger
+            # and the global budget (caches/budget.py)
+            report = Report.of(self._put(keys=[*self.books.keys(tenant), key], args=args))
+            self.books.settle(tenant, report, spare=key, now_ms=now_ms)
+
+        self.guard.call("result.put", run)
         self.local["puts"] += 1
 
     def delete(self, keys: list[str]) -> int:
@@ -174,7 +185,7 @@ class ResultCache:
 
         def run() -> int:
             n = sum(int(self.client.unlink(*page)) for page in chunks(keys))
-            forget(self.client, self._forget, self.meta, keys)
+            self.books.forget(keys)
             return n
 
         return self.guard.call("result.delete", run)
@@ -198,7 +209,7 @@ class ResultCache:
         return self.delete_prefix(self.namespace(tenant) + ":")
 
     def _forget_page(self, page: list[bytes]) -> None:
-        forget(self.client, self._forget, self.meta, page)
+        self.books.forget(page)
 
     # -- observability ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -209,22 +220,31 @@ class ResultCache:
             def run() -> tuple[Any, ...]:
                 pipe = self.client.pipeline(transaction=False)
                 pipe.get(self._bytes_key)
-                pipe.hlen(self._sizes_key)
+                pipe.get(self._entries_key)
                 pipe.get(self._evictions_key)
-                pipe.hgetall(self._stats_key)
-                return tuple(pipe.execute())
+                used, entries, evictions = pipe.execute()
+                # per-tenant counters sit on each tenant's slot: found by a SCAN of every primary
+                pattern = glob_escape(f"{self.meta}.{{") + "*" + glob_escape("}:stats")
+                names = list(scan_keys(self.client, pattern))
+                pipe = self.client.pipeline(transaction=False)
+                for name in names:
+                    pipe.hgetall(name)
+                return used, entries, evictions, dict(zip(names, pipe.execute(), strict=True))
 
             used, entries, evictions, counters = self.guard.call("result.stats", run)
         except CacheUnavailable:
             out["available"] = False
             return out
         by_tenant: dict[str, dict[str, int]] = {}
-        for raw_field, raw_value in counters.items():
-            tenant, _, what = raw_field.decode().rpartition(":")
-            by_tenant.setdefault(tenant, {"hits": 0, "misses": 0})[what] = int(raw_value)
+        for name, fields in counters.items():
+            text = name.decode() if isinstance(name, bytes) else name
+            tenant = text[text.index("{") + 1 : text.index("}")]  # the hash tag: the tenant
+            row = by_tenant.setdefault(tenant, {"hits": 0, "misses": 0})
+            for what, raw_value in fields.items():
+                row[what.decode() if isinstance(what, bytes) else what] = int(raw_value)
         out.update(
             bytes=int(used or 0),
-            entries=int(entries),
+            entries=int(entries or 0),
             evictions=int(evictions or 0),
             hits=sum(t["hits"] for t in by_tenant.values()),
             misses=sum(t["misses"] for t in by_tenant.values()),

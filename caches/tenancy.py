@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from caches.keys import safe_part
+from caches.keys import safe_part, tenant_namespace
 
 ENV_VAR = "TIERSERVE_API_KEYS"
 ADMIN_ENV_VAR = "TIERSERVE_ADMIN_KEYS"
@@ -134,7 +134,7 @@ def tenant_view(tenant: str, *, exact: dict[str, Any], semantic: dict[str, Any],
     tenants (not even totals: sizes and hit counts of a shared cache tell a tenant what others ask).
     Admins get the whole picture instead."""
     part = safe_part(tenant)  # as the tenant appears inside keys
-    own_prefix = f"sem.{part}:"
+    own_prefix = tenant_namespace("sem", tenant) + ":"
     mine = (exact.get("by_tenant") or {}).get(part, {"hits": 0, "misses": 0})
     return {
         "tenant": tenant,

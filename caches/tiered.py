@@ -52,7 +52,7 @@ from caches.recency import RecencyOrder
 from caches.tiered_moves import TierMoves
 from caches.tiered_stats import TieredResult, TieredStats
 from caches.tiers.base import Tier, TierUnavailable
-from caches.tiers.redis import RedisTier
+from caches.tiers.redis import RedisTier, shards_for
 from caches.tiers.rocksdb import RocksDBTier, claim_dir, reclaim_dead_dirs
 
 # What callers outside caches/ need of the tiers, so that they never import caches.tiers directly:
@@ -116,8 +116,10 @@ class TieredCache(TierMoves):
         placement metadata and the access counts; `rocksdb_dir` must be this process' own.
         `generation_of` (cache key -> its entity's generation counter key) turns on
         generation-checked writes; the counters live in the RAM tier's Redis."""
-        ram = RedisTier(redis_url, meta_prefix=f"tierserve:tier:{name}")
         cfg = WTinyLFUConfig(ram_budget_bytes, **({"entry_bytes": entry_bytes} if entry_bytes else {}))
+        # On a Redis Cluster: hash-tag groups, a key with its generation counter (tiers/redis.py)
+        ram = RedisTier(redis_url, meta_prefix=f"tierserve:tier:{name}", group_of=generation_of,
+                        shards=shards_for(ram_budget_bytes, cfg.entry_bytes))
         pol: PlacementPolicy
         if policy == "tierserve":
             pol = SharedWTinyLFU(ram, cfg, prefix=f"tierserve:placement:{name}")
@@ -127,7 +129,7 @@ class TieredCache(TierMoves):
             raise ValueError(f"unknown policy {policy!r}")
         ssd = RocksDBTier(rocksdb_dir)
         bus = InvalidationBus(redis_url, stream=f"tierserve:invalidations:{name}") if invalidation else None
-        gens = Generations(ram.client, generation_of) if generation_of is not None else None
+        gens = Generations(ram.client, generation_of, redis_name=ram.counter_name) if generation_of is not None else None
         return cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,
                    ttl_s=ttl_s, bus=bus, name=name, generations=gens)
 

@@ -24,14 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
 from caches.cache_control import CacheControl, age_seconds
 from caches.chat import CachedAnswer, ModelIdentity, RequestIdentity, storable
 from caches.coalesce import Coalescer, Flight
-from caches.redis_client import REDIS_ERRORS
+from caches.redis_client import REDIS_ERRORS, make_async_client
 from caches.result import CacheUnavailable, ResultCache
 from deployments import metrics
 from deployments.config import AppSettings
@@ -144,7 +143,7 @@ class CachedRoute:
         self.settings = settings
         self.model_name = settings.llm.served_model_name
         self.results, self.version_of, self.llm = results, version_of, llm
-        self.coalescer = coalescer or Coalescer(aioredis.Redis.from_url(
+        self.coalescer = coalescer or Coalescer(make_async_client(
             settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5))
         self._model_ident: ModelIdentity | None = None
         self._model_ident_at = 0.0

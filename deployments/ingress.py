@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -25,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
-from caches.redis_client import REDIS_ERRORS
+from caches.redis_client import REDIS_ERRORS, client_from_url, make_async_client
 from caches.result import CacheUnavailable, ResultCache
 from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
@@ -173,7 +172,7 @@ class Ingress:
     ) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.encoder, self.semantic, self.llm, self.recommender = encoder, semantic, llm, recommender
-        self.redis = redis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.redis = client_from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
         cache = self.settings.cache
         self.results = ResultCache(
             self.redis, default_ttl_s=cache.result_ttl_s, max_bytes=cache.result_max_bytes,
@@ -188,7 +187,7 @@ class Ingress:
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
         self._refreshing_version = False
         # asyncio client: single flight and the health probe wait for Redis without a thread
-        self.aredis = aioredis.Redis.from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.aredis = make_async_client(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
         # one single-flight table for both routes: their keys never collide (the route is hashed in)
         coalescer = Coalescer(self.aredis)
         self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm, coalescer)

@@ -6,6 +6,11 @@ describe entries that are not there for long (a key whose value expired by TTL i
 the metadata on its next read). Per-replica metadata would evict on a partial view and split one
 budget into N guesses.
 
+On a Redis Cluster the RAM tier is split into hash-tag groups (caches/tiers/redis.py) and so is
+this policy: one sketch and one set of metadata per group, under the group's tag, each with its
+share of the budget; a batch runs one script call per group it touches, and the values the
+record script reads are declared in its KEYS.
+
 How: the sketch *and* the placement metadata (regions, LRU order, sizes, byte totals, the
 climber) sit in ten Redis keys under one prefix (`KEY_ORDER`), changed only by the Lua scripts in
 `lua/` (one call per batch, atomic, so replicas never race on a victim). `lua/common.lua` holds
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, TypeVar
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from caches.admission.policy import Placement, PlacementPolicy, split_placement
 from caches.admission.sketch import COUNTER_MAX, SKETCH_DEPTH, sketch_indexes
 from caches.admission.wtinylfu import CLIMB_RESTART_THRESHOLD, CLIMB_STEP_DECAY, WTinyLFUConfig, lua_number
+from caches.redis_client import ScriptBatch
 
 if TYPE_CHECKING:
     from caches.tiers.base import Tier
@@ -77,10 +84,15 @@ class SharedWTinyLFU(PlacementPolicy):
 
     def __init__(self, tier: RedisTier, config: WTinyLFUConfig, *, prefix: str = "tierserve:placement") -> None:
         self.tier = tier
-        self.cfg = config
         self.prefix = prefix
-        self.key = {name: f"{prefix}:{name}" for name in KEY_ORDER}
-        self.keys = [self.key[name] for name in KEY_ORDER]
+        # One policy per hash-tag group of the RAM tier (one on a single server): its keys carry
+        # the group's tag, so a script's keys, the values it reads included, are one slot; each
+        # group gets an equal share of the budget (keys spread evenly over the groups by hash).
+        self.shards = tier.shards
+        self.cfg = config if self.shards == 1 else replace(config, budget_bytes=max(1, config.budget_bytes // self.shards))
+        self.shard_keys = [[f"{tier.tag(s)}{prefix}:{name}" for name in KEY_ORDER] for s in range(self.shards)]
+        self.key = {name: self.shard_keys[0][i] for i, name in enumerate(KEY_ORDER)}
+        self.keys = self.shard_keys[0]
         client = tier.client
         self._record = client.register_script(lua_source("record"))
         self._admit = client.register_script(lua_source("admit"))
@@ -89,26 +101,59 @@ class SharedWTinyLFU(PlacementPolicy):
         self.pending: Counter[str] = Counter()  # accesses counted while Redis was down
         self.agings = 0
 
+    def _key(self, shard: int, name: str) -> str:
+        return self.shard_keys[shard][KEY_ORDER.index(name)]
+
     @property
     def _common(self) -> list[object]:
         c = self.cfg
         return [c.width, SKETCH_DEPTH, c.budget_bytes, c.window_bytes, repr(c.protected_fraction)]
 
     def record(self, keys: Sequence[str], hits: set[str]) -> None:
-        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
-            args = self._record_args(fetch=False)
-            for k in chunk:
-                args += [k, 1 if k in hits else 0]
-            self._run_record(chunk, args)
+        for shard, group in self.tier.by_shard(keys).items():
+            for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT):
+                args = self._record_args(fetch=False)
+                for k in chunk:
+                    args += [k, 1 if k in hits else 0]
+                self._run_record(shard, chunk, self.shard_keys[shard], args)
 
     def lookup(self, ram: Tier, keys: Sequence[str]) -> dict[str, bytes] | None:
-        """Read the RAM tier and record the accesses, one round trip per chunk (lua/record.lua),
-        when `ram` is the tier this policy's state lives in."""
+        """Read the RAM tier and record the accesses, one round trip per chunk and group
+        (lua/record.lua), when `ram` is the tier this policy's state lives in."""
         if ram is not self.tier:
             return None
+        if self.shards > 1:
+            return self._lookup_groups(keys)
         found: dict[str, bytes] = {}
         for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
-            reply = self._run_record(chunk, [*self._record_args(fetch=True), *chunk])
+            names = [self.tier.physical(k) for k in chunk]
+            reply = self._run_record(0, chunk, [*self.shard_keys[0], *names], [*self._record_args(fetch=True), *chunk])
+            found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
+        return found
+
+    def _lookup_groups(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The lookup over hash-tag groups (a cluster): every group's script call in one
+        pipeline per node (a cluster pipeline refuses scripts: redis_client.ScriptBatch)."""
+        calls: list[tuple[int, list[str]]] = []
+        batch = ScriptBatch(self.tier.client)
+        for shard, group in self.tier.by_shard(keys).items():
+            for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT):
+                names = [self.tier.physical(k) for k in chunk]
+                batch.add(self._record, [*self.shard_keys[shard], *names], [*self._record_args(fetch=True), *chunk])
+                calls.append((shard, chunk))
+        try:
+            if self.pending:
+                self._flush_pending()
+            replies = self.tier._call("placement.record", batch.execute)
+        except Exception:
+            # Redis is down: keep counting here so the outage's reads still count when it returns.
+            if len(self.pending) < PENDING_MAX_KEYS:
+                self.pending.update(keys)
+            raise
+        found: dict[str, bytes] = {}
+        for (shard, chunk), reply in zip(calls, replies, strict=True):
+            if reply[0]:
+                self.age(shard)
             found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
         return found
 
@@ -120,77 +165,93 @@ class SharedWTinyLFU(PlacementPolicy):
             1 if fetch else 0,
         ]
 
-    def _run_record(self, keys: Sequence[str], args: list[object]) -> list:
+    def _run_record(self, shard: int, keys: Sequence[str], script_keys: list[str], args: list[object]) -> list:
         try:
             if self.pending:
                 self._flush_pending()
-            reply = self.tier._call("placement.record", self._record, self.keys, args)
+            reply = self.tier._call("placement.record", self._record, script_keys, args)
         except Exception:
             # Redis is down: keep counting here so the outage's reads still count when it returns.
             if len(self.pending) < PENDING_MAX_KEYS:
                 self.pending.update(keys)
             raise
         if reply[0]:
-            self.age()
+            self.age(shard)
         return reply
 
     def _flush_pending(self) -> None:
-        incr = [(o, min(n, COUNTER_MAX)) for key, n in self.pending.items() for o in sketch_indexes(key, self.cfg.width)]
-        for chunk in _chunks(incr, MAX_COUNTERS_PER_FLUSH):
-            ops: list[object] = ["OVERFLOW", "SAT"]
-            for o, n in chunk:
-                ops += ["INCRBY", "u4", f"#{o}", n]
-            self.tier._call("placement.flush", self.tier.client.execute_command, "BITFIELD", self.key[SKETCH], *ops)
+        for shard, group in self.tier.by_shard(list(self.pending)).items():
+            incr = [(o, min(self.pending[key], COUNTER_MAX)) for key in group for o in sketch_indexes(key, self.cfg.width)]
+            for chunk in _chunks(incr, MAX_COUNTERS_PER_FLUSH):
+                ops: list[object] = ["OVERFLOW", "SAT"]
+                for o, n in chunk:
+                    ops += ["INCRBY", "u4", f"#{o}", n]
+                self.tier._call("placement.flush", self.tier.client.execute_command, "BITFIELD",
+                                self._key(shard, SKETCH), *ops)
         self.pending.clear()
 
-    def age(self) -> None:
-        """Halve every counter, slice by slice (other replicas keep counting meanwhile)."""
+    def age(self, shard: int | None = None) -> None:
+        """Halve every counter (of one group, or all), slice by slice (other replicas keep
+        counting meanwhile)."""
         total = self.cfg.width * SKETCH_DEPTH // 2
-        for start in range(0, total, HALVING_CHUNK_BYTES):
-            end = min(total, start + HALVING_CHUNK_BYTES) - 1
-            self.tier._call("placement.age", self._halve, [self.key[SKETCH]], [start, end])
+        for s in range(self.shards) if shard is None else [shard]:
+            for start in range(0, total, HALVING_CHUNK_BYTES):
+                end = min(total, start + HALVING_CHUNK_BYTES) - 1
+                self.tier._call("placement.age", self._halve, [self._key(s, SKETCH)], [start, end])
         self.agings += 1
 
     def admit(self, sizes: dict[str, int]) -> Placement:
         if not sizes:
             return Placement()
         evicted: list[str] = []
-        for chunk in _chunks(list(sizes), MAX_KEYS_PER_SCRIPT):
-            args: list[object] = list(self._common)
-            for k in chunk:
-                args += [k, sizes[k]]
-            reply = self.tier._call("placement.admit", self._admit, self.keys, args)
-            evicted += [e.decode() if isinstance(e, bytes) else e for e in reply]
+        for shard, group in self.tier.by_shard(list(sizes)).items():
+            for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT):
+                args: list[object] = list(self._common)
+                for k in chunk:
+                    args += [k, sizes[k]]
+                reply = self.tier._call("placement.admit", self._admit, self.shard_keys[shard], args)
+                evicted += [e.decode() if isinstance(e, bytes) else e for e in reply]
         return split_placement(list(sizes), evicted)
 
     def remove(self, keys: Sequence[str]) -> None:
-        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
-            self.tier._call("placement.remove", self._remove, self.keys, [*self._common, *chunk])
+        for shard, group in self.tier.by_shard(keys).items():
+            for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT):
+                self.tier._call("placement.remove", self._remove, self.shard_keys[shard], [*self._common, *chunk])
+
+    def _per_shard(self, op: str, command: str, name: str, *args: object) -> list:
+        def run() -> list:
+            pipe = self.tier.client.pipeline(transaction=False)
+            for s in range(self.shards):
+                pipe.execute_command(command, self._key(s, name), *args)
+            return pipe.execute()
+
+        return self.tier._call(op, run)
 
     def resident_bytes(self) -> int:
-        raw = self.tier._call("placement.bytes", self.tier.client.hvals, self.key[BYTES])
-        return sum(int(v) for v in raw)
+        return sum(int(v) for raw in self._per_shard("placement.bytes", "HVALS", BYTES) for v in raw)
 
     def window_bytes(self) -> int:
-        raw = self.tier._call("placement.window", self.tier.client.hget, self.key[CLIMBER], "window")
-        return int(float(raw)) if raw is not None else self.cfg.window_bytes
+        raw = self._per_shard("placement.window", "HGET", CLIMBER, "window")
+        return sum(int(float(r)) if r is not None else self.cfg.window_bytes for r in raw)
 
     def resident_keys(self, prefix: str = "") -> list[str]:
         """Keys the metadata places under `prefix`; may include some whose value expired by TTL
         (they are dropped on their next read), which is what a purge must remove too."""
         pattern = f"{prefix}*" if prefix else "*"
-        found = self.tier._call(
-            "placement.scan", lambda: list(self.tier.client.hscan_iter(self.key[REGION], match=pattern, count=1000))
-        )
-        return [k.decode() if isinstance(k, bytes) else k for k, _ in found]
+        found = self.tier._call("placement.scan", lambda: [
+            k for s in range(self.shards)
+            for k, _ in self.tier.client.hscan_iter(self._key(s, REGION), match=pattern, count=1000)])
+        return [k.decode() if isinstance(k, bytes) else k for k in found]
 
     def estimate(self, key: str) -> int:
         ops: list[object] = []
         for o in sketch_indexes(key, self.cfg.width):
             ops += ["GET", "u4", f"#{o}"]
-        vals = self.tier._call("placement.estimate", self.tier.client.execute_command, "BITFIELD", self.key[SKETCH], *ops)
+        sketch = self._key(self.tier.shard_of(key), SKETCH)
+        vals = self.tier._call("placement.estimate", self.tier.client.execute_command, "BITFIELD", sketch, *ops)
         return min(int(v) for v in vals)
 
     def reset(self) -> None:
         """Forget everything (tests, benchmarks): metadata and counts."""
-        self.tier._call("placement.reset", self.tier.client.delete, *self.keys)
+        for keys in self.shard_keys:
+            self.tier._call("placement.reset", self.tier.client.delete, *keys)

@@ -42,7 +42,7 @@ import redis
 from pydantic import BaseModel
 
 from caches.budget import Budget
-from caches.keys import glob_escape, model_version_patterns, safe_part
+from caches.keys import glob_escape, model_version_patterns, tenant_namespace
 from caches.redis_client import Breaker
 from caches.result import CacheUnavailable
 from caches.semantic.decision import (
@@ -278,7 +278,7 @@ class SemanticCache:
         return sum(self._purge(pattern) for pattern in model_version_patterns("sem", model, version))
 
     def delete_tenant(self, tenant: str) -> int:
-        return self._purge(glob_escape(f"sem.{safe_part(tenant)}:") + "*")
+        return self._purge(glob_escape(tenant_namespace("sem", tenant) + ":") + "*")
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

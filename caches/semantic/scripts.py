@@ -7,50 +7,53 @@ resurrect an entry that another replica evicted or purged in between.
 
 from caches.budget import BUDGET_LUA
 
-# Store with expiry reclaim and eviction under the tenant's and the global budgets, atomically
-# (:mod:`caches.budget`). An entry is accounted under its key in the budget bookkeeping (its tenant
-# is read from it) and listed by id in its scope's ``:lfu`` zset (what a mirror loads) and
-# ``:bytes`` counter (stats). A victim may be in any scope of the tenant (or, over the global
-# budget, of the biggest tenant): the reply lists every removed entry as scope, id pairs.
-# KEYS: entry, scope lfu zset, scope bytes counter, stream
-# ARGV: id, query, response, embedding, created, params, size, ttl_ms (0 = none), now_ms,
-#       budget prefix, scope, stream maxlen, reclaim limit, lfu score,
-#       tenant entries, tenant bytes, global entries, global bytes (-1 = unbounded)
-STORE_SCRIPT = BUDGET_LUA + """
-local id, P, scope = ARGV[1], ARGV[10], ARGV[11]
-local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[8])
-local removed = {}
+# Removes an entry (the budget library's `forget`): its hash, its accounting and its scope's
+# index and bytes; lists it in `removed` as scope, id (the store reports it: the stream event and
+# the local mirror are the caller's). A victim may be in any scope of the tenant: they all carry
+# the tenant's hash tag, so they are in the script's slot.
+SEMANTIC_FORGET = """
 local function forget(member)
   local s_scope, victim = string.match(member, '^(.*):e:([^:]+)$')
-  local size = bk_forget(P, member)
+  local size = bk_forget(member)
   redis.call('UNLINK', member)
   if not s_scope then return end
   if redis.call('ZREM', s_scope .. ':lfu', victim) == 1 then
     if redis.call('EXISTS', s_scope .. ':lfu') == 1 then redis.call('DECRBY', s_scope .. ':bytes', size)
     else redis.call('DEL', s_scope .. ':bytes') end
   end
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[12], '*', 'op', 'del', 'scope', s_scope, 'id', victim)
   table.insert(removed, s_scope)
   table.insert(removed, victim)
 end
-bk_reclaim(P, now, tonumber(ARGV[13]), forget)
-redis.call('HSET', KEYS[1], 'scope', scope, 'query', ARGV[2], 'response', ARGV[3], 'embedding', ARGV[4],
+"""
+
+# Store with expiry reclaim and eviction under the tenant's budget, atomically (the global budget
+# follows through the ledger, :mod:`caches.budget`). An entry is accounted under its key in the
+# tenant's books and listed by id in its scope's ``:lfu`` zset (what a mirror loads) and
+# ``:bytes`` counter (stats). Returns the budget report, then every removed entry as scope, id.
+# KEYS: the tenant's books (4: caches.budget.tenant_keys), entry, scope lfu zset, scope bytes counter
+# ARGV: id, query, response, embedding, created, params, size, ttl_ms (0 = none), now_ms,
+#       scope, reclaim limit, lfu score, tenant entries, tenant bytes (-1 = unbounded),
+#       judged group ('' = none), answer embedding ('' = none)
+STORE_SCRIPT = BUDGET_LUA + "local removed = {}\n" + SEMANTIC_FORGET + """
+local E, LFU, SB = KEYS[5], KEYS[6], KEYS[7]
+local id, scope = ARGV[1], ARGV[10]
+local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[8])
+bk_reclaim(now, tonumber(ARGV[11]), forget)
+redis.call('HSET', E, 'scope', scope, 'query', ARGV[2], 'response', ARGV[3], 'embedding', ARGV[4],
   'created', ARGV[5], 'params', ARGV[6], 'hits', 0, 'tau', -1)
-if ARGV[19] and ARGV[19] ~= '' then redis.call('HSET', KEYS[1], 'group', ARGV[19]) end
-if ARGV[20] and ARGV[20] ~= '' then redis.call('HSET', KEYS[1], 'answer_embedding', ARGV[20]) end
-redis.call('ZADD', KEYS[2], ARGV[14], id)
-redis.call('INCRBY', KEYS[3], ARGV[7])
-local t = bk_add(P, KEYS[1], tonumber(ARGV[7]), ttl > 0 and now + ttl or 0, tonumber(ARGV[14]))
+if ARGV[15] and ARGV[15] ~= '' then redis.call('HSET', E, 'group', ARGV[15]) end
+if ARGV[16] and ARGV[16] ~= '' then redis.call('HSET', E, 'answer_embedding', ARGV[16]) end
+redis.call('ZADD', LFU, ARGV[12], id)
+redis.call('INCRBY', SB, ARGV[7])
+bk_add(E, tonumber(ARGV[7]), ttl > 0 and now + ttl or 0, tonumber(ARGV[12]))
 if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', E, ttl)
   -- the scope's index outlives its last entry a little, then goes too
-  redis.call('PEXPIRE', KEYS[2], ttl + 60000)
-  redis.call('PEXPIRE', KEYS[3], ttl + 60000)
+  redis.call('PEXPIRE', LFU, ttl + 60000)
+  redis.call('PEXPIRE', SB, ttl + 60000)
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[12], '*', 'op', 'add', 'scope', scope, 'id', id)
-local L = {tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])}
-bk_enforce(P, t, KEYS[1], L, forget)
-return removed
+bk_enforce(E, {tonumber(ARGV[13]), tonumber(ARGV[14])}, forget)
+return bk_report(removed)
 """
 
 # KEYS: entry; ARGV: similarity -> tau = max(tau, similarity) if the entry still exists

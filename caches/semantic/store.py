@@ -7,8 +7,17 @@ conversation turn: a budget per scope bounds nothing): the bookkeeping under :da
 (:mod:`caches.budget`) ranks each tenant's entries for eviction (least hits first, oldest first
 among equals), holds sizes and expiry times. Every change is also appended to one stream
 (:data:`STREAM_KEY`) that replicas follow to keep their FAISS mirrors current
-(:mod:`caches.semantic.mirror`). Store, expiry reclaim and eviction run in one Lua script
-(:mod:`caches.semantic.scripts`), so budgets hold with many replicas writing at once.
+(:mod:`caches.semantic.mirror`). Store, expiry reclaim and eviction under the tenant's budget run
+in one Lua script (:mod:`caches.semantic.scripts`), so tenant budgets hold with many replicas
+writing at once; the global budget follows through the budget ledger.
+
+Redis Cluster: a scope is ``sem.{<tenant>}:...``, so a tenant's entries, scope indexes and books
+share one hash tag and every script's keys are one slot. The stream is one key for every tenant
+(a mirror follows one stream), so it cannot be written inside a tenant's script: the store
+appends the events right after its script, in one pipelined round trip. A crash in between loses
+those events, which is safe: a lost "add" leaves a mirror without an entry until it reloads the
+scope (a miss), and a lost "del" leaves one with an entry that :meth:`SemanticStore.validate`
+finds gone before any hit is served.
 
 Nothing here catches Redis errors: the facade runs each round trip through its
 :class:`~caches.redis_client.Breaker`, which turns them into ``RedisUnavailable``.
@@ -25,8 +34,9 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from caches.budget import FORGET_SCRIPT, Budget, forget, tenant_of
-from caches.semantic.scripts import HIT_SCRIPT, STORE_SCRIPT, TAU_SCRIPT, VALIDATE_SCRIPT
+from caches.budget import Books, Budget, Report, tenant_keys, tenant_of
+from caches.redis_client import ScriptBatch, is_cluster, scan_keys
+from caches.semantic.scripts import HIT_SCRIPT, SEMANTIC_FORGET, STORE_SCRIPT, TAU_SCRIPT, VALIDATE_SCRIPT
 
 STREAM_KEY = "sem.__stream"
 EPOCH_KEY = "sem.__meta:epoch"
@@ -35,6 +45,10 @@ RECLAIM_PER_STORE = 32  # expired entries reclaimed per store (bounds the Lua sc
 ENTRY_OVERHEAD_BYTES = 256  # per-entry Redis overhead counted against the byte budget
 PURGE_BATCH = 256  # keys per SCAN page, per UNLINK and per forget script
 BUDGET_PREFIX = "sem.__meta"  # the budget bookkeeping (caches.budget), outside every tenant's keys
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 class SemanticEntry(BaseModel):
@@ -56,7 +70,7 @@ def entry_key(scope: str, entry_id: int) -> str:
 
 def rank_key(scope: str) -> str:
     """The zset ranking the scope's tenant's entries for eviction (members are entry keys)."""
-    return f"{BUDGET_PREFIX}:t:{tenant_of(scope + ':')}:rank"
+    return tenant_keys(BUDGET_PREFIX, tenant_of(scope + ":"))[2]
 
 
 def lfu_score(hits: int, created: float) -> float:
@@ -90,11 +104,11 @@ class SemanticStore:
         self.budget = budget
         self.ttl_s = ttl_s
         self.hits = HitBuffer()
+        self.books = Books(client, BUDGET_PREFIX, budget, SEMANTIC_FORGET, reclaim_limit=RECLAIM_PER_STORE)
         self._store = client.register_script(STORE_SCRIPT)
         self._tau = client.register_script(TAU_SCRIPT)
         self._hit = client.register_script(HIT_SCRIPT)
         self._validate = client.register_script(VALIDATE_SCRIPT)
-        self._forget = client.register_script(FORGET_SCRIPT)
 
     @staticmethod
     def entry_size(query: str, response: str, embedding: bytes) -> int:
@@ -117,14 +131,26 @@ class SemanticStore:
         """Store an entry created at ``now``, reclaiming expired ones and evicting over the tenant's
         and the global budgets; returns the removed entries as (scope, id), any scope."""
         ttl_ms = int(self.ttl_s * 1000) if self.ttl_s else 0
-        keys = [entry_key(scope, entry_id), f"{scope}:lfu", f"{scope}:bytes", STREAM_KEY]
+        tenant = tenant_of(scope + ":")
+        entry = entry_key(scope, entry_id)
+        keys = [*self.books.keys(tenant), entry, f"{scope}:lfu", f"{scope}:bytes"]
+        limits = self.budget.lua_args()
+        now_ms = int(now * 1000)
         args = [
-            entry_id, query, response, embedding, now, json.dumps(params or {}), size, ttl_ms, int(now * 1000),
-            BUDGET_PREFIX, scope, STREAM_MAXLEN, RECLAIM_PER_STORE, lfu_score(0, now), *self.budget.lua_args(),
-            group or "", answer_embedding,
+            entry_id, query, response, embedding, now, json.dumps(params or {}), size, ttl_ms, now_ms,
+            scope, RECLAIM_PER_STORE, lfu_score(0, now), limits[0], limits[1], group or "", answer_embedding,
         ]  # fmt: skip
-        flat = self._store(keys=keys, args=args)
-        return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        report = Report.of(self._store(keys=keys, args=args))
+        flat = report.extra + self.books.settle(tenant, report, spare=entry, now_ms=now_ms)
+        removed = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        # the stream is outside the tenant's slot: its events follow the script (module note)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(STREAM_KEY, {"op": "add", "scope": scope, "id": entry_id}, maxlen=STREAM_MAXLEN, approximate=True)
+        for s_scope, victim in removed:
+            pipe.xadd(STREAM_KEY, {"op": "del", "scope": s_scope, "id": victim}, maxlen=STREAM_MAXLEN,
+                      approximate=True)
+        pipe.execute()
+        return removed
 
     def validate(self, scope: str, entry_ids: Sequence[int]) -> list[float | None]:
         """Each entry's learned threshold, or None where it no longer exists.
@@ -137,21 +163,26 @@ class SemanticStore:
 
     def raise_taus(self, scope: str, learned: Iterable[tuple[int, float]]) -> None:
         """tau = max(tau, similarity) for each (entry, similarity), shared with every replica."""
-        pipe = self.client.pipeline(transaction=False)
+        batch = ScriptBatch(self.client)
         for entry_id, similarity in learned:
-            self._tau(keys=[entry_key(scope, entry_id)], args=[similarity], client=pipe)
-        pipe.execute()
+            batch.add(self._tau, [entry_key(scope, entry_id)], [similarity])
+        batch.execute()
 
     def queue_hits(self, pipe: Any) -> None:
-        """Queue the buffered hit counts on ``pipe`` (the sync's round trip carries them)."""
+        """Queue the buffered hit counts on ``pipe`` (the sync's round trip carries them); a
+        cluster's pipelines refuse scripts, so there they go in a round trip of their own."""
+        if is_cluster(self.client):
+            self.flush_hits()
+            return
         for (scope, entry_id), n in self.hits.drain().items():
             keys = [entry_key(scope, entry_id), f"{scope}:lfu", rank_key(scope)]
             self._hit(keys=keys, args=[entry_id, n], client=pipe)
 
     def flush_hits(self) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        self.queue_hits(pipe)
-        pipe.execute()
+        batch = ScriptBatch(self.client)
+        for (scope, entry_id), n in self.hits.drain().items():
+            batch.add(self._hit, [entry_key(scope, entry_id), f"{scope}:lfu", rank_key(scope)], [entry_id, n])
+        batch.execute()
 
     def purge(self, pattern: str) -> tuple[int, set[str]]:
         """Delete every key matching ``pattern``; returns (keys deleted, scopes dropped).
@@ -162,7 +193,7 @@ class SemanticStore:
         scopes: set[str] = set()
         deleted = 0
         batch: list[bytes] = []
-        for key in self.client.scan_iter(match=pattern, count=PURGE_BATCH):
+        for key in scan_keys(self.client, pattern, PURGE_BATCH):
             batch.append(key)
             k = key.decode()
             if k.endswith(":lfu"):
@@ -183,7 +214,7 @@ class SemanticStore:
 
     def _unlink(self, keys: list[bytes]) -> int:
         n = int(self.client.unlink(*keys))
-        forget(self.client, self._forget, BUDGET_PREFIX, [k for k in keys if b":e:" in k])
+        self.books.forget([k for k in keys if b":e:" in k])
         return n
 
     def sizes(self, scopes: Sequence[str]) -> dict[str, tuple[int, int]]:

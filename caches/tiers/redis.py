@@ -12,167 +12,181 @@ Why these choices:
   waiting for Redis.
 - Scripts travel by EVALSHA with an automatic reload (redis-py `Script`), so a restarted, empty
   Redis works without anyone re-registering them.
-- Not Redis-Cluster ready: the scripts touch keys not declared in KEYS (a single shard is fine).
+- Redis Cluster: every key a script touches is declared in KEYS and shares one hash tag. On a
+  cluster the tier is split into `CLUSTER_SHARDS` hash-tag groups `{meta_prefix:name#s}`; a key
+  lives under its group's tag (`{...#s}key`), next to the group's own sizes hash and byte total
+  (and the placement metadata, caches/admission/shared.py), so one script call is one slot. A
+  key's group is `crc32(group_of(key)) % shards`: for generation-checked tiers `group_of` is
+  the key's generation counter, and the counter lives in the same group (`counter_name`), so
+  the compare-and-write stays one atomic script. Reads are MGETs split per slot
+  (`mget_nonatomic`). On one server there is one group and Redis names are the keys themselves,
+  exactly as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from caches import metrics
-from caches.redis_client import REDIS_ERRORS, RETRY_AFTER_S, Breaker, make_client
+from caches.redis_client import REDIS_ERRORS, RETRY_AFTER_S, Breaker, is_cluster, make_client, mget, scan_keys
 from caches.tiers.base import TierStats, TierUnavailable
 
-__all__ = ["MAX_KEYS_PER_CALL", "REDIS_ERRORS", "RETRY_AFTER_S", "RedisTier", "make_client"]
+__all__ = ["MAX_KEYS_PER_CALL", "REDIS_ERRORS", "RETRY_AFTER_S", "RedisTier", "make_client", "shards_for"]
+
+# Hash-tag groups per tier on a Redis Cluster (see the module note): enough to spread a tier over
+# a few masters, few enough that a batch touches a handful of groups (one script call each).
+CLUSTER_SHARDS = int(os.environ.get("TIERSERVE_TIER_SHARDS", "8"))
+# Each group's placement gets budget / shards: below this many entries a group's W-TinyLFU
+# (window + probation + protected) stops behaving like the whole budget's, so small budgets
+# get fewer groups (one, for a test-sized budget).
+MIN_ENTRIES_PER_SHARD = 64
+
+
+def shards_for(budget_bytes: int, entry_bytes: int) -> int:
+    """Hash-tag groups for a RAM budget on a cluster: CLUSTER_SHARDS, fewer for small budgets."""
+    return max(1, min(CLUSTER_SHARDS, budget_bytes // max(1, MIN_ENTRIES_PER_SHARD * entry_bytes)))
 
 # Keep single commands bounded: one huge MGET blocks the (single-threaded) server for everyone.
 MAX_KEYS_PER_CALL = 1000
 
-# Shared by the write scripts: one value written with its size booked in the sizes hash
-# (KEYS[1]), one key deleted with its size given back; each returns the byte delta.
+# Every key a script touches is in KEYS (Redis Cluster routes a call by its keys and refuses one
+# whose keys span slots): KEYS[1] the sizes hash, KEYS[2] the byte total, then the value keys.
+# Shared by the write scripts: one value written with its size booked in the sizes hash, one key
+# deleted with its size given back; each returns the byte delta.
 _BOOKKEEPING = """
 local function put_one(k, v, ttl)
   if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
   local n = #k + #v
+  -- a cluster's hash tag is not part of the cache key: bytes stay len(key) + len(value)
+  if string.byte(k, 1) == 123 then n = n - (string.find(k, '}', 1, true) or 0) end
   local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
   redis.call('HSET', KEYS[1], k, n)
   return n - old
 end
 local function delete_one(k)
-  redis.call('DEL', k)
+  local n = redis.call('DEL', k)
   local old = redis.call('HGET', KEYS[1], k)
-  if not old then return 0 end
+  if not old then return 0, n end
   redis.call('HDEL', KEYS[1], k)
-  return -tonumber(old)
+  return -tonumber(old), n
 end
 """
 
-# Admitted values in, displaced values out, one round trip: ARGV ttl_ms, n_puts, puts..., deletes...
+# Admitted values in, displaced values out, one round trip.
+# KEYS: sizes, bytes, the n_puts keys to write, then the keys to delete.
+# ARGV: ttl_ms, n_puts, the values. Returns the byte total.
 _PUT_DELETE = _BOOKKEEPING + """
 local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
 local delta = 0
-for i = 3, 2 + 2 * nput, 2 do
-  delta = delta + put_one(ARGV[i], ARGV[i + 1], ttl)
+for i = 1, nput do
+  delta = delta + put_one(KEYS[2 + i], ARGV[2 + i], ttl)
 end
-for i = 3 + 2 * nput, #ARGV do
-  delta = delta + delete_one(ARGV[i])
+for i = 3 + nput, #KEYS do
+  delta = delta + delete_one(KEYS[i])
 end
 return redis.call('INCRBY', KEYS[2], delta)
 """
 
-# The same with a generation compare per put (caches/generations.py): ARGV ttl_ms, n_puts, then
-# per put: key, value, its generation counter's key, the generation the value was read at; then
-# deletes. A put lands only if the counter still holds that generation, atomically with the
-# write (a bump between a separate compare and the write would let an old row in). Returns the
-# byte total, then the keys refused.
+# The same with a generation compare per put (caches/generations.py). A put lands only if its
+# counter still holds the generation the value was read at, atomically with the write (a bump
+# between a separate compare and the write would let an old row in).
+# KEYS: sizes, bytes, then per put: its key and its generation counter's key; then deletes.
+# ARGV: ttl_ms, n_puts, then per put: value, generation. Returns the byte total, then the keys refused.
 _PUT_DELETE_CHECKED = _BOOKKEEPING + """
 local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
 local delta, refused = 0, {}
-local last = 2 + 4 * nput
-for i = 3, last, 4 do
-  if tonumber(redis.call('GET', ARGV[i + 2]) or '0') == tonumber(ARGV[i + 3]) then
-    delta = delta + put_one(ARGV[i], ARGV[i + 1], ttl)
-  else
-    refused[#refused + 1] = ARGV[i]
-  end
-end
-for i = last + 1, #ARGV do
-  delta = delta + delete_one(ARGV[i])
-end
-table.insert(refused, 1, redis.call('INCRBY', KEYS[2], delta))
-return refused
-"""
-
-_DELETE = """
-local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
-local delta = 0
-for i = 3, 2 + 2 * nput, 2 do
-  local k, v = ARGV[i], ARGV[i + 1]
-  if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
-  local n = #k + #v
-  local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
-  redis.call('HSET', KEYS[1], k, n)
-  delta = delta + n - old
-end
-for i = 3 + 2 * nput, #ARGV do
-  local k = ARGV[i]
-  redis.call('DEL', k)
-  local old = redis.call('HGET', KEYS[1], k)
-  if old then
-    delta = delta - tonumber(old)
-    redis.call('HDEL', KEYS[1], k)
-  end
-end
-return redis.call('INCRBY', KEYS[2], delta)
-"""
-
-# The same with a generation compare per put (caches/generations.py): ARGV ttl_ms, n_puts, then
-# per put: key, value, its generation counter's key, the generation the value was read at; then
-# deletes. A put lands only if the counter still holds that generation, atomically with the
-# write (a bump between a separate compare and the write would let an old row in). Returns the
-# byte total, then the keys refused.
-_PUT_DELETE_CHECKED = """
-local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
-local delta, refused = 0, {}
-local last = 2 + 4 * nput
-for i = 3, last, 4 do
-  local k, v = ARGV[i], ARGV[i + 1]
-  if tonumber(redis.call('GET', ARGV[i + 2]) or '0') == tonumber(ARGV[i + 3]) then
-    if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
-    local n = #k + #v
-    local old = tonumber(redis.call('HGET', KEYS[1], k) or '0')
-    redis.call('HSET', KEYS[1], k, n)
-    delta = delta + n - old
+for i = 1, nput do
+  local k, counter = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  if tonumber(redis.call('GET', counter) or '0') == tonumber(ARGV[2 + 2 * i]) then
+    delta = delta + put_one(k, ARGV[1 + 2 * i], ttl)
   else
     refused[#refused + 1] = k
   end
 end
-for i = last + 1, #ARGV do
-  local k = ARGV[i]
-  redis.call('DEL', k)
-  local old = redis.call('HGET', KEYS[1], k)
-  if old then
-    delta = delta - tonumber(old)
-    redis.call('HDEL', KEYS[1], k)
-  end
+for i = 3 + 2 * nput, #KEYS do
+  delta = delta + delete_one(KEYS[i])
 end
 table.insert(refused, 1, redis.call('INCRBY', KEYS[2], delta))
 return refused
 """
 
-_DELETE = """
+# KEYS: sizes, bytes, then the keys to delete. Returns how many existed.
+_DELETE = _BOOKKEEPING + """
 local delta, n = 0, 0
-for i = 1, #ARGV do
-  local k = ARGV[i]
-  n = n + redis.call('DEL', k)
-  local old = redis.call('HGET', KEYS[1], k)
-  if old then
-    delta = delta + tonumber(old)
-    redis.call('HDEL', KEYS[1], k)
-  end
+for i = 3, #KEYS do
+  local d, existed = delete_one(KEYS[i])
+  delta, n = delta + d, n + existed
 end
-redis.call('DECRBY', KEYS[2], delta)
+redis.call('INCRBY', KEYS[2], delta)
 return n
 """
 
 
 class RedisTier:
-    """`get_many`/`put_many`/`delete_many` over a shared Redis; values are opaque bytes."""
+    """`get_many`/`put_many`/`delete_many` over a shared Redis; values are opaque bytes.
 
-    def __init__(self, url: str, *, name: str = "redis", meta_prefix: str = "tierserve:tier") -> None:
+    On a Redis Cluster the tier is split into `shards` hash-tag groups (see the module note):
+    a key's Redis name is `{tag}key`, where the tag is this tier's and the shard of
+    `group_of(key)`; everything one script call touches is in one shard. On one server there is
+    one shard and the Redis name is the key itself."""
+
+    def __init__(self, url: str, *, name: str = "redis", meta_prefix: str = "tierserve:tier",
+                 shards: int | None = None, group_of: Callable[[str], str] | None = None) -> None:
         self.name = name
         self.url = url
         self.client = make_client(url)
-        self._sizes_key = f"{meta_prefix}:{name}:sizes"
-        self._bytes_key = f"{meta_prefix}:{name}:bytes"
+        self.tagged = is_cluster(self.client)
+        self.shards = max(1, (shards or CLUSTER_SHARDS) if self.tagged else 1)
+        self.group_of = group_of
+        self.base = base = f"{meta_prefix}:{name}"
+        if self.tagged:
+            self._meta = [(f"{self.tag(s)}:sizes", f"{self.tag(s)}:bytes") for s in range(self.shards)]
+        else:
+            self._meta = [(f"{base}:sizes", f"{base}:bytes")]
+        self._sizes_key, self._bytes_key = self._meta[0]
+        self._shard_bytes = [0] * self.shards
         self._delete = self.client.register_script(_DELETE)
         self._put_delete = self.client.register_script(_PUT_DELETE)
         self._put_delete_checked = self.client.register_script(_PUT_DELETE_CHECKED)
         self._stats = TierStats()
         self.breaker = Breaker(f"redis {url}")
+
+    # -- key placement (Redis Cluster) ------------------------------------------------------
+    def tag(self, shard: int) -> str:
+        """The hash tag of a shard ('' on one server): every Redis name of the shard starts with it."""
+        return "{" + f"{self.base}#{shard}" + "}" if self.tagged else ""
+
+    def shard_of(self, key: str) -> int:
+        if self.shards == 1:
+            return 0
+        group = self.group_of(key) if self.group_of is not None else key
+        return zlib.crc32(group.encode()) % self.shards
+
+    def physical(self, key: str) -> str:
+        """The Redis name of a cache key."""
+        return self.tag(self.shard_of(key)) + key if self.tagged else key
+
+    def counter_name(self, counter: str) -> str:
+        """The Redis name of a generation counter: in the shard of the keys it guards (they are
+        grouped by it: `group_of` is the counter's name), so a checked write is one slot."""
+        if not self.tagged:
+            return counter
+        return self.tag(zlib.crc32(counter.encode()) % self.shards if self.shards > 1 else 0) + counter
+
+    def logical(self, name: str) -> str:
+        """The cache key of a Redis name (the tag stripped)."""
+        return name[name.index("}") + 1:] if self.tagged and name.startswith("{") else name
+
+    def by_shard(self, keys: Sequence[str]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for k in keys:
+            out.setdefault(self.shard_of(k), []).append(k)
+        return out
 
     # -- availability -----------------------------------------------------------------------
     @property
@@ -202,8 +216,9 @@ class RedisTier:
         ns = metrics.namespace_of(keys[0])
         t0 = time.perf_counter()
         found: dict[str, bytes] = {}
+        # A cluster: one MGET per hash-tag group, one pipeline per node (redis_client.mget).
         for chunk in _chunks(keys, MAX_KEYS_PER_CALL):
-            values = self._call("MGET", self.client.mget, chunk, ns=ns)
+            values = self._call("MGET", mget, self.client, [self.physical(k) for k in chunk], ns=ns)
             found.update({k: v for k, v in zip(chunk, values, strict=True) if v is not None})
         self.account_read(keys, found, time.perf_counter() - t0)
         return found
@@ -212,33 +227,32 @@ class RedisTier:
         """Stats and metrics of one batched read (also used when a placement script read for us)."""
         metrics.record_read(self._stats, self.name, keys, found, seconds)
 
+    def _book(self, shard: int, total: Any) -> None:
+        self._shard_bytes[shard] = int(total)
+        self._stats.bytes = sum(self._shard_bytes)
+
     def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
         if not items:
             return
-        ttl_ms = int(ttl_s * 1000) if ttl_s else 0
-        ns = metrics.namespace_of(next(iter(items)))
-        for chunk in _chunks(list(items), MAX_KEYS_PER_CALL):
-            args: list[Any] = [ttl_ms, len(chunk)]  # the put-and-delete script with nothing to delete
-            for k in chunk:
-                args += [k, items[k]]
-            total = self._call("put", self._put_delete, [self._sizes_key, self._bytes_key], args, ns=ns)
-            self._stats.bytes = int(total)
-        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
+        self.put_and_delete(items, [], ttl_s)
 
     def put_and_delete(self, items: dict[str, bytes], deletes: list[str], ttl_s: float | None = None) -> None:
-        """Write `items` and delete `deletes` in one round trip (the placement's RAM-side moves)."""
-        if len(items) + len(deletes) > MAX_KEYS_PER_CALL:
-            self.put_many(items, ttl_s)
-            self.delete_many(deletes)
-            return
+        """Write `items` and delete `deletes`, one round trip per shard and MAX_KEYS_PER_CALL keys
+        (the placement's RAM-side moves)."""
         if not items and not deletes:
             return
-        args: list[Any] = [int(ttl_s * 1000) if ttl_s else 0, len(items)]
-        for k, v in items.items():
-            args += [k, v]
-        args += deletes
+        ttl_ms = int(ttl_s * 1000) if ttl_s else 0
         ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
-        self._stats.bytes = int(self._call("put_delete", self._put_delete, [self._sizes_key, self._bytes_key], args, ns=ns))
+        puts, dels = self.by_shard(list(items)), self.by_shard(deletes)
+        for shard in sorted(set(puts) | set(dels)):
+            sizes, total = self._meta[shard]
+            p, d = puts.get(shard, []), dels.get(shard, [])
+            while p or d:
+                chunk, p = p[:MAX_KEYS_PER_CALL], p[MAX_KEYS_PER_CALL:]
+                dchunk, d = d[: MAX_KEYS_PER_CALL - len(chunk)], d[MAX_KEYS_PER_CALL - len(chunk):]
+                keys = [sizes, total, *(self.physical(k) for k in chunk), *(self.physical(k) for k in dchunk)]
+                args: list[Any] = [ttl_ms, len(chunk), *(items[k] for k in chunk)]
+                self._book(shard, self._call("put_delete", self._put_delete, keys, args, ns=ns))
         metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
 
     def put_checked(self, items: dict[str, bytes], deletes: list[str], expect: dict[str, tuple[str, int]],
@@ -250,20 +264,27 @@ class RedisTier:
         ttl_ms = int(ttl_s * 1000) if ttl_s else 0
         ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
         refused: list[str] = []
-        puts, dels = list(items), list(deletes)
-        while puts or dels:
-            # Bounded calls: at most MAX_KEYS_PER_CALL keys each, puts first (the placement's order).
-            chunk, puts = puts[:MAX_KEYS_PER_CALL], puts[MAX_KEYS_PER_CALL:]
-            room = MAX_KEYS_PER_CALL - len(chunk)
-            dchunk, dels = dels[:room], dels[room:]
-            args: list[Any] = [ttl_ms, len(chunk)]
-            for k in chunk:
-                counter, generation = expect[k]
-                args += [k, items[k], counter, generation]
-            args += dchunk
-            reply = self._call("put_checked", self._put_delete_checked, [self._sizes_key, self._bytes_key], args, ns=ns)
-            self._stats.bytes = int(reply[0])
-            refused += [r.decode() if isinstance(r, bytes) else str(r) for r in reply[1:]]
+        puts, dels = self.by_shard(list(items)), self.by_shard(deletes)
+        for shard in sorted(set(puts) | set(dels)):
+            sizes, total = self._meta[shard]
+            p, d = puts.get(shard, []), dels.get(shard, [])
+            while p or d:
+                # Bounded calls: at most MAX_KEYS_PER_CALL keys each, puts first (the placement's order).
+                chunk, p = p[:MAX_KEYS_PER_CALL], p[MAX_KEYS_PER_CALL:]
+                dchunk, d = d[: MAX_KEYS_PER_CALL - len(chunk)], d[MAX_KEYS_PER_CALL - len(chunk):]
+                keys: list[str] = [sizes, total]
+                args: list[Any] = [ttl_ms, len(chunk)]
+                for k in chunk:
+                    counter, generation = expect[k]
+                    name, counter_name = self.physical(k), self.counter_name(counter)
+                    if self.tagged and name[: name.index("}")] != counter_name[: counter_name.index("}")]:
+                        raise ValueError(f"{k!r}: group_of must name its generation counter {counter!r} (one slot)")
+                    keys += [name, counter_name]
+                    args += [items[k], generation]
+                keys += [self.physical(k) for k in dchunk]
+                reply = self._call("put_checked", self._put_delete_checked, keys, args, ns=ns)
+                self._book(shard, reply[0])
+                refused += [self.logical(r.decode() if isinstance(r, bytes) else str(r)) for r in reply[1:]]
         metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
         return refused
 
@@ -271,44 +292,69 @@ class RedisTier:
         if not keys:
             return 0
         ns = metrics.namespace_of(keys[0])
+        return sum(self._delete_names(shard, [self.physical(k) for k in ks], ns)
+                   for shard, ks in self.by_shard(keys).items())
+
+    def _delete_names(self, shard: int, names: list[str], ns: str = "-") -> int:
         deleted = 0
-        for chunk in _chunks(keys, MAX_KEYS_PER_CALL):
-            deleted += int(self._call("delete", self._delete, [self._sizes_key, self._bytes_key], chunk, ns=ns))
+        for chunk in _chunks(names, MAX_KEYS_PER_CALL):
+            deleted += int(self._call("delete", self._delete, [*self._meta[shard], *chunk], [], ns=ns))
         return deleted
 
     def size_bytes(self) -> int:
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for _, total in self._meta:
+                pipe.get(total)
+            return pipe.execute()
+
         try:
-            raw = self._call("size", self.client.get, self._bytes_key)
+            raw = self._call("size", read)
         except TierUnavailable:
             return self._stats.bytes  # last known: a dashboard should not go blank on an outage
-        self._stats.bytes = int(raw or 0)
+        self._shard_bytes = [int(v or 0) for v in raw]
+        self._stats.bytes = sum(self._shard_bytes)
         return self._stats.bytes
 
     def stats(self) -> TierStats:
         self.size_bytes()
+
+        def entries() -> int:
+            pipe = self.client.pipeline(transaction=False)
+            for sizes, _ in self._meta:
+                pipe.hlen(sizes)
+            return sum(int(n) for n in pipe.execute())
+
         with contextlib.suppress(TierUnavailable):
-            self._stats.entries = int(self._call("entries", self.client.hlen, self._sizes_key))
+            self._stats.entries = int(self._call("entries", entries))
         return self._stats
 
     # -- maintenance ------------------------------------------------------------------------
     def scan_prefix(self, prefix: str, count: int = 1000) -> Iterator[str]:
-        """Keys starting with prefix (SCAN, never KEYS: it does not block the server)."""
+        """Keys starting with prefix (SCAN, never KEYS: it does not block the server); on a
+        cluster, every primary's keys of every shard of this tier."""
+        pattern = _glob_escape(prefix) + "*"
+        if self.tagged:
+            pattern = _glob_escape("{" + self.base + "#") + "*" + _glob_escape("}") + pattern
         # Listed inside the guarded call: a generator would raise its Redis errors unguarded.
-        found = self._call("scan", lambda: list(self.client.scan_iter(f"{_glob_escape(prefix)}*", count)))
+        found = self._call("scan", lambda: list(scan_keys(self.client, pattern, count)))
         for raw in found:
-            yield raw.decode() if isinstance(raw, bytes) else raw
+            yield self.logical(raw.decode() if isinstance(raw, bytes) else raw)
 
     def reconcile(self) -> int:
         """Forget the sizes of keys Redis expired (TTL) so the byte total stays honest."""
-        gone: list[str] = []
-        for raw_keys in _chunks([k.decode() for k in self.client.hkeys(self._sizes_key)], MAX_KEYS_PER_CALL):
-            exists = self.client.pipeline(transaction=False)
-            for k in raw_keys:
-                exists.exists(k)
-            gone += [k for k, e in zip(raw_keys, exists.execute(), strict=True) if not e]
-        if gone:
-            self.delete_many(gone)
-        return len(gone)
+        n = 0
+        for shard, (sizes, _) in enumerate(self._meta):
+            gone: list[str] = []
+            for names in _chunks([k.decode() for k in self.client.hkeys(sizes)], MAX_KEYS_PER_CALL):
+                exists = self.client.pipeline(transaction=False)
+                for k in names:
+                    exists.exists(k)
+                gone += [k for k, e in zip(names, exists.execute(), strict=True) if not e]
+            if gone:
+                self._delete_names(shard, gone)
+            n += len(gone)
+        return n
 
     def close(self) -> None:
         self.client.close()

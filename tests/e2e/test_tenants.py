@@ -96,7 +96,7 @@ def test_cache_stats_report_layers_and_tenants(auth_url: str) -> None:
     body = stats.json()
     # a tenant sees its own numbers only: no other tenant's counters, scopes or totals
     assert body["tenant"] == "globex" and "acme" not in stats.text and "by_tenant" not in body
-    assert all(s.startswith("sem.globex:") for s in body["semantic"]["scopes"])
+    assert all(s.startswith("sem.{globex}:") for s in body["semantic"]["scopes"])  # the tenant is the hash tag
     admin = httpx.get(f"{auth_url}/v1/cache/stats", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60).json()
     assert {"exact", "semantic", "recommender", "lookups_by_tenant"} <= set(admin)
     assert "acme" in admin["exact"]["by_tenant"]

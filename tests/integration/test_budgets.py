@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import redis
 
 from caches.budget import usage
@@ -12,6 +13,12 @@ from caches.result import ResultCache
 from caches.semantic import SemanticCache
 from caches.semantic.store import BUDGET_PREFIX
 from tests.support import scope
+
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
 
 
 def _unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
@@ -91,7 +98,7 @@ def test_semantic_flood_of_scopes_evicts_only_the_flooders_entries(redis_client:
     total = usage(redis_client, BUDGET_PREFIX)
     assert total["entries"] == 55 == sum(1 for _ in redis_client.scan_iter(match="sem.[^_]*:e:*"))
     # every evicted scope's index went with its last entry: no per-scope keys pile up
-    assert sum(1 for _ in redis_client.scan_iter(match="sem.a:*:lfu")) == 50
+    assert sum(1 for _ in redis_client.scan_iter(match="sem.{a}:*:lfu")) == 50
 
 
 def test_semantic_global_budget_shared_max_min(redis_client: redis.Redis) -> None:
@@ -161,3 +168,17 @@ def test_mirror_sweep_drops_entries_whose_ttl_passed(redis_client: redis.Redis) 
         assert cache.mirror.usage.entries == 0
     finally:
         cache.close()
+
+
+def test_the_ledger_is_rebuilt_from_the_tenants_books(redis_client: redis.Redis) -> None:
+    """A crash between a tenant's script and its ledger call leaves the ledger off: rebuild."""
+    cache = ResultCache(redis_client, max_bytes=1 << 20)
+    for tenant in ("a", "b"):
+        for i in range(5):
+            cache.put(cache.key(tenant=tenant, model="m", version="1", payload=i), b"x" * 100)
+    truth = usage(redis_client, cache.meta)
+    redis_client.delete(*cache.books.ledger[:3])  # one slot: a multi-key DEL is fine on a cluster
+    redis_client.set(cache._bytes_key, 7)
+    cache.books.rebuild(["a", "b"])
+    assert usage(redis_client, cache.meta) == truth == {"entries": 10, "bytes": _real_bytes(redis_client, cache)}
+    assert usage(redis_client, cache.meta, "a")["entries"] == 5

@@ -9,14 +9,21 @@ import pytest
 import redis.asyncio as aioredis
 
 from caches.coalesce import Coalescer
+from caches.redis_client import make_async_client
 from caches.redis_server import free_port
 
 pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
+
+@pytest.fixture
 async def aclient(redis_url: str, redis_client: object) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = make_async_client(redis_url)
     yield client
     await client.aclose()
 
@@ -48,7 +55,7 @@ async def test_a_burst_in_one_process_makes_one_call(aclient: aioredis.Redis) ->
 
 
 async def test_a_burst_across_replicas_makes_one_call(redis_url: str, aclient: aioredis.Redis) -> None:
-    other = aioredis.Redis.from_url(redis_url)
+    other = make_async_client(redis_url)
     try:
         a, b = Coalescer(aclient), Coalescer(other)
         calls: list[str] = []

@@ -8,9 +8,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from caches.embedding import EmbeddingCache, precompute, read_texts
+
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
 
 DIM = 384
 

@@ -31,6 +31,12 @@ from tests.support import item_features, user_cache
 
 
 @pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
+
+@pytest.fixture
 def replicas(repo: RepoInfo, redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[list[FeatureCache]]:
     caches = [user_cache(repo, redis_url, tmp_path / f"replica-{i}") for i in range(2)]
     yield caches

@@ -23,13 +23,20 @@ from caches.generations import Generations, unframe
 from caches.redis_server import EmbeddedRedis
 from caches.tiered import TieredCache
 from caches.tiers.feast import FeastTier, FeastView, decode_features
-from caches.tiers.redis import RedisTier
+from caches.tiers.redis import RedisTier, shards_for
 from caches.tiers.rocksdb import RocksDBTier
 from deployments.recommender_model import generation_key
 from feature_store import names
 from feature_store.events import Activity, UserActivityWriter
 from feature_store.pipeline import RepoInfo
 from tests.support import item_features, user_cache
+
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
 
 ROW_BYTES = 700  # a user row's key and framed value are about 600 bytes
 NAME = f"features-{names.USER_VIEW}"  # the users cache's name: A and B share its RAM metadata
@@ -83,10 +90,15 @@ def on_read(tier: object, key: str, then: Callable[[], None]) -> OnRead:
 def replica(repo: RepoInfo, redis_url: str, path: Path, *, ram_budget: int = 1 << 20) -> FeatureCache:
     """A replica with the production wiring of the users cache (TieredCache.open's), with tiers
     that can run an event in the middle of a read, and no stream consumer."""
-    ram = HookedRedis(redis_url, meta_prefix=f"tierserve:tier:{NAME}")
-    policy = SharedWTinyLFU(ram, WTinyLFUConfig(ram_budget, entry_bytes=ROW_BYTES), prefix=f"tierserve:placement:{NAME}")
+    def gen_of(key: str) -> str:
+        return generation_key(ident_of(key))
+
+    cfg = WTinyLFUConfig(ram_budget, entry_bytes=ROW_BYTES)
+    ram = HookedRedis(redis_url, meta_prefix=f"tierserve:tier:{NAME}", group_of=gen_of,
+                      shards=shards_for(ram_budget, cfg.entry_bytes))
+    policy = SharedWTinyLFU(ram, cfg, prefix=f"tierserve:placement:{NAME}")
     cold = HookedFeast(repo.repo_dir, [FeastView(names.USER_VIEW, names.USER_KEY)])
-    gens = Generations(ram.client, lambda key: generation_key(ident_of(key)))
+    gens = Generations(ram.client, gen_of, redis_name=ram.counter_name)
     tiered = TieredCache(ram=ram, ssd=HookedRocksDB(path), cold=cold, policy=policy, ssd_budget_bytes=8 << 20,
                          ttl_s=3600.0, name=NAME, generations=gens)
     return FeatureCache(tiered, view=names.USER_VIEW, entity_key=names.USER_KEY, model_version=repo.model_version)
@@ -128,9 +140,11 @@ def servable(cache: FeatureCache, client: redis.Redis, user: int) -> dict[str, i
     """Every copy of the user's row a tier would serve now (its generation is the current one):
     tier name -> the copy's n_ratings."""
     key = cache.key(user)
-    current = int(client.get(generation_key(user)) or 0)
+    ram = cache.tiered.ram
+    assert isinstance(ram, RedisTier)
+    current = int(client.get(ram.counter_name(generation_key(user))) or 0)  # Redis names: tagged on a cluster
     out: dict[str, int] = {}
-    raw_ram = client.get(key)
+    raw_ram = client.get(ram.physical(key))
     assert cache.tiered.ssd is not None
     raw_ssd = cache.tiered.ssd.get_many([key]).get(key)
     for tier, raw in (("redis", raw_ram), ("rocksdb", raw_ssd)):
@@ -152,7 +166,7 @@ def test_a_read_that_straddles_an_event_leaves_no_old_row_in_any_tier(
     assert hook.fired
     assert straddling.features[user]["n_ratings"] == before["n_ratings"]  # began before the event: old
     assert a.tiered.counters.generation_refused == 1  # RAM refused the old row
-    assert redis_client.get(a.key(user)) is None
+    assert redis_client.get(a.tiered.ram.physical(a.key(user))) is None
     assert servable(a, redis_client, user) == {}  # A's SSD copy carries the old generation: dead
 
     after = a.get([user])
@@ -174,7 +188,7 @@ def test_a_demotion_after_an_invalidation_does_not_bring_the_old_row_back(
         user, before = sampled_user(repo, writer, 1)
         others = repo.user_ids_sample[2:]
         assert b.get([user]).sources[user] == "feast"  # B placed it in RAM; A has no SSD copy
-        assert redis_client.get(a.key(user)) is not None
+        assert redis_client.get(a.tiered.ram.physical(a.key(user))) is not None
         # A's demotion reads the RAM copy to write it to its SSD
         hook = on_read(a.tiered.ram, a.key(user), event(repo, writer, b, user))
         for other in others:
@@ -212,7 +226,7 @@ def test_a_promotion_after_an_invalidation_is_refused_by_ram(
     promoted = a.get([user])
     assert hook.fired and promoted.sources[user] == "rocksdb"
     assert a.tiered.counters.generation_refused == 1
-    assert redis_client.get(a.key(user)) is None
+    assert redis_client.get(a.tiered.ram.physical(a.key(user))) is None
     assert a.key(user) not in a.tiered.policy.resident_keys()  # the placement forgot the refused write
     assert servable(a, redis_client, user) == {}
     assert a.get([user]).features[user]["n_ratings"] == before["n_ratings"] + 1
@@ -251,17 +265,21 @@ def test_ram_writes_land_only_at_the_current_generation_in_bounded_calls(
 ) -> None:
     from caches.tiers.redis import MAX_KEYS_PER_CALL
 
-    tier = RedisTier(redis_url, meta_prefix="test:gen")
+    def counter_of(key: str) -> str:  # two entities; on a cluster a key shares its counter's hash tag
+        return f"test:gen:counter:{int(key.rsplit(':', 1)[1]) % 2}"
+
+    tier = RedisTier(redis_url, meta_prefix="test:gen", group_of=counter_of)
     n = 2 * MAX_KEYS_PER_CALL + 500  # three script calls
     items = {f"t:m:1:{i}": b"v" * 10 for i in range(n)}
-    expect = {k: (f"test:gen:counter:{i % 2}", 0) for i, k in enumerate(items)}  # two entities
-    redis_client.set("test:gen:counter:1", 3)  # entity 1 moved on: its rows were read before that
+    expect = {k: (counter_of(k), 0) for k in items}
+    redis_client.set(tier.counter_name("test:gen:counter:1"), 3)  # entity 1 moved on: its rows were read before that
     refused = tier.put_checked(items, [], expect)
     assert sorted(refused) == sorted(k for i, k in enumerate(items) if i % 2 == 1)
-    assert sum(v is not None for v in redis_client.mget(list(items))) == n - len(refused)
+    names = [tier.physical(k) for k in items]
+    assert sum(redis_client.exists(k) for k in names) == n - len(refused)
     assert tier.size_bytes() == sum(len(k) + 10 for i, k in enumerate(items) if i % 2 == 0)
     # Deletes ride along (a placement's demotions), in the same bounded calls.
     deleted = [k for i, k in enumerate(items) if i % 2 == 0]
     assert tier.put_checked({}, deleted, {}) == []
-    assert tier.size_bytes() == 0 and not any(redis_client.mget(deleted))
+    assert tier.size_bytes() == 0 and not any(redis_client.exists(tier.physical(k)) for k in deleted)
     tier.close()

@@ -11,6 +11,13 @@ from caches.redis_server import EmbeddedRedis, free_port
 from caches.result import CacheUnavailable, ResultCache
 from tests.support import chat_key
 
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
+
 REQ = {"messages": [{"role": "user", "content": "What is the PTO policy?"}], "temperature": 0}
 
 
@@ -50,7 +57,7 @@ def test_byte_budget_evicts_and_refuses(redis_client: redis.Redis) -> None:
     keys = [cache.key(tenant="a", model="m", version="1", payload={"i": i}) for i in range(40)]
     for k in keys:
         cache.put(k, b"v" * 400)
-        assert int(redis_client.get("res.__meta:bytes")) <= 5_000
+        assert int(redis_client.get(cache._bytes_key)) <= 5_000  # the global ledger
     assert cache.get(keys[-1]) is not None  # the newest survive
     assert cache.get(keys[0]) is None  # the oldest were evicted
     stats = cache.stats()
@@ -73,7 +80,7 @@ def test_delete_model_version_across_tenants(redis_client: redis.Redis) -> None:
     assert cache.get(chat_key(tenant="b", model="m", version="2", request=REQ)) == b"x"
     assert cache.get(chat_key(tenant="a", model="m1", version="1", request=REQ)) == b"other model"
     assert cache.stats()["entries"] == 3
-    assert cache.delete_prefix("res.b:") == 1
+    assert cache.delete_prefix(cache.namespace("b") + ":") == 1  # res.{b}: the tenant is the hash tag
 
 
 def test_redis_down_and_back() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,16 @@ from caches.semantic import SemanticCache
 from caches.semantic.judge import EmbeddingJudge
 from tests.support import scope
 
+
 # Fraction of fow_cache trap pairs (label 0) that may be merged at the shipped threshold. The
 # shipped calibration merges none of them; a small allowance keeps the test meaningful if the
 # calibration is re-run on other pairs.
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
+
 MAX_TRAP_MERGE_FRACTION = 0.02
 
 
@@ -61,9 +69,19 @@ def test_semantic_hit_with_real_encoder(redis_client: redis.Redis, encoder, mode
     assert cache.stats()["counters"]["hits"] == 1
 
 
+@pytest.fixture
+def single_client(single_redis_url: str) -> Iterator[redis.Redis]:
+    """The single server only: for a test about the threshold, not about Redis (2 min of encoding)."""
+    client = redis.Redis.from_url(single_redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
 def test_trap_pairs_not_merged_at_shipped_threshold(
-    redis_client: redis.Redis, encoder, shared_data: Path
+    single_client: redis.Redis, encoder, shared_data: Path
 ) -> None:
+    redis_client = single_client
     rows = list(csv.DictReader((shared_data / "fow_cache" / "pairs.csv").open(encoding="utf-8")))
     threshold = load_threshold()
     va = encoder([r["text_a"] for r in rows])

@@ -23,7 +23,7 @@ from caches.features import FeatureCache
 from caches.redis_server import EmbeddedRedis, free_port
 from caches.tiered import TieredCache
 from caches.tiers.base import TierStats
-from caches.tiers.redis import RETRY_AFTER_S, RedisTier
+from caches.tiers.redis import RETRY_AFTER_S, RedisTier, shards_for
 from caches.tiers.rocksdb import RocksDBTier
 from tests.integration.test_tiers import small_feast_repo
 
@@ -55,6 +55,12 @@ class DictTier:
 
     def stats(self) -> TierStats:
         return TierStats()
+
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
 
 
 def val(key: str, tag: str = "") -> bytes:
@@ -229,7 +235,7 @@ def test_sigkill_between_lower_write_and_upper_delete_loses_nothing(
         if proc.poll() is None:
             proc.kill()
     ssd = RocksDBTier(tmp_path / "b")  # the dead process' lock is gone
-    ram = RedisTier(redis_url, meta_prefix="tierserve:tier:crash")
+    ram = RedisTier(redis_url, meta_prefix="tierserve:tier:crash", shards=shards_for(10 * 120, 120))  # as the cache
     try:
         in_ram, in_ssd = ram.get_many(sorted(resident)), ssd.get_many(sorted(resident))
         for k in resident:
@@ -249,7 +255,7 @@ def test_lua_policy_makes_the_same_decisions_as_the_python_reference(
     trace = [list(dict.fromkeys(b)) for b in trace]
     cfg = WTinyLFUConfig(3000, entry_bytes=120)
     local = WTinyLFU(cfg)
-    shared = SharedWTinyLFU(RedisTier(redis_url), cfg, prefix="test:equiv")
+    shared = SharedWTinyLFU(RedisTier(redis_url, shards=1), cfg, prefix="test:equiv")  # one group: the reference is one
     a = simulate(local, trace, sizes.__getitem__)
     b = simulate(shared, trace, sizes.__getitem__)
     assert a == b
@@ -319,3 +325,29 @@ def test_feast_unreachable_serves_upper_tiers_and_reports_misses(
         assert all(res.features[i] for i in cached)
     finally:
         fc.close()
+
+
+def test_a_budget_split_over_hash_tag_groups_serves_and_accounts(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A budget big enough for several groups: on the cluster every batch spans groups (one
+    script call per group, pipelined per node); on one server it is one group, as before."""
+    ram = 8 * 64 * 120  # 8 groups of 64 entries on a cluster
+    keys = [f"g:m:1:{i}" for i in range(300)]
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for(keys), ram=ram, name="groups")
+    try:
+        assert cache.ram.shards == (8 if cache.ram.tagged else 1)
+        for i in range(0, 300, 30):
+            cache.get_many(keys[i : i + 30])
+        again = cache.get_many(keys[:30])
+        assert again.values == {k: val(k) for k in keys[:30]}
+        assert set(again.sources.values()) <= {"redis", "rocksdb"} and "redis" in set(again.sources.values())
+        assert cache.policy is not None
+        resident = set(cache.policy.resident_keys("g:"))
+        assert resident and resident <= set(keys)
+        assert cache.policy.resident_bytes() <= ram
+        assert set(cache.ram.scan_prefix("g:")) == set(cache.ram.get_many(keys))  # every primary scanned
+        assert cache.invalidate(keys[:30], broadcast=False)
+        assert cache.ram.get_many(keys[:30]) == {}
+    finally:
+        cache.close()

@@ -25,6 +25,12 @@ SMALL_LIMIT = 3000
 FEAST_REPO_DIR = Path(os.environ.get("TIERSERVE_TEST_FEAST_REPO", f"/tmp/tierserve-test-feast-{os.getuid()}"))
 
 
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
+
 def small_feast_repo(shared_data: Path) -> Any:
     from feature_store.pipeline import build_repo
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import redis
 
 from caches.result import ResultCache
 from caches.semantic import SemanticCache
 from caches.versions import VERSION_CACHE_S, ModelVersions, purge_in_background, purge_old_versions
 from tests.support import chat_key, scope
+
+
+@pytest.fixture
+def redis_url(both_redis_urls: str) -> str:
+    """Every test here that uses Redis runs on the single server and on the 3-master cluster."""
+    return both_redis_urls
+
 
 REQ = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0}
 

@@ -25,6 +25,9 @@ def test_tenant_of_reads_the_namespace() -> None:
     assert tenant_of("res.acme:m:1:abc") == "acme"
     assert tenant_of("sem.acme.co:m@ff:1:abc:e:7") == "acme.co"
     assert tenant_of("recs.a%3Ab:recs:1:x") == "a%3Ab"
+    # the hash-tagged form (Redis Cluster): the braces are not part of the tenant
+    assert tenant_of("res.{acme}:m:1:abc") == "acme"
+    assert tenant_of("sem.{acme.co}:m@ff:1:abc:e:7") == "acme.co"
 
 
 def test_chunks() -> None:

@@ -24,7 +24,7 @@ def test_canonical_text_is_for_comparing_answers_only() -> None:
 def test_key_layout_and_prefixes() -> None:
     k = chat_key(tenant="acme", model="llama3:8b", version="7", request={"messages": [], "temperature": 0})
     ns, model, version, ident = k.split(":")
-    assert (ns, model, version, len(ident)) == ("res.acme", "llama3%3A8b@" + FINGERPRINT[:16], "7", 64)
+    assert (ns, model, version, len(ident)) == ("res.{acme}", "llama3%3A8b@" + FINGERPRINT[:16], "7", 64)
     assert safe_part("a@b") != safe_part("a%40b") and "@" not in safe_part("a@b")
     assert make_key("n", "m", "v", "x") == "n:m:v:x"
     assert ResultCache.tenant_of(k) == "acme"
@@ -73,9 +73,9 @@ def test_tenant_view_shows_a_tenant_only_its_own_numbers() -> None:
     from caches.tenancy import tenant_view
 
     exact = {"bytes": 999, "by_tenant": {"acme": {"hits": 3, "misses": 1}, "globex": {"hits": 7, "misses": 2}}}
-    semantic = {"counters": {"hits": 10}, "scopes": {"sem.acme:m@f:1:x": {"entries": 2}, "sem.globex:m@f:1:y": {}}}
+    semantic = {"counters": {"hits": 10}, "scopes": {"sem.{acme}:m@f:1:x": {"entries": 2}, "sem.{globex}:m@f:1:y": {}}}
     lookups = {"exact": {"acme": {"hit": 3.0}, "globex": {"hit": 7.0}}}
     view = tenant_view("acme", exact=exact, semantic=semantic, lookups=lookups)
-    assert view["exact"]["hits"] == 3 and list(view["semantic"]["scopes"]) == ["sem.acme:m@f:1:x"]
+    assert view["exact"]["hits"] == 3 and list(view["semantic"]["scopes"]) == ["sem.{acme}:m@f:1:x"]
     assert view["lookups"] == {"exact": {"hit": 3.0}}
     assert "globex" not in str(view) and "999" not in str(view)

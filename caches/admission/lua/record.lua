@@ -1,6 +1,7 @@
 -- Record one batch of reads (sketch, LRU order, probation -> protected, climber).
 -- ARGV: common (5), sample, adaptive 0/1, climb sample, climb step, step decay, restart threshold,
---   max window, min window, fetch 0/1, then keys: with fetch=1 the script GETs each key itself (the
+--   max window, min window, fetch 0/1, then keys: with fetch=1 the script GETs each key itself (its
+--   Redis name is KEYS[10 + i] for the i-th key: on a cluster, the RAM tier's hash-tagged name; the
 --   RAM read and the access record in one round trip) and returns {aged, value or nil...}; with
 --   fetch=0 (key, hit 0/1) pairs and returns {aged}.
 local sample, adaptive = tonumber(ARGV[6]), ARGV[7] == '1'
@@ -13,10 +14,13 @@ if fetch then stride = 1 end
 local incr = {'OVERFLOW', 'SAT'}
 local out = {0}
 local n, nhits = 0, 0
+local j = 10
 for i = 15, #ARGV, stride do
   local key, hit = ARGV[i], ARGV[i + 1]
   if fetch then
-    local v = redis.call('GET', key)
+    -- the value's Redis name is declared in KEYS (after the ten policy keys), in ARGV's order
+    j = j + 1
+    local v = redis.call('GET', KEYS[j])
     out[#out + 1] = v
     if v then hit = '1' else hit = '0' end
   end
