@@ -240,6 +240,7 @@ class RecommenderDeployment:
         try:
             return future.result(timeout=self.settings.answer_within_s)
         except FutureTimeout:
+            future.cancel()  # still queued behind slow ones: never start it (a backlog would only grow)
             log.warning("recommendation for user %s not ready within %.1fs: fallback list", user_id,
                         self.settings.answer_within_s)
             left = max(0.0, self.settings.answer_within_s - (time.monotonic() - started))
