@@ -8,9 +8,13 @@ Arms, same machine, same requests, same order:
   with prefix caching behind prefix-aware routing.
 - ``vllm``: vLLM's own OpenAI server for the same model and engine arguments as the app's LLM
   replica (``deployments.llm.engine_cli_args``: prefix caching on, no other cache), started here on
-  a free loopback port unless ``--vllm-url`` names one. It gets the exact messages the app's engine
+  a free loopback port unless ``--vllm-url`` names one, with the CPU threads Ray gives the app's
+  LLM replica (``app_llm_threads``). It gets the exact messages the app's engine
   gets (the deployment system prompt in front, ``caches.prompts.build_messages``), so the two arms
   differ only by what the app adds.
+
+The arms interleave in blocks of ``--block`` requests (the first arm alternating), so a shared
+machine's changing load falls on both.
 
 Traffic: the held-out half of banking77's intents (``benchmarks.intent_split``: the semantic cache
 is never tuned on them), in stream order; with probability ``--repeat-share`` a request instead
@@ -135,11 +139,27 @@ def summarise(records: list[dict[str, Any]], intents: list[str], wall_s: float, 
     }
 
 
-def start_vllm(settings: Any, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def app_llm_threads(config: Path = REPO_ROOT / "configs" / "local.yaml") -> int:
+    """The CPU threads the app's LLM replica computes with: Ray sets OMP_NUM_THREADS to the
+    replica's `num_cpus` (floored, at least 1; `ray._private.utils.set_omp_num_threads_if_unset`),
+    and the engine process inherits it. vLLM alone must get the same, or the comparison measures
+    thread settings (on 2 busy cores, two OMP threads spinning against each other are several
+    times slower than one), not what the app adds."""
+    import math
+
+    import yaml
+
+    for dep in yaml.safe_load(config.read_text())["applications"][0].get("deployments", []):
+        if dep.get("name") == "LLM":
+            return max(1, math.floor(float((dep.get("ray_actor_options") or {}).get("num_cpus", 1))))
+    return 1
+
+
+def start_vllm(settings: Any, port: int, log_path: Path, threads: int) -> subprocess.Popen[bytes]:
     from deployments.llm import engine_cli_args
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_space_gib),
-           "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_cli_args(settings),
            "--host", "127.0.0.1", "--port", str(port)]
     return subprocess.Popen(cmd, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
@@ -193,7 +213,7 @@ def main() -> None:
 
         port = free_port()
         vllm_url = f"http://127.0.0.1:{port}"
-        proc = start_vllm(settings, port, Path(f"/tmp/chat_value_vllm_{run}.log"))
+        proc = start_vllm(settings, port, Path(f"/tmp/chat_value_vllm_{run}.log"), app_llm_threads())
     results: dict[str, Any] = {}
     try:
         wait_ready(vllm_url, proc)
@@ -223,7 +243,7 @@ def main() -> None:
     summary = {
         "benchmark": "chat_value", "model": settings.served_model_name, "n": len(items),
         "concurrency": args.concurrency, "repeat_share": args.repeat_share, "stream": args.stream.name,
-        "interleaved_block": args.block,
+        "interleaved_block": args.block, "vllm_omp_threads": app_llm_threads() if args.vllm_url is None else None,
         "intents": "held-out half (benchmarks.intent_split)", "systems": results,
         "ratios": {
             "requests_per_s_app_over_vllm": app["requests_per_s"] / max(alone["requests_per_s"], 1e-9),
