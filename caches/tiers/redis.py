@@ -243,16 +243,11 @@ class RedisTier:
             return
         ttl_ms = int(ttl_s * 1000) if ttl_s else 0
         ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
-        puts, dels = self.by_shard(list(items)), self.by_shard(deletes)
-        for shard in sorted(set(puts) | set(dels)):
+        for shard, chunk, dchunk in self._calls(items, deletes):
             sizes, total = self._meta[shard]
-            p, d = puts.get(shard, []), dels.get(shard, [])
-            while p or d:
-                chunk, p = p[:MAX_KEYS_PER_CALL], p[MAX_KEYS_PER_CALL:]
-                dchunk, d = d[: MAX_KEYS_PER_CALL - len(chunk)], d[MAX_KEYS_PER_CALL - len(chunk):]
-                keys = [sizes, total, *(self.physical(k) for k in chunk), *(self.physical(k) for k in dchunk)]
-                args: list[Any] = [ttl_ms, len(chunk), *(items[k] for k in chunk)]
-                self._book(shard, self._call("put_delete", self._put_delete, keys, args, ns=ns))
+            keys = [sizes, total, *(self.physical(k) for k in chunk), *(self.physical(k) for k in dchunk)]
+            args: list[Any] = [ttl_ms, len(chunk), *(items[k] for k in chunk)]
+            self._book(shard, self._call("put_delete", self._put_delete, keys, args, ns=ns))
         metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
 
     def put_checked(self, items: dict[str, bytes], deletes: list[str], expect: dict[str, tuple[str, int]],
@@ -264,29 +259,34 @@ class RedisTier:
         ttl_ms = int(ttl_s * 1000) if ttl_s else 0
         ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
         refused: list[str] = []
-        puts, dels = self.by_shard(list(items)), self.by_shard(deletes)
-        for shard in sorted(set(puts) | set(dels)):
+        for shard, chunk, dchunk in self._calls(items, deletes):
             sizes, total = self._meta[shard]
-            p, d = puts.get(shard, []), dels.get(shard, [])
-            while p or d:
-                # Bounded calls: at most MAX_KEYS_PER_CALL keys each, puts first (the placement's order).
-                chunk, p = p[:MAX_KEYS_PER_CALL], p[MAX_KEYS_PER_CALL:]
-                dchunk, d = d[: MAX_KEYS_PER_CALL - len(chunk)], d[MAX_KEYS_PER_CALL - len(chunk):]
-                keys: list[str] = [sizes, total]
-                args: list[Any] = [ttl_ms, len(chunk)]
-                for k in chunk:
-                    counter, generation = expect[k]
-                    name, counter_name = self.physical(k), self.counter_name(counter)
-                    if self.tagged and name[: name.index("}")] != counter_name[: counter_name.index("}")]:
-                        raise ValueError(f"{k!r}: group_of must name its generation counter {counter!r} (one slot)")
-                    keys += [name, counter_name]
-                    args += [items[k], generation]
-                keys += [self.physical(k) for k in dchunk]
-                reply = self._call("put_checked", self._put_delete_checked, keys, args, ns=ns)
-                self._book(shard, reply[0])
-                refused += [self.logical(r.decode() if isinstance(r, bytes) else str(r)) for r in reply[1:]]
+            keys: list[str] = [sizes, total]
+            args: list[Any] = [ttl_ms, len(chunk)]
+            for k in chunk:
+                counter, generation = expect[k]
+                name, counter_name = self.physical(k), self.counter_name(counter)
+                if self.tagged and name[: name.index("}")] != counter_name[: counter_name.index("}")]:
+                    raise ValueError(f"{k!r}: group_of must name its generation counter {counter!r} (one slot)")
+                keys += [name, counter_name]
+                args += [items[k], generation]
+            keys += [self.physical(k) for k in dchunk]
+            reply = self._call("put_checked", self._put_delete_checked, keys, args, ns=ns)
+            self._book(shard, reply[0])
+            refused += [self.logical(r.decode() if isinstance(r, bytes) else str(r)) for r in reply[1:]]
         metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
         return refused
+
+    def _calls(self, items: dict[str, bytes], deletes: list[str]) -> Iterator[tuple[int, list[str], list[str]]]:
+        """(shard, keys to write, keys to delete) per script call: one shard each, at most
+        MAX_KEYS_PER_CALL keys, puts first (the placement's order)."""
+        puts, dels = self.by_shard(list(items)), self.by_shard(deletes)
+        for shard in sorted(set(puts) | set(dels)):
+            p, d = puts.get(shard, []), dels.get(shard, [])
+            while p or d:
+                chunk, p = p[:MAX_KEYS_PER_CALL], p[MAX_KEYS_PER_CALL:]
+                dchunk, d = d[: MAX_KEYS_PER_CALL - len(chunk)], d[MAX_KEYS_PER_CALL - len(chunk):]
+                yield shard, chunk, dchunk
 
     def delete_many(self, keys: list[str]) -> int:
         if not keys:
