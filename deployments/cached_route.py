@@ -205,10 +205,11 @@ class CachedRoute:
         # serve entries of a version that was bumped away.
         return await asyncio.get_running_loop().run_in_executor(CACHE_IO, self.version_of, model)
 
-    def _background(self, coro: Any) -> None:
+    def _background(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._background_done)
+        return task
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -342,9 +343,7 @@ class CachedRoute:
             # Store before the final `[DONE]`: a client that repeats the request the moment its
             # stream ended must find it (read-your-writes). Bounded: a slow Redis delays the end
             # marker by at most STREAM_STORE_WAIT_S, and the store goes on in the background.
-            store = asyncio.ensure_future(self._finish(turn, 200, assembler.completion(), fingerprint))
-            self._tasks.add(store)
-            store.add_done_callback(self._background_done)
+            store = self._background(self._finish(turn, 200, assembler.completion(), fingerprint))
             await asyncio.wait({store}, timeout=STREAM_STORE_WAIT_S)
             if done is not None:
                 yield done
