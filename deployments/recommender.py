@@ -235,7 +235,6 @@ class RecommenderDeployment:
         only answer 503. Here the replica still has something true to say: the popular items the
         user has not rated (`degraded: true`, `fallback` says why). The late answer finishes in
         its thread (it may still fill the caches) and is dropped."""
-        started = time.monotonic()
         future = self._answers.submit(self._recommend_leased, user_id, k, tenant)
         try:
             return future.result(timeout=self.settings.answer_within_s)
@@ -243,10 +242,9 @@ class RecommenderDeployment:
             future.cancel()  # still queued behind slow ones: never start it (a backlog would only grow)
             log.warning("recommendation for user %s not ready within %.1fs: fallback list", user_id,
                         self.settings.answer_within_s)
-            left = max(0.0, self.settings.answer_within_s - (time.monotonic() - started))
-            with self.models.lease() as m:
+            with self.models.lease() as m:  # the deadline is spent: no Redis call for the rated filter
                 return self._fallback(m, user_id, k, "the answer was not ready within "
-                                      f"{self.settings.answer_within_s:g}s (a slow dependency)", rated_wait_s=left)
+                                      f"{self.settings.answer_within_s:g}s (a slow dependency)", ask_redis=False)
 
     def _recommend_leased(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
         with contextlib.suppress(*CACHE_ERRORS):
@@ -303,13 +301,13 @@ class RecommenderDeployment:
                 "sources": {"user": None, "items": {}}}
 
     def _fallback(self, m: RecsModel, user_id: int, k: int, why: str, *, rated: set[int] | None = None,
-                  rated_wait_s: float | None = None) -> dict[str, Any]:
+                  ask_redis: bool = True) -> dict[str, Any]:
         """The popular items the user has not rated, when their personal answer cannot be had (a
         dependency down or too slow): a degraded answer, never a 5xx for a valid request. The
-        rated filter uses what is known here: the pipeline's ratings, the events' (Redis, when
-        it answers in time), and the events queued on this replica."""
+        rated filter uses what is known here: the pipeline's ratings, the events' (Redis, unless
+        the caller's deadline is spent), and the events queued on this replica."""
         if rated is None:
-            rated = self._seen(m, user_id, ask_redis=rated_wait_s is None or rated_wait_s > 0)
+            rated = self._seen(m, user_id, ask_redis=ask_redis)
         items = [{"item_id": i, "score": round(s, 6)} for i, s in m.popular if i not in rated][:k]
         return {**self._base(m, user_id), "items": items, "cold_start": False, "degraded": True,
                 "fallback": {"kind": "popular", "reason": why}, "sources": {"user": None, "items": {}}}

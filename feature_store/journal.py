@@ -122,7 +122,10 @@ class EventJournal:
     def done(self, entry: QueuedEvent) -> None:
         with self._lock:
             if self._db.execute("DELETE FROM events WHERE id = ?", (entry.id,)).rowcount:
-                self._users[entry.activity.user_id] -= 1
+                user = entry.activity.user_id
+                self._users[user] -= 1
+                if self._users[user] <= 0:
+                    del self._users[user]  # a long-lived replica must not keep every user it ever queued
 
     def retry_later(self, entry: QueuedEvent, now: float | None = None) -> float:
         """Count a failed try; returns the delay before the next one."""
