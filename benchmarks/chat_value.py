@@ -208,12 +208,14 @@ def main() -> None:
 
     proc = None
     vllm_url = args.vllm_url
+    threads: int | None = None  # a server started here: the CPU threads it was given
     if vllm_url is None:
         from caches.redis_server import free_port
 
+        threads = app_llm_threads()
         port = free_port()
         vllm_url = f"http://127.0.0.1:{port}"
-        proc = start_vllm(settings, port, Path(f"/tmp/chat_value_vllm_{run}.log"), app_llm_threads())
+        proc = start_vllm(settings, port, Path(f"/tmp/chat_value_vllm_{run}.log"), threads)
     results: dict[str, Any] = {}
     try:
         wait_ready(vllm_url, proc)
@@ -243,7 +245,7 @@ def main() -> None:
     summary = {
         "benchmark": "chat_value", "model": settings.served_model_name, "n": len(items),
         "concurrency": args.concurrency, "repeat_share": args.repeat_share, "stream": args.stream.name,
-        "interleaved_block": args.block, "vllm_omp_threads": app_llm_threads() if args.vllm_url is None else None,
+        "interleaved_block": args.block, "vllm_omp_threads": threads,
         "intents": "held-out half (benchmarks.intent_split)", "systems": results,
         "ratios": {
             "requests_per_s_app_over_vllm": app["requests_per_s"] / max(alone["requests_per_s"], 1e-9),

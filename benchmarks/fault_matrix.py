@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,6 +247,13 @@ class ReplicaKill(Fault):
         self.log.append(f"killed {victim}")
 
 
+class IngressKill(ReplicaKill):
+    name = "ingress_kill"
+
+    def __init__(self, app: App) -> None:
+        super().__init__(app, "Ingress")
+
+
 def make_fault(name: str, app: App, args: argparse.Namespace) -> Fault:
     if name == "redis_restart":
         return RedisRestart(app)
@@ -257,9 +264,7 @@ def make_fault(name: str, app: App, args: argparse.Namespace) -> Fault:
     if name == "replica_kill":
         return ReplicaKill(app, args.kill_deployment)
     if name == "ingress_kill":
-        fault = ReplicaKill(app, "Ingress")
-        fault.name = name
-        return fault
+        return IngressKill(app)
     raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
 
 
@@ -373,29 +378,35 @@ def feast_n_ratings(repo: Path, users: list[int]) -> dict[int, int | None]:
     return out
 
 
+async def seconds_until(ready: Callable[[], Awaitable[bool]], timeout_s: float, every_s: float,
+                        errors: tuple[type[BaseException], ...]) -> float:
+    """Seconds until `ready()` first says yes (one of `errors` counts as no), or NaN after `timeout_s`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        with contextlib.suppress(*errors):
+            if await ready():
+                return time.monotonic() - t0
+        await asyncio.sleep(every_s)
+    return float("nan")
+
+
 async def wait_settled(app: App, before: dict[int, int | None], accepted: Counter[int], users: list[int],
                        timeout_s: float) -> float:
     """Seconds until Feast holds every accepted rating (queued ones applied), or NaN."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        with contextlib.suppress(Exception):
-            rows = await asyncio.to_thread(feast_n_ratings, app.feast_repo, users)
-            if lost_writes(before, rows, accepted)[0] == 0:
-                return time.monotonic() - t0
-        await asyncio.sleep(2)
-    return float("nan")
+    async def settled() -> bool:
+        rows = await asyncio.to_thread(feast_n_ratings, app.feast_repo, users)
+        return lost_writes(before, rows, accepted)[0] == 0
+
+    return await seconds_until(settled, timeout_s, every_s=2, errors=(Exception,))  # Feast may still be healing
 
 
 async def wait_healthy(client: httpx.AsyncClient, user: int, timeout_s: float) -> float:
     """Seconds until a recommendation is a clean 200 again (not degraded) after the fault."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            resp = await client.post("/v1/recommendations", json={"user_id": user, "k": 10})
-            if resp.status_code == 200 and not resp.json().get("degraded"):
-                return time.monotonic() - t0
-        await asyncio.sleep(1)
-    return float("nan")
+    async def healthy() -> bool:
+        resp = await client.post("/v1/recommendations", json={"user_id": user, "k": 10})
+        return resp.status_code == 200 and not resp.json().get("degraded")
+
+    return await seconds_until(healthy, timeout_s, every_s=1, errors=(httpx.HTTPError, ValueError))
 
 
 async def warm_up(app: App, users: list[int], stream: Path, timeout_s: float = 600) -> None:
