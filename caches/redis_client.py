@@ -21,7 +21,8 @@ cluster (any one node's address: the client discovers the rest), and ``make_clie
 follows MOVED/ASK redirections, which are not retries of a failure). A scheme, not a query flag,
 because a plain ``redis.Redis.from_url`` refuses it loudly instead of silently talking to one
 node of a cluster. `scan_keys` walks every primary (a purge that scanned one node would leave the
-other masters' keys behind).
+other masters' keys behind), and `run_ids` reads every primary's run id (a restarted, empty master
+lost its slots' keys however healthy the others are).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import redis
@@ -123,6 +124,22 @@ def scan_keys(client: Any, pattern: str, count: int = 1000) -> Iterator[bytes]:
     if is_cluster(client):
         return client.scan_iter(match=pattern, count=count, target_nodes=RedisCluster.PRIMARIES)
     return client.scan_iter(match=pattern, count=count)
+
+
+def run_ids(client: Any) -> dict[str, str]:
+    """Each server's run id (a new one at every start): node name -> run id for every primary of a
+    cluster, one entry ("server") for a single server. Raises Redis errors."""
+    if is_cluster(client):
+        return {node.name: str(client.info("server", target_nodes=node).get("run_id"))
+                for node in client.get_primaries()}
+    return {"server": str(client.info("server").get("run_id"))}
+
+
+def restarted(before: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """The servers of `before` whose run id differs in `now`: restarted, so (without persistence)
+    empty, and on a cluster the keys of that primary's slots are gone. A node new to `now` (a grown
+    cluster, a promoted replica that kept the data) is no restart."""
+    return sorted(node for node, run_id in now.items() if node in before and before[node] != run_id)
 
 
 class ScriptBatch:

@@ -45,20 +45,14 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from caches.redis_client import REDIS_ERRORS, make_client
+from caches.redis_client import REDIS_ERRORS, make_client, restarted, run_ids
 from caches.tiered import claim_dir, reclaim_dead_dirs
 from caches.versions import Leased, ModelVersions
 from deployments import metrics
 from deployments.config import RecommenderSettings
 from deployments.recommender_events import EventRecorder
-from deployments.recommender_model import (
-    CACHE_ERRORS,
-    ItemIndex,
-    RecommendationResults,
-    RecsModel,
-    generation_key,
-    rated_key,
-)
+from deployments.recommender_keys import read_user, remember_unknown
+from deployments.recommender_model import CACHE_ERRORS, ItemIndex, RecommendationResults, RecsModel
 from feature_store.events import Activity, EventRejected, UserActivityWriter
 from feature_store.journal import EventJournal
 from feature_store.pipeline import RepoInfo
@@ -116,7 +110,7 @@ class RecommenderDeployment:
         self.writer = UserActivityWriter(self.repo)
         self._reload_lock = threading.Lock()
         self._builds = 0
-        self._redis_run_id: str | None = None
+        self._redis_run_ids: dict[str, str] = {}  # server (a cluster: each primary) -> its run id
         self._failed: dict[str, float] = {}  # version -> when its failed load may be tried again
         self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
                                                  lambda m: m.close(remove_files=True))
@@ -175,21 +169,23 @@ class RecommenderDeployment:
             self._follow(version)
 
     def _check_redis_restart(self) -> None:
-        """A Redis that came back empty lost the pending-invalidation records with everything
-        else: this replica's SSD copies of user rows may then be stale for good (and a read may
-        already have promoted one into the new, empty RAM). So when the server's run id changes,
+        """A Redis that came back empty lost the pending-invalidation records and the generations
+        with everything else: this replica's SSD copies of user rows may then be stale for good
+        (and a read may already have promoted one into the new, empty RAM). So when a server's
+        run id changes (on a cluster: any primary's, it held a slice of the records and counters),
         drop every user row this replica holds, here and in RAM; Feast still has them all."""
-        run_id = self.redis.info("server").get("run_id")
-        if self._redis_run_id is not None and run_id != self._redis_run_id:
+        now = run_ids(self.redis)
+        gone = restarted(self._redis_run_ids, now)
+        if gone:
             with self.models.lease() as m:
                 ssd = m.users.tiered.ssd
                 keys = list(ssd.keys()) if ssd is not None else []  # noqa: SIM118 (a method)
                 if not m.users.tiered.invalidate(keys, broadcast=False):
-                    return  # RAM unreachable again: retry on the next tick, run id not taken
+                    return  # RAM unreachable again: retry on the next tick, run ids not taken
             # Results computed from such a row in the moment before this check: gone too.
             self.results.delete_prefix(f"{RecommendationResults.NAMESPACE}.")
-            log.warning("Redis restarted (run id %s -> %s): dropped %d user rows", self._redis_run_id, run_id, len(keys))
-        self._redis_run_id = run_id
+            log.warning("Redis restarted (%s): dropped %d user rows", ", ".join(gone), len(keys))
+        self._redis_run_ids.update(now)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.settings.watch_interval_s):
@@ -210,11 +206,7 @@ class RecommenderDeployment:
     def __del__(self) -> None:
         self._stop.set()
 
-    # ---------------------------------------------------------------- keys
-    @staticmethod
-    def _unknown_key(version: str, user_id: int) -> str:
-        return f"tierserve:recs:unknown:{version}:{user_id}"
-
+    # ----------------------------------------------------------- rated items
     def _seen(self, m: RecsModel, user_id: int, rated_since: set[bytes] | None = None, *,
               ask_redis: bool = True) -> set[int]:
         """Items the user rated: the pipeline's, plus those rated by events since (a Redis set,
@@ -223,7 +215,7 @@ class RecommenderDeployment:
         seen = set(m.rated.get(user_id, ()))
         if rated_since is None and ask_redis:
             with contextlib.suppress(*REDIS_ERRORS):
-                rated_since = self.redis.smembers(rated_key(user_id))
+                rated_since = self.redis.smembers(m.keys.rated(user_id))
         return seen | {int(x) for x in rated_since or ()} | self.journal.items_of(user_id)
 
     # ----------------------------------------------------------- recommend
@@ -262,14 +254,10 @@ class RecommenderDeployment:
         key, gen, unknown, rated = None, None, False, None
         try:
             # One round trip: the user's generation, the "Feast does not know them" memo and the
-            # items rated by events since the pipeline ran.
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.mget([generation_key(user_id), self._unknown_key(m.version, user_id)])
-            pipe.smembers(rated_key(user_id))
-            (raw_gen, raw_unknown), rated_since = pipe.execute()
-            rated = self._seen(m, user_id, rated_since)
-            gen = int(raw_gen or 0)
-            unknown = raw_unknown is not None and int(raw_unknown) == gen
+            # items rated by events since the pipeline ran (deployments/recommender_keys.py).
+            state = read_user(self.redis, m.keys, m.version, user_id)
+            rated = self._seen(m, user_id, state.rated_since)
+            gen, unknown = state.generation, state.unknown
             if self.settings.result_cache and not unknown:
                 payload = {"user": user_id, "k": k, "gen": gen}
                 key = self.results.key(tenant=tenant, model=RECS_MODEL, version=m.version, payload=payload)
@@ -285,7 +273,7 @@ class RecommenderDeployment:
             # Feast does not know this user: remember it briefly (an event moves `gen`, which
             # makes the memo stale at once), and keep cold-start lists out of the result budget.
             with contextlib.suppress(*REDIS_ERRORS):
-                self.redis.set(self._unknown_key(m.version, user_id), gen, ex=max(1, int(self.settings.unknown_user_ttl_s)))
+                remember_unknown(self.redis, m.keys, m.version, user_id, gen, self.settings.unknown_user_ttl_s)
         elif key is not None and answer.get("status", 200) == 200 and not answer["degraded"]:
             with contextlib.suppress(*CACHE_ERRORS):
                 self.results.put(key, json.dumps(answer).encode())

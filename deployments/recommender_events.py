@@ -1,11 +1,12 @@
 """Rating, view and click events of the Recommender: applied now, or queued and applied later.
 
 Applying one (`record`): one event of a user at a time across replicas (a Redis lock: the push is
-a read-modify-write of the user's Feast row); a durable pending-invalidation record and an audit
-entry naming the sending tenant first (Redis, one transaction; caches/invalidation.py), then the
-user's row into Feast through its push source, then the user's generation moves (cached results
-become unreachable, and no tier accepts or serves a row read before it: caches/generations.py)
-and the user's feature entries are dropped on every replica. If Redis fails after the push the
+a read-modify-write of the user's Feast row); a rating's item into the user's rated set, then a
+durable pending-invalidation record and an audit entry naming the sending tenant (Redis, one
+transaction, one hash slot on a cluster: deployments/recommender_keys.py; caches/invalidation.py),
+then the user's row into Feast through its push source, then the user's generation moves (cached
+results become unreachable, and no tier accepts or serves a row read before it:
+caches/generations.py) and the user's feature entries are dropped on every replica. If Redis fails after the push the
 answer says `"invalidation": "pending"`, and the record is replayed by whichever replica's watcher
 sees it due, until it reaches everyone.
 
@@ -24,9 +25,10 @@ from typing import Any
 import redis
 
 from caches.invalidation import PendingInvalidations
-from caches.redis_client import REDIS_ERRORS
+from caches.redis_client import REDIS_ERRORS, is_cluster
 from caches.versions import Leased
-from deployments.recommender_model import CACHE_ERRORS, RecsModel, generation_key, rated_key
+from deployments.recommender_keys import audit_key, event_lock_key, pending_key
+from deployments.recommender_model import CACHE_ERRORS, RecsModel
 from feature_store.events import Activity, FeatureStoreUnavailable, UserActivityWriter, updated_user_row
 from feature_store.journal import EventJournal
 
@@ -39,9 +41,8 @@ EVENT_LOCK_WAIT_S = 5.0
 # the event can still be running (its lock's timeout): a replay that ran ahead of the push, and
 # settled the record, would leave nothing to retry a failed invalidation after it.
 PENDING_REPLAY_S = EVENT_LOCK_TIMEOUT_S
-PENDING_KEY = "tierserve:recs:pending-invalidations"
-# Who sent which event (tenant, user, item), newest last; bounded like the invalidation stream.
-AUDIT_STREAM = "tierserve:recs:events"
+# The audit stream (deployments/recommender_keys.py `audit_key`) says who sent which event
+# (tenant, user, item), newest last; bounded like the invalidation stream.
 AUDIT_MAXLEN = 100_000
 # Queued events applied per watcher tick (the rest wait for the next one).
 REPLAY_BATCH = 64
@@ -61,7 +62,9 @@ class EventRecorder:
         self.journal = journal
         self.models = models
         self.replica = replica
-        self.pending = PendingInvalidations(client, PENDING_KEY)
+        # On a cluster both under one hash tag: an event writes them in one MULTI.
+        self.audit_stream = audit_key(is_cluster(client))
+        self.pending = PendingInvalidations(client, pending_key(is_cluster(client)))
 
     def record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
         """The answer to one event: 202 applied or queued, 404 for an unknown item or user."""
@@ -113,7 +116,7 @@ class EventRecorder:
         if item_id not in m.index.ids:
             return _unknown_item(m, item_id)
         # One event of a user at a time (across replicas): the push is a read-modify-write.
-        lock = self.redis.lock(f"tierserve:recs:eventlock:{user_id}", timeout=EVENT_LOCK_TIMEOUT_S,
+        lock = self.redis.lock(event_lock_key(user_id), timeout=EVENT_LOCK_TIMEOUT_S,
                                blocking_timeout=EVENT_LOCK_WAIT_S)
         try:
             if not lock.acquire():
@@ -148,16 +151,19 @@ class EventRecorder:
                                               "for known users only; new users arrive with the feature pipeline's "
                                               "next build (until then they get the cold-start list)"}
         try:
-            # Before the push, in one transaction: if Redis fails after it, the pending record
-            # still says "invalidate user", and the audit entry says who sent the event.
+            if activity.type == "rating":
+                # Before the push and idempotent: a failed push (or a failed write below) leaves
+                # nothing a retry would double, and the item is one the user did rate. Its own
+                # command: the set is the user's key, in another slot than the records below.
+                self.redis.sadd(m.keys.rated(user_id), item_id)
+            # Before the push, in one transaction (one hash slot on a cluster): if Redis fails
+            # after it, the pending record still says "invalidate user", and the audit entry
+            # says who sent the event; neither is ever written without the other.
             pipe = self.redis.pipeline(transaction=True)
             pending_score = self.pending.arm(str(user_id), PENDING_REPLAY_S, pipe=pipe)
-            if activity.type == "rating":
-                # Before the push and idempotent: a failed push leaves nothing a retry would double.
-                pipe.sadd(rated_key(user_id), item_id)
-            pipe.xadd(AUDIT_STREAM, {"tenant": tenant, "user_id": user_id, "item_id": item_id, "type": activity.type,
-                                     "value": "" if activity.value is None else activity.value,
-                                     "replica": self.replica}, maxlen=AUDIT_MAXLEN, approximate=True)
+            pipe.xadd(self.audit_stream, {"tenant": tenant, "user_id": user_id, "item_id": item_id,
+                                          "type": activity.type, "value": "" if activity.value is None else activity.value,
+                                          "replica": self.replica}, maxlen=AUDIT_MAXLEN, approximate=True)
             audit_id = pipe.execute()[-1]
         except REDIS_ERRORS as exc:
             raise NotNow("Redis is unreachable") from exc
@@ -192,7 +198,7 @@ class EventRecorder:
                 # feast-only (no tiers to guard): the generation still keys the cached results
                 pipe = self.redis.pipeline(transaction=False)
                 for u in user_ids:
-                    pipe.incr(generation_key(u))
+                    pipe.incr(m.keys.generation(u))  # the name the request path reads
                 pipe.execute()
             ok = m.users.invalidate(user_ids, bump=True)
         except CACHE_ERRORS as exc:

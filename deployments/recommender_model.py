@@ -19,28 +19,17 @@ import numpy as np
 import pandas as pd
 
 from caches.features import FeatureCache
-from caches.redis_client import REDIS_ERRORS
+from caches.redis_client import REDIS_ERRORS, is_cluster_url
 from caches.result import CacheUnavailable, ResultCache
 from caches.tiered import TierUnavailable
 from caches.vector_index import make_ip_index
 from deployments.config import RecommenderSettings
+from deployments.recommender_keys import RecsKeys, generation_key
 from feature_store import names
 from feature_store.pipeline import RepoInfo
 
 # Every failure of the cache plumbing: none may escape a request as a 500.
 CACHE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TierUnavailable, CacheUnavailable)
-
-
-def rated_key(user_id: int) -> str:
-    """Items a user rated by events since the pipeline's build (a Redis set, no TTL: see
-    deployments/recommender_events.py on why events are for known users only)."""
-    return f"tierserve:recs:rated:{user_id}"
-
-
-def generation_key(user_id: int) -> str:
-    """A user's generation counter (Redis, no TTL): moved by every event of the user, it keys the
-    user's cached results and guards every tier write of their feature row (caches/generations.py)."""
-    return f"tierserve:recs:gen:{int(user_id)}"
 
 
 class RecommendationResults(ResultCache):
@@ -155,6 +144,11 @@ class RecsModel:
                                    entity_key=names.USER_KEY, share=0.25, generations=generation_key, **common)
         self.items = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "items", view=names.ITEM_VIEW,
                                    entity_key=names.ITEM_KEY, share=1.0, **common)
+        # The users' keys where this wiring keeps them: on a cluster the counter is the RAM tier's
+        # name for it (tagged by its group), and the per-user keys read with it share that tag.
+        ram = self.users.tiered.ram
+        self.keys = RecsKeys(cluster=is_cluster_url(redis_url),
+                             counter_name=ram.counter_name if ram is not None else None)
 
     def score(self, ids: np.ndarray, sims: np.ndarray, affinity: np.ndarray, *, w_mean_rating: float,
               w_genre: float) -> Ranked:

@@ -2,7 +2,10 @@
 
 One small repository is built per module from a slice of the MovieLens sample (about 10-30 s,
 most of it `import feast`). Two FeatureCaches on the same Redis with their own RocksDB folders
-stand in for two Recommender replicas.
+stand in for two Recommender replicas. The Recommender's own Redis operations (the request path's
+read of a user's state, an event's writes, the pending replay) run through the real `RecsModel`
+and `EventRecorder` the deployment wires, on one server and on the 3-master cluster
+(deployments/recommender_keys.py says where each key lives on a cluster).
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ import pytest
 import redis
 
 from caches.features import FeatureCache
+from caches.redis_client import is_cluster, make_client
+from caches.versions import Leased
+from deployments import recommender_events
+from deployments.config import RecommenderSettings
+from deployments.recommender_events import EventRecorder
+from deployments.recommender_keys import read_user, remember_unknown
+from deployments.recommender_model import RecsModel
 from feature_store import names
 from feature_store.events import (
     Activity,
@@ -26,6 +36,7 @@ from feature_store.events import (
     fold_in_embedding,
     updated_user_row,
 )
+from feature_store.journal import EventJournal
 from feature_store.pipeline import RepoInfo
 from tests.support import item_features, user_cache
 
@@ -151,3 +162,105 @@ def test_unreachable_online_store_is_reported_and_recovers(repo: RepoInfo, tmp_p
         shutil.copyfile(backup, db)
     assert writer.current_row(user) is not None  # reopened on the next call
 
+
+# ---- the Recommender's own Redis operations (RecsModel + EventRecorder) -------------------------
+def open_model(repo: RepoInfo, redis_url: str, root: Path, tiers: str = "all") -> RecsModel:
+    settings = RecommenderSettings(feast_repo=str(repo.repo_dir), tiers=tiers)  # type: ignore[arg-type]
+    return RecsModel(settings, repo, version=repo.model_version, slot=1, redis_url=redis_url, rocksdb_root=root)
+
+
+@pytest.fixture
+def wired(repo: RepoInfo, writer: UserActivityWriter, redis_client: redis.Redis, redis_url: str,
+          tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[RecsModel, EventRecorder]]:
+    """One replica's model version and event recorder, as RecommenderDeployment wires them."""
+    tiers = getattr(request, "param", "all")
+    model = open_model(repo, redis_url, tmp_path / "rocksdb", tiers)
+    client = make_client(redis_url)
+    recorder = EventRecorder(client, writer, EventJournal(tmp_path / "journal"), Leased(model, lambda m: m.close()),
+                             "replica-a")
+    yield model, recorder
+    model.close()
+    client.close()
+
+
+def unrated_item(repo: RepoInfo, model: RecsModel, user: int) -> int:
+    return next(i for i in repo.popular_items if i not in model.rated.get(user, set()) and i in model.index.ids)
+
+
+def test_an_event_moves_the_counter_the_request_path_reads_and_is_audited(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder]
+) -> None:
+    m, recorder = wired
+    client = recorder.redis
+    user = repo.user_ids_sample[3]
+    before = read_user(client, m.keys, m.version, user)
+    row = m.users.get([user], {user: before.generation})  # warm: the row is filled into the tiers
+    n_before = row.features[user]["n_ratings"]
+    item = unrated_item(repo, m, user)
+
+    out = recorder.record(m, Activity(user, item, "rating", 4.0), "acme")
+    assert out["status"] == 202 and out["recorded"] == "applied", out
+    assert out["invalidation"] == "published" and recorder.pending.count() == 0
+
+    after = read_user(client, m.keys, m.version, user)
+    assert after.generation == before.generation + 1 and str(item).encode() in after.rated_since
+    # The counter the request path reads is the one the tier's checked writes compare (on a
+    # cluster its name carries the tier group's tag): results keyed on it move with every event.
+    assert m.users.tiered.generations is not None
+    assert m.users.tiered.generations.read([m.users.key(user)]) == {m.users.key(user): after.generation}
+    fresh = m.users.get([user], {user: after.generation})
+    assert fresh.sources[user] == "feast" and fresh.features[user]["n_ratings"] == n_before + 1
+    # Cached again under the new generation (the checked write compared the same counter).
+    assert m.users.get([user], {user: after.generation}).sources[user] in ("redis", "rocksdb")
+
+    ((_, fields),) = client.xrange(m.keys.audit, out["audit_id"], out["audit_id"])
+    assert {k.decode(): v.decode() for k, v in fields.items()}["tenant"] == "acme"
+    if is_cluster(client):  # one slot per multi-key command
+        assert client.keyslot(m.keys.pending) == client.keyslot(m.keys.audit)
+        assert client.keyslot(m.keys.generation(user)) == client.keyslot(m.keys.unknown(m.version, user))
+
+
+def test_the_unknown_user_memo_holds_until_the_users_generation_moves(
+    wired: tuple[RecsModel, EventRecorder]
+) -> None:
+    m, recorder = wired
+    client, user = recorder.redis, 10**9 + 11
+    state = read_user(client, m.keys, m.version, user)
+    assert (state.generation, state.unknown, state.rated_since) == (0, False, set())
+    remember_unknown(client, m.keys, m.version, user, state.generation, 30.0)
+    assert read_user(client, m.keys, m.version, user).unknown
+    assert m.users.invalidate([user], bump=True)
+    moved = read_user(client, m.keys, m.version, user)
+    assert moved.generation == 1 and not moved.unknown
+
+
+def test_an_invalidation_that_did_not_reach_everyone_stays_pending_until_a_sweep_settles_it(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m, recorder = wired
+    client, user = recorder.redis, repo.user_ids_sample[4]
+    before = read_user(client, m.keys, m.version, user).generation
+    monkeypatch.setattr(recommender_events, "PENDING_REPLAY_S", 0.0)  # due at once
+    # The fault after the push: the invalidation reports it did not reach everyone (the
+    # deployment's own path when Redis fails right then; tests/e2e/test_recommender.py makes
+    # Redis refuse it for real on one server).
+    monkeypatch.setattr(recorder, "invalidate_users", lambda _m, _users: False)
+    out = recorder.record(m, Activity(user, unrated_item(repo, m, user), "view"), "acme")
+    assert out["invalidation"] == "pending" and "retried" in out["warning"]
+    assert recorder.pending.count() == 1 and read_user(client, m.keys, m.version, user).generation == before
+    monkeypatch.undo()
+    assert recorder.pending.sweep(recorder.invalidate_users_of) == 1  # what every replica's watcher runs
+    assert recorder.pending.count() == 0 and read_user(client, m.keys, m.version, user).generation == before + 1
+
+
+@pytest.mark.parametrize("wired", ["feast-only"], indirect=True)
+def test_without_tiers_the_recorder_moves_the_counter_the_request_path_reads(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder]
+) -> None:
+    m, recorder = wired
+    client, user = recorder.redis, repo.user_ids_sample[5]
+    assert m.users.tiered.ram is None
+    before = read_user(client, m.keys, m.version, user).generation
+    out = recorder.record(m, Activity(user, unrated_item(repo, m, user), "click"), "acme")
+    assert out["invalidation"] == "published", out
+    assert read_user(client, m.keys, m.version, user).generation == before + 1

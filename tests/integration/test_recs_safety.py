@@ -1,19 +1,22 @@
 """Safety of the recommendation path's caches against real Redis and RocksDB: batches past Lua's
 `unpack` cap, Redis errors other than a dead connection, durable pending invalidations, and the
-reclaim of dead replicas' RocksDB directories."""
+reclaim of dead replicas' RocksDB directories, and the restart check's run ids (one server, and
+any one primary of a cluster)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import redis
 
 from caches.admission import MAX_KEYS_PER_SCRIPT
 from caches.invalidation import PendingInvalidations
-from caches.redis_server import EmbeddedRedis, free_port
+from caches.redis_client import make_client, restarted, run_ids
+from caches.redis_server import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from caches.tiers.rocksdb import RocksDBTier, claim_dir, reclaim_dead_dirs
 from deployments.config import REPO_ROOT
 from tests.integration.test_tiered_cache import open_cache, source_for, val
@@ -143,3 +146,41 @@ def test_recommendation_results_keep_their_own_budget_apart_from_the_chat_cache(
         recs.put(recs.key(tenant="t", model="recs", version="1", payload={"user": user}), b"y" * 1_000)
         assert int(redis_client.get(recs._bytes_key) or 0) <= budget
     assert all(chat.get(k) == b"x" * 100 for k in chat_keys)  # the chat entries were not evicted
+
+
+def _run_ids_after_restart(client: redis.Redis) -> dict[str, str]:
+    """The run ids once the client reaches every server again (the first call may meet the old,
+    closed connection: the client never retries by itself)."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return run_ids(client)
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_restarted_single_server_is_noticed() -> None:
+    with EmbeddedRedis() as server:
+        client = make_client(server.url)
+        before = run_ids(client)
+        assert list(before) == ["server"] and restarted(before, run_ids(client)) == []
+        server.stop()
+        server.start()
+        assert restarted(before, _run_ids_after_restart(client)) == ["server"]
+        client.close()
+
+
+def test_a_restart_of_any_one_cluster_primary_is_noticed() -> None:
+    """Its own cluster: the session's must not lose a master's keys under other tests."""
+    with EmbeddedRedisCluster(masters=3) as cluster:
+        client = make_client(cluster.url)
+        before = run_ids(client)
+        assert len(before) == 3 and restarted(before, run_ids(client)) == []
+        node = cluster.nodes[1]
+        node.stop()
+        node.start()  # same port and nodes.conf: it rejoins with its slots, empty
+        cluster._wait_ok(30)
+        assert restarted(before, _run_ids_after_restart(client)) == [f"127.0.0.1:{node.port}"]
+        client.close()

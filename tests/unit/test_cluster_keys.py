@@ -45,3 +45,39 @@ def test_a_semantic_store_touches_one_slot_across_the_tenants_scopes() -> None:
     # tenants spread over slots (so over the masters)
     tenants = [f"t{i}" for i in range(50)]
     assert len(slots(*(entry_key(scope(tenant=t), 1) for t in tenants))) > 40
+
+
+def test_the_recommenders_keys_are_unchanged_on_one_server() -> None:
+    from deployments.recommender_keys import RecsKeys
+
+    keys = RecsKeys(cluster=False, counter_name=lambda counter: counter)  # RedisTier on one server
+    assert (keys.generation(7), keys.unknown("v1", 7), keys.rated(7)) == (
+        "tierserve:recs:gen:7", "tierserve:recs:unknown:v1:7", "tierserve:recs:rated:7")
+    assert (keys.pending, keys.audit) == ("tierserve:recs:pending-invalidations", "tierserve:recs:events")
+    assert RecsKeys(cluster=False).generation(7) == "tierserve:recs:gen:7"  # feast-only
+
+
+def test_the_recommenders_multi_key_commands_touch_one_slot_on_a_cluster() -> None:
+    from deployments.recommender_keys import RecsKeys
+
+    def counter_name(counter: str) -> str:  # RedisTier.counter_name's shape: the group's tag first
+        return "{tierserve:tier:features-user_features:redis#" + str(len(counter) % 8) + "}" + counter
+
+    for keys in (RecsKeys(cluster=True, counter_name=counter_name), RecsKeys(cluster=True)):
+        for user in (1, 42, 10**9 + 7):
+            assert len(slots(keys.generation(user), keys.unknown("v1", user))) == 1  # the request's MGET
+        assert len(slots(keys.pending, keys.audit)) == 1  # an event's MULTI
+    tagged = RecsKeys(cluster=True, counter_name=counter_name)
+    assert tagged.generation(5) == counter_name("tierserve:recs:gen:5")  # the very counter the tier checks
+    assert RecsKeys(cluster=True).generation(5) != RecsKeys(cluster=True).generation(6)
+    assert len(slots(*(RecsKeys(cluster=True).generation(u) for u in range(50)))) > 1  # users spread
+
+
+def test_a_restart_is_a_known_servers_run_id_changing() -> None:
+    from caches.redis_client import restarted
+
+    before = {"a:1": "r1", "b:2": "r2"}
+    assert restarted(before, before) == []
+    assert restarted({}, before) == []  # the first look: nothing to compare with
+    assert restarted(before, {"a:1": "r1", "b:2": "r9"}) == ["b:2"]
+    assert restarted(before, {"a:1": "r1", "c:3": "r3"}) == []  # a new primary (failover, growth) kept its data
