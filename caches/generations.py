@@ -21,7 +21,8 @@ bump is done (the event's 202).
 Generations live in the RAM tier's Redis (the compare must be atomic with the write), as plain
 counters without a TTL: the cache Redis evicts only keys with a TTL (`volatile-lru`, k8s/), so a
 counter is never evicted and reset under its rows. A Redis that restarts empty resets them all;
-the Recommender drops its SSD user rows when it sees Redis' run id change for that reason.
+the Recommender drops its SSD user rows when it sees Redis' run id change for that reason (on a
+cluster, any primary's: each holds the counters of its slots).
 
 When the counters cannot be read (Redis down), no tagged copy can be verified: the tiered cache
 then asks the source first and falls back to an unverified SSD copy only when the source fails
