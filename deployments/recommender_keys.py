@@ -32,8 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from caches.redis_client import is_cluster
-
 RATED_PREFIX = "tierserve:recs:rated:"
 GENERATION_PREFIX = "tierserve:recs:gen:"
 UNKNOWN_PREFIX = "tierserve:recs:unknown:"
@@ -82,10 +80,6 @@ class RecsKeys:
 
     cluster: bool
     counter_name: Callable[[str], str] | None = None
-
-    @classmethod
-    def of(cls, client: Any, counter_name: Callable[[str], str] | None) -> RecsKeys:
-        return cls(cluster=is_cluster(client), counter_name=counter_name)
 
     def generation(self, user_id: int) -> str:
         """The Redis name of the user's counter: the very one the tier's checked writes compare
