@@ -2,13 +2,15 @@
 
 ``python -m benchmarks.semantic_stream [--stream FILE.jsonl ...] [--answers per-query,label] [--limit N]``
 
-With no ``--stream``, the held-out streams of :mod:`benchmarks.streams` (banking77's intents cut in
-half with a fixed seed: ``banking77_tune`` was used to tune the rules, ``banking77_heldout`` never
-was). A stream is JSONL with ``text`` and ``intent`` per line (other fields ignored). Every system
-sees the same queries in the same order with the same vectors (the project's encoder, run once,
-batched, cached on disk under ``.cache/vectors`` keyed by the file's hash), so latency is the
-lookup alone, after encoding. Systems: ``static`` (the calibrated threshold), ``verified`` (the
-app's default mode, :class:`caches.semantic.decision.VerifiedPolicy`), and the gptcache package
+With no ``--stream``, the streams of :mod:`benchmarks.streams`: banking77's intents halved
+(``banking77_tune`` tuned the verified rule, ``banking77_heldout`` did not) and ``fow_cache_pairs``
+(labelled question pairs, traps included), each printed and recorded (``meta.roles``) with what it
+was not held out from: the static threshold was calibrated on pairs from banking77 and fow_cache.
+A stream is JSONL with ``text`` and ``intent`` per line (other fields ignored). Every system sees
+the same queries in the same order with the same vectors (the project's encoder, run once, cached
+under ``.cache/vectors`` keyed by the file's hash), so latency is the lookup alone. Systems:
+``static`` (the calibrated threshold and the trap guard; the app's default ``semantic_mode``),
+``verified`` (:class:`caches.semantic.decision.VerifiedPolicy`), and the gptcache package
 (same vectors, its FAISS store) at ours (T = (t + 1) / 2, since its score is 4 - L2^2) and at its
 default threshold (0.8, i.e. cosine >= 0.6). GPTCache's entry limit is raised to the stream length.
 
@@ -45,6 +47,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from benchmarks.streams import build, role_of
 from caches.calibrate import DEFAULT_CALIBRATION, load_threshold
 from caches.chat import EncoderIdentity, ModelIdentity, semantic_scope
 from caches.encoder import ENCODER_NAME, ENCODER_VERSION
@@ -278,6 +281,7 @@ def run_stream(
     texts, intents = load_stream(path, args.limit)
     if not texts:
         raise SystemExit(f"{path}: no lines with text and intent")
+    print(f"== {path.stem}: {role_of(path)}", flush=True)
     vectors = stream_vectors(path, texts)
     wanted = set(args.systems.split(","))
     out: dict[str, dict[str, Any]] = {}
@@ -333,7 +337,8 @@ def run_stream(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Replay query streams through the semantic caches.")
     parser.add_argument("--stream", type=Path, action="append", default=[],
-                        help="JSONL stream (repeatable); default: the held-out streams of benchmarks.streams")
+                        help="JSONL stream (repeatable); default: the streams of benchmarks.streams "
+                             "(banking77 tune and held-out halves, fow_cache pairs)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--answers", default="per-query,label",
                         help="per-query (each answer its own text: the mode that counts), label (one answer "
@@ -352,12 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--answers: unknown mode {mode!r}")
 
     threshold = args.threshold if args.threshold is not None else load_threshold(args.calibration)
-    if args.stream:
-        streams = {p.stem: p for p in args.stream}
-    else:
-        from benchmarks.streams import build
-
-        streams = build()
+    streams = {p.stem: p for p in args.stream} if args.stream else build()
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:
@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             server.stop()
     meta = {
         "streams": {name: str(path) for name, path in streams.items()},
+        "roles": {name: role_of(path) for name, path in streams.items()},
         "limit": args.limit,
         "threshold": threshold,
         "gptcache_threshold_ours": round((threshold + 1) / 2, 6),
