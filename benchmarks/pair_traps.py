@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     server = EmbeddedRedis().start()
     client = redis.Redis.from_url(server.url)
     try:
-        result = {"pairs": str(args.pairs), "stream": str(args.stream), "threshold": threshold,
+        # repo-relative paths in the committed result: the same run from any checkout reads the same
+        where = {k: os.path.relpath(v, Path(__file__).resolve().parent.parent) for k, v in
+                 (("pairs", args.pairs), ("stream", args.stream))}
+        result = {**where, "threshold": threshold,
                   "pairwise": pairwise(rows, threshold), "in_stream": in_stream(rows, args.stream, threshold, client)}
     finally:
         client.close()
