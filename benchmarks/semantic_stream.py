@@ -59,6 +59,7 @@ VECTOR_CACHE = REPO_ROOT / ".cache" / "vectors"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 GPTCACHE_DEFAULT_THRESHOLD = 0.8
 ENCODE_BATCH = 128
+WRONG_EXAMPLES = 25  # wrong hits kept in the JSON, to read by hand
 
 
 def load_stream(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
@@ -226,6 +227,7 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
     seen_intents: set[str] = set()
     hits = correct = oracle = para = para_hits = para_correct = verifications = 0
     latencies = np.zeros(len(texts))
+    wrong: list[dict[str, str]] = []  # what the wrong hits were: label noise, or the rule's error?
     for i, (text, intent) in enumerate(zip(texts, intents, strict=True)):
         is_para = text not in seen_texts
         oos = intent.startswith("oos")
@@ -240,6 +242,10 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
             if is_para:
                 para_hits += 1
                 para_correct += ok
+            if not ok and "#" in answer and len(wrong) < WRONG_EXAMPLES:  # per-query answers name their query
+                source = int(answer.split("#", 1)[1])
+                wrong.append({"query": text, "intent": intent, "served_for": texts[source],
+                              "served_intent": intents[source]})
         else:
             # a miss, or a verification: the model answers (its answer is served) and is stored
             verifications += status == "verify"
@@ -271,6 +277,7 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
         "p50_lookup_ms": round(float(np.percentile(latencies, 50)) * 1000, 3) if len(texts) else None,
         "p99_lookup_ms": round(float(np.percentile(latencies, 99)) * 1000, 3) if len(texts) else None,
         "entries": system.entries(),
+        "wrong_hit_examples": wrong,
     }
 
 
