@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--answers: unknown mode {mode!r}")
 
     threshold = args.threshold if args.threshold is not None else load_threshold(args.calibration)
-    streams = {p.stem: p for p in args.stream} if args.stream else build()
+    streams = {p.stem: p for p in args.stream} if args.stream else {
+        name: path for name, path in build().items() if path.suffix == ".jsonl"}  # not the pairs CSV
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:

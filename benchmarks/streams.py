@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BANKING77 = REPO_ROOT.parent / "shared" / "data" / "banking77" / "utterances.csv"
+BANKING77_PAIRS = REPO_ROOT.parent / "shared" / "data" / "banking77" / "pairs_same_intent.csv"
 FOW_CACHE = REPO_ROOT.parent / "shared" / "data" / "fow_cache" / "pairs.csv"
 OUT_DIR = REPO_ROOT / ".cache" / "streams"
 SPLIT_SEED = 12  # which intents are tuned on and which are held out: fixed, never re-drawn
@@ -169,6 +170,20 @@ def write_stream(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def write_pairs_within(source: Path, intents: set[str], path: Path) -> Path:
+    """The rows of a labelled pairs CSV whose ``intent_a`` and ``intent_b`` are both in ``intents``."""
+    with source.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = [r for r in reader if r["intent_a"] in intents and r["intent_b"] in intents]
+        fields = list(reader.fieldnames or [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def build(
     n: int = STREAM_LEN, extra: dict[str, Path] | None = None, out_dir: Path = OUT_DIR,
     pairs: dict[str, Path] | None = None,
@@ -183,6 +198,13 @@ def build(
             if not path.exists():
                 write_stream(zipf_stream({i: pools[i] for i in intents}, n), path)
             out[name] = path
+        if BANKING77_PAIRS.exists():
+            # The calibration pairs of the tune half only: a threshold calibrated on these has
+            # never seen a held-out intent (the shipped one was calibrated on all 77 and fow_cache).
+            path = out_dir / "banking77_tune_pairs.csv"
+            if not path.exists():
+                write_pairs_within(BANKING77_PAIRS, set(tune), path)
+            out["banking77_tune_pairs"] = path
     for name, source in (extra or {}).items():
         path = out_dir / f"{name}_zipf{ZIPF_S}_n{n}_seed{STREAM_SEED}.jsonl"
         if not path.exists():
