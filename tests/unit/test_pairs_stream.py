@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.streams import pairs_stream, read_pairs
+from benchmarks.streams import pairs_stream, read_pairs, write_pairs_within
 
 # a paraphrase chain (A~B, B~C), a trap on A (A vs N), a trap sharing its anchor with a paraphrase
 # (D~E, D vs F) and a text that is a trap's target and a paraphrase's anchor (G vs H, H~I)
@@ -83,3 +83,13 @@ def test_read_pairs_ignores_other_columns_and_blank_rows(tmp_path: Path) -> None
         ("Pay now", "  Pay now  ", 1),  # kept as written: padding is what that pair tests
         ("How do I pay?", "How can I pay?", 1),
     ]
+
+
+def test_pairs_within_keeps_only_rows_whose_two_intents_are_listed(tmp_path: Path) -> None:
+    source = tmp_path / "pairs.csv"
+    source.write_text("text_a,text_b,intent_a,intent_b,label\n"
+                      "a,b,x,x,1\n"   # both tune: kept
+                      "c,d,x,y,0\n"   # one held out: dropped (it would leak a held-out intent)
+                      "e,f,y,y,1\n", encoding="utf-8")
+    out = write_pairs_within(source, {"x"}, tmp_path / "out" / "tune.csv")
+    assert out.read_text(encoding="utf-8").splitlines() == ["text_a,text_b,intent_a,intent_b,label", "a,b,x,x,1"]
