@@ -2,13 +2,15 @@
 
 ``python -m benchmarks.semantic_stream [--stream FILE.jsonl ...] [--answers per-query,label] [--limit N]``
 
-With no ``--stream``, the held-out streams of :mod:`benchmarks.streams` (banking77's intents cut in
-half with a fixed seed: ``banking77_tune`` was used to tune the rules, ``banking77_heldout`` never
-was). A stream is JSONL with ``text`` and ``intent`` per line (other fields ignored). Every system
-sees the same queries in the same order with the same vectors (the project's encoder, run once,
-batched, cached on disk under ``.cache/vectors`` keyed by the file's hash), so latency is the
-lookup alone, after encoding. Systems: ``static`` (the calibrated threshold), ``verified`` (the
-app's default mode, :class:`caches.semantic.decision.VerifiedPolicy`), and the gptcache package
+With no ``--stream``, the streams of :mod:`benchmarks.streams`: banking77's intents halved
+(``banking77_tune`` tuned the verified rule, ``banking77_heldout`` did not) and ``fow_cache_pairs``
+(labelled question pairs, traps included), each printed and recorded (``meta.roles``) with what it
+was not held out from: the static threshold was calibrated on pairs from banking77 and fow_cache.
+A stream is JSONL with ``text`` and ``intent`` per line (other fields ignored). Every system sees
+the same queries in the same order with the same vectors (the project's encoder, run once, cached
+under ``.cache/vectors`` keyed by the file's hash), so latency is the lookup alone. Systems:
+``static`` (the calibrated threshold and the trap guard; the app's default ``semantic_mode``),
+``verified`` (:class:`caches.semantic.decision.VerifiedPolicy`), and the gptcache package
 (same vectors, its FAISS store) at ours (T = (t + 1) / 2, since its score is 4 - L2^2) and at its
 default threshold (0.8, i.e. cosine >= 0.6). GPTCache's entry limit is raised to the stream length.
 
@@ -45,6 +47,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from benchmarks.streams import build, role_of
 from caches.calibrate import DEFAULT_CALIBRATION, load_threshold
 from caches.chat import EncoderIdentity, ModelIdentity, semantic_scope
 from caches.encoder import ENCODER_NAME, ENCODER_VERSION
@@ -56,6 +59,7 @@ VECTOR_CACHE = REPO_ROOT / ".cache" / "vectors"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 GPTCACHE_DEFAULT_THRESHOLD = 0.8
 ENCODE_BATCH = 128
+WRONG_EXAMPLES = 25  # wrong hits kept in the JSON, to read by hand
 
 
 def load_stream(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
@@ -223,6 +227,7 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
     seen_intents: set[str] = set()
     hits = correct = oracle = para = para_hits = para_correct = verifications = 0
     latencies = np.zeros(len(texts))
+    wrong: list[dict[str, str]] = []  # what the wrong hits were: label noise, or the rule's error?
     for i, (text, intent) in enumerate(zip(texts, intents, strict=True)):
         is_para = text not in seen_texts
         oos = intent.startswith("oos")
@@ -237,6 +242,10 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
             if is_para:
                 para_hits += 1
                 para_correct += ok
+            if not ok and "#" in answer and len(wrong) < WRONG_EXAMPLES:  # per-query answers name their query
+                source = int(answer.split("#", 1)[1])
+                wrong.append({"query": text, "intent": intent, "served_for": texts[source],
+                              "served_intent": intents[source]})
         else:
             # a miss, or a verification: the model answers (its answer is served) and is stored
             verifications += status == "verify"
@@ -268,6 +277,7 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
         "p50_lookup_ms": round(float(np.percentile(latencies, 50)) * 1000, 3) if len(texts) else None,
         "p99_lookup_ms": round(float(np.percentile(latencies, 99)) * 1000, 3) if len(texts) else None,
         "entries": system.entries(),
+        "wrong_hit_examples": wrong,
     }
 
 
@@ -278,6 +288,7 @@ def run_stream(
     texts, intents = load_stream(path, args.limit)
     if not texts:
         raise SystemExit(f"{path}: no lines with text and intent")
+    print(f"== {path.stem}: {role_of(path)}", flush=True)
     vectors = stream_vectors(path, texts)
     wanted = set(args.systems.split(","))
     out: dict[str, dict[str, Any]] = {}
@@ -333,7 +344,8 @@ def run_stream(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Replay query streams through the semantic caches.")
     parser.add_argument("--stream", type=Path, action="append", default=[],
-                        help="JSONL stream (repeatable); default: the held-out streams of benchmarks.streams")
+                        help="JSONL stream (repeatable); default: the streams of benchmarks.streams "
+                             "(banking77 tune and held-out halves, fow_cache pairs)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--answers", default="per-query,label",
                         help="per-query (each answer its own text: the mode that counts), label (one answer "
@@ -352,12 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--answers: unknown mode {mode!r}")
 
     threshold = args.threshold if args.threshold is not None else load_threshold(args.calibration)
-    if args.stream:
-        streams = {p.stem: p for p in args.stream}
-    else:
-        from benchmarks.streams import build
-
-        streams = build()
+    streams = {p.stem: p for p in args.stream} if args.stream else {
+        name: path for name, path in build().items() if path.suffix == ".jsonl"}  # not the pairs CSV
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:
@@ -378,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             server.stop()
     meta = {
         "streams": {name: str(path) for name, path in streams.items()},
+        "roles": {name: role_of(path) for name, path in streams.items()},
         "limit": args.limit,
         "threshold": threshold,
         "gptcache_threshold_ours": round((threshold + 1) / 2, 6),

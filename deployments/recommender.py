@@ -316,6 +316,9 @@ class RecommenderDeployment:
         u_emb = np.asarray(feats["embedding"], dtype=np.float32)
         affinity = np.asarray(feats.get("genre_affinity") or [], dtype=np.float32)
         seen = self._seen(m, user_id) if rated is None else rated
+        # The row's own list: what events rated, kept in Feast, so a Redis that lost its set of
+        # the same items (restarted empty) never brings them back into the answer.
+        seen = seen | {int(x) for x in feats.get("rated_since_build") or ()}
         wanted = max(self.settings.candidates, CANDIDATES_PER_K * k) + len(seen)
         ids, sims = m.index.search_scored(u_emb, wanted)
         if seen:

@@ -107,6 +107,11 @@ def _build(repo_dir: Path, absolute_paths: bool) -> dict[str, Any]:
                 description="Share of the user's ratings per genre, in meta.json's genre order",
             ),
             Field(name="embedding", dtype=Array(Float32), description="SVD user factors, L2-normalised"),
+            Field(
+                name="rated_since_build",
+                dtype=Array(Int64),
+                description="Items the user rated through events after this build (the build's own are in rated.parquet)",
+            ),
         ],
         source=user_push,
         online=True,

@@ -8,7 +8,8 @@ Why it is built this way:
 - Feast 0.67 pushes need every feature column of the view, so a push is always a whole row.
 - Only what one event can honestly change is changed: a rating adds one to `n_ratings`, moves
   `mean_rating` and `genre_affinity` (both are running means over the ratings); every event moves
-  `last_ts`. The embedding is a factorisation of the whole rating matrix: it is kept as is until
+  `last_ts`; a rating adds its item to `rated_since_build` (the durable half of the "already
+  rated" filter: the Recommender's Redis set of the same items is lost with a Redis restart). The embedding is a factorisation of the whole rating matrix: it is kept as is until
   the pipeline's next build.
 - A never-seen user (no row in the online store): `record` creates their row by "fold-in", the
   embedding of the item they acted on (the user coordinates of the SVD space, last coordinate 0,
@@ -104,6 +105,7 @@ def updated_user_row(
             "last_ts": activity.ts,
             "genre_affinity": [float(x) for x in (onehot if rating else np.zeros(len(genres)))],
             "embedding": fold_in_embedding(item.get("embedding") or []),
+            "rated_since_build": [activity.item_id] if rating else [],
         }
     n = int(current.get("n_ratings") or 0)
     mean = float(current.get("mean_rating") or 0.0)
@@ -117,6 +119,9 @@ def updated_user_row(
         "last_ts": max(int(current.get("last_ts") or 0), activity.ts),
         "genre_affinity": [float(x) for x in affinity],
         "embedding": [float(x) for x in (current.get("embedding") or [])],
+        # A set kept sorted: replaying an event (a queued one applied twice) changes nothing.
+        "rated_since_build": sorted({int(x) for x in (current.get("rated_since_build") or [])}
+                                    | ({activity.item_id} if rating else set())),
     }
     if rating and activity.value is not None:
         # Running means over n -> n+1 ratings, exactly what the pipeline would compute.

@@ -22,5 +22,8 @@ META_JSON = "data/meta.json"
 REGISTRY_DB = "data/registry.db"
 ONLINE_DB = "data/online_store.db"
 
-USER_FEATURES = ["n_ratings", "mean_rating", "last_ts", "genre_affinity", "embedding"]
+# `rated_since_build`: items rated through events after the build. It lives in the row, in Feast
+# (the source of truth), so that the "never recommend what the user rated" filter survives a cache
+# Redis that restarts empty; the Redis set beside it is only the fast path.
+USER_FEATURES = ["n_ratings", "mean_rating", "last_ts", "genre_affinity", "embedding", "rated_since_build"]
 ITEM_FEATURES = ["popularity", "mean_rating", "genres", "year", "embedding"]

@@ -41,7 +41,8 @@ DEFAULT_MOVIES = DEFAULT_DATA / "movies.csv"
 
 # Bump when the feature maths or the embedding method changes: it is part of model_version,
 # so every cache key built on the old features becomes unreachable.
-PIPELINE_VERSION = "1"
+# 2: user rows carry `rated_since_build` (a build of version 1 lacks the column: rebuilt, not mixed).
+PIPELINE_VERSION = "2"
 N_POPULAR = 200
 N_USER_SAMPLE = 100
 
@@ -298,6 +299,7 @@ def _build(
                 "last_ts": users["last_ts"],
                 "genre_affinity": list(affinity),
                 "embedding": list(user_emb),
+                "rated_since_build": [[] for _ in range(len(users))],  # the build's own: rated.parquet
                 # The user's latest rating is when these features became true.
                 names.TIMESTAMP_FIELD: pd.to_datetime(users["last_ts"], unit="s", utc=True),
                 names.CREATED_FIELD: created,
@@ -323,7 +325,7 @@ def _build(
             .rename(columns={"user_id": names.USER_KEY, "item_id": "item_ids"})
         )
         _write_parquet(
-            user_frame, repo_dir / names.USER_PARQUET, list_types={"genre_affinity": "f4", "embedding": "f4"}
+            user_frame, repo_dir / names.USER_PARQUET, list_types={"genre_affinity": "f4", "embedding": "f4", "rated_since_build": "i8"}
         )
         _write_parquet(
             item_frame, repo_dir / names.ITEM_PARQUET, list_types={"genres": "str", "embedding": "f4"}

@@ -364,6 +364,28 @@ def test_an_event_while_redis_is_down_is_queued_then_applied_when_it_is_back(
     assert item not in [i["item_id"] for i in body["items"]]
 
 
+def test_an_item_rated_by_an_event_stays_filtered_after_redis_restarts_empty(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    user = repo_copy.user_ids_sample[13]
+    top = recommend(recs, user, 10)["items"][0]["item_id"]  # what the user is offered first
+    resp = recs.post("/v1/events", json={"user_id": user, "item_id": top, "type": "rating", "value": 5})
+    assert resp.status_code == 202 and resp.json()["recorded"] == "applied", resp.text
+    server = OWN_REDIS["server"]
+    server.stop()
+    server.start()  # back empty (no persistence): the Redis set of the user's rated items is gone
+    fresh: set[str] = set()
+    for k in range(60, 101):  # distinct k: fresh computations; long lists, where `top` would be
+        body = recommend(recs, user, k)
+        if not body["cached"] and not body["degraded"]:
+            assert top not in [i["item_id"] for i in body["items"]], body  # Feast's row still says so
+            fresh.add(body["replica"])
+        if len(fresh) >= 2:
+            break
+        time.sleep(0.25)
+    assert len(fresh) >= 2, fresh
+
+
 # Last in the module: it moves the module app to another model version.
 def test_every_replica_follows_a_version_bump_written_only_to_redis(recs: httpx.Client, repo_copy: RepoInfo) -> None:
     import redis

@@ -74,11 +74,16 @@ def test_updated_row_is_the_running_mean() -> None:
     assert row["mean_rating"] == pytest.approx((3 * 3.0 + 5.0) / 4)
     assert row["genre_affinity"] == pytest.approx([0.75, 0.25, 0.25])
     assert row["embedding"] == current["embedding"]  # only the pipeline re-learns embeddings
+    assert row["rated_since_build"] == [9]  # the durable half of the "already rated" filter
+    again = updated_user_row({**current, "rated_since_build": [4, 9]}, Activity(7, 9, "rating", 5.0, ts=201), item, genres)
+    assert again["rated_since_build"] == [4, 9]  # a replayed event adds nothing twice
     view = updated_user_row(current, Activity(7, 9, "view", ts=50), item, genres)
     assert (view["n_ratings"], view["mean_rating"], view["last_ts"]) == (3, 3.0, 100)
+    assert view["rated_since_build"] == []  # a view is not a rating
     # A never-seen user: folded in at the item, in the user half of the space (last coordinate 0).
     new = updated_user_row(None, Activity(8, 9, "rating", 4.0, ts=300), item, genres)
     assert new["n_ratings"] == 1 and new["mean_rating"] == 4.0 and new["genre_affinity"] == [0.0, 1.0, 0.0]
+    assert new["rated_since_build"] == [9]
     assert new["embedding"] == pytest.approx([0.0, 1.0, 0.0])
     assert fold_in_embedding([0.0, 0.0, 1.0]) == [0.0, 0.0, 0.0]
 
@@ -97,6 +102,9 @@ def test_rating_push_updates_the_online_store(repo: RepoInfo, writer: UserActivi
     assert after["mean_rating"] == pytest.approx((before["mean_rating"] * n + 5.0) / (n + 1), rel=1e-5)
     assert after["last_ts"] >= int(time.time()) - 60
     assert np.allclose(after["embedding"], before["embedding"])
+    # Built empty, then the rated item, read back from Feast: it survives any cache Redis.
+    assert list(before["rated_since_build"] or []) == []
+    assert list(after["rated_since_build"]) == [item_id]
 
 
 def test_never_seen_user_gets_a_folded_in_row(repo: RepoInfo, writer: UserActivityWriter) -> None:

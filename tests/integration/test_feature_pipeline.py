@@ -143,6 +143,7 @@ def test_push_source_updates_online_store(built: RepoInfo, store: Any) -> None:
             "last_ts": [int(now.timestamp())],
             "genre_affinity": [np.zeros(len(built.genres), np.float32)],
             "embedding": [embedding],
+            "rated_since_build": [[7, 11]],
             names.TIMESTAMP_FIELD: [now],
             names.CREATED_FIELD: [now],
         }
@@ -152,6 +153,7 @@ def test_push_source_updates_online_store(built: RepoInfo, store: Any) -> None:
     assert got["n_ratings"] == [12345]
     assert got["mean_rating"] == [2.5]
     assert got["embedding"][0] == embedding.tolist()
+    assert got["rated_since_build"] == [[7, 11]]
 
 
 def test_other_columns_and_implicit_feedback(
