@@ -55,6 +55,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, TypeVar
 
 import redis
@@ -118,83 +119,14 @@ def ledger_keys(prefix: str) -> list[str]:
             f"{lk}:entries", f"{lk}:evictions"]
 
 
+def lua_source(name: str) -> str:
+    """A script from caches/lua/ (package data): Lua in .lua files, read by editors and linters as Lua."""
+    return resources.files("caches").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
 # The library. Locals only: each script that includes it stays self-contained. KEYS[1..4]: the
 # tenant's sizes hash, expiry zset, rank zset, byte total. Every script ends with bk_report().
-BUDGET_LUA = """
-local BK_SIZES, BK_EXPIRY, BK_RANK, BK_BYTES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local bk_dbytes, bk_dentries, bk_evicted = 0, 0, 0
-local function bk_over(limit, value) return limit >= 0 and value > limit end
-
--- Forget an entry's accounting; returns the bytes it counted (0 when it was not accounted).
-local function bk_forget(member)
-  redis.call('ZREM', BK_EXPIRY, member)
-  redis.call('ZREM', BK_RANK, member)
-  local s = redis.call('HGET', BK_SIZES, member)
-  if not s then return 0 end
-  s = tonumber(s)
-  redis.call('HDEL', BK_SIZES, member)
-  if redis.call('HLEN', BK_SIZES) == 0 then redis.call('DEL', BK_BYTES)
-  else redis.call('DECRBY', BK_BYTES, s) end
-  bk_dbytes, bk_dentries = bk_dbytes - s, bk_dentries - 1
-  return s
-end
-
--- Account a new entry (an overwrite gives its old bytes back first).
-local function bk_add(member, size, expiry_ms, rank)
-  bk_forget(member)
-  redis.call('HSET', BK_SIZES, member, size)
-  if expiry_ms > 0 then redis.call('ZADD', BK_EXPIRY, expiry_ms, member) end
-  redis.call('ZADD', BK_RANK, rank, member)
-  redis.call('INCRBY', BK_BYTES, size)
-  bk_dbytes, bk_dentries = bk_dbytes + size, bk_dentries + 1
-end
-
--- Expired entries (Redis dropped them silently) given back, at most `limit`.
-local function bk_reclaim(now_ms, limit, forget)
-  local expired = redis.call('ZRANGEBYSCORE', BK_EXPIRY, '-inf', now_ms, 'LIMIT', 0, limit)
-  for _, m in ipairs(expired) do forget(m) end
-  return #expired
-end
-
-local function bk_lowest(exclude)
-  local c = redis.call('ZRANGE', BK_RANK, 0, 1)
-  if c[1] == exclude then return c[2] end
-  return c[1]
-end
-
--- Evict until the tenant's own budget holds (L: tenant entries, tenant bytes; -1 = unbounded).
-local function bk_enforce(exclude, L, forget)
-  while bk_over(L[1], redis.call('ZCARD', BK_RANK))
-      or bk_over(L[2], tonumber(redis.call('GET', BK_BYTES) or '0')) do
-    local v = bk_lowest(exclude)
-    if not v then return end
-    forget(v)
-    bk_evicted = bk_evicted + 1
-  end
-end
-
--- Evict the lowest entries until `entries` are gone and `bytes` freed (the global budget's share).
-local function bk_shrink(exclude, entries, bytes, forget)
-  local gone, freed = 0, 0
-  while gone < entries or freed < bytes do
-    local v = bk_lowest(exclude)
-    if not v then return end
-    local before = bk_dbytes
-    forget(v)
-    gone, freed = gone + 1, freed + before - bk_dbytes
-    bk_evicted = bk_evicted + 1
-  end
-end
-
--- What every script returns first: byte and entry deltas, the earliest expiry left (-1: none),
--- evictions; then the script's own values.
-local function bk_report(extra)
-  local first = redis.call('ZRANGE', BK_EXPIRY, 0, 0, 'WITHSCORES')
-  local out = {bk_dbytes, bk_dentries, first[2] and math.floor(tonumber(first[2])) or -1, bk_evicted}
-  for _, v in ipairs(extra or {}) do out[#out + 1] = v end
-  return out
-end
-"""
+BUDGET_LUA = lua_source("budget")
 
 # Forget the accounting of entries already deleted (purges, deletes). KEYS: tenant (4); ARGV: entries.
 FORGET_SCRIPT = BUDGET_LUA + """
@@ -219,52 +151,11 @@ return bk_report(removed)
 # list, the storing tenant (it gives way whenever it is among the biggest; '' for none).
 # Returns: the tenant to give way (false: none), entries and bytes it should shed, then tenants
 # whose earliest entry has expired (their bytes are still counted).
-LEDGER_SCRIPT = """
-local TB, TE, TX, B, E, EV = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local now, t = tonumber(ARGV[1]), ARGV[2]
-local db, de, earliest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if db ~= 0 then redis.call('INCRBY', B, db); redis.call('ZINCRBY', TB, db, t) end
-if de ~= 0 then redis.call('INCRBY', E, de); redis.call('ZINCRBY', TE, de, t) end
-if tonumber(ARGV[6]) > 0 then redis.call('INCRBY', EV, ARGV[6]) end
-if tonumber(redis.call('ZSCORE', TE, t) or '0') <= 0 then
-  redis.call('ZREM', TB, t); redis.call('ZREM', TE, t); redis.call('ZREM', TX, t)
-elseif earliest >= 0 then redis.call('ZADD', TX, earliest, t)
-else redis.call('ZREM', TX, t) end
-local function over(limit, key)
-  if limit < 0 then return 0 end
-  return math.max(0, tonumber(redis.call('GET', key) or '0') - limit)
-end
-local le, lb = tonumber(ARGV[7]), tonumber(ARGV[8])
-local oe, ob = over(le, E), 0
-if oe == 0 then ob = over(lb, B) end
-local victim, ne, nb = false, 0, 0
-if oe > 0 or ob > 0 then
-  local by = TB
-  if oe > 0 then by = TE end
-  local top = redis.call('ZREVRANGE', by, 0, 1, 'WITHSCORES')
-  if top[1] then
-    victim = top[1]
-    local mine = ARGV[10] ~= '' and redis.call('ZSCORE', by, ARGV[10])
-    if mine and tonumber(mine) >= tonumber(top[2]) then victim = ARGV[10] end
-    -- shed at most down to the next biggest tenant: max-min fairness, one level at a time
-    local gap = tonumber(redis.call('ZSCORE', by, victim)) - tonumber(top[4] or '0')
-    if oe > 0 then ne = math.max(1, math.min(oe, gap)) else nb = math.max(1, math.min(ob, gap)) end
-  end
-end
-local out = {victim, ne, nb}
-for _, x in ipairs(redis.call('ZRANGEBYSCORE', TX, '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))) do
-  out[#out + 1] = x
-end
-return out
-"""
+LEDGER_SCRIPT = lua_source("budget_ledger")
 
 # Rebuild the ledger's rows of one tenant from its own books (KEYS: tenant (4) - read only here;
 # the client writes the ledger): returns entries, bytes, earliest expiry.
-_TENANT_TOTALS = """
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return {redis.call('HLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[4]) or '0'),
-        first[2] and math.floor(tonumber(first[2])) or -1}
-"""
+_TENANT_TOTALS = lua_source("budget_tenant_totals")
 def chunks(items: Iterable[T], size: int = MAX_KEYS_PER_SCRIPT) -> Iterator[list[T]]:
     page: list[T] = []
     for item in items:
