@@ -195,10 +195,12 @@ def calibrate(
 def _display_path(path: str | Path) -> str:
     # relative to the repo when possible so the shipped JSON does not leak a machine's layout
     p = Path(path).resolve()
-    try:
-        return str(Path("..") / p.relative_to(REPO_ROOT.parent))
-    except ValueError:
-        return str(path)
+    for base, prefix in ((REPO_ROOT, Path()), (REPO_ROOT.parent, Path(".."))):  # the repo's own files first
+        try:
+            return str(prefix / p.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def load_calibration(path: str | Path | None = None) -> Calibration | None:
