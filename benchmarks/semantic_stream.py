@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if server:
             server.stop()
     meta = {
+        "command": "python -m benchmarks.semantic_stream " + " ".join(sys.argv[1:] if argv is None else argv),
+        "calibration": os.path.relpath(args.calibration, REPO_ROOT) if args.threshold is None else None,
         "streams": {name: str(path) for name, path in streams.items()},
         "roles": {name: role_of(path) for name, path in streams.items()},
         "limit": args.limit,
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gptcache_threshold_ours": round((threshold + 1) / 2, 6),
         "explore_rate": args.explore_rate,
         "error_budget": args.error_budget,
-        "judge": "oracle on the stream's labels (every call counted)",
+        "judge": "oracle on the stream's labels (every call counted); verified-app-judge: the app's judge as measured",
         "encoder": f"{ENCODER_NAME}/{ENCODER_VERSION}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
