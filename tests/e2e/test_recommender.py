@@ -22,63 +22,34 @@ import pandas as pd
 import pytest
 
 from caches.redis_server import EmbeddedRedis
-from deployments.config import REPO_ROOT, AppSettings
 from feature_store import names
 from feature_store.pipeline import RepoInfo
-from tests.e2e.conftest import ADMIN, local_app_config, wait_running
+from tests.e2e.conftest import ADMIN
+from tests.e2e.recs_app import copy_repo, recommend, serve_recs
 
-SOURCE_REPO = REPO_ROOT / "feature_store"
 APP_NAME = "tierserve-recs"
 PREFIX = "/recs"
-START_TIMEOUT_S = 600
 OWN_REDIS: dict[str, Any] = {}  # the module app's own Redis (url, server), for tests that act on it
 
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> RepoInfo:
-    target = tmp_path_factory.mktemp("feast_copy")
-    shutil.copyfile(SOURCE_REPO / "feature_store.yaml", target / "feature_store.yaml")
-    # The registry stores source paths relative to the repo, so a copied folder is a working repo.
-    shutil.copytree(SOURCE_REPO / names.DATA_DIR, target / names.DATA_DIR,
-                    ignore=shutil.ignore_patterns(".build.lock", "*.tmp"))
-    return RepoInfo.load(target)
+    return copy_repo(tmp_path_factory.mktemp("feast_copy"))
 
 
 @pytest.fixture(scope="module")
 def recs(app_url: str, repo_copy: RepoInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    from ray import serve
-
-    from deployments.ingress import Ingress
-    from deployments.recommender import RecommenderDeployment
-
     with EmbeddedRedis() as own_redis:
         OWN_REDIS["url"], OWN_REDIS["server"] = own_redis.url, own_redis
-        settings = AppSettings.from_args(local_app_config().get("args"))
-        settings.redis_url = own_redis.url
-        settings.state_dir = str(tmp_path_factory.mktemp("recs_state"))
-        settings.recommender.feast_repo = str(repo_copy.repo_dir)
-        handles = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache", "LLM")]
-        recommender = RecommenderDeployment.options(num_replicas=2).bind(
-            own_redis.url, settings.state_dir, settings.recommender.model_dump()
-        )
-        app = Ingress.bind(settings.model_dump(), *handles, recommender)
-        serve.run(app, name=APP_NAME, route_prefix=PREFIX, blocking=False)
-        wait_running(APP_NAME, START_TIMEOUT_S)
-        with httpx.Client(base_url=f"{app_url}{PREFIX}", timeout=120) as client:
+        with serve_recs(app_url, redis_url=own_redis.url, repo=repo_copy, state_dir=tmp_path_factory.mktemp("recs_state"),
+                        name=APP_NAME, prefix=PREFIX) as client:
             yield client
-        serve.delete(APP_NAME)
 
 
 def rated_by(repo: RepoInfo, user_id: int) -> set[int]:
     frame = pd.read_parquet(repo.files["rated"])
     row = frame[frame[names.USER_KEY] == user_id]
     return set(map(int, row["item_ids"].iloc[0])) if len(row) else set()
-
-
-def recommend(client: httpx.Client, user: int, k: int) -> dict[str, Any]:
-    resp = client.post("/v1/recommendations", json={"user_id": user, "k": k})
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 def until_replicas(client: httpx.Client, user: int, ks: range, want: int = 2) -> list[dict[str, Any]]:

@@ -12,62 +12,31 @@ run ids running in the watcher without breaking anything.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from deployments.config import REPO_ROOT, AppSettings
-from feature_store import names
 from feature_store.pipeline import RepoInfo
-from tests.e2e.conftest import ADMIN, local_app_config, wait_running
+from tests.e2e.conftest import ADMIN
+from tests.e2e.recs_app import copy_repo, recommend, serve_recs
 
-SOURCE_REPO = REPO_ROOT / "feature_store"
 APP_NAME = "tierserve-recs-cluster"
 PREFIX = "/recs-cluster"
-START_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
 def cluster_repo(tmp_path_factory: pytest.TempPathFactory) -> RepoInfo:
-    """A copy of the Feast repo: this module's events must not change the session app's rows."""
-    target = tmp_path_factory.mktemp("feast_cluster_copy")
-    shutil.copyfile(SOURCE_REPO / "feature_store.yaml", target / "feature_store.yaml")
-    shutil.copytree(SOURCE_REPO / names.DATA_DIR, target / names.DATA_DIR,
-                    ignore=shutil.ignore_patterns(".build.lock", "*.tmp"))
-    return RepoInfo.load(target)
+    return copy_repo(tmp_path_factory.mktemp("feast_cluster_copy"))
 
 
 @pytest.fixture(scope="module")
 def recs(app_url: str, cluster_redis_url: str, cluster_repo: RepoInfo,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    from ray import serve
-
-    from deployments.ingress import Ingress
-    from deployments.recommender import RecommenderDeployment
-
-    settings = AppSettings.from_args(local_app_config().get("args"))
-    settings.redis_url = cluster_redis_url
-    settings.state_dir = str(tmp_path_factory.mktemp("recs_cluster_state"))
-    settings.recommender.feast_repo = str(cluster_repo.repo_dir)
-    handles = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache", "LLM")]
-    recommender = RecommenderDeployment.options(num_replicas=2).bind(
-        cluster_redis_url, settings.state_dir, settings.recommender.model_dump()
-    )
-    serve.run(Ingress.bind(settings.model_dump(), *handles, recommender), name=APP_NAME, route_prefix=PREFIX,
-              blocking=False)
-    wait_running(APP_NAME, START_TIMEOUT_S)
-    with httpx.Client(base_url=f"{app_url}{PREFIX}", timeout=120) as client:
+    with serve_recs(app_url, redis_url=cluster_redis_url, repo=cluster_repo,
+                    state_dir=tmp_path_factory.mktemp("recs_cluster_state"), name=APP_NAME, prefix=PREFIX) as client:
         yield client
-    serve.delete(APP_NAME)
-
-
-def recommend(client: httpx.Client, user: int, k: int) -> dict[str, Any]:
-    resp = client.post("/v1/recommendations", json={"user_id": user, "k": k})
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 def test_recommendations_and_an_event_on_a_redis_cluster(
