@@ -62,6 +62,26 @@ ENCODE_BATCH = 128
 WRONG_EXAMPLES = 25  # wrong hits kept in the JSON, to read by hand
 
 
+def load_judged(path: Path, limit: int | None) -> list[frozenset[str]] | None:
+    """Per query, the answer groups its labels say differ from it (``differs_from``, written for
+    streams built from labelled pairs), or None for a stream without them (an intent stream: any
+    other intent is wrong)."""
+    judged: list[frozenset[str]] = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "text" not in row or "intent" not in row:
+                continue
+            if "differs_from" not in row:
+                return None
+            judged.append(frozenset(map(str, row["differs_from"])))
+            if limit is not None and len(judged) >= limit:
+                break
+    return judged
+
+
 def load_stream(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
     texts: list[str] = []
     intents: list[str] = []
@@ -222,10 +242,14 @@ def gptcache_system(name: str, threshold: float, texts, vectors, workdir: Path) 
     return system
 
 
-def replay(system: System, texts: list[str], intents: list[str], answers: str) -> dict[str, Any]:
+def replay(system: System, texts: list[str], intents: list[str], answers: str,
+           judged: list[frozenset[str]] | None = None) -> dict[str, Any]:
+    """``judged`` (pair streams): a hit counts as wrong only across groups the labels say differ;
+    other cross-group hits are ``unjudged`` and left out of precision (still hits: no model call)."""
     seen_texts: set[str] = set()
     seen_intents: set[str] = set()
     hits = correct = oracle = para = para_hits = para_correct = verifications = 0
+    unjudged = para_unjudged = 0
     latencies = np.zeros(len(texts))
     wrong: list[dict[str, str]] = []  # what the wrong hits were: label noise, or the rule's error?
     for i, (text, intent) in enumerate(zip(texts, intents, strict=True)):
@@ -242,7 +266,10 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
             if is_para:
                 para_hits += 1
                 para_correct += ok
-            if not ok and "#" in answer and len(wrong) < WRONG_EXAMPLES:  # per-query answers name their query
+            if not ok and judged is not None and intent_of(answer) not in judged[i]:
+                unjudged += 1
+                para_unjudged += is_para
+            elif not ok and "#" in answer and len(wrong) < WRONG_EXAMPLES:  # per-query answers name their query
                 source = int(answer.split("#", 1)[1])
                 wrong.append({"query": text, "intent": intent, "served_for": texts[source],
                               "served_intent": intents[source]})
@@ -259,16 +286,17 @@ def replay(system: System, texts: list[str], intents: list[str], answers: str) -
         "queries": len(texts),
         "hits": hits,
         "correct_hits": correct,
-        "wrong_hits": hits - correct,
+        "wrong_hits": hits - correct - unjudged,
+        "unjudged_hits": unjudged,
         "hit_rate": round(hits / n, 4),
-        "precision": round(correct / hits, 4) if hits else None,
-        "error_rate": round((hits - correct) / n, 4),
+        "precision": round(correct / (hits - unjudged), 4) if hits - unjudged else None,
+        "error_rate": round((hits - correct - unjudged) / n, 4),
         "oracle_hit_rate": round(oracle / n, 4),
         "paraphrase_queries": para,
         "paraphrase_hits": para_hits,
         "paraphrase_correct_hits": para_correct,
         "paraphrase_hit_rate": round(para_hits / para, 4) if para else None,
-        "paraphrase_precision": round(para_correct / para_hits, 4) if para_hits else None,
+        "paraphrase_precision": round(para_correct / (para_hits - para_unjudged), 4) if para_hits - para_unjudged else None,
         "paraphrase_correct_share": round(para_correct / para, 4) if para else None,
         "verifications": verifications,
         "verifications_per_1k": round(1000 * verifications / n, 2),
@@ -286,6 +314,7 @@ def run_stream(
 ) -> dict[str, dict[str, Any]]:
     """Figures by answer mode and system for one stream."""
     texts, intents = load_stream(path, args.limit)
+    judged = load_judged(path, args.limit)
     if not texts:
         raise SystemExit(f"{path}: no lines with text and intent")
     print(f"== {path.stem}: {role_of(path)}", flush=True)
@@ -321,7 +350,7 @@ def run_stream(
             client.flushdb()
             started = time.perf_counter()
             system = make()
-            figures = replay(system, texts, intents, answers)
+            figures = replay(system, texts, intents, answers, judged)
             figures["wall_s"] = round(time.perf_counter() - started, 1)
             cache = getattr(system, "cache", None)
             if cache is not None:
@@ -332,7 +361,7 @@ def run_stream(
             print(
                 f"{path.stem[:28]:28s} {answers:9s} {name:16s} hit {figures['hit_rate']:.3f} "
                 f"prec {figures['precision']} para_prec {figures['paraphrase_precision']} "
-                f"para_correct_share {figures['paraphrase_correct_share']} "
+                f"para_correct_share {figures['paraphrase_correct_share']} unjudged {figures['unjudged_hits']} "
                 f"verif/1k {figures['verifications_per_1k']} judge/1k {figures['judge_calls_per_1k']} "
                 f"p50 {figures['p50_lookup_ms']}ms entries {figures['entries']}",
                 flush=True,

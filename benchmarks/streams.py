@@ -106,7 +106,9 @@ def pairs_stream(pairs: list[tuple[str, str, int]], seed: int = STREAM_SEED) -> 
     """Labelled pairs as a query stream: each text once, each pair's ``text_a`` before its ``text_b``.
 
     Answer groups (the ``intent``) are the connected components of the label-1 pairs; every other
-    text is a group of its own, so a hit across a label-0 pair (a trap) is a wrong hit. ``text_a``
+    text is a group of its own. ``differs_from`` lists the groups a label-0 pair (a trap) says are
+    different: a hit across one is a wrong hit; a hit between groups the file never paired is
+    "unjudged" (the file says nothing; many are the same question written twice). ``text_a``
     comes first so that ``text_b`` is the query that may hit its stored answer: for a trap, that is
     the chance of a wrong merge the stream exists to give. The order is a seeded random topological
     order (each text drawn by a random priority among those whose partners have been asked), so
@@ -154,10 +156,20 @@ def pairs_stream(pairs: list[tuple[str, str, int]], seed: int = STREAM_SEED) -> 
             if waiting[nxt] == 0 and nxt in left:
                 heapq.heappush(ready, (priority[nxt], nxt))
     groups: dict[str, str] = {}
+    for text in order:
+        groups.setdefault(root(text), f"g{len(groups)}")
+    # Which groups the labels say differ (a label-0 pair between them): only a hit across such a
+    # pair is known to be wrong. Two texts the file never paired are neither: "unjudged".
+    differs: dict[str, set[str]] = defaultdict(set)
+    for a, b, label in pairs:
+        ga, gb = groups[root(a)], groups[root(b)]
+        if label == 0 and ga != gb:
+            differs[ga].add(gb)
+            differs[gb].add(ga)
     rows = []
     for t, text in enumerate(order):
-        group = groups.setdefault(root(text), f"g{len(groups)}")
-        rows.append({"t": t, "text": text, "intent": group})
+        group = groups[root(text)]
+        rows.append({"t": t, "text": text, "intent": group, "differs_from": sorted(differs[group])})
     return rows
 
 

@@ -93,3 +93,38 @@ def test_pairs_within_keeps_only_rows_whose_two_intents_are_listed(tmp_path: Pat
                       "e,f,y,y,1\n", encoding="utf-8")
     out = write_pairs_within(source, {"x"}, tmp_path / "out" / "tune.csv")
     assert out.read_text(encoding="utf-8").splitlines() == ["text_a,text_b,intent_a,intent_b,label", "a,b,x,x,1"]
+
+
+def test_trap_pairs_mark_their_groups_as_different_and_nothing_else() -> None:
+    rows = {r["text"]: r for r in pairs_stream(PAIRS, seed=3)}
+    group = {text: row["intent"] for text, row in rows.items()}
+    assert rows["N"]["differs_from"] == [group["A"]]  # the trap A vs N, lifted to A's group
+    assert group["N"] in rows["B"]["differs_from"]  # B is in A's group: the trap speaks for it too
+    assert rows["G"]["differs_from"] == [group["H"]] and group["G"] in rows["I"]["differs_from"]
+    assert rows["E"]["differs_from"] == [group["F"]]
+    assert all(group["F"] not in rows[t]["differs_from"] for t in "ABCGHIN")  # never paired: unjudged
+
+
+def test_replay_leaves_unjudged_hits_out_of_precision() -> None:
+    from benchmarks.semantic_stream import System, replay
+
+    # query 0 stored; 1 hits it rightly (same group), 2 wrongly (a labelled trap), 3 across
+    # groups the labels never compared (unjudged), 4 misses.
+    texts, intents = ["a", "b", "c", "d", "e"], ["g0", "g0", "g1", "g2", "g3"]
+    judged = [frozenset({"g1"}), frozenset({"g1"}), frozenset({"g0"}), frozenset(), frozenset()]
+    stored: dict[int, str] = {}
+
+    def lookup(i: int) -> tuple[str, str | None]:
+        return ("hit", stored[0]) if i in (1, 2, 3) else ("miss", None)
+
+    def fake() -> System:
+        system = System()
+        system.name, system.lookup, system.entries = "fake", lookup, lambda: len(stored)
+        system.store = lambda i, a: stored.__setitem__(i, a)
+        return system
+
+    out = replay(fake(), texts, intents, "per-query", judged)
+    assert (out["hits"], out["correct_hits"], out["wrong_hits"], out["unjudged_hits"]) == (3, 1, 1, 1)
+    assert out["precision"] == 0.5 and out["paraphrase_precision"] == 0.5
+    plain = replay(fake(), texts, intents, "per-query")
+    assert (plain["wrong_hits"], plain["unjudged_hits"]) == (2, 0)  # an intent stream: every miss-match is wrong
