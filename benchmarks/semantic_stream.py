@@ -40,7 +40,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,41 +62,32 @@ ENCODE_BATCH = 128
 WRONG_EXAMPLES = 25  # wrong hits kept in the JSON, to read by hand
 
 
+def _rows(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
+    """The stream's JSON rows that have ``text`` and ``intent``, at most ``limit``."""
+    n = 0
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if limit is not None and n >= limit:
+                return
+            row = json.loads(line) if line.strip() else {}
+            if "text" in row and "intent" in row:
+                n += 1
+                yield row
+
+
 def load_judged(path: Path, limit: int | None) -> list[frozenset[str]] | None:
     """Per query, the answer groups its labels say differ from it (``differs_from``, written for
     streams built from labelled pairs), or None for a stream without them (an intent stream: any
     other intent is wrong)."""
-    judged: list[frozenset[str]] = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "text" not in row or "intent" not in row:
-                continue
-            if "differs_from" not in row:
-                return None
-            judged.append(frozenset(map(str, row["differs_from"])))
-            if limit is not None and len(judged) >= limit:
-                break
-    return judged
+    rows = list(_rows(path, limit))
+    if not rows or any("differs_from" not in row for row in rows):
+        return None
+    return [frozenset(map(str, row["differs_from"])) for row in rows]
 
 
 def load_stream(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
-    texts: list[str] = []
-    intents: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "text" not in row or "intent" not in row:
-                continue
-            texts.append(str(row["text"]))
-            intents.append(str(row["intent"]))
-            if limit is not None and len(texts) >= limit:
-                break
-    return texts, intents
+    rows = list(_rows(path, limit))
+    return [str(row["text"]) for row in rows], [str(row["intent"]) for row in rows]
 
 
 def stream_vectors(path: Path, texts: list[str]) -> np.ndarray:
