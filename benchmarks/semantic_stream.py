@@ -40,7 +40,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,32 +62,27 @@ ENCODE_BATCH = 128
 WRONG_EXAMPLES = 25  # wrong hits kept in the JSON, to read by hand
 
 
-def _rows(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
-    """The stream's JSON rows that have ``text`` and ``intent``, at most ``limit``."""
-    n = 0
+def read_stream(path: Path, limit: int | None) -> tuple[list[str], list[str], list[frozenset[str]] | None]:
+    """Texts, intents and, for streams built from labelled pairs, per query the answer groups its
+    labels say differ from it (``differs_from``; None for a stream without them, an intent stream,
+    where any other intent is wrong). Rows without ``text`` and ``intent`` are skipped."""
+    rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for line in fh:
-            if limit is not None and n >= limit:
-                return
+            if limit is not None and len(rows) >= limit:
+                break
             row = json.loads(line) if line.strip() else {}
             if "text" in row and "intent" in row:
-                n += 1
-                yield row
-
-
-def load_judged(path: Path, limit: int | None) -> list[frozenset[str]] | None:
-    """Per query, the answer groups its labels say differ from it (``differs_from``, written for
-    streams built from labelled pairs), or None for a stream without them (an intent stream: any
-    other intent is wrong)."""
-    rows = list(_rows(path, limit))
-    if not rows or any("differs_from" not in row for row in rows):
-        return None
-    return [frozenset(map(str, row["differs_from"])) for row in rows]
+                rows.append(row)
+    judged = None
+    if rows and all("differs_from" in row for row in rows):
+        judged = [frozenset(map(str, row["differs_from"])) for row in rows]
+    return [str(row["text"]) for row in rows], [str(row["intent"]) for row in rows], judged
 
 
 def load_stream(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
-    rows = list(_rows(path, limit))
-    return [str(row["text"]) for row in rows], [str(row["intent"]) for row in rows]
+    texts, intents, _ = read_stream(path, limit)
+    return texts, intents
 
 
 def stream_vectors(path: Path, texts: list[str]) -> np.ndarray:
@@ -304,8 +299,7 @@ def run_stream(
     path: Path, args: argparse.Namespace, threshold: float, client: redis.Redis, tmp: Path
 ) -> dict[str, dict[str, Any]]:
     """Figures by answer mode and system for one stream."""
-    texts, intents = load_stream(path, args.limit)
-    judged = load_judged(path, args.limit)
+    texts, intents, judged = read_stream(path, args.limit)
     if not texts:
         raise SystemExit(f"{path}: no lines with text and intent")
     print(f"== {path.stem}: {role_of(path)}", flush=True)
