@@ -6,13 +6,26 @@ OpenAI field through untouched: vLLM's own request model validates those in the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_MESSAGES = 256
 MAX_ID_LEN = 64
 MAX_PROMPTS = 32
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads JSON true/false as 1/0 (and 1.0/0.0): `{"user_id": true}` would
+    # be user 1's recommendations, `"max_tokens": true` one token. A boolean where a number is
+    # asked is a client bug: say so (422) instead of answering something.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class ChatMessage(BaseModel):
@@ -26,12 +39,12 @@ class ChatRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=8)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    n: Int = Field(default=1, ge=1, le=8)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: Int | None = None
     stop: str | list[str] | None = None
 
     @field_validator("messages")
@@ -51,7 +64,7 @@ class EmbeddingRequest(BaseModel):
     model: str | None = None
     # The official SDK asks for base64 unless told otherwise: both must work.
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)  # the route refuses what the model cannot give
+    dimensions: Int | None = Field(default=None, ge=1)  # the route refuses what the model cannot give
 
     @field_validator("input", mode="before")
     @classmethod
@@ -82,11 +95,11 @@ class CompletionRequest(BaseModel):
     # Text, texts, token ids or lists of token ids, as OpenAI and vLLM take them.
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=8)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    n: Int = Field(default=1, ge=1, le=8)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: Int | None = None
     stop: str | list[str] | None = None
 
     @field_validator("prompt")
@@ -100,13 +113,13 @@ class CompletionRequest(BaseModel):
         return value
 
 
-UserId = int
+UserId = Int
 
 
 class RecommendationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: UserId = Field(ge=0, le=2**62, description="MovieLens-style integer user id")
-    k: int = Field(default=10, ge=1, le=100)
+    k: Int = Field(default=10, ge=1, le=100)
 
 
 class RecommendedItem(BaseModel):
@@ -126,9 +139,9 @@ class RecommendationResponse(BaseModel):
 class EventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: UserId = Field(ge=0, le=2**62)
-    item_id: int = Field(ge=0, le=2**62)
+    item_id: Int = Field(ge=0, le=2**62)
     type: Literal["view", "click", "rating"]
-    value: float | None = Field(default=None, ge=0.0, le=5.0)
+    value: Float | None = Field(default=None, ge=0.0, le=5.0)
 
 
 class VersionBump(BaseModel):

@@ -54,6 +54,7 @@ def test_unknown_user_gets_cold_start_list(client: httpx.Client) -> None:
         ({"user_id": 1, "k": 101}, "k"),
         ({"user_id": "abc", "k": 5}, "user_id"),
         ({"user_id": -3, "k": 5}, "user_id"),
+        ({"user_id": True, "k": 5}, "not a boolean"),  # not user 1
         ({"k": 5}, "user_id"),
         ({"user_id": 1, "k": 5, "bogus": True}, "bogus"),
     ],
