@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from benchmarks.semantic_stream import OracleJudge, load_stream, replay, stream_vectors, tierserve_system
+from benchmarks.semantic_stream import load_stream, replay, stream_vectors, tierserve_system
+from benchmarks.stream_judges import OracleJudge
 from benchmarks.streams import FOW_CACHE, OUT_DIR
 from caches.calibrate import load_threshold
 from caches.encoder import encode

@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -47,12 +46,13 @@ from typing import Any
 import numpy as np
 import redis
 
+from benchmarks.stream_judges import MeasuredJudge, OracleJudge, intent_of, stand_in_answer
+from benchmarks.stream_pool import pool_seeds
 from benchmarks.streams import build, role_of
 from caches.calibrate import DEFAULT_CALIBRATION, load_threshold
 from caches.chat import EncoderIdentity, ModelIdentity, semantic_scope
 from caches.encoder import ENCODER_NAME, ENCODER_VERSION
 from caches.semantic import SemanticCache
-from caches.semantic.judge import Answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VECTOR_CACHE = REPO_ROOT / ".cache" / "vectors"
@@ -100,55 +100,6 @@ def stream_vectors(path: Path, texts: list[str]) -> np.ndarray:
     print(f"encoded {len(texts)} queries in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     np.save(VECTOR_CACHE / f"{stem}-{len(texts)}.npy", vectors)
     return vectors
-
-
-def stand_in_answer(intent: str, i: int, answers: str) -> str:
-    """The stand-in model's answer to query ``i``. ``per-query``: its own text, as a model's answer
-    to a paraphrase would be; ``label``: the intent (out-of-scope queries: unique either way)."""
-    if answers == "per-query" or intent.startswith("oos"):
-        return f"{intent}#{i}"
-    return intent
-
-
-def intent_of(answer: str) -> str:
-    return answer.split("#", 1)[0]
-
-
-class OracleJudge:
-    """The benchmark's answer judge: two answers are equivalent when they answer the same
-    in-scope intent (read from the stream's labels, which the cache never sees). Every call is
-    counted: in production each is a judge call on a model answer."""
-
-    name = "oracle-labels"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def equivalent(self, a: Answer, b: Answer) -> bool:
-        self.calls += 1
-        ia, ib = intent_of(a.text), intent_of(b.text)
-        return ia == ib and not ia.startswith("oos")
-
-
-class MeasuredJudge(OracleJudge):
-    """The oracle degraded to the app's judge as measured (``benchmarks/results/judge_calibration.json``,
-    held-out half): a truly equivalent pair is called equivalent with the measured recall, a
-    different pair with the measured false-positive rate. It gives the policy the signal the app
-    really has (on SmolLM2 answers, a weak one), not the labels production lacks."""
-
-    name = "measured-app-judge"
-
-    def __init__(self, calibration: Path = RESULTS / "judge_calibration.json", seed: int = 0) -> None:
-        super().__init__()
-        held = json.loads(calibration.read_text())["heldout"]
-        self.recall = held["tp"] / max(held["tp"] + held["fn"], 1)
-        negatives = held["n"] - held["n_positive"]
-        self.false_positive_rate = held["fp"] / max(negatives, 1)
-        self.rng = random.Random(seed)
-
-    def equivalent(self, a: Answer, b: Answer) -> bool:
-        truth = super().equivalent(a, b)
-        return self.rng.random() < (self.recall if truth else self.false_positive_rate)
 
 
 class System:
@@ -324,6 +275,10 @@ def run_stream(
             plans.append(("verified-app-judge", lambda: tierserve_system(
                 "verified-app-judge", client, "verified", threshold, texts, vectors,
                 explore_rate=args.explore_rate, error_budget=args.error_budget, judge=MeasuredJudge())))
+        for recall, fpr in args.judge_quality:  # a judge of this quality in the verified rule
+            plans.append((f"verified-judge-r{recall:g}-fpr{fpr:g}", lambda q=(recall, fpr): tierserve_system(
+                f"verified-judge-r{q[0]:g}-fpr{q[1]:g}", client, "verified", threshold, texts, vectors,
+                explore_rate=args.explore_rate, error_budget=args.error_budget, judge=MeasuredJudge(quality=q))))
         if "gptcache" in wanted:
             work = tmp / f"{path.stem}-{answers}"
             plans.append(("gptcache-ours", lambda w=work: gptcache_system(
@@ -355,12 +310,22 @@ def run_stream(
     return out
 
 
+def _judge_quality(text: str) -> tuple[float, float]:
+    recall, fpr = (float(x) for x in text.split(","))
+    if not (0.0 <= recall <= 1.0 and 0.0 <= fpr <= 1.0):
+        raise argparse.ArgumentTypeError("RECALL,FPR: two rates between 0 and 1")
+    return recall, fpr
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Replay query streams through the semantic caches.")
     parser.add_argument("--stream", type=Path, action="append", default=[],
                         help="JSONL stream (repeatable); default: the streams of benchmarks.streams "
                              "(banking77 tune and held-out halves, fow_cache pairs)")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--stream-seeds", type=int, default=1,
+                        help="with the default streams: draws of each banking77 stream (seeds 0..N-1), "
+                             "each reported, then pooled (one draw's precision moves by about +-0.005)")
     parser.add_argument("--answers", default="per-query,label",
                         help="per-query (each answer its own text: the mode that counts), label (one answer "
                              "text per intent, for comparison), or both, comma-separated")
@@ -369,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--systems", default="static,verified,gptcache", help="comma-separated subset of static, "
                         "static-unguarded (the trap guard off), verified, "
                         "verified-app-judge (the verified rule with the app's judge as measured), gptcache")
+    parser.add_argument("--judge-quality", action="append", default=[], type=_judge_quality, metavar="RECALL,FPR",
+                        help="also run the verified rule with a judge of this recall and false-positive rate "
+                             "(repeatable): what judge would the rule need?")
     parser.add_argument("--explore-rate", type=float, default=0.05)
     parser.add_argument("--error-budget", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=RESULTS / "semantic_stream.json")
@@ -379,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     threshold = args.threshold if args.threshold is not None else load_threshold(args.calibration)
     streams = {p.stem: p for p in args.stream} if args.stream else {
-        name: path for name, path in build().items() if path.suffix == ".jsonl"}  # not the pairs CSV
+        name: path for name, path in build(seeds=args.stream_seeds).items()
+        if path.suffix == ".jsonl"}  # not the pairs CSV
     server = None
     url = os.environ.get("REDIS_URL")
     if not url:
@@ -411,8 +380,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "judge": "oracle on the stream's labels (every call counted); verified-app-judge: the app's judge as measured",
         "encoder": f"{ENCODER_NAME}/{ENCODER_VERSION}",
     }
+    pooled = pool_seeds(results)
+    for family, modes in pooled.items():
+        for answers, systems in modes.items():
+            for name, f in systems.items():
+                print(f"POOLED {family[:21]:21s} x{f['draws']} {answers:9s} {name:16s} para_prec "
+                      f"{f['paraphrase_precision']} (draws {f['paraphrase_precision_min']}..{f['paraphrase_precision_max']}) "
+                      f"para_correct_share {f['paraphrase_correct_share']} verif/1k {f['verifications_per_1k']}",
+                      flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "streams": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"meta": meta, "streams": results, "pooled": pooled}, indent=2) + "\n")
     print(json.dumps(results, separators=(",", ":")))
     return results
 
