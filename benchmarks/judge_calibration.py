@@ -26,7 +26,10 @@ answer with a fresh one. This measures that judge where it will run: on the app'
    - ``answer-lexical``: Jaccard overlap of the answers' word sets;
    - ``question-embedding``: cosine of the questions (no answer at all: the baseline an answer judge
      must beat to add information);
-   - ``answer+question``: mean of the answer and question cosines.
+   - ``answer+question``: mean of the answer and question cosines;
+   - ``answer-relevance``: how much less each question's embedding matches the other question's
+     answer than its own answer (the smaller of the two gaps): a cached answer may serve a new
+     question if it is about as relevant to it as the fresh one, even when the two answers differ.
    Writes ``--out`` (JSON) and a PNG next to it (ROC and precision/recall on the held-out half).
 
 The steps live in benchmarks/judge_pairs.py (1), judge_answers.py (2) and judge_scores.py (3);

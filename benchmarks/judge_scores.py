@@ -44,12 +44,17 @@ def pair_scores(pairs: pd.DataFrame, encode_fn: Callable[[list[str]], np.ndarray
     # The cache's lexical trap guard applied to the two *answers*: a differing number or negation
     # in otherwise overlapping answers ("2.5 liters" / "3 liters") vetoes "equivalent".
     answer_guard = np.array([trap_guard(a, b) is not None for a, b in answers])
+    # Does the other question's answer answer this question as well as its own does? (the cached
+    # answer against the new question, beside the fresh answer): needs no two answers to be alike.
+    relevance = np.minimum(cos("text_b", "answer_a") - cos("text_b", "answer_b"),
+                           cos("text_a", "answer_b") - cos("text_a", "answer_a"))
     return {
         APP_JUDGE: answer_cos,
         "answer-embedding+answer-guard": np.where(answer_guard, -1.0, answer_cos),
         "answer-lexical": lexical,
         "question-embedding": question_cos,
         "answer+question": (answer_cos + question_cos) / 2,
+        "answer-relevance": relevance,
     }
 
 
