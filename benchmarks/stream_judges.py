@@ -36,6 +36,8 @@ class OracleJudge:
     counted: in production each is a judge call on a model answer."""
 
     name = "oracle-labels"
+    recall = 1.0
+    false_positive_rate = 0.0
 
     def __init__(self) -> None:
         self.calls = 0

@@ -178,7 +178,8 @@ class SemanticCache:
         self.policy: HitPolicy = (
             StaticPolicy(threshold, guard=check)
             if mode == "static"
-            else VerifiedPolicy(threshold, error_budget=error_budget, explore_rate=explore_rate, guard=check, seed=seed)
+            else VerifiedPolicy(threshold, error_budget=error_budget, explore_rate=explore_rate, guard=check, seed=seed,
+                                judge_recall=self.judge.recall, judge_false_positive_rate=self.judge.false_positive_rate)
         )
         # max_* bound the whole cache, tenant_* each tenant's share (see caches.budget)
         self.budget = Budget(tenant_entries=tenant_max_entries, tenant_bytes=tenant_max_bytes,

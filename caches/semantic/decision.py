@@ -51,6 +51,8 @@ LEARN_FROM_TOP = 3  # how many of a miss's nearest candidates may learn a raised
 # and a same-answer neighbour left in another group would veto later votes needlessly
 GROUP_FROM_TOP = VOTE_K
 PENDING_MAX = 10_000  # lookups remembered until their store() arrives (for learning)
+STRIKES_MAX = 10_000  # entries per scope and replica whose "different" verdicts are being counted
+STRIKES_NEVER = 1 << 30  # a judge no better than chance: its "different" never raises a tau
 N_BINS = int(round(1 / BIN)) + 1
 
 Guard = Callable[[str, str], str | None]
@@ -97,6 +99,17 @@ class FloorBand:
     floor: float = -1.0  # -1: not set yet (the policy starts it at the calibrated threshold)
     n: list[int] = field(default_factory=lambda: [0] * N_BINS)
     wrong: list[int] = field(default_factory=lambda: [0] * N_BINS)
+    # entry id -> "different" verdicts not yet outweighed by "equivalent" ones (an imperfect judge)
+    strikes: dict[int, int] = field(default_factory=dict)
+
+    def strike(self, entry_id: int, different: bool) -> int:
+        """Count one verdict on an entry; its strikes now (an "equivalent" verdict takes one back)."""
+        count = max(self.strikes.pop(entry_id, 0) + (1 if different else -1), 0)
+        if count:
+            self.strikes[entry_id] = count  # re-inserted: the dict's order is least recently struck first
+            while len(self.strikes) > STRIKES_MAX:
+                del self.strikes[next(iter(self.strikes))]
+        return count
 
     def observe(self, similarity: float, correct: bool) -> None:
         b = bin_of(similarity)
@@ -148,6 +161,21 @@ def wilson_upper(errors: int, n: int, z: float | None = None) -> float:
     p = errors / n
     denom = 1 + z * z / n
     return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / denom
+
+
+def debiased(rate: float, recall: float, false_positive_rate: float) -> float:
+    """The true error rate behind an observed "not equivalent" rate from an imperfect judge.
+
+    A judge with recall ``r`` and false-positive rate ``f`` says "not equivalent" to a right hit
+    with probability ``1 - r`` and to a wrong one with ``1 - f``, so the observed rate is
+    ``o = (1 - e)(1 - r) + e(1 - f)``; solved for ``e`` (Rogan and Gladen, 1978, "Estimating
+    prevalence from the results of a screening test"): ``e = (o - (1 - r)) / (r - f)``, clipped to
+    [0, 1]. Bounds transform the same way (the map is monotone). A judge no better than chance
+    (``r <= f``) tells nothing: the worst case, 1.0. With a perfect judge ``e = o``.
+    """
+    if recall <= false_positive_rate:
+        return 1.0
+    return min(max((rate - (1.0 - recall)) / (recall - false_positive_rate), 0.0), 1.0)
 
 
 class HitPolicy(Protocol):
@@ -247,6 +275,14 @@ class VerifiedPolicy:
       budget is spent on the whole served region, not per bin). It starts at the calibrated static
       threshold, opens downwards as misses just below it are judged right, and closes upwards when
       the judged error rate at or above it is clearly over budget.
+    - The judge is not perfect (:mod:`caches.semantic.judge` measures it): given its recall and
+      false-positive rate, the floor and the exploration read the error rate behind the verdicts
+      (:func:`debiased`), not the verdicts' own "not equivalent" rate. Without that, a judge that
+      misses 10 % of equivalent answers looks like a 10 % error rate, ten times a 1 % budget, and
+      the floor closes over hits that were right (measured: benchmarks/results/semantic_stream_judge_quality.json).
+      For the same reason an entry's ``tau`` is raised only after :attr:`strikes_needed` more
+      "different" than "equivalent" verdicts (one with a perfect judge): enough that a right entry
+      reaches it by the judge's misses alone with a chance within the budget.
     - Neighbourhood agreement (the judge's other use): entries whose answers the judge found
       equivalent share a group; every neighbour within :data:`VOTE_MARGIN` of the nearest must be
       in its group, and below the calibrated threshold at least :data:`VOTE_MIN` must agree. A
@@ -263,12 +299,31 @@ class VerifiedPolicy:
     # tuned on the banking77 tune half: NEAR_DUPLICATE gave fewer correct hits than static)
     alone_from: float | None = None
     seed: int | None = None
+    # the judge's measured quality (1.0 and 0.0: the verdicts are taken as the truth)
+    judge_recall: float = 1.0
+    judge_false_positive_rate: float = 0.0
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
     # -- floor ----------------------------------------------------------------------------------
+    def _error(self, observed: float) -> float:
+        """The error rate behind an observed rate of "not equivalent" verdicts (or its bound)."""
+        return debiased(observed, self.judge_recall, self.judge_false_positive_rate)
+
+    @property
+    def strikes_needed(self) -> int:
+        """Net "different" verdicts before an entry's ``tau`` rises: the smallest ``k`` with
+        ``(1 - recall) ** k <= error_budget`` (1 for a perfect judge; a judge no better than chance
+        never raises it)."""
+        miss = 1.0 - self.judge_recall
+        if miss <= 0.0:
+            return 1
+        if self.judge_recall <= self.judge_false_positive_rate or miss >= 1.0:
+            return STRIKES_NEVER
+        return max(1, math.ceil(math.log(self.error_budget) / math.log(miss) - 1e-9))
+
     def floor(self, band: FloorBand) -> float:
         if band.floor < 0:
             band.floor = self.threshold
@@ -285,7 +340,7 @@ class VerifiedPolicy:
         b = start
         while b < N_BINS - 1:
             wrong, n = band.pooled(b)
-            if n < BIN_MIN_OBS or wrong / n <= 2 * self.error_budget:
+            if n < BIN_MIN_OBS or self._error(wrong / n) <= 2 * self.error_budget:
                 break
             b += 1
         if b > start:
@@ -296,7 +351,7 @@ class VerifiedPolicy:
         b = start
         while b - 1 >= lowest:
             wrong, n = band.pooled(b - 1)
-            if band.n[b - 1] < BIN_MIN_OBS or wilson_upper(wrong, n) > self.error_budget:
+            if band.n[b - 1] < BIN_MIN_OBS or self._error(wilson_upper(wrong, n)) > self.error_budget:
                 break
             b -= 1
         band.floor = min(self.threshold, b * BIN) if b < start else self.threshold
@@ -324,7 +379,7 @@ class VerifiedPolicy:
             return self.explore_rate
         b = bin_of(similarity)
         wrong, n = band.pooled(b - EXPLORE_NEIGHBOUR_BINS, b + EXPLORE_NEIGHBOUR_BINS)
-        return self.explore_rate * min(1.0, wilson_upper(wrong, n) / self.error_budget)
+        return self.explore_rate * min(1.0, self._error(wilson_upper(wrong, n)) / self.error_budget)
 
     def decide(
         self, candidates: Sequence[Candidate], query: str, floor: float, band: FloorBand | None = None,
@@ -366,9 +421,19 @@ class VerifiedPolicy:
             if band is not None:
                 band.observe(pending.shadow.similarity, shadow_ok)
                 self.adapt_floor(band)
-        wrong = [c for c in pending.candidates[:LEARN_FROM_TOP] if not verdict(c)]
+        wrong = [c for c in pending.candidates[:LEARN_FROM_TOP] if self._struck_out(c, verdict(c), band)]
         group = next((c.group_id for c in pending.candidates[:GROUP_FROM_TOP] if verdict(c)), None)
         return Learned(wrong, group, shadow_ok)
+
+    def _struck_out(self, candidate: Candidate, equivalent: bool, band: FloorBand | None) -> bool:
+        """Whether this verdict raises the candidate's ``tau`` (see :attr:`strikes_needed`)."""
+        needed = self.strikes_needed
+        if needed == 1 or band is None:
+            return not equivalent
+        if band.strike(candidate.entry_id, different=not equivalent) < needed:
+            return False
+        band.strikes.pop(candidate.entry_id, None)  # tau raised: count afresh above it
+        return True
 
 
 @dataclass

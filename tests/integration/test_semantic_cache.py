@@ -201,11 +201,17 @@ def test_redis_down_and_back() -> None:
         server.stop()
 
 
+# The tests from here on are about the mechanism (learned tau, groups, vetoes, verification), not the calibration: a judge
+# at 0.9 so that answers made 0.97 alike count as equivalent. The app's calibrated threshold
+# (caches.semantic.judge.ANSWER_SIMILARITY_THRESHOLD, 0.993) is tested in tests/unit/test_judge.py.
+MECHANISM_JUDGE = EmbeddingJudge(threshold=0.9, recall=1.0, false_positive_rate=0.0)  # its verdicts: the truth
+
+
 def test_learned_tau_is_shared_and_a_trimmed_stream_reloads_the_mirror(redis_client: redis.Redis) -> None:
     rng = np.random.default_rng(6)
     # threshold 0.96: a lone neighbour at 0.95 is below it, so the lookup is a miss that learns
-    a = SemanticCache(redis_client, threshold=0.96, mode="verified")
-    b = SemanticCache(redis_client, threshold=0.96, mode="verified")
+    a = SemanticCache(redis_client, threshold=0.96, mode="verified", judge=MECHANISM_JUDGE)
+    b = SemanticCache(redis_client, threshold=0.96, mode="verified", judge=MECHANISM_JUDGE)
     scope = _scope()
     v = _unit(rng)[0]
     first = a.store(scope, "q", v, "answer")
@@ -230,10 +236,6 @@ def _answer(rng: np.random.Generator) -> np.ndarray:
     return _unit(rng)[0]
 
 
-# These tests are about the mechanism (groups, vetoes, verification), not the calibration: a judge
-# at 0.9 so that answers made 0.97 alike count as equivalent. The app's calibrated threshold
-# (caches.semantic.judge.ANSWER_SIMILARITY_THRESHOLD, 0.993) is tested in tests/unit/test_judge.py.
-MECHANISM_JUDGE = EmbeddingJudge(threshold=0.9)
 
 
 def test_entries_carry_the_answer_embedding_and_judged_group(redis_client: redis.Redis) -> None:

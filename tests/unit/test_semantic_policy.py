@@ -178,3 +178,43 @@ def test_old_private_candidate_name_still_imports() -> None:
     from caches.semantic import _Candidate
 
     assert _Candidate is Candidate
+
+
+def test_the_error_rate_behind_an_imperfect_judges_verdicts() -> None:
+    from caches.semantic.decision import debiased
+
+    # a perfect judge: the observed "different" rate is the error rate
+    assert debiased(0.03, 1.0, 0.0) == 0.03
+    # a judge that misses 10% of equivalent answers: 10% "different" with no real error
+    assert abs(debiased(0.10, 0.9, 0.01)) < 1e-9
+    assert abs(debiased(0.10 + 0.89 * 0.05, 0.9, 0.01) - 0.05) < 1e-9  # a 5% real error rate
+    # a judge no better than chance tells nothing: the worst case
+    assert debiased(0.5, 0.3, 0.3) == 1.0
+
+
+def test_an_imperfect_judge_neither_closes_the_floor_nor_raises_tau_on_its_own_misses() -> None:
+    band = FloorBand()
+    # above the threshold, 10% "different" verdicts: what a judge of recall 0.9 says of right hits
+    for i in range(200):
+        band.observe(0.925, i % 10 != 0)
+    naive = VerifiedPolicy(threshold=0.92, error_budget=0.01)
+    naive.adapt_floor(band)
+    assert naive.floor(band) > 0.92  # taken as a 10% error rate: ten times the budget, it closes
+    aware = VerifiedPolicy(threshold=0.92, error_budget=0.01, judge_recall=0.9, judge_false_positive_rate=0.01)
+    band.floor = -1.0
+    aware.adapt_floor(band)
+    assert aware.floor(band) == 0.92
+    # one "different" verdict on an entry no longer raises its tau; two net ones do
+    assert aware.strikes_needed == 2 and naive.strikes_needed == 1
+    near = [_cand(0.9, 1, i=1), _cand(0.89, 1, i=2)]
+    pending = PendingLookup(shadow=None, candidates=near)
+    assert aware.learn(pending, lambda c: False, band).wrong == []
+    assert [c.entry_id for c in aware.learn(pending, lambda c: False, band).wrong] == [1, 2]
+    # an "equivalent" verdict in between takes a strike back
+    fresh = FloorBand()
+    aware.learn(pending, lambda c: False, fresh)
+    aware.learn(pending, lambda c: True, fresh)
+    assert aware.learn(pending, lambda c: False, fresh).wrong == []
+    # the app's own judge (recall 0.027) never raises a tau by its verdicts
+    app = VerifiedPolicy(threshold=0.92, judge_recall=4 / 150, judge_false_positive_rate=1 / 150)
+    assert app.strikes_needed > 100
