@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = {
         "command": "python -m benchmarks.semantic_stream " + " ".join(sys.argv[1:] if argv is None else argv),
         "calibration": os.path.relpath(args.calibration, REPO_ROOT) if args.threshold is None else None,
-        "streams": {name: str(path) for name, path in streams.items()},
+        "streams": {name: os.path.relpath(path, REPO_ROOT) for name, path in streams.items()},  # no machine layout
         "roles": {name: role_of(path) for name, path in streams.items()},
         "limit": args.limit,
         "threshold": threshold,
