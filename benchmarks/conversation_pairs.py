@@ -64,10 +64,9 @@ def _user_turns(messages: list[dict[str, Any]]) -> str:
 def evaluate(rows: list[dict[str, Any]], threshold: float, system_prompt: str) -> dict[str, Any]:
     """Per rule and (same_answer, subtype): pairs, and pairs the rule answers from ``a``'s entry."""
     rule = StaticPolicy(threshold, guard=trap_guard)
-    last_a = encode([message_text(r["a"][-1]) for r in rows])
-    last_b = encode([message_text(r["b"][-1]) for r in rows])
-    whole_a = encode([_user_turns(r["a"]) for r in rows])
-    whole_b = encode([_user_turns(r["b"]) for r in rows])
+    last = {side: [message_text(r[side][-1]) for r in rows] for side in "ab"}
+    whole = {side: [_user_turns(r[side]) for r in rows] for side in "ab"}
+    last_a, last_b, whole_a, whole_b = (encode(texts) for texts in (last["a"], last["b"], whole["a"], whole["b"]))
 
     def hit(sim: float, stored: str, asked: str) -> bool:
         candidate = Candidate(entry_id=1, similarity=sim, query=stored, response="")
@@ -79,13 +78,12 @@ def evaluate(rows: list[dict[str, Any]], threshold: float, system_prompt: str) -
     for i, row in enumerate(rows):
         kind = f"{'should-hit' if row['same_answer'] else 'trap'}/{row['subtype']}"
         pairs[kind] += 1
-        qa, qb = message_text(row["a"][-1]), message_text(row["b"][-1])
         same_scope = _identity(row["a"], system_prompt).semantic_scope == _identity(row["b"], system_prompt).semantic_scope
-        last_hit = hit(float(np.dot(last_a[i], last_b[i])), qa, qb)
+        last_hit = hit(float(np.dot(last_a[i], last_b[i])), last["a"][i], last["b"][i])
         outcomes = {
             "app": same_scope and last_hit,
             "last question only": last_hit,
-            "whole conversation": hit(float(np.dot(whole_a[i], whole_b[i])), _user_turns(row["a"]), _user_turns(row["b"])),
+            "whole conversation": hit(float(np.dot(whole_a[i], whole_b[i])), whole["a"][i], whole["b"][i]),
         }
         for name, answered in outcomes.items():
             served[name][kind] += answered

@@ -9,13 +9,9 @@ deployment might have).
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
-from caches.semantic.judge import Answer
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from caches.semantic.judge import Answer, EmbeddingJudge
 
 
 def stand_in_answer(intent: str, i: int, answers: str) -> str:
@@ -49,25 +45,20 @@ class OracleJudge:
 
 
 class MeasuredJudge(OracleJudge):
-    """The oracle degraded to the app's judge as measured (``benchmarks/results/judge_calibration.json``,
-    held-out half): a truly equivalent pair is called equivalent with the measured recall, a
-    different pair with the measured false-positive rate. It gives the policy the signal the app
-    really has (on SmolLM2 answers, a weak one), not the labels production lacks."""
+    """The oracle degraded to a judge of given quality: a truly equivalent pair is called
+    equivalent with its recall, a different pair with its false-positive rate. By default the app's
+    judge as measured (:class:`caches.semantic.judge.EmbeddingJudge`'s recall and false-positive
+    rate, from ``benchmarks/results/judge_calibration.json``'s held-out half): it gives the policy
+    the signal the app really has (on SmolLM2 answers, a weak one), not the labels production lacks."""
 
     name = "measured-app-judge"
 
-    def __init__(self, calibration: Path = RESULTS / "judge_calibration.json", seed: int = 0,
-                 quality: tuple[float, float] | None = None) -> None:
+    def __init__(self, seed: int = 0, quality: tuple[float, float] | None = None) -> None:
         """``quality``: (recall, false-positive rate) of a judge the app does not have, to ask what
-        judge the verified rule needs (``--judge-quality``); by default the app's, as measured."""
+        judge the verified rule needs (``--judge-quality``)."""
         super().__init__()
-        if quality is not None:
-            self.recall, self.false_positive_rate = quality
-        else:
-            held = json.loads(calibration.read_text())["heldout"]
-            self.recall = held["tp"] / max(held["tp"] + held["fn"], 1)
-            negatives = held["n"] - held["n_positive"]
-            self.false_positive_rate = held["fp"] / max(negatives, 1)
+        app = EmbeddingJudge()
+        self.recall, self.false_positive_rate = quality or (app.recall, app.false_positive_rate)
         self.rng = random.Random(seed)
 
     def equivalent(self, a: Answer, b: Answer) -> bool:

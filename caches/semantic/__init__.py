@@ -52,7 +52,6 @@ from caches.semantic.decision import (
     VOTE_K,
     VOTE_MARGIN,
     VOTE_MIN,
-    WILSON_Z,
     Candidate,
     Decision,
     FloorBand,
@@ -64,6 +63,7 @@ from caches.semantic.decision import (
     VerifiedPolicy,
     wilson_upper,
 )
+from caches.semantic.evidence import WILSON_Z
 from caches.semantic.guard import (
     FILLERS,
     NEGATIONS,

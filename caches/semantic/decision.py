@@ -29,11 +29,10 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from caches.semantic.evidence import (  # noqa: F401 (BIN, WILSON_Z: re-exported for callers of this module)
+from caches.semantic.evidence import (
     BIN,
     N_BINS,
     STRIKES_NEVER,
-    WILSON_Z,
     FloorBand,
     bin_of,
     debiased,
@@ -255,7 +254,7 @@ class VerifiedPolicy:
         miss = 1.0 - self.judge_recall
         if miss <= 0.0:
             return 1
-        if self.judge_recall <= self.judge_false_positive_rate or miss >= 1.0:
+        if self.judge_recall <= self.judge_false_positive_rate:  # recall 0 included
             return STRIKES_NEVER
         return max(1, math.ceil(math.log(self.error_budget) / math.log(miss) - 1e-9))
 

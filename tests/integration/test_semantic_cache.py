@@ -201,8 +201,8 @@ def test_redis_down_and_back() -> None:
         server.stop()
 
 
-# The tests from here on are about the mechanism (learned tau, groups, vetoes, verification), not the calibration: a judge
-# at 0.9 so that answers made 0.97 alike count as equivalent. The app's calibrated threshold
+# The tests from here on are about the mechanism (learned tau, groups, vetoes, verification), not
+# the calibration: a judge at 0.9 so that answers made 0.97 alike count as equivalent. The app's calibrated threshold
 # (caches.semantic.judge.ANSWER_SIMILARITY_THRESHOLD, 0.993) is tested in tests/unit/test_judge.py.
 MECHANISM_JUDGE = EmbeddingJudge(threshold=0.9, recall=1.0, false_positive_rate=0.0)  # its verdicts: the truth
 
@@ -234,8 +234,6 @@ def test_learned_tau_is_shared_and_a_trimmed_stream_reloads_the_mirror(redis_cli
 
 def _answer(rng: np.random.Generator) -> np.ndarray:
     return _unit(rng)[0]
-
-
 
 
 def test_entries_carry_the_answer_embedding_and_judged_group(redis_client: redis.Redis) -> None:

@@ -74,6 +74,9 @@ def test_committed_calibration_and_constant_agree() -> None:
     source = (Path(__file__).resolve().parents[2] / "caches" / "semantic" / "judge.py").read_text()
     heldout = result["heldout"]
     assert f"precision {heldout['precision']:.3f}" in source and f"recall {heldout['recall']:.3f}" in source
+    # the judge's quality the verified rule reads (and benchmarks.stream_judges.MeasuredJudge plays)
+    assert EmbeddingJudge().recall == pytest.approx(heldout["tp"] / (heldout["tp"] + heldout["fn"]))
+    assert EmbeddingJudge().false_positive_rate == pytest.approx(heldout["fp"] / (heldout["n"] - heldout["n_positive"]))
 
 
 # ---- the calibration benchmark's pure parts

@@ -15,7 +15,8 @@ from caches.semantic import (
     trap_guard,
     wilson_upper,
 )
-from caches.semantic.decision import BIN, BIN_MIN_OBS, Decision
+from caches.semantic.decision import BIN_MIN_OBS, Decision
+from caches.semantic.evidence import BIN
 
 
 def test_trap_guard_catches_minimal_edits() -> None:
@@ -181,7 +182,7 @@ def test_old_private_candidate_name_still_imports() -> None:
 
 
 def test_the_error_rate_behind_an_imperfect_judges_verdicts() -> None:
-    from caches.semantic.decision import debiased
+    from caches.semantic.evidence import debiased
 
     # a perfect judge: the observed "different" rate is the error rate
     assert debiased(0.03, 1.0, 0.0) == 0.03
