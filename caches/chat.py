@@ -65,6 +65,12 @@ SEMANTIC_FINISH_REASONS = frozenset({"stop"})
 # text written for another question, which cannot carry these.
 SEMANTIC_EXCLUDED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions",
                             "prompt_logprobs", "echo", "return_token_ids", "return_tokens_as_token_ids")
+# Fields that ask for parts of the answer a stored answer does not carry whole through both
+# transports (a stream is rebuilt from its deltas; a replay sends text, tool calls, logprobs):
+# such a request is never cached, since a hit would silently lack what it asked for.
+UNREPLAYABLE_FIELDS: dict[str, str] = {
+    "return_token_ids": "token ids are not kept through a streamed store or a streamed replay",
+}
 # vLLM's own fallback when neither the request nor the model's generation config sets it
 # (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS and CompletionRequest._DEFAULT_SAMPLING_PARAMS in
 # vLLM 0.32: both 1.0; tests/unit/test_request_identity.py checks them against vLLM's classes).
@@ -149,6 +155,9 @@ class RequestIdentity(BaseModel):
         if not deterministic and not cache_nondeterministic:
             why = "sampled answer (temperature is not 0, explicitly or by the engine's default)"
             return cls(cacheable=False, reason=why, **common)
+        unreplayable = [f for f in UNREPLAYABLE_FIELDS if body.get(f) not in (None, False)]
+        if unreplayable:
+            return cls(cacheable=False, reason=f"{unreplayable[0]}: {UNREPLAYABLE_FIELDS[unreplayable[0]]}", **common)
         namespace = tenant_namespace("res", tenant)
         exact_key = make_key(namespace, model.key_part, safe_part(version), digest({"route": route, "request": body}))
         scope, text, why = _semantic_parts(body, tenant=tenant, model=model, version=version, encoder=encoder)
@@ -176,9 +185,17 @@ class RequestIdentity(BaseModel):
 ChatIdentity = RequestIdentity
 
 
+def without_nulls(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as the engine gets it: a top-level ``null`` means the default, as OpenAI reads
+    it, so the field is left out. (vLLM reads some nulls otherwise: ``tool_choice: null`` turns off
+    the "tools given -> auto" default, and ``include_reasoning: null`` is a 400.) The identity is
+    built from this same body, so the key and the engine never disagree."""
+    return {k: v for k, v in request.items() if v is not None}
+
+
 def identity_body(request: dict[str, Any]) -> dict[str, Any]:
     """The request minus :data:`NON_ANSWER_FIELDS`. It is hashed with
-    :func:`caches.keys.canonical_json`: key order and explicit nulls do not matter, text does."""
+    :func:`caches.keys.canonical_json`: key order does not matter, text and nulls do."""
     return {k: v for k, v in request.items() if k not in NON_ANSWER_FIELDS}
 
 
@@ -229,6 +246,16 @@ class CachedAnswer(BaseModel):
     stored_at: float
     body: dict[str, Any]
     status: int = 200  # a leader shares its 4xx with its followers (see caches.coalesce)
+    # A refusal answers the request as sent, byte for byte: vLLM also checks fields that are not
+    # in the identity (`stream_options` without `stream`, a `user` that is not a string, an unknown
+    # `service_tier`), so identical identities can still get different refusals. For a 4xx, the
+    # digest of the whole engine request (`request_digest`); only a follower that sent the same
+    # bytes takes it, the others ask the engine themselves.
+    request: str | None = None
+
+    def answers(self, request: dict[str, Any]) -> bool:
+        """Whether this outcome is the answer to `request` (a follower's, as the engine gets it)."""
+        return self.status == 200 or self.request == request_digest(request)
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
@@ -240,6 +267,11 @@ class CachedAnswer(BaseModel):
             return cls.model_validate_json(blob)
         except ValueError:
             return None
+
+
+def request_digest(request: dict[str, Any]) -> str:
+    """SHA-256 of the whole request, non-answer fields included (see :class:`CachedAnswer`)."""
+    return digest(request)
 
 
 def storable(completion: dict[str, Any]) -> tuple[bool, str | None]:

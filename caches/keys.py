@@ -25,13 +25,16 @@ _WS = re.compile(r"\s+")
 
 
 def canonical_json(value: Any) -> str:
-    """Stable JSON of a request: sorted keys, no spaces, ``null`` fields dropped (null means the
-    default, as if absent), whole floats written as ints (``0.0`` and ``0`` are one JSON number).
-    Strings are kept exactly as written."""
+    """Stable JSON of a request: sorted keys, no spaces, whole floats written as ints (``0.0`` and
+    ``0`` are one JSON number). Strings are kept exactly as written, and so is an explicit
+    ``null``: for some fields the engine reads it differently from an absent field (vLLM's
+    ``tool_choice: null`` skips the "tools given -> auto" default), so merging the two could serve
+    one the other's answer. The routes drop top-level nulls before the engine sees the request
+    (:func:`caches.chat.without_nulls`), so in practice only nested ones reach a key."""
 
     def norm(v: Any) -> Any:
         if isinstance(v, dict):
-            return {str(k): norm(x) for k, x in v.items() if x is not None}
+            return {str(k): norm(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [norm(x) for x in v]
         if isinstance(v, float) and v.is_integer():

@@ -15,13 +15,15 @@ Message = dict[str, Any]
 
 
 def message_text(message: Message) -> str:
-    """Text of a message whose content is a string or a list of OpenAI content parts."""
+    """Text of a message whose content is a string or a list of OpenAI content parts, the parts
+    joined with a newline as vLLM joins them for a text-only chat template ("What is" and "2+2"
+    are "What is\n2+2", not "What is2+2", for the encoder and the trap guard too)."""
     content = message.get("content")
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return "\n".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
 
 
 def build_messages(deployment_system_prompt: str, messages: list[Message]) -> list[Message]:

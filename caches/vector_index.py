@@ -45,6 +45,11 @@ def _gpu_resources() -> Any:
         return _resources
 
 
+# The most neighbours a GPU index returns per query: FAISS's GPU k-selection limit
+# (GPU_MAX_SELECTION_K in faiss/gpu/utils/DeviceDefs.cuh, 2048 on CUDA); a larger k raises.
+GPU_MAX_K = 2048
+
+
 def make_ip_index(dim: int, use_gpu: bool = False, *, device: int = 0) -> Any:
     """An `IndexIDMap2` over a flat inner-product index of `dim` dimensions, on GPU `device` when
     `use_gpu` and one is visible, on the CPU otherwise. `on_gpu(index)` tells which."""

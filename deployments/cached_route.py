@@ -28,14 +28,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
 from caches.cache_control import CacheControl, age_seconds
-from caches.chat import CachedAnswer, ModelIdentity, RequestIdentity, storable
+from caches.chat import CachedAnswer, ModelIdentity, RequestIdentity, request_digest, storable
 from caches.coalesce import Coalescer, Flight
 from caches.redis_client import REDIS_ERRORS, make_async_client
 from caches.result import CacheUnavailable, ResultCache
 from deployments import metrics
 from deployments.config import AppSettings
 from deployments.llm import META_PREFIX
-from deployments.openai_compat import StreamAssembler, is_done, refresh
+from deployments.openai_compat import StreamAssembler, is_done, is_usage_only, refresh, with_usage
 from deployments.openai_surface import open_stream
 
 log = logging.getLogger("tierserve.cached_route")
@@ -278,8 +278,8 @@ class CachedRoute:
         await flight.close()
         turn.flight = None
         shared = CachedAnswer.decode(outcome)
-        if shared is None:
-            return None
+        if shared is None or not shared.answers(turn.request):
+            return None  # unreadable, or a refusal of a request that differs from this one
         body = refresh(shared.body, self.id_prefix) if shared.status == 200 else shared.body
         return self._reply_cached(turn, body, "coalesced", 0, None, status=shared.status)
 
@@ -310,7 +310,8 @@ class CachedRoute:
         handed_over = False
         try:
             try:
-                meta, error, stream = await open_stream(self._call_stream(turn.request, turn.ident.tenant), META_PREFIX)
+                meta, error, stream = await open_stream(self._call_stream(with_usage(turn.request), turn.ident.tenant),
+                                                         META_PREFIX)
             except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica
                 metrics.observe(self.route, turn.layer, 503, turn.started)
                 raise ModelUnavailable(f"the model failed to answer ({type(exc).__name__}); retry shortly") from exc
@@ -338,6 +339,8 @@ class CachedRoute:
                 if is_done(chunk):
                     done = chunk  # held back until the answer is stored (below)
                     continue
+                if not turn.include_usage and is_usage_only(chunk):
+                    continue  # asked of the engine for the stored answer (with_usage), not by this client
                 yield chunk
             metrics.observe(self.route, turn.layer, 200, turn.started)
             # Store before the final `[DONE]`: a client that repeats the request the moment its
@@ -363,7 +366,8 @@ class CachedRoute:
         if status != 200 or completion is None:
             if flight is not None and 400 <= status < 500 and completion is not None:
                 # the same request gets the same refusal: followers need not ask again
-                await flight.publish(CachedAnswer(stored_at=time.time(), body=completion, status=status).encode())
+                await flight.publish(CachedAnswer(stored_at=time.time(), body=completion, status=status,
+                                                  request=request_digest(turn.request)).encode())
             return
         complete, _ = storable(completion)
         if not complete:

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from ray.serve.handle import DeploymentHandle
 
 from caches.cache_control import CacheControl, age_seconds
-from caches.chat import CHAT, EncoderIdentity, RequestIdentity, semantic_answer
+from caches.chat import CHAT, EncoderIdentity, RequestIdentity, semantic_answer, without_nulls
 from caches.coalesce import Coalescer
 from caches.prompts import build_messages
 from caches.result import ResultCache
@@ -163,10 +163,10 @@ class ChatPath(CachedRoute):
         if refused is not None:
             metrics.observe(self.route, "none", refused.status_code, started)
             return refused
-        sent = body.model_dump(mode="json", exclude_unset=True)
+        sent = without_nulls(body.model_dump(mode="json", exclude_unset=True))
         # the request as the engine gets it: the identity hashes exactly this
         engine_request = {**sent, "messages": build_messages(self.settings.llm.system_prompt, sent["messages"])}
-        control = CacheControl.parse(request.headers.get("cache-control"))
+        control = CacheControl.parse(", ".join(request.headers.getlist("cache-control")) or None)
         cache = self.settings.cache
         ident = RequestIdentity.build(
             engine_request, tenant=tenant, model=await self._model_identity(), version=await self._version(body.model),

@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from caches.cache_control import CacheControl
-from caches.chat import COMPLETIONS, RequestIdentity
+from caches.chat import COMPLETIONS, RequestIdentity, without_nulls
 from deployments import metrics
 from deployments.cached_route import CachedRoute, Turn
 from deployments.openai_compat import StreamAssembler, error_body
@@ -71,13 +71,13 @@ class CompletionPath(CachedRoute):
         if refused is not None:
             metrics.observe(ROUTE, "none", refused.status_code, started)
             return refused
-        sent = body.model_dump(mode="json", exclude_unset=True)
+        sent = without_nulls(body.model_dump(mode="json", exclude_unset=True))
         cache = self.settings.cache
         ident = RequestIdentity.build(
             sent, tenant=tenant, model=await self._model_identity(), version=await self._version(body.model),
             encoder=None, cache_nondeterministic=cache.cache_nondeterministic, route=COMPLETIONS,
         )
-        turn = Turn(ident=ident, control=CacheControl.parse(request.headers.get("cache-control")), request=sent,
+        turn = Turn(ident=ident, control=CacheControl.parse(", ".join(request.headers.getlist("cache-control")) or None), request=sent,
                     stream=body.stream, include_usage=bool((sent.get("stream_options") or {}).get("include_usage")),
                     started=started)
         return await self._serve(turn)

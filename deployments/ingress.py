@@ -266,11 +266,13 @@ class Ingress:
                 model_card(enc["name"], version=enc["version"], dimensions=enc["dim"])]
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._tenant(request)  # any tenant, but a tenant: a missing or unknown key is a 401
         return {"object": "list", "data": await self._model_cards()}
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str) -> Any:
+    async def model(self, model_id: str, request: Request) -> Any:
+        self._tenant(request)
         # `:path`: hub ids such as "Qwen/Qwen2.5-1.5B-Instruct" contain '/'.
         for card in await self._model_cards():
             if card["id"] == model_id:

@@ -135,6 +135,7 @@ class LLMServer:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.exceptions import VLLMClientError
 
         request_cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
         try:
@@ -143,12 +144,16 @@ class LLMServer:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise OpenAIError(400, f"Invalid request at '{where}': {first.get('msg')}", param=where) from exc
+        except VLLMClientError as exc:
+            # vLLM's own validators raise these past pydantic (`stream_options` without
+            # `stream: true`): the request's fault, a 400 that says what to change, not a 503.
+            raise OpenAIError(400, str(exc), param=getattr(exc, "parameter", None)) from exc
 
     async def _run(self, body: dict[str, Any], tenant: str, kind: str = "chat"):
         """One request through vLLM's serving layer: "chat" (OpenAIServingChat) or "completion"
         (OpenAIServingCompletion, the legacy route), the tenant as `cache_salt` either way."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.exceptions import VLLMValidationError
+        from vllm.exceptions import VLLMClientError
 
         request = self._request(body, tenant, kind)
         try:
@@ -156,8 +161,8 @@ class LLMServer:
                 result = await self.completion_serving.create_completion(request, None)
             else:
                 result = await self.chat_serving.create_chat_completion(request, None)
-        except (VLLMValidationError, ValueError) as exc:
-            raise OpenAIError(400, str(exc)) from exc
+        except (VLLMClientError, ValueError) as exc:
+            raise OpenAIError(400, str(exc), param=getattr(exc, "parameter", None)) from exc
         if isinstance(result, ErrorResponse):
             err = result.error
             status = 400 if err.code in (404, 422) else int(err.code or 400)

@@ -77,6 +77,13 @@ def stream_from_completion(body: dict[str, Any], include_usage: bool) -> Iterato
     yield sse("[DONE]")
 
 
+# Choice- and chunk-level fields of vLLM's chat chunks that the assembler reads or that carry
+# nothing a replay must give back; any other non-null one (e.g. `token_ids`, `prompt_token_ids`
+# with `return_token_ids`) makes the stream unreplayable, so it is not stored.
+_CHAT_CHOICE_FIELDS = frozenset({"index", "delta", "logprobs", "finish_reason", "stop_reason"})
+_CHAT_CHUNK_FIELDS = frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint"})
+
+
 class _Choice:
     def __init__(self) -> None:
         self.text: dict[str, list[str]] = {}
@@ -87,6 +94,9 @@ class _Choice:
 
     def feed(self, choice: dict[str, Any]) -> str | None:
         """Add one chunk's choice; returns why the stream cannot be replayed, if so."""
+        unknown = [k for k, v in choice.items() if k not in _CHAT_CHOICE_FIELDS and v is not None]
+        if unknown:
+            return f"choice field {unknown[0]!r}"
         delta = choice.get("delta") or {}
         for name, value in delta.items():
             if value is None or name == "role":
@@ -130,6 +140,30 @@ class _Choice:
         return message
 
 
+def with_usage(request: dict[str, Any]) -> dict[str, Any]:
+    """A streamed request as the engine gets it: always with the usage chunk. The stored answer
+    then carries `usage` whichever client streamed it first, so a later non-streamed hit (whose
+    `usage` an OpenAI client reads as always there) or an `include_usage` replay is whole. The
+    chunk goes to the client only when it asked (see :func:`is_usage_only`); per-chunk usage
+    (`continuous_usage_stats`) stays the client's choice, as vLLM applies it only with usage on."""
+    opts = dict(request.get("stream_options") or {})
+    if opts.get("include_usage"):
+        return request
+    opts.pop("continuous_usage_stats", None)
+    return {**request, "stream_options": {**opts, "include_usage": True}}
+
+
+def is_usage_only(chunk: str) -> bool:
+    """True for the stream's usage chunk (no choices, only `usage`), as vLLM sends it last."""
+    if '"choices":[]' not in chunk and '"choices": []' not in chunk:
+        return False  # every other chunk: no JSON parse on the streaming path
+    part = chunk.strip()
+    if not part.startswith("data: {"):
+        return False
+    body = json.loads(part[6:])
+    return body.get("choices") == [] and body.get("usage") is not None
+
+
 def is_done(chunk: str) -> bool:
     """True for the stream's end marker alone (``data: [DONE]``), as the engine sends it."""
     return chunk.strip() == "data: [DONE]"
@@ -146,6 +180,7 @@ class StreamAssembler:
     """
 
     object_name = "chat.completion"
+    chunk_fields = _CHAT_CHUNK_FIELDS
 
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
@@ -165,6 +200,9 @@ class StreamAssembler:
             if "error" in chunk:
                 self.problem = self.problem or f"error chunk: {chunk['error']}"
                 continue
+            unknown = [k for k, v in chunk.items() if k not in self.chunk_fields and v is not None]
+            if unknown:
+                self.problem = self.problem or f"cannot replay chunk field {unknown[0]!r}"
             self.head = self.head or {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
             if chunk.get("usage"):
                 self.usage = chunk["usage"]

@@ -39,6 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from caches.versions import Leased, ModelVersions
 from deployments import metrics
 from deployments.config import RecommenderSettings
 from deployments.recommender_events import EventRecorder
-from deployments.recommender_keys import read_user, remember_unknown
+from deployments.recommender_keys import RatedMemo, read_user, remember_unknown
 from deployments.recommender_model import CACHE_ERRORS, ItemIndex, RecommendationResults, RecsModel
 from feature_store.events import Activity, EventRejected, UserActivityWriter
 from feature_store.journal import EventJournal
@@ -115,6 +116,7 @@ class RecommenderDeployment:
         self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
                                                  lambda m: m.close(remove_files=True))
         self.events = EventRecorder(self.redis, self.writer, self.journal, self.models, self.replica)
+        self.rated_memo = RatedMemo()
         self._warm_up(info)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="recs-watch", daemon=True)
@@ -210,13 +212,16 @@ class RecommenderDeployment:
     def _seen(self, m: RecsModel, user_id: int, rated_since: set[bytes] | None = None, *,
               ask_redis: bool = True) -> set[int]:
         """Items the user rated: the pipeline's, plus those rated by events since (a Redis set,
-        read here unless the caller fetched it already), plus those of events queued here (not
-        applied yet, but the user said so: no answer of ours should offer them again)."""
+        read here unless the caller fetched it already, and what this replica learned of them
+        before: `rated_memo`, all there is when Redis is not asked), plus those of events queued
+        here (not applied yet, but the user said so: no answer of ours should offer them again)."""
         seen = set(m.rated.get(user_id, ()))
         if rated_since is None and ask_redis:
             with contextlib.suppress(*REDIS_ERRORS):
                 rated_since = self.redis.smembers(m.keys.rated(user_id))
-        return seen | {int(x) for x in rated_since or ()} | self.journal.items_of(user_id)
+        if rated_since:
+            self.rated_memo.add(user_id, rated_since)
+        return seen | self.rated_memo.get(user_id) | self.journal.items_of(user_id)
 
     # ----------------------------------------------------------- recommend
     def recommend(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
@@ -255,12 +260,12 @@ class RecommenderDeployment:
         try:
             # One round trip: the user's generation, the "Feast does not know them" memo and the
             # items rated by events since the pipeline ran (deployments/recommender_keys.py).
-            state = read_user(self.redis, m.keys, m.version, user_id)
+            state = read_user(self.redis, m.keys, m.key_version, user_id)
             rated = self._seen(m, user_id, state.rated_since)
             gen, unknown = state.generation, state.unknown
             if self.settings.result_cache and not unknown:
                 payload = {"user": user_id, "k": k, "gen": gen}
-                key = self.results.key(tenant=tenant, model=RECS_MODEL, version=m.version, payload=payload)
+                key = self.results.key(tenant=tenant, model=RECS_MODEL, version=m.key_version, payload=payload)
                 hit = self.results.get(key)
                 if hit is not None:
                     return {**json.loads(hit), "cached": True, "replica": self.replica}
@@ -273,7 +278,7 @@ class RecommenderDeployment:
             # Feast does not know this user: remember it briefly (an event moves `gen`, which
             # makes the memo stale at once), and keep cold-start lists out of the result budget.
             with contextlib.suppress(*REDIS_ERRORS):
-                remember_unknown(self.redis, m.keys, m.version, user_id, gen, self.settings.unknown_user_ttl_s)
+                remember_unknown(self.redis, m.keys, m.key_version, user_id, gen, self.settings.unknown_user_ttl_s)
         elif key is not None and answer.get("status", 200) == 200 and not answer["degraded"]:
             with contextlib.suppress(*CACHE_ERRORS):
                 self.results.put(key, json.dumps(answer).encode())
@@ -284,7 +289,7 @@ class RecommenderDeployment:
 
     def _cold_start(self, m: RecsModel, user_id: int, k: int, rated: set[int] | None = None) -> dict[str, Any]:
         seen = self._seen(m, user_id) if rated is None else rated
-        items = [{"item_id": i, "score": round(s, 6)} for i, s in m.popular if i not in seen][:k]
+        items = [{"item_id": i, "score": round(s, 6)} for i, s in islice(((i, s) for i, s in m.popular if i not in seen), k)]
         return {**self._base(m, user_id), "items": items, "cold_start": True, "degraded": False,
                 "sources": {"user": None, "items": {}}}
 
@@ -296,7 +301,7 @@ class RecommenderDeployment:
         the caller's deadline is spent), and the events queued on this replica."""
         if rated is None:
             rated = self._seen(m, user_id, ask_redis=ask_redis)
-        items = [{"item_id": i, "score": round(s, 6)} for i, s in m.popular if i not in rated][:k]
+        items = [{"item_id": i, "score": round(s, 6)} for i, s in islice(((i, s) for i, s in m.popular if i not in rated), k)]
         return {**self._base(m, user_id), "items": items, "cold_start": False, "degraded": True,
                 "fallback": {"kind": "popular", "reason": why}, "sources": {"user": None, "items": {}}}
 
@@ -318,7 +323,10 @@ class RecommenderDeployment:
         seen = self._seen(m, user_id) if rated is None else rated
         # The row's own list: what events rated, kept in Feast, so a Redis that lost its set of
         # the same items (restarted empty) never brings them back into the answer.
-        seen = seen | {int(x) for x in feats.get("rated_since_build") or ()}
+        since_build = feats.get("rated_since_build") or ()
+        if since_build:
+            self.rated_memo.add(user_id, since_build)
+        seen = seen | {int(x) for x in since_build}
         wanted = max(self.settings.candidates, CANDIDATES_PER_K * k) + len(seen)
         ids, sims = m.index.search_scored(u_emb, wanted)
         if seen:
@@ -349,7 +357,10 @@ class RecommenderDeployment:
         with contextlib.suppress(*CACHE_ERRORS):
             self._follow_current()
         with self.models.lease() as m:
-            return self.events.record(m, activity, tenant)
+            outcome = self.events.record(m, activity, tenant)
+        if activity.type == "rating" and outcome.get("status") in (200, 202):
+            self.rated_memo.add(activity.user_id, [activity.item_id])  # queued too: the user said so
+        return outcome
 
     # ---------------------------------------------------------- operations
     def reload(self, version: str | None = None) -> str:

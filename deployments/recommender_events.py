@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 import redis
+from redis.exceptions import LockError
 
 from caches.invalidation import PendingInvalidations
 from caches.redis_client import REDIS_ERRORS, is_cluster
@@ -124,12 +125,12 @@ class EventRecorder:
         except REDIS_ERRORS as exc:
             raise NotNow("Redis is unreachable") from exc
         try:
-            return self._record_locked(m, activity, tenant)
+            return self._record_locked(m, activity, tenant, lock)
         finally:
             with contextlib.suppress(*REDIS_ERRORS):  # an expired lock is released by its timeout anyway
                 lock.release()
 
-    def _record_locked(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
+    def _record_locked(self, m: RecsModel, activity: Activity, tenant: str, lock: Any) -> dict[str, Any]:
         user_id, item_id = activity.user_id, activity.item_id
         item = m.items.get([item_id])
         if item_id not in item.features:
@@ -168,6 +169,15 @@ class EventRecorder:
         except REDIS_ERRORS as exc:
             raise NotNow("Redis is unreachable") from exc
         row = updated_user_row(current, activity, item.features[item_id], m.genre_list)
+        try:
+            # Still ours, and for a whole timeout from now: a slow Feast read above may have
+            # outlived the lock, and another replica may then have pushed its own update of the
+            # row we read (ours would overwrite it: a lost rating). Not ours -> queue and redo
+            # the read-modify-write later. The push itself is bounded by SQLite's busy timeout,
+            # well under EVENT_LOCK_TIMEOUT_S.
+            lock.reacquire()
+        except (LockError, *REDIS_ERRORS) as exc:
+            raise NotNow("the user's event lock expired while the feature store was slow") from exc
         try:
             self.writer.push(row)
         except FeatureStoreUnavailable as exc:

@@ -28,7 +28,9 @@ goes to at most two nodes, written to both before either is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,3 +131,32 @@ def remember_unknown(client: Any, keys: RecsKeys, version: str, user_id: int, ge
     """Remember briefly that Feast does not know the user, at this generation (an event moves the
     generation, which makes the memo stale at once)."""
     client.set(keys.unknown(version, user_id), generation, ex=max(1, int(ttl_s)))
+
+
+# Users whose event-rated items a replica keeps in memory (least recently seen out first): about
+# 100 bytes a user plus their items, so a few MB at most.
+RATED_MEMO_USERS = 50_000
+
+
+class RatedMemo:
+    """Items each user rated through events, as this replica last learned them (the Redis set, the
+    row's `rated_since_build`, an event it applied). The rated filter adds them always; they matter
+    when Redis may not be asked: the fallback list after the answer deadline (a slow Redis) must
+    not offer an item the user just rated. Bounded; a forgotten user only loses this backstop."""
+
+    def __init__(self, max_users: int = RATED_MEMO_USERS) -> None:
+        self.max_users = max_users
+        self._items: OrderedDict[int, frozenset[int]] = OrderedDict()
+        self._lock = threading.Lock()  # the replica's answer threads share it
+
+    def add(self, user_id: int, items: Iterable[int | bytes | str]) -> None:
+        new = frozenset(int(i) for i in items)
+        with self._lock:
+            old = self._items.pop(user_id, frozenset())
+            self._items[user_id] = old | new
+            while len(self._items) > self.max_users:
+                self._items.popitem(last=False)
+
+    def get(self, user_id: int) -> frozenset[int]:
+        with self._lock:
+            return self._items.get(user_id, frozenset())

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from caches.features import FeatureCache
 from caches.redis_client import REDIS_ERRORS, is_cluster_url
 from caches.result import CacheUnavailable, ResultCache
 from caches.tiered import TierUnavailable
-from caches.vector_index import make_ip_index
+from caches.vector_index import GPU_MAX_K, make_ip_index, on_gpu
 from deployments.config import RecommenderSettings
 from deployments.recommender_keys import RecsKeys, generation_key
 from feature_store import names
@@ -49,15 +50,29 @@ class ItemIndex:
         # On the replica's GPU when the config asks and Ray gave it one; the CPU otherwise.
         self.index = make_ip_index(vectors.shape[1], use_gpu=use_gpu)
         self.index.add_with_ids(vectors, ids)
+        # A GPU index answers at most GPU_MAX_K neighbours; a heavy rater's search asks for more
+        # (candidates plus everything they rated, e.g. 2,468 for MovieLens' user 516). Those go to
+        # a CPU copy: a few MB per million items of dimension 32, and only the rare large k.
+        self.cpu_index: Any = None
+        if on_gpu(self.index):
+            self.cpu_index = make_ip_index(vectors.shape[1], use_gpu=False)
+            self.cpu_index.add_with_ids(vectors, ids)
         self.size = len(frame)
         self.ids = frozenset(int(i) for i in ids)  # the catalogue: events may only name these
+        # The whole catalogue, most popular first (ties by id, as the pipeline ranks them): the
+        # cold-start and fallback lists take the first k the user has not rated, so a user who
+        # rated most of the top items still gets k of them (a top-200 list gave 7 of 10).
+        order = np.lexsort((ids, -frame["popularity"].to_numpy(dtype=np.float64)))
+        self.by_popularity = [int(i) for i in ids[order]]
 
     def search(self, vector: np.ndarray, k: int) -> list[int]:
         return self.search_scored(vector, k)[0].tolist()
 
     def search_scored(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Item ids (int64) and their inner products with `vector`, best first."""
-        sims, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), min(k, self.size))
+        k = min(k, self.size)
+        index = self.cpu_index if self.cpu_index is not None and k > GPU_MAX_K else self.index
+        sims, ids = index.search(vector.reshape(1, -1).astype(np.float32), k)
         keep = ids[0] >= 0
         return ids[0][keep], sims[0][keep]
 
@@ -125,7 +140,12 @@ class Ranked:
 class RecsModel:
     def __init__(self, settings: RecommenderSettings, info: RepoInfo, *, version: str, slot: int, redis_url: str,
                  rocksdb_root: Path) -> None:
-        self.version = version
+        self.version = version  # the label: what answers report, what an admin bumped to
+        # What the feature rows and cached answers are keyed on: the label, plus the build on disk
+        # when the two differ. After a bump the label sticks in Redis while the pipeline may
+        # rebuild the repo under it (new SVD embeddings, new catalogue): rows and answers of the
+        # old build must then be unreachable, as a new label would make them.
+        self.key_version = version if version == info.model_version else f"{version}+{info.model_version}"
         self.index = ItemIndex(info.files["item_features"], use_gpu=settings.faiss_gpu)
         # Item features belong to the model version (events never change them), so every arm holds
         # them in process, the Feast-only baseline included: the tiered-vs-Feast comparison is about
@@ -135,11 +155,11 @@ class RecsModel:
         self.rated = {int(u): set(map(int, items)) for u, items in zip(rated[names.USER_KEY], rated["item_ids"], strict=True)}
         self.genre_list = list(info.genres)
         self.genres = {g: i for i, g in enumerate(info.genres)}
-        popular = info.popular_items
-        self.popular = [(int(item), 1.0 - rank / max(len(popular), 1)) for rank, item in enumerate(popular)]
+        popular = self.index.by_popularity
+        self.popular = [(item, 1.0 - rank / max(len(popular), 1)) for rank, item in enumerate(popular)]
         # Prefixed and filtered: a version is any string an admin sent ("..", "a/b").
         self.rocksdb_dir = rocksdb_root / f"{slot}-version-{re.sub(r'[^A-Za-z0-9._-]', '_', version)}"
-        common = dict(redis_url=redis_url, repo=info.repo_dir, model_version=version)
+        common = dict(redis_url=redis_url, repo=info.repo_dir, model_version=self.key_version)
         self.users = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "users", view=names.USER_VIEW,
                                    entity_key=names.USER_KEY, share=0.25, generations=generation_key, **common)
         self.items = feature_cache(settings, rocksdb_dir=self.rocksdb_dir / "items", view=names.ITEM_VIEW,

@@ -6,9 +6,10 @@ OpenAI field through untouched: vLLM's own request model validates those in the 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX_MESSAGES = 256
 MAX_ID_LEN = 64
@@ -26,6 +27,44 @@ def _not_bool(value: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
+# OpenAI allows an explicit null for these and means the default; pydantic would refuse it.
+StreamFlag = Annotated[bool, BeforeValidator(lambda v: False if v is None else v)]
+ChoiceCount = Annotated[int, BeforeValidator(lambda v: 1 if v is None else _not_bool(v))]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(value: Any, where: str = "") -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no character: it cannot be
+    encoded, hashed into a cache key or tokenised. Refused with where it is, not a 500 later."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise ValueError(f"{where or 'a string'} contains an unpaired UTF-16 surrogate: send valid Unicode text")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _valid_unicode(k, where)
+            _valid_unicode(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _valid_unicode(v, f"{where}[{i}]")
+
+
+class _OpenAIRequest(BaseModel):
+    """OpenAI-style bodies: unknown fields pass through to the engine, text must be Unicode."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _valid_unicode(data)
+        return data
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")  # vLLM validates what else it knows
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
 class ChatMessage(BaseModel):
@@ -33,13 +72,27 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        # A content part is {"type": ..., ...}; a text part's text is a string (the prompt and the
+        # cache keys are built from it before the engine would refuse anything else).
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(part.get("type"), str):
+                raise ValueError(f"content[{j}] needs a string 'type' (e.g. 'text')")
+            if "text" in part and not isinstance(part["text"], str):
+                raise ValueError(f"content[{j}].text must be a string")
+            if part["type"] == "text" and "text" not in part:
+                raise ValueError(f"content[{j}] of type 'text' needs a 'text' string")
+        return content
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+
+class ChatRequest(_OpenAIRequest):
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    stream: bool = False
-    n: Int = Field(default=1, ge=1, le=8)
+    stream: StreamFlag = False
+    stream_options: StreamOptions | None = None
+    n: ChoiceCount = Field(default=1, ge=1, le=8)
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
@@ -58,8 +111,7 @@ class ChatRequest(BaseModel):
         return messages
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class EmbeddingRequest(_OpenAIRequest):
     input: str | list[str] = Field(min_length=1)
     model: str | None = None
     # The official SDK asks for base64 unless told otherwise: both must work.
@@ -87,15 +139,15 @@ class EmbeddingRequest(BaseModel):
         return value
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_OpenAIRequest):
     """Legacy `/v1/completions`: what the ingress needs to route it; vLLM validates the rest."""
 
-    model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
     # Text, texts, token ids or lists of token ids, as OpenAI and vLLM take them.
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    stream: bool = False
-    n: Int = Field(default=1, ge=1, le=8)
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(min_length=1)
+    stream: StreamFlag = False
+    stream_options: StreamOptions | None = None
+    n: ChoiceCount = Field(default=1, ge=1, le=8)
     max_tokens: Int | None = Field(default=None, ge=1)
     temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
@@ -104,7 +156,7 @@ class CompletionRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _bounded(cls, value: str | list[str] | list[int] | list[list[int]]) -> str | list[str] | list[int] | list[list[int]]:
+    def _bounded(cls, value: str | list[str] | list[Int] | list[list[Int]]) -> str | list[str] | list[Int] | list[list[Int]]:
         if isinstance(value, list) and value and isinstance(value[0], str | list):
             if len(value) > MAX_PROMPTS:
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request")

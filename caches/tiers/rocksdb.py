@@ -185,21 +185,6 @@ def _owner_file(path: Path) -> Path:
     return path.parent / f"{path.name}{OWNER_SUFFIX}"
 
 
-def _flock_held(file: Path) -> bool:
-    """flock locks belong to an open file, so this works from any process, our own included."""
-    try:
-        fd = os.open(file, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing our descriptor drops the lock we may have just taken
-    return False
-
-
 def _rocksdb_lock_held(lock: Path) -> bool:
     """RocksDB's LOCK is a POSIX (fcntl) lock, which belongs to a process: only meaningful for
     directories this process has not opened (closing our descriptor would drop our own lock)."""
@@ -235,17 +220,41 @@ def reclaim_dead_dirs(root: Path | str, *, prefix: str, keep: Path | str | None 
     for child in sorted(root.iterdir()):
         if not child.is_dir() or not child.name.startswith(prefix) or child.resolve() == keep_path:
             continue
-        if _flock_held(_owner_file(child)) or any(_rocksdb_lock_held(lock) for lock in child.rglob("LOCK")):
+        if any(_rocksdb_lock_held(lock) for lock in child.rglob("LOCK")):
             continue
-        if salvage is not None:
-            try:
-                salvage(child)
-            except Exception:  # noqa: BLE001 - kept for the next start; never fails this one
-                continue
-        shutil.rmtree(child, ignore_errors=True)
-        _owner_file(child).unlink(missing_ok=True)
-        removed.append(child)
+        # Take the dead directory's owner lock and hold it until the directory is gone: two
+        # replicas starting together must not both salvage it (each would adopt the same queued
+        # events and apply them twice). The one that loses the race sees the lock held: skipped.
+        taken = _take_owner(child)
+        if taken is None:
+            continue
+        try:
+            if salvage is not None:
+                try:
+                    salvage(child)
+                except Exception:  # noqa: BLE001 - kept for the next start; never fails this one
+                    continue
+            shutil.rmtree(child, ignore_errors=True)
+            _owner_file(child).unlink(missing_ok=True)
+            removed.append(child)
+        finally:
+            os.close(taken)  # the lock goes with it
     return removed
+
+
+def _take_owner(path: Path) -> int | None:
+    """The owner lock of `path`'s directory, taken (an open descriptor), or None when a live
+    process holds it: its owner, or another process reclaiming it right now."""
+    try:
+        fd = os.open(_owner_file(path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _expired(raw_value: bytes, now: float) -> bool:

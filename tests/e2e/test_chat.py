@@ -88,9 +88,14 @@ def test_streamed_miss_is_cached(client: httpx.Client, model_name: str) -> None:
         (c["choices"][0].get("delta") or {}).get("content") or ""
         for c in (json.loads(line[6:]) for line in lines[:-1]) if c.get("choices")
     )
+    # it did not ask for usage, so it gets no usage chunk (the engine was asked, for the store)
+    assert not [line for line in lines[:-1] if json.loads(line[6:]).get("usage")]
     again = ask(client, model_name, question, max_tokens=12)
     assert again.headers["x-cache"] == "exact"
     assert again.json()["choices"][0]["message"]["content"] == streamed
+    # a non-streamed answer always has usage, a cached one too (OpenAI clients read it unguarded)
+    usage = again.json()["usage"]
+    assert usage is not None and usage["completion_tokens"] > 0, again.json()
 
 
 def test_models_route(client: httpx.Client, model_name: str) -> None:
@@ -110,6 +115,16 @@ def test_models_route(client: httpx.Client, model_name: str) -> None:
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "temperature"),
+        # each of these was a 5xx: vLLM's own validator (503), an AttributeError, a TypeError and a
+        # UnicodeEncodeError while building the cache key (500)
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+          "stream_options": {"include_usage": True}}, 400, "stream"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stream_options": True}, 400,
+         "stream_options"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}, 400,
+         "must be a string"),
+        ({"model": "MODEL", "temperature": 0, "messages": [{"role": "user", "content": "hi \ud800"}]}, 400,
+         "surrogate"),
     ],
 )
 def test_bad_chat_requests_get_clear_400s(client: httpx.Client, model_name: str, body: dict, status: int, fragment: str) -> None:

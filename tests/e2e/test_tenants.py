@@ -40,7 +40,8 @@ def auth_url(app_url: str) -> Iterator[str]:
 
 def chat(url: str, key: str | None, question: str) -> httpx.Response:
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    model = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"] if key else "x"
+    models = httpx.get(f"{url}/v1/models", headers=headers, timeout=60)
+    model = models.json()["data"][0]["id"] if models.status_code == 200 else "x"
     return httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
         "model": model, "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": question}]})
 
@@ -52,6 +53,11 @@ def test_missing_or_wrong_key_is_a_401_with_a_reason(auth_url: str) -> None:
     assert wrong.status_code == 401
     recs = httpx.post(f"{auth_url}/v1/recommendations", json={"user_id": 1, "k": 3}, timeout=60)
     assert recs.status_code == 401
+    # the model list too ("any tenant" means a tenant: docs/api.md)
+    for path in ("/v1/models", "/v1/models/x"):
+        for headers in ({}, {"authorization": "Bearer not-a-key"}):
+            resp = httpx.get(f"{auth_url}{path}", headers=headers, timeout=60)
+            assert resp.status_code == 401, (path, headers, resp.text)
 
 
 def test_tenants_never_see_each_others_cached_answers(auth_url: str) -> None:

@@ -10,6 +10,7 @@ and `EventRecorder` the deployment wires, on one server and on the 3-master clus
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Iterator
@@ -272,3 +273,50 @@ def test_without_tiers_the_recorder_moves_the_counter_the_request_path_reads(
     out = recorder.record(m, Activity(user, unrated_item(repo, m, user), "click"), "acme")
     assert out["invalidation"] == "published", out
     assert read_user(client, m.keys, m.version, user).generation == before + 1
+
+
+def test_a_build_served_under_a_sticky_label_keys_its_rows_apart(repo: RepoInfo, redis_url: str, tmp_path: Path) -> None:
+    """After an admin bump the label ("v2") stays in Redis while the pipeline may rebuild the repo
+    under it (new embeddings, new catalogue): the new build must not read the old build's rows."""
+    settings = RecommenderSettings(feast_repo=str(repo.repo_dir))
+    old = RecsModel(settings, repo, version="v2", slot=1, redis_url=redis_url, rocksdb_root=tmp_path / "a")
+    rebuilt = RecsModel(settings, dataclasses.replace(repo, model_version="rebuilt"), version="v2", slot=2,
+                        redis_url=redis_url, rocksdb_root=tmp_path / "b")
+    try:
+        user = repo.user_ids_sample[0]
+        assert old.users.get([user]).sources[user] == "feast"
+        assert old.users.get([user]).sources[user] in ("redis", "rocksdb")  # cached for the old build
+        assert old.version == rebuilt.version == "v2"  # what answers report: the label
+        assert rebuilt.users.get([user]).sources[user] == "feast"  # not the old build's row
+        # the label alone when it names the build itself (the default, before any bump)
+        assert open_model(repo, redis_url, tmp_path / "c").key_version == repo.model_version
+    finally:
+        old.close()
+        rebuilt.close()
+
+
+def test_an_event_whose_lock_expired_during_a_slow_feast_read_is_queued_not_pushed(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow (not dead) Feast: the user's row read outlives the event lock, so another replica may
+    already have pushed its own update of that row. Pushing ours would overwrite it (a lost
+    rating): the event is queued and its read-modify-write done again later."""
+    m, recorder = wired
+    user = repo.user_ids_sample[5]
+    item = unrated_item(repo, m, user)
+    n_before = recorder.writer.current_row(user)["n_ratings"]
+    monkeypatch.setattr(recommender_events, "EVENT_LOCK_TIMEOUT_S", 0.5)
+    read = recorder.writer.current_row
+
+    def slow_read(user_id: int) -> dict | None:
+        time.sleep(1.0)  # past the lock's timeout
+        return read(user_id)
+
+    monkeypatch.setattr(recorder.writer, "current_row", slow_read)
+    out = recorder.record(m, Activity(user, item, "rating", 4.0), "acme")
+    assert out["status"] == 202 and out["recorded"] == "queued" and "lock expired" in out["warning"], out
+    assert read(user)["n_ratings"] == n_before  # nothing pushed
+    monkeypatch.setattr(recorder.writer, "current_row", read)
+    monkeypatch.setattr(recommender_events, "EVENT_LOCK_TIMEOUT_S", 10.0)
+    recorder.replay_queued()  # the watcher's next tick: applied once, from a fresh read
+    assert read(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0

@@ -4,6 +4,7 @@ retries that keep order, and a dead replica's queue adopted, never dropped."""
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from pathlib import Path
 
 from caches.tiered import claim_dir, reclaim_dead_dirs
@@ -82,3 +83,33 @@ def test_a_directory_whose_salvage_fails_is_kept_for_the_next_start(tmp_path: Pa
 
     assert reclaim_dead_dirs(parent, prefix="recommender-", salvage=broken) == []
     assert (dead / "events.sqlite3").exists()
+
+
+def test_two_replicas_starting_together_adopt_a_dead_queue_once(tmp_path: Path) -> None:
+    """Each queued event applied once: while one replica salvages a dead directory (it holds the
+    directory's owner lock for that), another starting at the same moment leaves it alone."""
+    parent = tmp_path / "journal"
+    dead = parent / "recommender-dead"
+    proc = multiprocessing.get_context("spawn").Process(target=_own_and_die, args=(str(dead), [7, 8, 9]))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    journals = {name: EventJournal(parent / f"recommender-{name}") for name in ("a", "b")}
+    owners = [claim_dir(parent / f"recommender-{name}") for name in journals]
+    adopted: dict[str, int] = {}
+
+    def salvage_as(name: str, inner: str | None = None) -> Callable[[Path], int]:
+        def salvage(path: Path) -> int:
+            adopted[name] = journals[name].adopt(path)
+            if inner is not None:  # the other replica's start, while this one is mid-salvage
+                reclaim_dead_dirs(parent, prefix="recommender-", keep=parent / f"recommender-{inner}",
+                                  salvage=salvage_as(inner))
+            return adopted[name]
+        return salvage
+
+    gone = reclaim_dead_dirs(parent, prefix="recommender-", keep=parent / "recommender-a", salvage=salvage_as("a", "b"))
+    assert gone == [dead] and not dead.exists()
+    assert adopted == {"a": 3}  # b found the directory taken and adopted nothing
+    assert journals["a"].count() == 3 and journals["b"].count() == 0
+    for owner in owners:
+        owner.close()

@@ -73,6 +73,8 @@ async def test_stream_yields_sse_chunks_and_done(server: LLMServer) -> None:
         ({"model": "other"}, "does not exist"),
         ({"messages": [{"role": "user", "content": "word " * 700}]}, "context length"),
         ({"top_p": 5.0}, "top_p"),
+        # raised by vLLM's own validator past pydantic (a VLLMValidationError): was a 503
+        ({"stream_options": {"include_usage": True}}, "stream=True"),
     ],
 )
 async def test_bad_requests_are_400s(server: LLMServer, extra: dict, fragment: str) -> None:

@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from caches.cache_control import CacheControl, age_seconds
-from caches.chat import NON_ANSWER_FIELDS, CachedAnswer, EncoderIdentity, semantic_answer, storable
+from caches.chat import (
+    NON_ANSWER_FIELDS,
+    CachedAnswer,
+    EncoderIdentity,
+    request_digest,
+    semantic_answer,
+    storable,
+    without_nulls,
+)
 from tests.support import identity, model_identity
 
 GREEDY = {"temperature": 0}
@@ -35,7 +43,27 @@ def test_structure_does_not_change_the_key() -> None:
     base = identity(ask("hi")).exact_key
     reordered = {"temperature": 0.0, "messages": ask("hi")["messages"]}
     assert identity(reordered).exact_key == base
-    assert identity({**ask("hi"), "seed": None}).exact_key == base  # null = absent
+    # a top-level null means the default: the routes leave it out before the engine and the
+    # identity see the request; one that reaches the identity anyway is not merged with "absent"
+    assert identity(without_nulls({**ask("hi"), "seed": None})).exact_key == base
+    assert identity({**ask("hi"), "tool_choice": None}).exact_key != base
+
+
+def test_a_refusal_is_shared_only_with_a_byte_identical_request() -> None:
+    # vLLM checks fields outside the identity (`stream_options` without `stream`): the leader's
+    # 400 is not the answer to a follower that sent the same identity without that mistake
+    leader = {**ask("hi"), "stream_options": {"include_usage": True}}
+    refusal = CachedAnswer(stored_at=0.0, body={"error": {}}, status=400, request=request_digest(leader))
+    assert identity(leader).exact_key == identity(ask("hi")).exact_key
+    assert refusal.answers(leader) and not refusal.answers(ask("hi"))
+    assert CachedAnswer(stored_at=0.0, body={}).answers(ask("hi"))  # an answer serves the identity
+
+
+def test_return_token_ids_is_never_cached() -> None:
+    # token ids do not survive a streamed store or a streamed replay: a hit would lack them
+    got = identity({**ask("hi"), "return_token_ids": True})
+    assert not got.cacheable and "return_token_ids" in (got.reason or "")
+    assert identity({**ask("hi"), "return_token_ids": False}).cacheable
 
 
 @pytest.mark.parametrize("field", sorted(NON_ANSWER_FIELDS))

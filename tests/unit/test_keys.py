@@ -8,9 +8,11 @@ from tests.support import FINGERPRINT, chat_key
 
 
 def test_canonical_json_is_structural_only() -> None:
-    # key order, explicit nulls and 0.0 vs 0 are JSON structure; text is kept as written
+    # key order and 0.0 vs 0 are JSON structure; text is kept as written
     assert canonical_json({"b": 1.0, "a": "X "}) == canonical_json({"a": "X ", "b": 1})
-    assert canonical_json({"a": None, "b": 2}) == canonical_json({"b": 2})
+    # an explicit null is not "absent": vLLM reads `tool_choice: null` otherwise (tools: no "auto")
+    assert canonical_json({"a": None, "b": 2}) != canonical_json({"b": 2})
+    assert canonical_json({"t": [{"x": None}]}) != canonical_json({"t": [{}]})
     for a, b in [("What is 3²?", "What is 32?"), ('print("Hello")', 'PRINT("hello")'), ("x >= 1", "x > 1"),
                  ("if x:\n    y", "if x:\n  y"), ("ＰＴＯ", "PTO"), ("café", "cafe\u0301")]:
         assert canonical_json({"q": a}) != canonical_json({"q": b}), (a, b)

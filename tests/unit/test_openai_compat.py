@@ -1,6 +1,13 @@
 import json
 
-from deployments.openai_compat import StreamAssembler, completion_from_text, refresh, stream_from_completion
+from deployments.openai_compat import (
+    StreamAssembler,
+    completion_from_text,
+    is_usage_only,
+    refresh,
+    stream_from_completion,
+    with_usage,
+)
 
 
 def test_cached_completion_replays_as_a_valid_stream_and_reassembles() -> None:
@@ -94,3 +101,22 @@ def test_n_choices_each_need_their_finish_reason() -> None:
     assert _assemble(*lines, "data: [DONE]\n\n").completion() is None
     done = _assemble(*lines, _chunk(finish="length", index=1), "data: [DONE]\n\n").completion()
     assert done is not None and [c["finish_reason"] for c in done["choices"]] == ["stop", "length"]
+
+
+def test_a_streamed_request_always_asks_the_engine_for_usage() -> None:
+    # the stored answer needs `usage` whichever client streamed it first (a non-streamed hit has it)
+    plain = {"model": "m", "stream": True}
+    assert with_usage(plain)["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in plain  # the caller's request is not changed
+    # per-chunk usage stays the client's choice: only with usage it asked for
+    assert with_usage({**plain, "stream_options": {"continuous_usage_stats": True}})["stream_options"] == {
+        "include_usage": True}
+    asked = {**plain, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert with_usage(asked) is asked
+
+
+def test_only_the_usage_chunk_is_usage_only() -> None:
+    lines = list(stream_from_completion(completion_from_text("m", "Paris."), include_usage=True))
+    assert [is_usage_only(line) for line in lines] == [False] * (len(lines) - 2) + [True, False]
+    # a content chunk that carries per-chunk usage is not the usage chunk
+    assert not is_usage_only('data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"total_tokens":3}}\n\n')

@@ -25,8 +25,9 @@ def test_same_system_prompt_gives_identical_prefix_for_different_users() -> None
 def test_no_system_prompt_and_content_parts() -> None:
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}]
     assert build_messages("", msgs) == msgs
-    assert message_text(msgs[0]) == "hello there"
-    assert last_user_text(msgs) == "hello there"
+    # joined with a newline, as vLLM joins text parts (renderers/chat_utils.py): what the model reads
+    assert message_text(msgs[0]) == "hello \nthere"
+    assert last_user_text(msgs) == "hello \nthere"
 
 
 def test_shared_prefix_excludes_only_last_user_turn() -> None:

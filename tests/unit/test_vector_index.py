@@ -104,6 +104,59 @@ def test_recommender_item_index_is_the_same_with_or_without_the_gpu_setting(tmp_
         index = ItemIndex(tmp_path / "items.parquet", use_gpu=use_gpu)
         assert index.size == 300 and index.ids == frozenset(int(i) for i in ids)
         assert index.search(query, 20) == expected
+        # the cold-start and fallback lists' order: the whole catalogue, most popular first
+        assert index.by_popularity == [int(i) for i in ids[::-1]]
+
+
+def _item_parquet(path: Any, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    import pandas as pd
+
+    from feature_store import names
+
+    vectors, ids = _vectors(n, dim, seed=5), np.arange(1, n + 1, dtype=np.int64) * 3
+    pd.DataFrame({names.ITEM_KEY: ids, "embedding": list(vectors), "popularity": np.arange(n)}).to_parquet(path)
+    return vectors, ids
+
+
+def test_an_item_search_past_the_gpu_limit_goes_to_the_cpu_copy(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU index answers at most GPU_MAX_K neighbours; a heavy rater's search asks for more.
+    Run on the CPU: the index is taken for a GPU one, and the limit made small."""
+    from deployments import recommender_model
+    from deployments.recommender_model import ItemIndex
+
+    monkeypatch.setattr(recommender_model, "on_gpu", lambda index: True)
+    monkeypatch.setattr(recommender_model, "GPU_MAX_K", 10)
+    vectors, ids = _item_parquet(tmp_path / "items.parquet", 300, 32)
+    index = ItemIndex(tmp_path / "items.parquet", use_gpu=False)
+    assert index.cpu_index is not None
+
+    class Limited:  # what a GPU index does past its limit
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def search(self, x: np.ndarray, k: int) -> Any:
+            if k > 10:
+                raise RuntimeError("k > GPU_MAX_SELECTION_K")
+            return self.inner.search(x, k)
+
+    index.index = Limited(index.index)
+    query = _vectors(1, 32, seed=6)[0]
+    assert index.search(query, 50) == _exact_top(vectors, ids, query, 50)  # the CPU copy
+    assert index.search(query, 10) == _exact_top(vectors, ids, query, 10)  # the GPU index
+
+
+@pytest.mark.gpu
+def test_real_gpu_item_index_answers_past_its_limit(tmp_path: Any) -> None:
+    if gpu_count() == 0:
+        pytest.skip("no GPU visible to FAISS (faiss-cpu build or no device)")
+    from caches.vector_index import GPU_MAX_K
+    from deployments.recommender_model import ItemIndex
+
+    vectors, ids = _item_parquet(tmp_path / "items.parquet", GPU_MAX_K + 1000, 32)
+    index = ItemIndex(tmp_path / "items.parquet", use_gpu=True)
+    assert on_gpu(index.index)
+    query = _vectors(1, 32, seed=6)[0]
+    assert index.search(query, GPU_MAX_K + 500) == _exact_top(vectors, ids, query, GPU_MAX_K + 500)
 
 
 def test_semantic_mirror_without_remove_ids_uses_tombstones_and_rebuilds() -> None:
