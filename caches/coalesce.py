@@ -23,8 +23,9 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-import redis
 import redis.asyncio as aioredis
+
+from caches.redis_client import REDIS_ERRORS
 
 LEASE_S = 3.0  # a leader that stops renewing is given up on after this long
 ANSWER_TTL_S = 10.0  # followers read the outcome within this long after it is published
@@ -43,7 +44,9 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_ERRORS = (redis.RedisError, OSError, TimeoutError)
+# Every failure of the lease store means "compute without coalescing", a cluster's own errors
+# (RedisClusterException is no RedisError) included.
+_ERRORS = (*REDIS_ERRORS, OSError, TimeoutError)
 
 
 @dataclass
@@ -120,7 +123,16 @@ class Coalescer:
             return Flight(key, leader=False, coalescer=self, local=local, follows_local=True)
         local = self._local[key] = _Local()
         flight = Flight(key, leader=False, coalescer=self, token=secrets.token_hex(8), local=local)
-        flight.leader = await self._acquire(flight)
+        try:
+            flight.leader = await self._acquire(flight)
+        except BaseException:
+            # Cancelled (the client hung up) or failed before the flight was handed out: nobody
+            # will close it, so its local slot goes now. Left behind, every later identical
+            # request in this process would follow it and wait out max_wait_s, for good.
+            if self._local.get(key) is local:
+                del self._local[key]
+            local.done.set()
+            raise
         self.counters["leaders" if flight.leader else "followers"] += 1
         if flight.leader and flight.token:
             flight.heartbeat = asyncio.create_task(self._heartbeat(flight))

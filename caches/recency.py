@@ -12,6 +12,11 @@ import heapq
 import threading
 from collections.abc import Callable, Iterable
 
+# The heap is rebuilt from the live ticks once it holds this many more entries than twice the
+# keys it orders: every read pushes one entry, and without over-budget pops (an SSD that TTLs and
+# invalidations keep small) nothing else would ever take them out.
+COMPACT_SLACK = 1024
+
 
 class RecencyOrder:
     def __init__(self, keys: Iterable[str] = ()) -> None:
@@ -41,6 +46,26 @@ class RecencyOrder:
                 if k in self._ticks:
                     self._ticks[k] = self._tick
                     heapq.heappush(self._heap, (self._tick, k))
+            self._compact()
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Keys the SSD no longer holds (deleted, invalidated, expired): not ordered any more."""
+        with self._lock:
+            for k in keys:
+                self._ticks.pop(k, None)
+            self._compact()
+
+    def __len__(self) -> int:
+        return len(self._ticks)
+
+    def heap_size(self) -> int:
+        return len(self._heap)
+
+    def _compact(self) -> None:
+        # under the lock; amortised O(1) per push: a rebuild follows at least COMPACT_SLACK pushes
+        if len(self._heap) > 2 * len(self._ticks) + COMPACT_SLACK:
+            self._heap = [(tick, k) for k, tick in self._ticks.items()]
+            heapq.heapify(self._heap)
 
     def coldest(self, excess: int, size_of: Callable[[str], int | None], min_keys: int) -> list[str]:
         """Forget and return the least recently read keys until `excess` bytes are covered

@@ -178,6 +178,8 @@ class TieredCache(TierMoves):
             ram_hits, _ = self._current(ram_hits, gens)  # RAM copies of another generation: misses
         misses = [k for k in keys if k not in ram_hits]
         ssd_hits = self.ssd.get_many(misses) if self.ssd is not None and misses else {}
+        if self.ssd is not None and len(ssd_hits) < len(misses):
+            self._recency.forget([k for k in misses if k not in ssd_hits])  # gone (expired) or never held
         if checked:
             ssd_hits, unverified = self._current(ssd_hits, gens, drop_from=self.ssd)
         self._touch_ssd(keys)
@@ -278,7 +280,9 @@ class TieredCache(TierMoves):
             except TierUnavailable:
                 pass
         if self.ssd is not None:
-            n += self.ssd.delete_many(self.ssd.keys_with_prefix(prefix))
+            gone = self.ssd.keys_with_prefix(prefix)
+            n += self.ssd.delete_many(gone)
+            self._recency.forget(gone)
         if broadcast and self.bus is not None:
             self.bus.publish_prefix(prefix)
         return n
@@ -296,6 +300,7 @@ class TieredCache(TierMoves):
                 ram_ok = False  # the RAM copy may come back with Redis: the caller retries
         if self.ssd is not None:
             self.ssd.delete_many(keys)
+            self._recency.forget(keys)
         return ram_ok
 
     def _on_event(self, event: InvalidationEvent) -> None:

@@ -112,4 +112,5 @@ class TierMoves:
             self.counters.generation_stale += len(stale)
             if drop_from is not None:
                 drop_from.delete_many(stale)
+                self._recency.forget(stale)
         return current, unverified

@@ -280,8 +280,12 @@ class CachedRoute:
         shared = CachedAnswer.decode(outcome)
         if shared is None or not shared.answers(turn.request):
             return None  # unreadable, or a refusal of a request that differs from this one
+        if not turn.control.fresh_enough(shared.stored_at):
+            # a flight's answer outlives it by a few seconds (for late followers on other
+            # replicas): a request whose max-age it no longer meets asks for a fresh one
+            return None
         body = refresh(shared.body, self.id_prefix) if shared.status == 200 else shared.body
-        return self._reply_cached(turn, body, "coalesced", 0, None, status=shared.status)
+        return self._reply_cached(turn, body, "coalesced", age_seconds(shared.stored_at), None, status=shared.status)
 
     async def _generate(self, turn: Turn) -> Any:
         headers = {"x-cache": turn.layer}

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
+
+from caches.tenancy import ENV_VAR as API_KEYS_ENV
+from caches.tenancy import parse_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +144,8 @@ class AppSettings(BaseModel):
     admin_keys: list[str] = Field(default_factory=list)
     # "auto": with no api_keys, only loopback clients are answered (a laptop); "off": anyone is the
     # `default` tenant, deliberately (behind your own gateway). Never implied by a missing setting.
-    auth: Literal["auto", "off"] = "auto"
+    # YAML 1.1 (what `serve run` and Serve configs parse with) reads a bare `auth: off` as false.
+    auth: Annotated[Literal["auto", "off"], BeforeValidator(lambda v: "off" if v is False else v)] = "auto"
     # Tenant names as a label on exported metrics: opt-in (see deployments/metrics.py).
     metrics_tenant_labels: bool = False
     llm: LLMSettings = Field(default_factory=LLMSettings)
@@ -162,6 +166,8 @@ class AppSettings(BaseModel):
             settings.llm.model = env["TIERSERVE_LLM_MODEL"]
         if env.get("TIERSERVE_ADMIN_KEYS"):
             settings.admin_keys = [k.strip() for k in env["TIERSERVE_ADMIN_KEYS"].split(",") if k.strip()]
+        if env.get(API_KEYS_ENV):  # the Secret wins, as documented: a rotated or revoked key takes effect
+            settings.api_keys = parse_keys(env[API_KEYS_ENV])
         return settings
 
     @property

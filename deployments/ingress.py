@@ -283,7 +283,11 @@ class Ingress:
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Any:
         self._tenant(request)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        info = await self.encoder.info.remote()
+        try:
+            info = await self.encoder.info.remote()
+        except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica
+            raise ModelUnavailable(f"the embedding model is unavailable right now ({type(exc).__name__}); "
+                                   "retry shortly") from exc
         if body.model not in (None, info["name"]):
             return JSONResponse(error_body(400, f"unknown embedding model '{body.model}'; use '{info['name']}'", "model"), status_code=400)
         if body.dimensions not in (None, info["dim"]):
@@ -291,7 +295,10 @@ class Ingress:
             return JSONResponse(error_body(400, f"'{info['name']}' gives {info['dim']}-dimensional embeddings only: "
                                                 f"omit dimensions or send {info['dim']} (got {body.dimensions})", "dimensions"),
                                 status_code=400)
-        vectors, tokens = await self.encoder.embed_for_api.remote(texts)
+        try:
+            vectors, tokens = await self.encoder.embed_for_api.remote(texts)
+        except Exception as exc:  # noqa: BLE001 - a failed replica is a 503 that says so, as for chat
+            raise ModelUnavailable(f"the embedding model failed to answer ({type(exc).__name__}); retry shortly") from exc
         return embeddings_response(info["name"], vectors, body.encoding_format, tokens)
 
     # ------------------------------------------------------- recommendations
@@ -376,7 +383,7 @@ class Ingress:
             state = "up"
         except TimeoutError:
             state = "slow"
-        except (redis.RedisError, OSError):
+        except (*REDIS_ERRORS, OSError):  # a cluster's own errors too: "down", never a 500
             state = "down"
         return {"status": "ok", "redis": state}
 

@@ -130,7 +130,7 @@ class SemanticLookup:
 
 def _candidate(entry_id: int, similarity: float, meta: EntryMeta, tau: float | None = None) -> Candidate:
     return Candidate(entry_id, similarity, meta.query, meta.response, meta.tau if tau is None else tau,
-                     group=meta.group, answer_vector=meta.answer_vector)
+                     group=meta.group, answer_vector=meta.answer_vector, created=meta.created)
 
 
 # --- request helpers ---------------------------------------------------------------------------
@@ -367,14 +367,15 @@ class SemanticCache:
         return SemanticLookup("hit", self._as_hit(index, answer))
 
     def _as_hit(self, index: ScopeIndex, c: Candidate) -> SemanticHit:
-        with self._lock:
-            meta = index.meta.get(c.entry_id)
+        # `created` travels with the candidate: the sync thread may have dropped the entry's
+        # metadata since (a del event, the TTL sweep, the cap), and "now" would read as Age 0 and
+        # pass any max-age.
         return SemanticHit(
             response=c.response,
             similarity=c.similarity,
             entry_id=str(c.entry_id),
             query=c.query,
-            created=meta.created if meta is not None else time.time(),
+            created=c.created,
         )
 
     def _decide(

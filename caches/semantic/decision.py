@@ -73,6 +73,9 @@ class Candidate:
     # entries whose answers the judge found equivalent share a group (the first one's id); 0: unknown
     group: int = 0
     answer_vector: np.ndarray | None = None  # the answer's embedding, for the judge
+    # when the answer was stored, from the same metadata snapshot as the answer (a hit's Age and
+    # max-age checks: read later, the entry's metadata may already be gone)
+    created: float = 0.0
 
     @property
     def group_id(self) -> int:

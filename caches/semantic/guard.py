@@ -41,6 +41,9 @@ _NON_WORD = re.compile(r"[^\w\s]+")
 _OPERATORS = frozenset("*/\\&#@")
 _OPERATOR_CATEGORIES = frozenset({"Sm", "Sk"})
 _PROSE_SYMBOLS = frozenset({"&"})
+# A minus sign, not a hyphen or a binary minus: "-" right before a digit, at the start or after a
+# space, a bracket or an operator ("-5 squared", "x=-3"; not "COVID-19", "2-3 days" or "5 - 3").
+_SIGN = re.compile(r"(?:^|(?<=[\s(\[{=<>+*/^,]))-(?=\d)")
 # A text that looks like code: letter case and every symbol in it are significant. (Not ";": prose
 # uses it too.)
 _CODE_MARKERS = re.compile(r"`|\w\(|[{}=]|::|->")
@@ -124,6 +127,7 @@ def _analyse(text: str) -> _Text:
     # superscripts, subscripts and vulgar fractions are word characters, so they sit inside tokens
     # ("3²"); they are listed on their own as well so "3²" vs "3^2" reads as a symbol difference
     symbols += [c for c in t if unicodedata.category(c) == "No"]
+    symbols += ["-"] * len(_SIGN.findall(t))  # "-5" and "5" are different numbers
     return _Text(
         tokens=tuple(tokens),
         spellings={k: frozenset(v) for k, v in spellings.items()},
@@ -196,7 +200,9 @@ def trap_guard(query: str, candidate: str) -> str | None:
 
     Reasons: ``negation``, ``number`` (a differing quantity or date, or one written as digits on
     one side and as words on the other), ``opposite``, ``substitution`` (one or two content words
-    swapped in an otherwise equal question), ``swap`` (from/to reversed), ``symbol`` (a differing
+    swapped in an otherwise equal question), ``swap`` (from/to reversed), ``order`` (the same words
+    with their numbers or an operator's operands in another order: ``2^10`` vs ``10^2``, ``a/b`` vs
+    ``b/a``), ``symbol`` (a differing sign,
     operator or superscript: ``>=`` vs ``>``, ``3²`` vs ``32``) and ``case`` (an identifier or code
     whose letter case differs: ``myVar`` vs ``myvar``, ``print(x)`` vs ``PRINT(x)``) and
     ``indentation`` (code whose lines are indented differently). They cost some
@@ -232,6 +238,12 @@ def trap_guard(query: str, candidate: str) -> str | None:
         da, db = _directions(ta), _directions(tb)
         if da and db and da != db:
             return "swap"
+        # the same words in another order, where order is meaning: the numbers ("2^10" / "10^2",
+        # "5 minus 3" / "3 minus 5", "log base 2 of 8" / "log base 8 of 2") or the operands
+        # around an operator ("a/b" / "b/a", "x > y" / "y > x")
+        reordered = sorted(ta) == sorted(tb)  # a permutation, not a word added or dropped
+        if reordered and ([w for w in ta if _is_number(w)] != [w for w in tb if _is_number(w)] or a.symbols):
+            return "order"
     if a.symbols != b.symbols:
         return "symbol"
     # a question that is only filler words and a number ("what is 32?" / "what is 33?") has no

@@ -128,8 +128,9 @@ def test_models_route(client: httpx.Client, model_name: str) -> None:
     ],
 )
 def test_bad_chat_requests_get_clear_400s(client: httpx.Client, model_name: str, body: dict, status: int, fragment: str) -> None:
-    body = json.loads(json.dumps(body).replace("MODEL", model_name))
-    resp = client.post("/v1/chat/completions", json=body)
+    # sent as ASCII JSON (escapes as written): httpx's json= cannot encode a lone surrogate
+    resp = client.post("/v1/chat/completions", content=json.dumps(body).replace("MODEL", model_name),
+                       headers={"content-type": "application/json"})
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert fragment in err["message"], err

@@ -111,3 +111,40 @@ async def test_a_flight_never_closed_gives_up_its_lease(aclient: aioredis.Redis)
     fresh = await co.join("k6")  # the next request leads at once, not behind the orphan
     assert fresh.leader and not fresh.follows_local
     await fresh.close()
+
+
+async def test_a_join_cancelled_while_taking_the_lease_leaves_no_flight_behind(aclient: aioredis.Redis) -> None:
+    """The client hangs up while the leader's SET NX is in flight: nobody will close that flight,
+    so it must not stay registered (every later identical request would wait behind it)."""
+    co = Coalescer(aclient, max_wait_s=3.0)
+    started = asyncio.Event()
+    real_set = aclient.set
+
+    async def slow_set(*args: object, **kwargs: object) -> object:
+        started.set()
+        await asyncio.sleep(5)
+        return await real_set(*args, **kwargs)
+
+    aclient.set = slow_set  # type: ignore[method-assign]
+    try:
+        task = asyncio.create_task(co.join("k7"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        aclient.set = real_set  # type: ignore[method-assign]
+    fresh = await co.join("k7")  # leads at once: not a follower of the abandoned flight
+    assert fresh.leader and not fresh.follows_local
+    await fresh.close()
+
+
+async def test_a_cluster_client_that_cannot_connect_means_no_coalescing_and_no_failure() -> None:
+    # RedisClusterException is no RedisError: it must degrade like any other store failure
+    from redis.asyncio.cluster import RedisCluster
+
+    dead = RedisCluster(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    co = Coalescer(dead)  # type: ignore[arg-type]
+    calls: list[str] = []
+    results = await asyncio.gather(*(_request(co, "k8", calls, f"r{i}", work_s=0.05) for i in range(3)))
+    assert len(calls) == 1 and len(results) == 3

@@ -158,3 +158,39 @@ def test_a_failed_model_replica_is_a_503_never_a_500() -> None:
                 stream=False, include_usage=False, started=0.0)
     with pytest.raises(ModelUnavailable, match="retry"):
         asyncio.run(route._generate(turn))
+
+
+def test_a_follower_takes_the_flights_answer_only_when_fresh_enough_for_it() -> None:
+    """A flight's answer stays readable for a few seconds after it ends; a request with
+    `max-age=5` that joins then must not get a 9-second-old answer as `coalesced`, `Age: 0`."""
+    from caches.cache_control import CacheControl
+    from caches.chat import CachedAnswer
+    from deployments.cached_route import CachedRoute, Turn
+    from deployments.config import AppSettings
+    from tests.support import identity
+
+    class Flight:
+        leader = False
+
+        def __init__(self, stored_at: float) -> None:
+            self.outcome = CachedAnswer(stored_at=stored_at, body={"id": "x", "created": 0, "choices": []}).encode()
+
+        async def wait(self) -> bytes:
+            return self.outcome
+
+        async def close(self) -> None:
+            return None
+
+    class Route(CachedRoute):
+        route = "chat"
+
+    route = Route(AppSettings(redis_url="redis://127.0.0.1:1/0"), FakeResults(), lambda m: "1", _DeadLLM())  # type: ignore[arg-type]
+
+    def follow(max_age: str, stored_at: float) -> Any:
+        turn = Turn(ident=identity({"messages": [], "temperature": 0}), control=CacheControl.parse(max_age),
+                    request={}, stream=False, include_usage=False, started=0.0, flight=Flight(stored_at))  # type: ignore[arg-type]
+        return asyncio.run(route._follow(turn))
+
+    assert follow("max-age=5", time.time() - 9) is None  # too old for it: it computes
+    shared = follow("max-age=60", time.time() - 9)
+    assert shared.headers["x-cache"] == "coalesced" and int(shared.headers["age"]) >= 9

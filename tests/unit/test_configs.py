@@ -180,6 +180,23 @@ def test_environment_wins_over_the_file(monkeypatch: pytest.MonkeyPatch) -> None
     assert (settings.redis, settings.recommender.feast_repo, settings.state_dir) == ("redis://cache:6379/0", "/feast", "/state")
 
 
+def test_the_key_secret_wins_over_keys_in_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a rotated or revoked key must take effect: the documented order is environment first
+    monkeypatch.setenv("TIERSERVE_API_KEYS", "new-key=acme")
+    settings = AppSettings.from_args({"api_keys": {"revoked-key": "acme"}})
+    assert settings.api_keys == {"new-key": "acme"}
+
+
+def test_auth_off_as_the_docs_write_it_parses() -> None:
+    # YAML 1.1 (Serve's config loader) reads a bare `off` as false; the docs tell users to write it
+    args = yaml.safe_load("auth: off")
+    assert args == {"auth": False}
+    assert AppSettings.model_validate(args).auth == "off"
+    assert AppSettings.model_validate({"auth": "auto"}).auth == "auto"
+    with pytest.raises(ValidationError):
+        AppSettings.model_validate({"auth": True})  # "on" is no mode: say which one
+
+
 def test_tool_calling_is_on_for_the_gpu_model_only() -> None:
     """Qwen2.5-Instruct emits Hermes-style tool calls, which vLLM's `hermes` parser turns into
     OpenAI `tool_calls`; SmolLM2 on CPU has no parser, so its `tools` requests stay a clear 400.

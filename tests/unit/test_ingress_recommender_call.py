@@ -52,3 +52,20 @@ def test_a_read_is_asked_again_once_after_a_replica_died_an_event_never() -> Non
 def test_a_missed_deadline_is_a_503() -> None:
     out = asyncio.run(call(None, "recommend", hangs, 0.05))
     assert out["status"] == 503 and "within 0.05s" in out["message"]
+
+
+def test_a_failed_encoder_replica_is_a_503_for_embeddings_not_a_500() -> None:
+    from types import SimpleNamespace
+
+    import pytest
+
+    from deployments.cached_route import ModelUnavailable
+    from deployments.schemas import EmbeddingRequest
+
+    async def dead(*_: Any) -> Any:
+        raise RuntimeError("ActorDiedError: the actor died unexpectedly before finishing this task")
+
+    method = SimpleNamespace(remote=dead)
+    ingress = SimpleNamespace(_tenant=lambda request: "default", encoder=SimpleNamespace(info=method, embed_for_api=method))
+    with pytest.raises(ModelUnavailable, match="retry shortly"):
+        asyncio.run(Ingress.func_or_class.embeddings(ingress, EmbeddingRequest(input="hi"), None))

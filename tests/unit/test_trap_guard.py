@@ -31,6 +31,17 @@ from caches.semantic import tokens, trap_guard
         ("Why is my_value None here?", "Why is MY_VALUE None here?", "case"),
         ("What does `len(x)` return?", "What does `Len(x)` return?", "case"),
         ("Is `a & b` the same as `a and b`?", "Is `a and b` the same as `a and b`?", "symbol"),
+        # the same words with the numbers or an operator's operands in another order
+        ("What is 2^10?", "What is 10^2?", "order"),
+        ("What is 5 minus 3?", "What is 3 minus 5?", "order"),
+        ("What is 5 - 3?", "What is 3 - 5?", "order"),
+        ("What is 10 divided by 2?", "What is 2 divided by 10?", "order"),
+        ("What is log base 2 of 8?", "What is log base 8 of 2?", "order"),
+        ("What is 2 to the power of 10?", "What is 10 to the power of 2?", "order"),
+        ("Simplify a/b", "Simplify b/a", "order"),
+        # a minus sign is part of the number; a hyphen is not
+        ("What is -5 squared?", "What is 5 squared?", "symbol"),
+        ("Is -3 > 2?", "Is 3 > 2?", "symbol"),
     ],
 )
 def test_guard_sees_text_as_written(a: str, b: str, why: str) -> None:
@@ -53,6 +64,11 @@ def test_guard_sees_text_as_written(a: str, b: str, why: str) -> None:
         ("The ATM ate my card; what now?", "the atm ate my card, what now?"),
         # canonically equivalent text (composed vs decomposed accents) is the same text
         ("Is the caf\u00e9 open?", "Is the cafe\u0301 open?"),
+        # reordered words with one number, or a hyphen in a word or a range, keep their meaning
+        ("Can I get a refund in 2 days?", "In 2 days can I get a refund?"),
+        ("How do I reset my password quickly?", "How do I quickly reset my password?"),
+        ("Is the COVID-19 card fee waived?", "is the covid-19 card fee waived"),
+        ("Will it arrive in 2-3 days?", "will it arrive in 2-3 days"),
     ],
 )
 def test_guard_passes_what_only_looks_different(a: str, b: str) -> None:
