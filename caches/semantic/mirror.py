@@ -183,9 +183,15 @@ class StreamMirror:
             pipe = self.client.pipeline(transaction=False)
             self._queue_writes(pipe)
             pipe.get(EPOCH_KEY)
+            # the stream's oldest entry, read with the events: an XREAD from a cursor the stream
+            # was trimmed past silently jumps the gap (events lost), so look before following
+            pipe.xrange(STREAM_KEY, "-", "+", 1)
             pipe.xread({STREAM_KEY: self._cursor}, count=STREAM_BATCH)
             replies = pipe.execute()
-            epoch, reply = replies[-2], replies[-1]
+            epoch, first, reply = replies[-3], replies[-2], replies[-1]
+            if first and self._cursor != "0-0" and _id_lt(self._cursor, first[0][0].decode()):
+                self.reset()  # trimmed past our cursor: mirrors reload lazily from Redis
+                return 0
             if epoch == self._epoch:
                 applied = self._follow(reply)
                 self._last_sync = time.monotonic()

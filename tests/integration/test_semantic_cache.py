@@ -232,6 +232,25 @@ def test_learned_tau_is_shared_and_a_trimmed_stream_reloads_the_mirror(redis_cli
     assert b.stats()["scopes"][scope]["mirrored"] == 2
 
 
+def test_a_sync_after_the_stream_was_trimmed_past_its_cursor_reloads_the_mirror(redis_client: redis.Redis) -> None:
+    """The background loop syncs before its periodic trim check, and an XREAD from a trimmed-away
+    cursor silently jumps the gap: the sync itself must notice, or the mirror drifts for good."""
+    rng = np.random.default_rng(7)
+    a = SemanticCache(redis_client, threshold=0.96)
+    b = SemanticCache(redis_client, threshold=0.96)
+    scope = _scope()
+    v = _unit(rng)[0]
+    a.store(scope, "q", v, "answer")
+    assert b.lookup(scope, "q", v) is not None  # b mirrors the scope and follows the stream
+    b.sync()
+    for i in range(5):  # events b has not read, then trimmed away
+        a.store(_scope(tenant="other"), f"x{i}", _unit(rng)[0], "x")
+    redis_client.xtrim("sem.__stream", maxlen=1, approximate=False)
+    b.sync()  # not check_trimmed: the ordinary sync
+    assert b.stats()["scopes"] == {}  # dropped, to reload from Redis when next asked
+    assert b.lookup(scope, "q", v) is not None
+
+
 def _answer(rng: np.random.Generator) -> np.ndarray:
     return _unit(rng)[0]
 
