@@ -1,4 +1,8 @@
-"""The Serve app, started once per test session on its own port and Ray temp dir.
+"""The Serve app, started once for the e2e package on its own port and Ray temp dir.
+
+Package scope, not session: the app is shut down when the last e2e test is done. Its Recommender
+watchers sweep the pending-invalidation records of the Redis it shares with the rest of the run,
+and its replicas hold gigabytes of a 24 GiB CI machine: neither may outlive the e2e tests.
 
 It is the real application: `build_app` with the args of configs/local.yaml (SmolLM2 on vLLM's
 CPU build, the MiniLM encoder, FAISS, the Feast repo built by `make install`), a real Redis.
@@ -55,7 +59,7 @@ def deploy_side_ingress(app_name: str, route_prefix: str, settings: AppSettings)
     wait_running(app_name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import ray
     from ray import serve
@@ -89,12 +93,12 @@ def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(app_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=app_url, timeout=120) as c:
         yield c
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def model_name(client: httpx.Client) -> str:
     return client.get("/v1/models").json()["data"][0]["id"]
