@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
+from caches.lookup_counts import SharedLookupCounts
 from caches.redis_client import REDIS_ERRORS, client_from_url, make_async_client
 from caches.result import CacheUnavailable, ResultCache
 from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
@@ -182,6 +183,8 @@ class Ingress:
         self.tenants = Tenants(self.settings.api_keys) if self.settings.api_keys else Tenants.from_env()
         self.admins = AdminKeys(self.settings.admin_keys) if self.settings.admin_keys else AdminKeys.from_env()
         metrics.TENANT_LABELS = self.settings.metrics_tenant_labels
+        # /v1/cache/stats shows every replica's lookups, not the share this replica answered
+        metrics.share_lookups(SharedLookupCounts(self.redis))
         llm_cfg = self.settings.llm
         self.model_name = llm_cfg.served_model_name
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
@@ -350,10 +353,11 @@ class Ingress:
         except (CacheUnavailable, *REDIS_ERRORS):  # any Redis error (a refused key too): a gap, never a 500
             exact = {"status": "unavailable"}
         semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
-        lookups = metrics.lookups_by_tenant()
+        lookups, scope = await asyncio.to_thread(metrics.lookups_by_tenant)
         if tenant is not None:
-            return tenant_view(tenant, exact=exact, semantic=semantic, lookups=lookups)
-        return {"exact": exact, "semantic": semantic, "recommender": recs, "lookups_by_tenant": lookups}
+            return {**tenant_view(tenant, exact=exact, semantic=semantic, lookups=lookups), "lookups_scope": scope}
+        return {"exact": exact, "semantic": semantic, "recommender": recs, "lookups_by_tenant": lookups,
+                "lookups_scope": scope}
 
     @app.post("/admin/models/{name}/version")
     async def bump_version(self, name: str, body: VersionBump, request: Request) -> Any:

@@ -29,7 +29,9 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import RayServeException
 
 from caches import metrics as cache_metrics
+from caches.lookup_counts import SharedLookupCounts
 from caches.metrics import Family, Kind, Sink
+from caches.redis_client import REDIS_ERRORS
 
 log = logging.getLogger("tierserve.metrics")
 
@@ -51,19 +53,31 @@ SEMANTIC_VERIFICATIONS = Family(
 
 # Tenant names on exported series are opt-in (AppSettings.metrics_tenant_labels): a metrics
 # backend is usually readable by more people than any one tenant's data, and every tenant would
-# add series. Off, the label reads "all". /v1/cache/stats keeps its own per-tenant counts here.
+# add series. Off, the label reads "all". /v1/cache/stats reads its per-tenant counts from the
+# replicas' shared counts in Redis (caches/lookup_counts.py, installed by the Ingress), and from
+# this replica's own when Redis is unreachable.
 TENANT_LABELS = False
 ALL_TENANTS = "all"
 _LOOKUPS_BY_TENANT: dict[str, dict[str, dict[str, float]]] = {}
 _lookups_lock = threading.Lock()
+_shared_lookups: SharedLookupCounts | None = None
+
+
+def share_lookups(counts: SharedLookupCounts | None) -> None:
+    """Count this replica's lookups into `counts` too (the Ingress, once it has its Redis)."""
+    global _shared_lookups
+    _shared_lookups = counts
 
 
 def lookup(layer: str, tenant: str, outcome: str) -> None:
-    """Count one cache lookup: exported (tenant label only when opted in) and kept per tenant."""
+    """Count one cache lookup: exported (tenant label only when opted in), kept per tenant here,
+    and added to the counts every replica shares."""
     CACHE_LOOKUPS.labels(layer, tenant if TENANT_LABELS else ALL_TENANTS, outcome).inc()
     with _lookups_lock:
         by_outcome = _LOOKUPS_BY_TENANT.setdefault(layer, {}).setdefault(tenant, {})
         by_outcome[outcome] = by_outcome.get(outcome, 0.0) + 1
+    if _shared_lookups is not None:
+        _shared_lookups.add(layer, tenant, outcome)
 
 
 def verification(verdict: str) -> None:
@@ -71,10 +85,18 @@ def verification(verdict: str) -> None:
     SEMANTIC_VERIFICATIONS.labels(verdict).inc()
 
 
-def lookups_by_tenant() -> dict[str, dict[str, dict[str, float]]]:
-    """{layer: {tenant: {outcome: count}}} of this replica, for /v1/cache/stats."""
+def lookups_by_tenant() -> tuple[dict[str, dict[str, dict[str, float]]], str]:
+    """({layer: {tenant: {outcome: count}}}, scope) for /v1/cache/stats (blocking: one Redis
+    read). Scope "all replicas": the shared counts; "this replica": Redis is unreachable (or
+    nothing shares), so only the lookups this replica answered."""
+    if _shared_lookups is not None:
+        try:
+            return _shared_lookups.snapshot(), "all replicas"
+        except REDIS_ERRORS as exc:
+            log.debug("shared lookup counts unreadable: %s", exc)
     with _lookups_lock:
-        return {layer: {t: dict(o) for t, o in tenants.items()} for layer, tenants in _LOOKUPS_BY_TENANT.items()}
+        local = {layer: {t: dict(o) for t, o in tenants.items()} for layer, tenants in _LOOKUPS_BY_TENANT.items()}
+    return local, "this replica"
 
 
 def observe(route: str, cache: str, status: int, started: float) -> None:

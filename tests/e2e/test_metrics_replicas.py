@@ -1,4 +1,5 @@
-"""Counters add up over replicas: two Ingress replicas, N requests, the node's metrics summed = N.
+"""Counters add up over replicas: two Ingress replicas, N requests, the node's metrics summed = N,
+and the lookups on /v1/cache/stats = N whichever replica answers the page.
 
 A side application runs the real Ingress with `num_replicas=2` on top of the session app's other
 deployments. Each replica records its own series through Ray Serve's metrics API; the test reads
@@ -7,13 +8,14 @@ them where Prometheus would, on the node's Ray metrics export port, and sums ove
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from deployments.config import AppSettings
-from tests.e2e.conftest import local_app_config, wait_running
+from tests.e2e.conftest import ADMIN, local_app_config, wait_running
 from tests.e2e.node_metrics import node_metrics_urls, poll, samples
 
 APP = "metrics-2x"
@@ -56,3 +58,26 @@ def test_request_counters_summed_over_replicas_equal_requests_sent(two_ingress_r
     # single scrape of one replica would have shown only part of the N.
     assert {s.labels["deployment"] for s in series} == {"Ingress"}
     assert len({s.labels["replica"] for s in series}) == 2, [(s.labels["replica"], s.value) for s in series]
+
+
+def _exact_lookups(client: httpx.Client) -> tuple[float, str]:
+    """The `default` tenant's exact-layer lookups on the admin stats page, and the page's scope."""
+    body = client.get("/v1/cache/stats", headers=ADMIN).json()
+    return sum(body["lookups_by_tenant"].get("exact", {}).get("default", {}).values()), body["lookups_scope"]
+
+
+def test_cache_stats_count_every_replicas_lookups(two_ingress_replicas: str, model_name: str) -> None:
+    """/v1/cache/stats answered by either replica counts the lookups both answered (they used to
+    show only their own share: about half, a different half per call)."""
+    with httpx.Client(base_url=two_ingress_replicas, timeout=120) as client:
+        before, _ = _exact_lookups(client)
+        for _ in range(N):  # one miss, then exact hits: cheap, and each is one exact lookup
+            resp = client.post("/v1/completions", json={"model": model_name, "prompt": "Lookup counts over replicas:",
+                                                        "max_tokens": 2, "temperature": 0})
+            assert resp.status_code == 200, resp.text
+        deadline = time.monotonic() + 15  # the replicas flush every FLUSH_INTERVAL_S
+        while _exact_lookups(client)[0] - before < N and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pages = [_exact_lookups(client) for _ in range(8)]  # the proxy spreads these over both
+    assert all(scope == "all replicas" for _, scope in pages), pages
+    assert [n - before for n, _ in pages] == [N] * len(pages), pages
