@@ -2,8 +2,13 @@
 
 The encoder itself is the "cold tier": a miss is returned to the caller, who encodes and calls
 `put_many`, so the cache never hides a 15 ms model call behind a get. Keys are
-`emb:{encoder name}:{encoder version}:{sha256(text as written)}`: a new encoder version misses
-everywhere at once. Texts are not normalised: "3²" and "32" are different texts, and the encoder
+`emb:{encoder name}:{encoder version}:{scope}.{sha256(text as written)}`: a new encoder version
+misses everywhere at once.
+
+The scope is the tenant (`tenant_scope`), or `shared` for texts the operator precomputed. A cache
+shared by tenants would tell one tenant, by how fast `/v1/embeddings` answers (a hit saves the
+~15 ms encode), whether another tenant recently sent a text. A tenant reads its own scope, then
+the shared one (an operator's catalogue is nobody's activity); it writes only its own. Texts are not normalised: "3²" and "32" are different texts, and the encoder
 is the one to decide how close their vectors are.
 Vectors are raw float32 bytes (384 x 4 = 1.5 KiB): no encoding cost, exact round trip.
 
@@ -22,18 +27,25 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from caches.keys import digest, make_key
+from caches.keys import digest, make_key, safe_part
 from caches.tiered import TieredCache
 
 NAMESPACE = "emb"
+# Texts precomputed by the operator (`precompute`): readable by every tenant, written by none.
+SHARED_SCOPE = "shared"
 DEFAULT_RAM_BUDGET = 64 << 20
 DEFAULT_SSD_BUDGET = 2 << 30
 PRECOMPUTE_BATCH = 64
+
+
+def tenant_scope(tenant: str) -> str:
+    """The key scope of a tenant's embeddings ("t." keeps every tenant name apart from `shared`)."""
+    return "t." + safe_part(tenant)
 
 
 class EmbeddingCache:
@@ -54,29 +66,43 @@ class EmbeddingCache:
         )
         return cls(tiered, encoder_name, encoder_version, dim)
 
-    def key(self, text: str) -> str:
-        return make_key(NAMESPACE, self.encoder_name, self.encoder_version, digest(text))
+    def key(self, text: str, scope: str = SHARED_SCOPE) -> str:
+        # scope, then the fixed-length digest: no two (scope, text) pairs share an ident
+        return make_key(NAMESPACE, self.encoder_name, self.encoder_version, f"{scope}.{digest(text)}")
 
-    def get_many(self, texts: list[str]) -> tuple[dict[int, np.ndarray], list[int]]:
-        """(index -> vector for hits, indices missing); duplicates in `texts` share one lookup."""
-        keys = [self.key(t) for t in texts]
-        result = self.tiered.get_many(keys)
+    def get_many(self, texts: list[str], scope: str | Sequence[str] = SHARED_SCOPE
+                 ) -> tuple[dict[int, np.ndarray], list[int]]:
+        """(index -> vector for hits, indices missing), each text looked up in its scope (one for
+        all, or one per text) and then in the shared one; duplicates share one lookup."""
+        scopes = [scope] * len(texts) if isinstance(scope, str) else list(scope)
+        if len(scopes) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(scopes)} scopes")
+        own = [self.key(t, sc) for t, sc in zip(texts, scopes, strict=True)]
+        shared = [self.key(t) for t in texts]
+        result = self.tiered.get_many(list(dict.fromkeys(own + shared)))
         hits: dict[int, np.ndarray] = {}
         missing: list[int] = []
-        for i, k in enumerate(keys):
-            raw = result.values.get(k)
-            vec = np.frombuffer(raw, dtype=np.float32) if raw is not None else None
-            if vec is None or vec.shape[0] != self.dim:
-                missing.append(i)  # absent, or written by an encoder of another size: recompute
+        for i, keys in enumerate(zip(own, shared, strict=True)):
+            vec = next((v for v in (self._vector(result.values.get(k)) for k in keys) if v is not None), None)
+            if vec is None:
+                missing.append(i)
             else:
-                hits[i] = vec.copy()  # frombuffer is read-only and aliases the reply buffer
+                hits[i] = vec
         return hits, missing
 
-    def put_many(self, texts: list[str], vectors: np.ndarray) -> None:
+    def _vector(self, raw: bytes | None) -> np.ndarray | None:
+        vec = np.frombuffer(raw, dtype=np.float32) if raw is not None else None
+        if vec is None or vec.shape[0] != self.dim:
+            return None  # absent, or written by an encoder of another size: recompute
+        return vec.copy()  # frombuffer is read-only and aliases the reply buffer
+
+    def put_many(self, texts: list[str], vectors: np.ndarray, scope: str | Sequence[str] = SHARED_SCOPE) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(texts), self.dim):
             raise ValueError(f"expected vectors of shape ({len(texts)}, {self.dim}), got {vectors.shape}")
-        self.tiered.put_many({self.key(t): vectors[i].tobytes() for i, t in enumerate(texts)})
+        scopes = [scope] * len(texts) if isinstance(scope, str) else list(scope)
+        self.tiered.put_many({self.key(t, sc): vectors[i].tobytes()
+                              for i, (t, sc) in enumerate(zip(texts, scopes, strict=True))})
 
     def get_or_encode(self, texts: list[str], encode: object = None) -> np.ndarray:
         """All vectors, encoding (and caching) only the misses."""

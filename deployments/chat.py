@@ -89,8 +89,9 @@ class ChatPath(CachedRoute):
             self._encoder_ident = EncoderIdentity(name=info["name"], version=info["version"])
         return self._encoder_ident
 
-    async def _embed(self, text: str) -> list[float]:
-        return await bounded(self.encoder.embed.remote(text), self.settings.cache.encoder_timeout_s, "encoder")
+    async def _embed(self, text: str, tenant: str) -> list[float]:
+        """The text's vector; cached under the tenant's scope (no tenant learns what another sent)."""
+        return await bounded(self.encoder.embed.remote(text, tenant), self.settings.cache.encoder_timeout_s, "encoder")
 
     async def _lookup_more(self, turn: Turn) -> Hit | None:
         """The semantic layer, after an exact miss. A deadline missed or an error: bypass."""
@@ -99,7 +100,7 @@ class ChatPath(CachedRoute):
             return None
         text = ident.semantic_text or ""
         try:
-            turn.vector = await self._embed(text)
+            turn.vector = await self._embed(text, ident.tenant)
             found = await bounded(self.semantic.lookup.remote(ident.semantic_scope, text, turn.vector),
                                   self.settings.cache.semantic_timeout_s, "semantic lookup")
         except Degraded as exc:
@@ -132,9 +133,9 @@ class ChatPath(CachedRoute):
             return
         try:
             if turn.vector is None:  # no lookup happened (Cache-Control: no-cache)
-                turn.vector = await self._embed(ident.semantic_text or "")
+                turn.vector = await self._embed(ident.semantic_text or "", ident.tenant)
             # the answer's embedding goes with it: the answer judge compares it with the candidates'
-            answer_vector = await self._embed(text)
+            answer_vector = await self._embed(text, ident.tenant)
             await bounded(self.semantic.store.remote(ident.semantic_scope, ident.semantic_text or "", turn.vector, text,
                                                      answer_vector),
                           max(self.settings.cache.semantic_timeout_s, STORE_TIMEOUT_S), "semantic store")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from caches.embedding import tenant_scope
 from caches.encoder import EMBEDDING_DIM, count_tokens, encode, encoder_identity, load_encoder
 from caches.tiered import claim_dir, reclaim_dead_dirs
 from deployments import metrics
@@ -65,35 +66,37 @@ class EncoderDeployment:
                 log.warning("embedding cache not available; encoding every text")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
-        return (await self._off_loop(texts)).tolist()
+    async def _embed_batch(self, texts: list[str], tenants: list[str]) -> list[list[float]]:
+        return (await self._off_loop(texts, tenants)).tolist()
 
-    async def _off_loop(self, texts: list[str]) -> np.ndarray:
+    async def _off_loop(self, texts: list[str], tenants: list[str]) -> np.ndarray:
         """`_embed` on the encoding thread; the event loop stays free meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, texts)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, texts, tenants)
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def _embed(self, texts: list[str], tenants: list[str]) -> np.ndarray:
+        """Vectors of `texts`, each cached under its tenant's scope (caches/embedding.py says why)."""
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
         missing = list(range(len(texts)))
+        scopes = [tenant_scope(t) for t in tenants]
         if self.cache is not None:
-            found, missing = self.cache.get_many(texts)
+            found, missing = self.cache.get_many(texts, scopes)
             for i, vec in found.items():
                 out[i] = vec
         if missing:
             fresh = encode([texts[i] for i in missing])
             out[missing] = fresh
             if self.cache is not None:
-                self.cache.put_many([texts[i] for i in missing], fresh)
+                self.cache.put_many([texts[i] for i in missing], fresh, [scopes[i] for i in missing])
         return out
 
-    async def embed(self, text: str) -> list[float]:
-        return await self._embed_batch(text)
+    async def embed(self, text: str, tenant: str) -> list[float]:
+        return await self._embed_batch(text, tenant)
 
-    async def embed_for_api(self, texts: list[str]) -> tuple[np.ndarray, int]:
+    async def embed_for_api(self, texts: list[str], tenant: str) -> tuple[np.ndarray, int]:
         """The `/v1/embeddings` answer's parts: float32 rows (kept as an array: base64 is their
         bytes) and the token count for `usage`."""
         slices = [texts[i : i + API_SLICE] for i in range(0, len(texts), API_SLICE)]
-        parts = [await self._off_loop(part) for part in slices]  # one at a time: others run between
+        parts = [await self._off_loop(part, [tenant] * len(part)) for part in slices]  # one at a time
         tokens = await asyncio.get_running_loop().run_in_executor(self._worker, count_tokens, texts)
         vectors = np.concatenate(parts) if parts else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         return vectors, sum(tokens)

@@ -284,7 +284,7 @@ class Ingress:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Any:
-        self._tenant(request)
+        tenant = self._tenant(request)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         try:
             info = await self.encoder.info.remote()
@@ -299,7 +299,7 @@ class Ingress:
                                                 f"omit dimensions or send {info['dim']} (got {body.dimensions})", "dimensions"),
                                 status_code=400)
         try:
-            vectors, tokens = await self.encoder.embed_for_api.remote(texts)
+            vectors, tokens = await self.encoder.embed_for_api.remote(texts, tenant)
         except Exception as exc:  # noqa: BLE001 - a failed replica is a 503 that says so, as for chat
             raise ModelUnavailable(f"the embedding model failed to answer ({type(exc).__name__}); retry shortly") from exc
         return embeddings_response(info["name"], vectors, body.encoding_format, tokens)

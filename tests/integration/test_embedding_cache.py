@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from caches.embedding import EmbeddingCache, precompute, read_texts
+from caches.embedding import SHARED_SCOPE, EmbeddingCache, precompute, read_texts, tenant_scope
 
 
 @pytest.fixture
@@ -108,3 +108,59 @@ def test_read_texts_csv_column(tmp_path: Path) -> None:
     path = tmp_path / "items.csv"
     path.write_text("id,title\n1,Toy Story\n2,\n3,Heat\n")
     assert list(read_texts(path, "title")) == ["Toy Story", "Heat"]
+
+
+def test_a_tenant_never_reads_another_tenants_embeddings_only_its_own_and_the_shared(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A hit saves the ~15 ms encode, which `/v1/embeddings` timing shows: a cache shared by
+    tenants would tell one whether another recently sent a text (caches/embedding.py)."""
+    cache = open_cache(redis_url, tmp_path / "ssd")
+    enc = FakeEncoder()
+    try:
+        cache.put_many(["what acme asked"], enc(["what acme asked"]), tenant_scope("acme"))
+        assert cache.get_many(["what acme asked"], tenant_scope("acme"))[1] == []
+        assert cache.get_many(["what acme asked"], tenant_scope("globex"))[1] == [0]
+        assert cache.get_many(["what acme asked"])[1] == [0]  # nor is it in the shared scope
+        # the operator's precomputed catalogue is read by every tenant (it is nobody's activity)
+        precompute(cache, ["a catalogue title"], encode=enc, progress=False)
+        for tenant in ("acme", "globex"):
+            hits, missing = cache.get_many(["a catalogue title", "what acme asked"], tenant_scope(tenant))
+            assert set(hits) == ({0, 1} if tenant == "acme" else {0}), tenant
+            np.testing.assert_array_equal(hits[0], enc(["a catalogue title"])[0])
+        # one scope per text (the Encoder's batch mixes tenants), and names that would collide
+        # if joined naively stay apart
+        hits, missing = cache.get_many(["what acme asked"] * 2, [tenant_scope("acme"), tenant_scope("acme:x")])
+        assert set(hits) == {0} and missing == [1]
+        assert tenant_scope("shared") != SHARED_SCOPE
+    finally:
+        cache.close()
+
+
+def test_the_encoder_deployment_caches_each_text_under_its_senders_scope(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Encoder's own batch path (deployments/encoder.py) on a real cache; only the model is a
+    stand-in (the e2e tests run the real one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployments import encoder as encoder_module
+
+    enc = FakeEncoder()
+    monkeypatch.setattr(encoder_module, "EMBEDDING_DIM", DIM)
+    monkeypatch.setattr(encoder_module, "encode", enc)
+    replica = encoder_module.EncoderDeployment.func_or_class.__new__(encoder_module.EncoderDeployment.func_or_class)
+    replica.cache = open_cache(redis_url, tmp_path / "ssd")
+    replica._worker = ThreadPoolExecutor(max_workers=1)
+    try:
+        first = replica._embed(["hello", "hello"], ["acme", "globex"])  # one batch, two senders
+        assert enc.texts == 2
+        replica._embed(["hello"], ["acme"])
+        replica._embed(["hello"], ["globex"])
+        assert enc.texts == 2  # each sender's own entry was reused
+        replica._embed(["hello"], ["initech"])
+        assert enc.texts == 3  # a third tenant did not learn that "hello" was sent before
+        np.testing.assert_array_equal(first[0], first[1])
+    finally:
+        replica.cache.close()
+        replica._worker.shutdown()
