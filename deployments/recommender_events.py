@@ -19,6 +19,7 @@ same path. Only users the feature store knows get events (404 otherwise: see `_r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -30,7 +31,14 @@ from caches.redis_client import REDIS_ERRORS, is_cluster
 from caches.versions import Leased
 from deployments.recommender_keys import audit_key, event_lock_key, pending_key
 from deployments.recommender_model import CACHE_ERRORS, RecsModel
-from feature_store.events import Activity, FeatureStoreUnavailable, UserActivityWriter, updated_user_row
+from feature_store.events import (
+    Activity,
+    FeatureStoreUnavailable,
+    UserActivityWriter,
+    already_applied,
+    new_event_id,
+    updated_user_row,
+)
 from feature_store.journal import EventJournal
 
 log = logging.getLogger("tierserve.recommender")
@@ -69,6 +77,8 @@ class EventRecorder:
 
     def record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
         """The answer to one event: 202 applied or queued, 404 for an unknown item or user."""
+        if activity.event_id is None:  # its id from here on, through the queue (feature_store/events.py)
+            activity = dataclasses.replace(activity, event_id=new_event_id())
         if activity.item_id not in m.index.ids:
             return _unknown_item(m, activity.item_id)
         if self.journal.holds_user(activity.user_id):
@@ -88,7 +98,8 @@ class EventRecorder:
             return {"status": 503, "message": f"the event could not be recorded ({why}) nor queued on this replica's "
                                               "disk; retry it"}
         log.info("event of user %s queued (%s)", activity.user_id, why)
-        return {"status": 202, "accepted": True, "recorded": "queued", "user_id": activity.user_id,
+        return {"status": 202, "accepted": True, "recorded": "queued", "event_id": activity.event_id,
+                "user_id": activity.user_id,
                 "item_id": activity.item_id, "type": activity.type, "tenant": tenant, "queue_id": entry,
                 "replica": self.replica, "invalidation": "queued", "invalidated": [],
                 "warning": f"{why}: the event is kept on this replica's disk and applied when the dependency answers "
@@ -142,6 +153,14 @@ class EventRecorder:
             current = self.writer.current_row(user_id)
         except FeatureStoreUnavailable as exc:
             raise NotNow("the feature store is unreachable") from exc
+        if already_applied(current, activity):
+            # Its push landed before (a push that timed out but wrote, or a replica that died
+            # before removing it from its queue): the row holds it. Its invalidation was armed
+            # before that push, so the pending sweep settles it even if it never ran.
+            log.info("event %s of user %s was already applied: not applied again", activity.event_id, user_id)
+            return {"status": 202, "accepted": True, "recorded": "already applied", "event_id": activity.event_id,
+                    "user_id": user_id, "item_id": item_id, "type": activity.type, "tenant": tenant,
+                    "replica": self.replica}
         if current is None:
             # Users come from the feature pipeline, not from events: any API client could
             # otherwise mint permanent users (a Feast row in a `noeviction` store, and generation
@@ -162,7 +181,10 @@ class EventRecorder:
             # says who sent the event; neither is ever written without the other.
             pipe = self.redis.pipeline(transaction=True)
             pending_score = self.pending.arm(str(user_id), PENDING_REPLAY_S, pipe=pipe)
-            pipe.xadd(self.audit_stream, {"tenant": tenant, "user_id": user_id, "item_id": item_id,
+            # An event tried again (queued after a failed try) is audited again under the same
+            # `event_id`: readers count distinct ids.
+            pipe.xadd(self.audit_stream, {"tenant": tenant, "event_id": activity.event_id or "", "user_id": user_id,
+                                          "item_id": item_id,
                                           "type": activity.type, "value": "" if activity.value is None else activity.value,
                                           "replica": self.replica}, maxlen=AUDIT_MAXLEN, approximate=True)
             audit_id = pipe.execute()[-1]
@@ -188,7 +210,8 @@ class EventRecorder:
         if published:  # reached everyone: nothing left to replay
             with contextlib.suppress(*REDIS_ERRORS):
                 self.pending.settle([(str(user_id), pending_score)])
-        out: dict[str, Any] = {"status": 202, "accepted": True, "recorded": "applied", "user_id": user_id, "item_id": item_id,
+        out: dict[str, Any] = {"status": 202, "accepted": True, "recorded": "applied", "event_id": activity.event_id,
+                               "user_id": user_id, "item_id": item_id,
                                "type": activity.type, "new_user": False, "n_ratings": row["n_ratings"],
                                "tenant": tenant,
                                "audit_id": audit_id.decode() if isinstance(audit_id, bytes) else str(audit_id),

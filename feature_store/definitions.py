@@ -112,6 +112,11 @@ def _build(repo_dir: Path, absolute_paths: bool) -> dict[str, Any]:
                 dtype=Array(Int64),
                 description="Items the user rated through events after this build (the build's own are in rated.parquet)",
             ),
+            Field(
+                name="applied_events",
+                dtype=Array(String),
+                description="Ids of the user's latest events applied to this row (a replayed event is not applied twice)",
+            ),
         ],
         source=user_push,
         online=True,

@@ -19,10 +19,16 @@ Why it is built this way:
   nothing can be said about an item the catalogue does not hold.
 - Read-modify-write is not atomic across processes: the caller serialises events of one user
   (the Recommender holds a per-user Redis lock around `record`).
+- An event can reach the row twice: a push that timed out but landed (the event is then queued
+  and replayed), or a replica that died between a queued event's push and its removal from the
+  queue. Every event carries an id from acceptance on; the row keeps the ids of its last
+  `APPLIED_EVENTS_KEPT` events (`applied_events`, in Feast with the row, so the check and the
+  write are one read-modify-write under the same lock), and `already_applied` says to skip it.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +42,16 @@ import numpy as np
 from feature_store import names
 
 EVENT_TYPES = ("view", "click", "rating")
+# Ids of a user's latest applied events kept in the row. A replay comes soon after its first try
+# (seconds, or a replica restart) and only events of the same user push an id out, so 16 covers
+# any realistic gap at ~200 bytes a row.
+APPLIED_EVENTS_KEPT = 16
+# Random hex characters of an event id: 48 bits; two of one user's 16 ids colliding is ~1e-13.
+EVENT_ID_CHARS = 12
+
+
+def new_event_id() -> str:
+    return secrets.token_hex(EVENT_ID_CHARS // 2)
 
 
 class EventRejected(ValueError):
@@ -58,6 +74,8 @@ class Activity:
     type: str  # "view" | "click" | "rating"
     value: float | None = None  # the rating (required for "rating")
     ts: int = field(default_factory=lambda: int(time.time()))  # Unix seconds
+    # Given when the event is accepted (never by the client), kept through the queue: see the note.
+    event_id: str | None = None
 
     @classmethod
     def parse(cls, event: dict[str, Any], now: float | None = None) -> Activity:
@@ -84,6 +102,19 @@ def fold_in_embedding(item_embedding: Sequence[float]) -> list[float]:
     return [float(x) for x in (vec / norm if norm > 0 else vec)]
 
 
+def already_applied(current: dict[str, Any] | None, activity: Activity) -> bool:
+    """Whether `current` (the row in the online store) already holds this event."""
+    return (current is not None and activity.event_id is not None
+            and activity.event_id in (current.get("applied_events") or ()))
+
+
+def _applied_after(current: dict[str, Any] | None, activity: Activity) -> list[str]:
+    kept = [str(x) for x in ((current or {}).get("applied_events") or [])]
+    if activity.event_id is not None:
+        kept.append(activity.event_id)
+    return kept[-APPLIED_EVENTS_KEPT:]
+
+
 def updated_user_row(
     current: dict[str, Any] | None, activity: Activity, item: dict[str, Any], genres: Sequence[str]
 ) -> dict[str, Any]:
@@ -106,6 +137,7 @@ def updated_user_row(
             "genre_affinity": [float(x) for x in (onehot if rating else np.zeros(len(genres)))],
             "embedding": fold_in_embedding(item.get("embedding") or []),
             "rated_since_build": [activity.item_id] if rating else [],
+            "applied_events": _applied_after(None, activity),
         }
     n = int(current.get("n_ratings") or 0)
     mean = float(current.get("mean_rating") or 0.0)
@@ -122,6 +154,7 @@ def updated_user_row(
         # A set kept sorted: replaying an event (a queued one applied twice) changes nothing.
         "rated_since_build": sorted({int(x) for x in (current.get("rated_since_build") or [])}
                                     | ({activity.item_id} if rating else set())),
+        "applied_events": _applied_after(current, activity),
     }
     if rating and activity.value is not None:
         # Running means over n -> n+1 ratings, exactly what the pipeline would compute.

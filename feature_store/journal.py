@@ -62,13 +62,15 @@ class QueuedEvent:
 
 def _encode(activity: Activity) -> str:
     return json.dumps({"user_id": activity.user_id, "item_id": activity.item_id, "type": activity.type,
-                       "value": activity.value, "ts": activity.ts})
+                       "value": activity.value, "ts": activity.ts, "event_id": activity.event_id})
 
 
 def _decode(body: str) -> Activity:
     raw = json.loads(body)
+    event_id = raw.get("event_id")  # absent in entries queued before ids existed
     return Activity(int(raw["user_id"]), int(raw["item_id"]), str(raw["type"]),
-                    None if raw["value"] is None else float(raw["value"]), int(raw["ts"]))
+                    None if raw["value"] is None else float(raw["value"]), int(raw["ts"]),
+                    None if event_id is None else str(event_id))
 
 
 class EventJournal:

@@ -25,5 +25,8 @@ ONLINE_DB = "data/online_store.db"
 # `rated_since_build`: items rated through events after the build. It lives in the row, in Feast
 # (the source of truth), so that the "never recommend what the user rated" filter survives a cache
 # Redis that restarts empty; the Redis set beside it is only the fast path.
-USER_FEATURES = ["n_ratings", "mean_rating", "last_ts", "genre_affinity", "embedding", "rated_since_build"]
+# `applied_events`: ids of the user's latest events applied to the row (feature_store/events.py):
+# an event replayed after a crash, or after a push that timed out but landed, is not applied twice.
+USER_FEATURES = ["n_ratings", "mean_rating", "last_ts", "genre_affinity", "embedding", "rated_since_build",
+                 "applied_events"]
 ITEM_FEATURES = ["popularity", "mean_rating", "genres", "year", "embedding"]

@@ -42,7 +42,8 @@ DEFAULT_MOVIES = DEFAULT_DATA / "movies.csv"
 # Bump when the feature maths or the embedding method changes: it is part of model_version,
 # so every cache key built on the old features becomes unreachable.
 # 2: user rows carry `rated_since_build` (a build of version 1 lacks the column: rebuilt, not mixed).
-PIPELINE_VERSION = "2"
+# 3: user rows carry `applied_events`.
+PIPELINE_VERSION = "3"
 N_POPULAR = 200
 N_USER_SAMPLE = 100
 
@@ -300,6 +301,7 @@ def _build(
                 "genre_affinity": list(affinity),
                 "embedding": list(user_emb),
                 "rated_since_build": [[] for _ in range(len(users))],  # the build's own: rated.parquet
+                "applied_events": [[] for _ in range(len(users))],
                 # The user's latest rating is when these features became true.
                 names.TIMESTAMP_FIELD: pd.to_datetime(users["last_ts"], unit="s", utc=True),
                 names.CREATED_FIELD: created,
@@ -325,7 +327,8 @@ def _build(
             .rename(columns={"user_id": names.USER_KEY, "item_id": "item_ids"})
         )
         _write_parquet(
-            user_frame, repo_dir / names.USER_PARQUET, list_types={"genre_affinity": "f4", "embedding": "f4", "rated_since_build": "i8"}
+            user_frame, repo_dir / names.USER_PARQUET, list_types={"genre_affinity": "f4", "embedding": "f4", "rated_since_build": "i8",
+                                                              "applied_events": "str"}
         )
         _write_parquet(
             item_frame, repo_dir / names.ITEM_PARQUET, list_types={"genres": "str", "embedding": "f4"}

@@ -30,11 +30,15 @@ from deployments.recommender_keys import read_user, remember_unknown
 from deployments.recommender_model import RecsModel
 from feature_store import names
 from feature_store.events import (
+    APPLIED_EVENTS_KEPT,
+    EVENT_ID_CHARS,
     Activity,
     EventRejected,
     FeatureStoreUnavailable,
     UserActivityWriter,
+    already_applied,
     fold_in_embedding,
+    new_event_id,
     updated_user_row,
 )
 from feature_store.journal import EventJournal
@@ -87,6 +91,22 @@ def test_updated_row_is_the_running_mean() -> None:
     assert new["rated_since_build"] == [9]
     assert new["embedding"] == pytest.approx([0.0, 1.0, 0.0])
     assert fold_in_embedding([0.0, 0.0, 1.0]) == [0.0, 0.0, 0.0]
+
+
+def test_a_row_remembers_its_latest_event_ids_and_knows_a_replay() -> None:
+    genres = ["Action"]
+    item = {"genres": ["Action"], "embedding": [1.0, 0.0]}
+    row: dict | None = None
+    for i in range(APPLIED_EVENTS_KEPT + 3):
+        row = updated_user_row(row, Activity(7, 9, "view", ts=i, event_id=f"e{i}"), item, genres)
+    assert row is not None
+    assert row["applied_events"] == [f"e{i}" for i in range(3, APPLIED_EVENTS_KEPT + 3)]  # the latest, bounded
+    assert already_applied(row, Activity(7, 9, "view", event_id=f"e{APPLIED_EVENTS_KEPT + 2}"))
+    assert not already_applied(row, Activity(7, 9, "view", event_id="e0"))  # fell out of the window
+    assert not already_applied(row, Activity(7, 9, "view"))  # no id (queued before ids existed)
+    assert not already_applied(None, Activity(7, 9, "view", event_id="e3"))
+    assert updated_user_row(row, Activity(7, 9, "view"), item, genres)["applied_events"] == row["applied_events"]
+    assert len(new_event_id()) == EVENT_ID_CHARS and new_event_id() != new_event_id()
 
 
 def test_rating_push_updates_the_online_store(repo: RepoInfo, writer: UserActivityWriter) -> None:
@@ -320,3 +340,55 @@ def test_an_event_whose_lock_expired_during_a_slow_feast_read_is_queued_not_push
     monkeypatch.setattr(recommender_events, "EVENT_LOCK_TIMEOUT_S", 10.0)
     recorder.replay_queued()  # the watcher's next tick: applied once, from a fresh read
     assert read(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0
+
+
+def test_a_push_that_timed_out_but_landed_is_replayed_without_applying_it_twice(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feast wrote the row, but its answer never came (a timeout): the event is queued, as it
+    must be (the recorder cannot know the write landed), and the replay finds its id in the row."""
+    m, recorder = wired
+    user = repo.user_ids_sample[6]
+    item = unrated_item(repo, m, user)
+    n_before = recorder.writer.current_row(user)["n_ratings"]
+    push = recorder.writer.push
+
+    def push_then_time_out(row: dict) -> None:
+        push(row)
+        raise FeatureStoreUnavailable("feature store write failed: TimeoutError")
+
+    monkeypatch.setattr(recorder.writer, "push", push_then_time_out)
+    out = recorder.record(m, Activity(user, item, "rating", 4.0), "acme")
+    assert out["recorded"] == "queued" and out["event_id"], out
+    assert recorder.writer.current_row(user)["n_ratings"] == n_before + 1  # it did land
+    monkeypatch.undo()
+    recorder.replay_queued()
+    row = recorder.writer.current_row(user)
+    assert row["n_ratings"] == n_before + 1 and recorder.journal.count() == 0  # once, and off the queue
+    assert list(row["applied_events"])[-1] == out["event_id"]
+    audited = [f for _, f in recorder.redis.xrange(m.keys.audit) if f[b"event_id"] == out["event_id"].encode()]
+    assert len(audited) == 1  # the replay that found it applied wrote no second entry
+
+
+def test_a_queued_event_applied_by_a_replica_that_died_before_removing_it_is_not_applied_again(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m, recorder = wired
+    user = repo.user_ids_sample[7]
+    item = unrated_item(repo, m, user)
+    n_before = recorder.writer.current_row(user)["n_ratings"]
+    recorder.queue(Activity(user, item, "rating", 3.0, event_id=new_event_id()), "acme", "Feast was down")
+
+    class Died(BaseException):
+        pass
+
+    def die(_entry: object) -> None:
+        raise Died  # the process ends after the push, before the entry leaves the queue
+
+    monkeypatch.setattr(recorder.journal, "done", die)
+    with pytest.raises(Died):
+        recorder.replay_queued()
+    monkeypatch.undo()
+    assert recorder.writer.current_row(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 1
+    recorder.replay_queued()  # the adopting replica's tick (its queue is the same file)
+    assert recorder.writer.current_row(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0

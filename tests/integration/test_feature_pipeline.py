@@ -144,6 +144,7 @@ def test_push_source_updates_online_store(built: RepoInfo, store: Any) -> None:
             "genre_affinity": [np.zeros(len(built.genres), np.float32)],
             "embedding": [embedding],
             "rated_since_build": [[7, 11]],
+            "applied_events": [["a1b2c3d4e5f6"]],
             names.TIMESTAMP_FIELD: [now],
             names.CREATED_FIELD: [now],
         }
@@ -154,6 +155,7 @@ def test_push_source_updates_online_store(built: RepoInfo, store: Any) -> None:
     assert got["mean_rating"] == [2.5]
     assert got["embedding"][0] == embedding.tolist()
     assert got["rated_since_build"] == [[7, 11]]
+    assert got["applied_events"] == [["a1b2c3d4e5f6"]]
 
 
 def test_other_columns_and_implicit_feedback(

@@ -113,3 +113,18 @@ def test_two_replicas_starting_together_adopt_a_dead_queue_once(tmp_path: Path) 
     assert journals["a"].count() == 3 and journals["b"].count() == 0
     for owner in owners:
         owner.close()
+
+
+def test_an_events_id_survives_the_queue_a_reopen_and_an_adoption(tmp_path: Path) -> None:
+    """The id is what keeps a replayed event from being applied twice (feature_store/events.py)."""
+    dead = EventJournal(tmp_path / "dead")
+    dead.append(Activity(1, 10, "view", ts=5, event_id="a1b2c3d4e5f6"), "t")
+    dead.close()
+    assert EventJournal(tmp_path / "dead").due()[0].activity.event_id == "a1b2c3d4e5f6"
+    ours = EventJournal(tmp_path / "ours")
+    assert ours.adopt(tmp_path / "dead") == 1
+    assert ours.due()[0].activity == Activity(1, 10, "view", ts=5, event_id="a1b2c3d4e5f6")
+    # an entry queued by a release before ids: read back without one (applied as before)
+    ours._db.execute("INSERT INTO events (user_id, body, tenant, accepted_at) VALUES (2, ?, 't', 0)",
+                     ('{"user_id": 2, "item_id": 20, "type": "view", "value": null, "ts": 6}',))
+    assert ours.due()[1].activity == Activity(2, 20, "view", ts=6)
