@@ -335,8 +335,9 @@ class Ingress:
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:
         sender = self._event_sender(request)
-        result = await self._recommender_call("record_event",
-                                              lambda: self.recommender.record_event.remote(body.model_dump(), sender))
+        key = request.headers.get("idempotency-key")
+        result = await self._recommender_call(
+            "record_event", lambda: self.recommender.record_event.remote(body.model_dump(), sender, key))
         status = result.pop("status", 202)
         if status >= 400:
             return JSONResponse(error_body(status, result["message"]), status_code=status,

@@ -54,7 +54,7 @@ from deployments.config import RecommenderSettings
 from deployments.recommender_events import EventRecorder
 from deployments.recommender_keys import RatedMemo, read_user, remember_unknown
 from deployments.recommender_model import CACHE_ERRORS, ItemIndex, RecommendationResults, RecsModel
-from feature_store.events import Activity, EventRejected, UserActivityWriter
+from feature_store.events import Activity, EventRejected, UserActivityWriter, client_event_id
 from feature_store.journal import EventJournal
 from feature_store.pipeline import RepoInfo
 
@@ -348,10 +348,12 @@ class RecommenderDeployment:
         }
 
     # -------------------------------------------------------------- events
-    def record_event(self, event: dict[str, Any], tenant: str = "-") -> dict[str, Any]:
-        """`tenant`: who sent it (the Ingress checked the right), kept in the audit entry."""
+    def record_event(self, event: dict[str, Any], tenant: str = "-", idempotency_key: str | None = None) -> dict[str, Any]:
+        """`tenant`: who sent it (the Ingress checked the right), kept in the audit entry.
+        `idempotency_key`: the client's, as sent; its retries of the event are applied once."""
         try:
             activity = Activity.parse(event)
+            activity = dataclasses.replace(activity, event_id=client_event_id(tenant, idempotency_key))
         except EventRejected as exc:
             return {"status": exc.status, "message": exc.message}
         with contextlib.suppress(*CACHE_ERRORS):

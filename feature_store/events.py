@@ -28,6 +28,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -50,8 +51,23 @@ APPLIED_EVENTS_KEPT = 16
 EVENT_ID_CHARS = 12
 
 
+IDEMPOTENCY_KEY_MAX = 255
+
+
 def new_event_id() -> str:
     return secrets.token_hex(EVENT_ID_CHARS // 2)
+
+
+def client_event_id(sender: str, key: str | None) -> str | None:
+    """The event id of a client's `Idempotency-Key` (None without one): the same key from the
+    same sender is the same event, so a retry after a timeout or a hang-up is applied once.
+    Per sender: two tenants that pick the same key send two events."""
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not all("!" <= c <= "~" for c in key):
+        raise EventRejected(400, f"Idempotency-Key: 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters, no spaces "
+                                 "(e.g. a UUID); send the same key when you retry the same event")
+    return hashlib.sha256(f"{sender}\0{key}".encode()).hexdigest()[:EVENT_ID_CHARS]
 
 
 class EventRejected(ValueError):

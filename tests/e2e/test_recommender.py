@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,23 @@ def test_events_say_their_invalidation_was_published_and_are_audited_with_their_
     got = {k.decode(): v.decode() for k, v in fields.items()}
     want = {"tenant": "default", "user_id": str(user), "item_id": str(repo_copy.popular_items[5]), "type": "view"}
     assert want.items() <= got.items(), got
+
+
+def test_a_client_retry_with_the_same_idempotency_key_is_applied_once(recs: httpx.Client, repo_copy: RepoInfo) -> None:
+    """The client timed out (or hung up) and sends the event again: the key makes it the same event."""
+    user, items = repo_copy.user_ids_sample[8], repo_copy.popular_items[10:12]
+    event = {"user_id": user, "item_id": items[0], "type": "rating", "value": 4}
+    key = f"rating-{uuid.uuid4()}"
+    first = recs.post("/v1/events", json=event, headers={"idempotency-key": key})
+    assert first.status_code == 202 and first.json()["recorded"] == "applied", first.text
+    again = recs.post("/v1/events", json=event, headers={"idempotency-key": key})
+    assert again.status_code == 202 and again.json()["recorded"] == "already applied", again.text
+    assert again.json()["event_id"] == first.json()["event_id"]
+    other = recs.post("/v1/events", json={**event, "item_id": items[1]}, headers={"idempotency-key": f"{key}-2"})
+    assert other.json()["recorded"] == "applied"
+    assert other.json()["n_ratings"] == first.json()["n_ratings"] + 1  # the retry counted nothing
+    bad = recs.post("/v1/events", json=event, headers={"idempotency-key": "has spaces"})
+    assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]["message"], bad.text
 
 
 def _pending(client: httpx.Client) -> int:

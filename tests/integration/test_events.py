@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from feature_store.events import (
     FeatureStoreUnavailable,
     UserActivityWriter,
     already_applied,
+    client_event_id,
     fold_in_embedding,
     new_event_id,
     updated_user_row,
@@ -392,3 +394,39 @@ def test_a_queued_event_applied_by_a_replica_that_died_before_removing_it_is_not
     assert recorder.writer.current_row(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 1
     recorder.replay_queued()  # the adopting replica's tick (its queue is the same file)
     assert recorder.writer.current_row(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0
+
+
+def test_a_client_key_makes_a_retry_the_same_event_even_when_the_first_try_was_queued(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m, recorder = wired
+    user = repo.user_ids_sample[8]
+    item = unrated_item(repo, m, user)
+    n_before = recorder.writer.current_row(user)["n_ratings"]
+    key = f"k-{uuid.uuid4()}"  # the Feast repo outlives a run on one backend: a key of its own
+    event = Activity(user, item, "rating", 5.0, event_id=client_event_id("acme", key))
+    read = recorder.writer.current_row
+
+    def down(_user_id: int) -> dict | None:
+        raise FeatureStoreUnavailable("feature store read failed: OperationalError")
+
+    monkeypatch.setattr(recorder.writer, "current_row", down)
+    assert recorder.record(m, event, "acme")["recorded"] == "queued"  # the client saw a timeout
+    monkeypatch.undo()
+    assert recorder.record(m, event, "acme")["recorded"] == "queued"  # its retry: behind the first
+    recorder.replay_queued()
+    assert read(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0
+    # a retry after it was applied; and the same key from another sender is another event
+    assert recorder.record(m, event, "acme")["recorded"] == "already applied"
+    other = Activity(user, item, "view", event_id=client_event_id("globex", key))
+    assert recorder.record(m, other, "globex")["recorded"] == "applied"
+
+
+def test_an_idempotency_key_must_be_visible_ascii() -> None:
+    assert client_event_id("acme", None) is None
+    assert client_event_id("acme", "k") == client_event_id("acme", "k") != client_event_id("acme", "k2")
+    assert len(client_event_id("acme", "x" * 255) or "") == EVENT_ID_CHARS
+    for bad in ("", "has space", "tab\t", "ünïcode", "x" * 256):
+        with pytest.raises(EventRejected) as err:
+            client_event_id("acme", bad)
+        assert err.value.status == 400 and "Idempotency-Key" in err.value.message
