@@ -8,8 +8,10 @@ misses everywhere at once.
 The scope is the tenant (`tenant_scope`), or `shared` for texts the operator precomputed. A cache
 shared by tenants would tell one tenant, by how fast `/v1/embeddings` answers (a hit saves the
 ~15 ms encode), whether another tenant recently sent a text. A tenant reads its own scope, then
-the shared one (an operator's catalogue is nobody's activity); it writes only its own. Texts are not normalised: "3²" and "32" are different texts, and the encoder
-is the one to decide how close their vectors are.
+the shared one (an operator's catalogue is nobody's activity); it writes only its own.
+
+Texts are not normalised: "3²" and "32" are different texts, and the encoder is the one to decide
+how close their vectors are.
 Vectors are raw float32 bytes (384 x 4 = 1.5 KiB): no encoding cost, exact round trip.
 
     python -m caches.embedding precompute --file catalogue.jsonl [--batch-size 64]
@@ -48,6 +50,14 @@ def tenant_scope(tenant: str) -> str:
     return "t." + safe_part(tenant)
 
 
+def _per_text(scope: str | Sequence[str], texts: list[str]) -> list[str]:
+    """One scope for every text, or one per text (the Encoder's batch mixes tenants)."""
+    scopes = [scope] * len(texts) if isinstance(scope, str) else list(scope)
+    if len(scopes) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(scopes)} scopes")
+    return scopes
+
+
 class EmbeddingCache:
     def __init__(self, tiered: TieredCache, encoder_name: str, encoder_version: str, dim: int) -> None:
         self.tiered = tiered
@@ -74,10 +84,7 @@ class EmbeddingCache:
                  ) -> tuple[dict[int, np.ndarray], list[int]]:
         """(index -> vector for hits, indices missing), each text looked up in its scope (one for
         all, or one per text) and then in the shared one; duplicates share one lookup."""
-        scopes = [scope] * len(texts) if isinstance(scope, str) else list(scope)
-        if len(scopes) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(scopes)} scopes")
-        own = [self.key(t, sc) for t, sc in zip(texts, scopes, strict=True)]
+        own = [self.key(t, sc) for t, sc in zip(texts, _per_text(scope, texts), strict=True)]
         shared = [self.key(t) for t in texts]
         result = self.tiered.get_many(list(dict.fromkeys(own + shared)))
         hits: dict[int, np.ndarray] = {}
@@ -100,9 +107,8 @@ class EmbeddingCache:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(texts), self.dim):
             raise ValueError(f"expected vectors of shape ({len(texts)}, {self.dim}), got {vectors.shape}")
-        scopes = [scope] * len(texts) if isinstance(scope, str) else list(scope)
         self.tiered.put_many({self.key(t, sc): vectors[i].tobytes()
-                              for i, (t, sc) in enumerate(zip(texts, scopes, strict=True))})
+                              for i, (t, sc) in enumerate(zip(texts, _per_text(scope, texts), strict=True))})
 
     def get_or_encode(self, texts: list[str], encode: object = None) -> np.ndarray:
         """All vectors, encoding (and caching) only the misses."""

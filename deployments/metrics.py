@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from prometheus_client import generate_latest
@@ -29,7 +30,7 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import RayServeException
 
 from caches import metrics as cache_metrics
-from caches.lookup_counts import SharedLookupCounts
+from caches.lookup_counts import SharedLookupCounts, nest
 from caches.metrics import Family, Kind, Sink
 from caches.redis_client import REDIS_ERRORS
 
@@ -58,7 +59,7 @@ SEMANTIC_VERIFICATIONS = Family(
 # this replica's own when Redis is unreachable.
 TENANT_LABELS = False
 ALL_TENANTS = "all"
-_LOOKUPS_BY_TENANT: dict[str, dict[str, dict[str, float]]] = {}
+_LOCAL_LOOKUPS: Counter[tuple[str, str, str]] = Counter()  # (layer, tenant, outcome) -> count
 _lookups_lock = threading.Lock()
 _shared_lookups: SharedLookupCounts | None = None
 
@@ -74,8 +75,7 @@ def lookup(layer: str, tenant: str, outcome: str) -> None:
     and added to the counts every replica shares."""
     CACHE_LOOKUPS.labels(layer, tenant if TENANT_LABELS else ALL_TENANTS, outcome).inc()
     with _lookups_lock:
-        by_outcome = _LOOKUPS_BY_TENANT.setdefault(layer, {}).setdefault(tenant, {})
-        by_outcome[outcome] = by_outcome.get(outcome, 0.0) + 1
+        _LOCAL_LOOKUPS[(layer, tenant, outcome)] += 1
     if _shared_lookups is not None:
         _shared_lookups.add(layer, tenant, outcome)
 
@@ -95,8 +95,8 @@ def lookups_by_tenant() -> tuple[dict[str, dict[str, dict[str, float]]], str]:
         except REDIS_ERRORS as exc:
             log.debug("shared lookup counts unreadable: %s", exc)
     with _lookups_lock:
-        local = {layer: {t: dict(o) for t, o in tenants.items()} for layer, tenants in _LOOKUPS_BY_TENANT.items()}
-    return local, "this replica"
+        local = Counter(_LOCAL_LOOKUPS)
+    return nest(local), "this replica"
 
 
 def observe(route: str, cache: str, status: int, started: float) -> None:

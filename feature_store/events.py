@@ -49,8 +49,7 @@ EVENT_TYPES = ("view", "click", "rating")
 APPLIED_EVENTS_KEPT = 16
 # Random hex characters of an event id: 48 bits; two of one user's 16 ids colliding is ~1e-13.
 EVENT_ID_CHARS = 12
-
-
+# Longest `Idempotency-Key` a client may send (a UUID is 36).
 IDEMPOTENCY_KEY_MAX = 255
 
 
@@ -90,7 +89,8 @@ class Activity:
     type: str  # "view" | "click" | "rating"
     value: float | None = None  # the rating (required for "rating")
     ts: int = field(default_factory=lambda: int(time.time()))  # Unix seconds
-    # Given when the event is accepted (never by the client), kept through the queue: see the note.
+    # Set when the event is accepted (never read from the body): random, or derived from the
+    # client's Idempotency-Key; kept through the queue (see the note).
     event_id: str | None = None
 
     @classmethod
