@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from caches.lookup_counts import FLUSH_INTERVAL_S
 from deployments.config import AppSettings
 from tests.e2e.conftest import ADMIN, local_app_config, wait_running
 from tests.e2e.node_metrics import node_metrics_urls, poll, samples
@@ -78,6 +79,9 @@ def test_cache_stats_count_every_replicas_lookups(two_ingress_replicas: str, mod
         deadline = time.monotonic() + 15  # the replicas flush every FLUSH_INTERVAL_S
         while _exact_lookups(client)[0] - before < N and time.monotonic() < deadline:
             time.sleep(0.2)
+        # A page shows its own replica's unflushed lookups but not the other's, for up to one
+        # flush interval (caches/lookup_counts.py): past it, every page must show all N.
+        time.sleep(2 * FLUSH_INTERVAL_S)
         pages = [_exact_lookups(client) for _ in range(8)]  # the proxy spreads these over both
     assert all(scope == "all replicas" for _, scope in pages), pages
     assert [n - before for n, _ in pages] == [N] * len(pages), pages
