@@ -119,6 +119,10 @@ class RecommenderSettings(BaseModel):
     # the fallback list (popular items the user has not rated, `degraded: true`). Below the
     # Ingress's 10 s deadline, which can only answer 503.
     answer_within_s: float = Field(default=6.0, gt=0)
+    # An event is applied or, past this (a slow Feast or Redis), queued on the replica's disk and
+    # answered 202 `"recorded": "queued"` (deployments/recommender_events.py). Below the Ingress's
+    # 10 s deadline for the call, whose 503 can only say "maybe recorded".
+    event_within_s: float = Field(default=5.0, gt=0, le=8.0)
     # "feast-only" reads every feature straight from Feast (no RAM/SSD tiers): the baseline arm of
     # benchmarks/recommend_load.py, and a way to rule the tiers out when debugging.
     tiers: Literal["all", "feast-only"] = "all"

@@ -57,11 +57,16 @@ HEALTH_REDIS_DEADLINE_S = 0.25
 # Redis stalling for 1 s at a time one took 11 s (tests/e2e/test_slow_redis.py). Past the
 # deadline: 503 with a message; the replica's late answer is dropped.
 RECOMMEND_DEADLINE_S = 10.0
+# An event is answered by the replica within `recommender.event_within_s` (applied, or queued on
+# its disk); this deadline is for a replica that cannot answer at all (its threads all stuck).
+EVENT_DEADLINE_S = 10.0
 IDEMPOTENT = ("recommend",)  # asked again once after a replica failure; an event is never sent twice
 RECOMMENDER_RETRY = {
     "recommend": "retry shortly",
-    # The replica may have died after the push: the rating may be recorded already.
-    "record_event": "the event may or may not have been recorded; check before sending it again",
+    # The replica may have died after the push: the rating may be recorded already. The client's
+    # key makes the retry the same event (docs/api.md), so it is applied once either way.
+    "record_event": "the event may or may not have been recorded: send it again with the same Idempotency-Key "
+                    "header and it is applied once (without one, check the `user_activity` of a recommendation for the user first)",
 }
 
 
@@ -337,7 +342,8 @@ class Ingress:
         sender = self._event_sender(request)
         key = request.headers.get("idempotency-key")
         result = await self._recommender_call(
-            "record_event", lambda: self.recommender.record_event.remote(body.model_dump(), sender, key))
+            "record_event", lambda: self.recommender.record_event.remote(body.model_dump(), sender, key),
+            EVENT_DEADLINE_S)
         status = result.pop("status", 202)
         if status >= 400:
             return JSONResponse(error_body(status, result["message"]), status_code=status,

@@ -115,7 +115,8 @@ class RecommenderDeployment:
         self._failed: dict[str, float] = {}  # version -> when its failed load may be tried again
         self.models: Leased[RecsModel] = Leased(self._build(self.versions.current(RECS_MODEL), info),
                                                  lambda m: m.close(remove_files=True))
-        self.events = EventRecorder(self.redis, self.writer, self.journal, self.models, self.replica)
+        self.events = EventRecorder(self.redis, self.writer, self.journal, self.models, self.replica,
+                                    within_s=self.settings.event_within_s)
         self.rated_memo = RatedMemo()
         self._warm_up(info)
         self._stop = threading.Event()
@@ -327,19 +328,14 @@ class RecommenderDeployment:
         if since_build:
             self.rated_memo.add(user_id, since_build)
         seen = seen | {int(x) for x in since_build}
-        wanted = max(self.settings.candidates, CANDIDATES_PER_K * k) + len(seen)
-        ids, sims = m.index.search_scored(u_emb, wanted)
-        if seen:
-            keep = ~np.isin(ids, np.fromiter(seen, dtype=np.int64, count=len(seen)))
-            ids, sims = ids[keep], sims[keep]
-        ranked = m.score(ids, sims, affinity, w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
+        ranked = m.top_k(u_emb, affinity, seen, k, max(self.settings.candidates, CANDIDATES_PER_K * k),
+                         w_mean_rating=W_MEAN_RATING, w_genre=W_GENRE)
         degraded = user.degraded or ranked.degraded
         if not ranked.ids.size and degraded:
             return self._fallback(m, user_id, k, "the feature store is unreachable and none of this user's "
                                   "candidate items' features are cached", rated=seen)
-        top = np.argsort(-ranked.scores, kind="stable")[:k]
         items = [{"item_id": int(i), "score": round(float(s), 6)}
-                 for i, s in zip(ranked.ids[top], ranked.scores[top], strict=True)]
+                 for i, s in zip(ranked.ids, ranked.scores, strict=True)]
         return {
             **self._base(m, user_id), "items": items, "cold_start": False, "degraded": bool(degraded),
             # Which tier answered, like the chat route's x-cache: the operator's first question.

@@ -14,6 +14,12 @@ When a step cannot be done now (Redis or Feast down, slow, or the user's lock bu
 queued on the replica's disk (feature_store/journal.py) and answered 202 `"recorded": "queued"`;
 the replica's watcher calls `replay_queued`, which applies queued events oldest first through the
 same path. Only users the feature store knows get events (404 otherwise: see `_record_locked`).
+
+An answer within `within_s`: a dependency that is slow rather than down (a Feast read that takes
+30 s) would otherwise hold the client until it answers. Past the deadline the event is queued as
+above and answered at once; the attempt still running finishes in its thread. Applying twice is
+impossible either way: if that attempt lands, the queued copy finds its `event_id` in the row
+("already applied", feature_store/events.py); if it fails, it does not queue a second copy.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import redis
@@ -55,22 +64,44 @@ PENDING_REPLAY_S = EVENT_LOCK_TIMEOUT_S
 AUDIT_MAXLEN = 100_000
 # Queued events applied per watcher tick (the rest wait for the next one).
 REPLAY_BATCH = 64
+# An event is answered (applied, or queued) within this long by default: below the Ingress's
+# deadline for the call (deployments/ingress.py), which could only answer "maybe recorded".
+EVENT_WITHIN_S = 5.0
+# Threads that apply events under that deadline. When all are stuck on a slow dependency, new
+# events wait for one, miss the deadline and are queued without ever starting.
+EVENT_THREADS = 8
 
 
 class NotNow(RuntimeError):
     """An event cannot be applied right now (a dependency is down, slow or busy): queue it."""
 
 
+@dataclasses.dataclass
+class _Attempt:
+    """Who queues an event whose attempt may outlive its deadline: exactly one of the two sides,
+    decided under `lock`. `settled`: the attempt has its outcome (the deadline side then waits
+    for it); `handed_over`: the deadline side queued the event (the attempt must not again)."""
+
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    settled: bool = False
+    handed_over: bool = False
+
+
 class EventRecorder:
     """One per Recommender replica; `models` is the replica's current model version (leased)."""
 
     def __init__(self, client: redis.Redis, writer: UserActivityWriter, journal: EventJournal,
-                 models: Leased[RecsModel], replica: str) -> None:
+                 models: Leased[RecsModel], replica: str, within_s: float = EVENT_WITHIN_S) -> None:
         self.redis = client
         self.writer = writer
         self.journal = journal
         self.models = models
         self.replica = replica
+        self.within_s = within_s
+        self._workers = ThreadPoolExecutor(max_workers=EVENT_THREADS, thread_name_prefix="recs-event")
+        # Event ids with an attempt still running here: the watcher leaves their queued copy
+        # (a deadline's) until it ends, rather than wait on the user's lock the attempt holds.
+        self._running: set[str] = set()
         # On a cluster both under one hash tag: an event writes them in one MULTI.
         self.audit_stream = audit_key(is_cluster(client))
         self.pending = PendingInvalidations(client, pending_key(is_cluster(client)))
@@ -83,10 +114,40 @@ class EventRecorder:
             return _unknown_item(m, activity.item_id)
         if self.journal.holds_user(activity.user_id):
             return self.queue(activity, tenant, "earlier events of this user are still queued here")
+        event_id = activity.event_id
+        attempt = _Attempt()
+        self._running.add(event_id)
+        future: Future[dict[str, Any]] = self._workers.submit(self._attempt, activity, tenant, attempt)
+        future.add_done_callback(lambda _: self._running.discard(event_id))  # a cancelled one too
         try:
-            return self._record(m, activity, tenant)
+            return future.result(timeout=self.within_s)
+        except FutureTimeout:
+            with attempt.lock:
+                late = attempt.settled
+                attempt.handed_over = not late
+            if late:  # its outcome came in the same instant: answer that
+                return future.result()
+            future.cancel()  # still waiting for a thread: it never starts
+            return self.queue(activity, tenant, f"not applied within {self.within_s:g}s (a dependency is slow)")
+
+    def _attempt(self, activity: Activity, tenant: str, attempt: _Attempt) -> dict[str, Any]:
+        """`record`'s try in a worker thread, under its own lease: it may outlive the caller's."""
+        why, outcome = None, None
+        try:
+            with self.models.lease() as m:
+                outcome = self._record(m, activity, tenant)
         except NotNow as exc:
-            return self.queue(activity, tenant, str(exc))
+            why = str(exc)
+        with attempt.lock:
+            attempt.settled = True
+            if attempt.handed_over:
+                # Queued by the deadline already: applied now -> its queued copy is skipped as
+                # "already applied"; not applied -> the queued copy is the retry.
+                log.info("event %s of user %s finished after its deadline: %s", activity.event_id, activity.user_id,
+                         why or (outcome or {}).get("recorded", (outcome or {}).get("status")))
+                return outcome or {}
+            # Queued under the lock: the deadline side, if it fires now, waits and answers this.
+            return outcome if why is None else self.queue(activity, tenant, why)
 
     def queue(self, activity: Activity, tenant: str, why: str) -> dict[str, Any]:
         """Accept an event that cannot be applied now: on disk before the 202, applied by the
@@ -110,6 +171,8 @@ class EventRecorder:
         (order is kept). One that can never be (its user or item unknown) is dropped and logged:
         the 202 had said it was queued, not applied."""
         for entry in self.journal.due(REPLAY_BATCH):
+            if entry.activity.event_id in self._running:
+                return  # its own attempt (past its deadline) still runs here: the next tick decides
             with self.models.lease() as m:
                 try:
                     out = self._record(m, entry.activity, entry.tenant)

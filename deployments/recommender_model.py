@@ -90,6 +90,8 @@ class ItemTable:
         frame = frame.iloc[order]
         self.ids = frame[names.ITEM_KEY].to_numpy(dtype=np.int64)
         self.mean_rating = np.nan_to_num(frame["mean_rating"].to_numpy(dtype=np.float64), nan=0.0)
+        # The score's reach above an item's similarity (`nudge_bound`) needs the extremes only.
+        self.mean_rating_range = (float(self.mean_rating.min()), float(self.mean_rating.max())) if len(frame) else (3.0, 3.0)
         index = {g: i for i, g in enumerate(genres)}
         # Row-normalised multi-hot: genre_matrix[row] @ affinity is the mean affinity over the
         # item's known genres (0 for an item with none), what the per-item loop computed.
@@ -98,6 +100,14 @@ class ItemTable:
             cols = [index[g] for g in (item_genres if item_genres is not None else ()) if g in index]
             if cols:
                 self.genre_matrix[row, cols] = 1.0 / len(cols)
+
+    def nudge_bound(self, affinity: np.ndarray, *, w_mean_rating: float, w_genre: float) -> float:
+        """The most `score_items` can add to any item's similarity for this user: the top of the
+        mean-rating nudge plus the user's best genre affinity (an item's genre term is a mean of
+        affinities, so it never exceeds the largest; 0 for an item with no genres)."""
+        rating = max(w_mean_rating * (r - 3.0) / 2.0 for r in self.mean_rating_range)
+        genre = w_genre * max(0.0, float(affinity.max())) if affinity.size else 0.0
+        return rating + max(genre, 0.0)
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each id; -1 for an id this table does not hold."""
@@ -115,6 +125,49 @@ def score_items(similarity: np.ndarray, mean_rating: np.ndarray, genre_rows: np.
     return score
 
 
+@dataclass
+class Ranked:
+    ids: np.ndarray  # int64 item ids, best first
+    scores: np.ndarray  # float64, one per id
+    degraded: bool  # a feature tier was unavailable while reading the candidates
+    sources: dict[str, int]  # where the candidates' features came from -> how many
+
+
+def top_k(index: ItemIndex, table: ItemTable, user_embedding: np.ndarray, affinity: np.ndarray, seen: set[int],
+          k: int, pool: int, *, w_mean_rating: float, w_genre: float) -> Ranked:
+    """The `k` best items the user has not seen by the score, best first, exactly as scoring the
+    whole catalogue would rank them; the search starts with `pool` candidates past `seen`.
+
+    Why the loop: FAISS ranks by similarity, the score adds nudges to it, so an item just past
+    the searched pool could outscore one inside (a k=10 answer was once not the top 10 of the same
+    user's k=100 one). Every item past the pool has a similarity of at most the pool's last, so
+    its score is at most that plus `nudge_bound`: when the k-th score found reaches that, nothing
+    outside can beat it (the threshold test of Fagin, Lotem and Naor, "Optimal aggregation
+    algorithms for middleware", PODS 2001). Else the pool grows 4x, up to the whole catalogue,
+    which is always exact."""
+    if k <= 0:
+        return Ranked(np.empty(0, dtype=np.int64), np.empty(0), False, {"model": 0})
+    reach = table.nudge_bound(affinity, w_mean_rating=w_mean_rating, w_genre=w_genre)
+    excluded = np.fromiter(seen, dtype=np.int64, count=len(seen)) if seen else None
+    wanted = pool + len(seen)
+    while True:
+        ids, sims = index.search_scored(user_embedding, wanted)
+        searched_all = wanted >= index.size
+        floor = float(sims[-1]) if sims.size else float("-inf")
+        if excluded is not None:
+            keep = ~np.isin(ids, excluded)
+            ids, sims = ids[keep], sims[keep]
+        rows = table.rows(ids)  # features in process: no read at all
+        ok = rows >= 0  # an id without features is dropped, never scored on empty ones
+        ids, sims, rows = ids[ok], sims[ok], rows[ok]
+        scores = score_items(sims, table.mean_rating[rows], table.genre_matrix[rows], affinity,
+                             w_mean_rating=w_mean_rating, w_genre=w_genre)
+        top = np.argsort(-scores, kind="stable")[:k]
+        if searched_all or (top.size == k and scores[top[-1]] >= floor + reach):
+            return Ranked(ids[top], scores[top], False, {"model": int(ids.size)})
+        wanted = min(index.size, wanted * 4)
+
+
 def feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, rocksdb_dir: Path, view: str,
                   entity_key: str, model_version: str, share: float,
                   generations: Callable[[int], str] | None = None) -> FeatureCache:
@@ -127,14 +180,6 @@ def feature_cache(settings: RecommenderSettings, *, redis_url: str, repo: Path, 
         ssd_budget_bytes=int(settings.ssd_budget_bytes * share), ttl_s=settings.feature_ttl_s or None,
         generation_key=generations,
     )
-
-
-@dataclass
-class Ranked:
-    ids: np.ndarray  # int64 item ids, in candidate order
-    scores: np.ndarray  # float64, one per id
-    degraded: bool  # a feature tier was unavailable while reading the candidates
-    sources: dict[str, int]  # where the candidates' features came from -> how many
 
 
 class RecsModel:
@@ -170,17 +215,10 @@ class RecsModel:
         self.keys = RecsKeys(cluster=is_cluster_url(redis_url),
                              counter_name=ram.counter_name if ram is not None else None)
 
-    def score(self, ids: np.ndarray, sims: np.ndarray, affinity: np.ndarray, *, w_mean_rating: float,
-              w_genre: float) -> Ranked:
-        """Scores of the candidates `ids` (with their inner products `sims`) for a user's genre
-        affinity. A candidate whose features nobody could answer is dropped, never scored on
-        empty features."""
-        rows = self.item_table.rows(ids)  # features in process: no read at all
-        ok = rows >= 0
-        ids, sims, rows = ids[ok], sims[ok], rows[ok]
-        scores = score_items(sims, self.item_table.mean_rating[rows], self.item_table.genre_matrix[rows],
-                             affinity, w_mean_rating=w_mean_rating, w_genre=w_genre)
-        return Ranked(ids, scores, False, {"model": int(ids.size)})
+    def top_k(self, user_embedding: np.ndarray, affinity: np.ndarray, seen: set[int], k: int, pool: int, *,
+              w_mean_rating: float, w_genre: float) -> Ranked:
+        return top_k(self.index, self.item_table, user_embedding, affinity, seen, k, pool,
+                     w_mean_rating=w_mean_rating, w_genre=w_genre)
 
     def close(self, *, remove_files: bool = False) -> None:
         self.users.close()

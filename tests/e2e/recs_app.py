@@ -32,7 +32,7 @@ def copy_repo(target: Path) -> RepoInfo:
 
 @contextmanager
 def serve_recs(app_url: str, *, redis_url: str, repo: RepoInfo, state_dir: Path, name: str,
-               prefix: str) -> Iterator[httpx.Client]:
+               prefix: str, event_within_s: float | None = None) -> Iterator[httpx.Client]:
     """The app deployed at `prefix`, a client for it, and the app deleted after."""
     from ray import serve
 
@@ -43,6 +43,8 @@ def serve_recs(app_url: str, *, redis_url: str, repo: RepoInfo, state_dir: Path,
     settings.redis_url = redis_url
     settings.state_dir = str(state_dir)
     settings.recommender.feast_repo = str(repo.repo_dir)
+    if event_within_s is not None:
+        settings.recommender.event_within_s = event_within_s
     handles = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache", "LLM")]
     recommender = RecommenderDeployment.options(num_replicas=2).bind(
         redis_url, settings.state_dir, settings.recommender.model_dump()

@@ -31,6 +31,11 @@ from tests.e2e.recs_app import copy_repo, recommend, serve_recs
 APP_NAME = "tierserve-recs"
 PREFIX = "/recs"
 OWN_REDIS: dict[str, Any] = {}  # the module app's own Redis (url, server), for tests that act on it
+# The module app answers an event within this (applied, else queued): shorter than the default, so
+# a test can keep Feast slow past it without reaching SQLite's own 5 s wait for a lock; far above
+# what an event takes here (well under 0.5 s).
+EVENT_WITHIN_S = 3.0
+FEAST_SLOW_FOR_S = 4.5
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def recs(app_url: str, repo_copy: RepoInfo, tmp_path_factory: pytest.TempPathFac
     with EmbeddedRedis() as own_redis:
         OWN_REDIS["url"], OWN_REDIS["server"] = own_redis.url, own_redis
         with serve_recs(app_url, redis_url=own_redis.url, repo=repo_copy, state_dir=tmp_path_factory.mktemp("recs_state"),
-                        name=APP_NAME, prefix=PREFIX) as client:
+                        name=APP_NAME, prefix=PREFIX, event_within_s=EVENT_WITHIN_S) as client:
             yield client
 
 
@@ -373,6 +378,44 @@ def test_an_item_rated_by_an_event_stays_filtered_after_redis_restarts_empty(
             break
         time.sleep(0.25)
     assert len(fresh) >= 2, fresh
+
+
+def test_an_event_under_a_slow_feature_store_is_answered_at_its_deadline_and_applied_once(
+    recs: httpx.Client, repo_copy: RepoInfo
+) -> None:
+    """Feast slow, not down: its online store's file is locked, so the event's read of the user's
+    row waits. The client is answered 202 "queued" at the replica's deadline instead of waiting it
+    out; the attempt still running and the queued copy together apply the rating once."""
+    import sqlite3
+
+    user = repo_copy.user_ids_sample[12]
+    n_before = recommend(recs, user, 5)["user_activity"]["n_ratings"]
+    item = next(i for i in repo_copy.popular_items[:50] if i not in rated_by(repo_copy, user))
+    event = {"user_id": user, "item_id": item, "type": "rating", "value": 4}
+    key = {"Idempotency-Key": f"slow-{uuid.uuid4()}"}
+    # An exclusive lock on the rollback-journal file: readers wait (SQLite's busy wait, 5 s in
+    # Feast's connection) until it is released.
+    hold = sqlite3.connect(repo_copy.repo_dir / names.ONLINE_DB, timeout=10, isolation_level=None)
+    hold.execute("BEGIN EXCLUSIVE")
+    started = time.monotonic()
+    try:
+        resp = recs.post("/v1/events", json=event, headers=key)
+        elapsed = time.monotonic() - started
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["recorded"] == "queued" and f"not applied within {EVENT_WITHIN_S:g}s" in resp.json()["warning"]
+        assert elapsed < FEAST_SLOW_FOR_S, f"the answer waited {elapsed:.1f}s for the slow read"
+        time.sleep(max(0.0, FEAST_SLOW_FOR_S - (time.monotonic() - started)))
+    finally:
+        hold.execute("ROLLBACK")
+        hold.close()
+    deadline = time.monotonic() + 60
+    while (body := recommend(recs, user, 99))["user_activity"]["n_ratings"] != n_before + 1:
+        assert time.monotonic() < deadline, f"the event was never applied: {body['user_activity']}"
+        time.sleep(0.5)
+    time.sleep(3.0)  # the queued copy's replay (watcher ticks of 0.5 s) has had its turn
+    assert recommend(recs, user, 98)["user_activity"]["n_ratings"] == n_before + 1  # once, not twice
+    again = recs.post("/v1/events", json=event, headers=key)  # the client's retry, to be sure
+    assert again.status_code == 202 and again.json()["recorded"] == "already applied", again.text
 
 
 # Last in the module: it moves the module app to another model version.

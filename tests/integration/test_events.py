@@ -344,6 +344,88 @@ def test_an_event_whose_lock_expired_during_a_slow_feast_read_is_queued_not_push
     assert read(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0
 
 
+def _wait_until_no_attempt_runs(recorder: EventRecorder, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while recorder._running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not recorder._running, "the event's attempt never ended"
+
+
+def test_an_event_slower_than_its_deadline_is_queued_at_once_and_applied_once(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow (not dead) Feast: the client is answered "queued" at the deadline instead of waiting
+    the read out; the attempt still running lands, and the queued copy then finds it applied."""
+    m, recorder = wired
+    user = repo.user_ids_sample[9]
+    item = unrated_item(repo, m, user)
+    read = recorder.writer.current_row
+    n_before = read(user)["n_ratings"]
+
+    def slow_read(user_id: int) -> dict | None:
+        time.sleep(2.0)
+        return read(user_id)
+
+    monkeypatch.setattr(recorder.writer, "current_row", slow_read)
+    recorder.within_s = 0.3
+    started = time.monotonic()
+    out = recorder.record(m, Activity(user, item, "rating", 4.0), "acme")
+    assert time.monotonic() - started < 1.5, "the answer waited for the slow read"
+    assert out["recorded"] == "queued" and "not applied within 0.3s" in out["warning"], out
+    assert recorder.journal.count() == 1 and item in recorder.journal.items_of(user)  # answers leave it out now
+    started = time.monotonic()
+    recorder.replay_queued()  # a watcher tick while the attempt runs: leaves the entry, waits for nothing
+    assert recorder.journal.count() == 1 and time.monotonic() - started < 1.0
+    _wait_until_no_attempt_runs(recorder)
+    monkeypatch.setattr(recorder.writer, "current_row", read)
+    assert read(user)["n_ratings"] == n_before + 1  # the late attempt landed
+    recorder.replay_queued()
+    assert read(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0  # once, and off the queue
+
+
+def test_a_late_attempt_that_then_fails_leaves_one_queued_copy(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline queued the event; the attempt still running then fails on Feast: it must not
+    queue a second copy (one event, one entry), and the one entry applies it once."""
+    m, recorder = wired
+    user = repo.user_ids_sample[10]
+    item = unrated_item(repo, m, user)
+    read = recorder.writer.current_row
+    n_before = read(user)["n_ratings"]
+
+    def slow_then_down(_user_id: int) -> dict | None:
+        time.sleep(1.0)
+        raise FeatureStoreUnavailable("feature store read failed: OperationalError")
+
+    monkeypatch.setattr(recorder.writer, "current_row", slow_then_down)
+    recorder.within_s = 0.2
+    assert recorder.record(m, Activity(user, item, "rating", 2.0), "acme")["recorded"] == "queued"
+    _wait_until_no_attempt_runs(recorder)
+    assert recorder.journal.count() == 1 and read(user)["n_ratings"] == n_before
+    monkeypatch.setattr(recorder.writer, "current_row", read)
+    recorder.replay_queued()
+    assert read(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0
+
+
+def test_an_event_within_its_deadline_is_answered_by_its_attempt(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Down (not slow) within the deadline: the attempt itself queues it, once."""
+    m, recorder = wired
+    user = repo.user_ids_sample[11]
+    item = unrated_item(repo, m, user)
+
+    def down(_user_id: int) -> dict | None:
+        raise FeatureStoreUnavailable("feature store read failed: OperationalError")
+
+    monkeypatch.setattr(recorder.writer, "current_row", down)
+    out = recorder.record(m, Activity(user, item, "view"), "acme")
+    assert out["recorded"] == "queued" and "unreachable" in out["warning"] and recorder.journal.count() == 1
+    _wait_until_no_attempt_runs(recorder)
+    assert recorder.journal.count() == 1
+
+
 def test_a_push_that_timed_out_but_landed_is_replayed_without_applying_it_twice(
     repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
 ) -> None:
