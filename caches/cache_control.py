@@ -37,8 +37,11 @@ class CacheControl(BaseModel):
                 no_cache = True
             elif name == "no-store":
                 no_store = True
-            elif name == "max-age" and value.isdigit():
-                # the smallest wins when a header carries several (most restrictive)
+            elif name == "max-age" and value.isascii() and value.isdigit():
+                # RFC 9111's delta-seconds is ASCII digits: str.isdigit() alone is also true for
+                # "²" or "1¹", which float() then refuses (a 500). Anything else is malformed and
+                # ignored, as above. The smallest wins when a header carries several (most
+                # restrictive); float() takes any length of digits (a huge one is just "forever").
                 age = float(value)
                 max_age = age if max_age is None else min(max_age, age)
         return cls(no_cache=no_cache, no_store=no_store, max_age=max_age)

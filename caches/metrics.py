@@ -116,7 +116,10 @@ PROMOTIONS = Family("counter", "tierserve_tier_promotions", "Entries placed into
 DEMOTIONS = Family("counter", "tierserve_tier_demotions", "Entries moved out of this tier to the one below", LABELS)
 DROPS = Family("counter", "tierserve_tier_drops", "Entries dropped over budget (the source of truth keeps them)", LABELS)
 ERRORS = Family("counter", "tierserve_tier_errors", "Tier calls that failed (tier unavailable)", LABELS)
-BYTES = Family("gauge", "tierserve_tier_bytes", "Bytes held by a tier (key + value, logical)", LABELS)
+# `namespace` is the cache's name here (the user and the item feature caches each have their own
+# tiers and totals). A RAM tier's value is the cache's shared total in Redis, the same on every
+# replica (take the max across replicas); an SSD tier's is the replica's own (sum them).
+BYTES = Family("gauge", "tierserve_tier_bytes", "Bytes held by a tier of one cache (key + value, logical)", LABELS)
 LATENCY = Family(
     "histogram", "tierserve_tier_read_latency_seconds", "Latency of one batched tier read", LABELS,
     buckets=LATENCY_BUCKETS_S,

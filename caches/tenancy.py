@@ -129,13 +129,16 @@ class Tenants:
 
 
 def tenant_view(tenant: str, *, exact: dict[str, Any], semantic: dict[str, Any],
-                lookups: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+                lookups: dict[str, dict[str, dict[str, float]]],
+                recommendations: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``GET /v1/cache/stats`` shows a tenant: its own counters and scopes, nothing of other
     tenants (not even totals: sizes and hit counts of a shared cache tell a tenant what others ask).
     Admins get the whole picture instead."""
     part = safe_part(tenant)  # as the tenant appears inside keys
     own_prefix = tenant_namespace("sem", tenant) + ":"
     mine = (exact.get("by_tenant") or {}).get(part, {"hits": 0, "misses": 0})
+    recs = recommendations or {}
+    recs_mine = (recs.get("by_tenant") or {}).get(part, {"hits": 0, "misses": 0})
     return {
         "tenant": tenant,
         "exact": {"hits": mine.get("hits", 0), "misses": mine.get("misses", 0),
@@ -143,4 +146,7 @@ def tenant_view(tenant: str, *, exact: dict[str, Any], semantic: dict[str, Any],
         "semantic": {"scopes": {s: v for s, v in (semantic.get("scopes") or {}).items() if s.startswith(own_prefix)},
                      "available": semantic.get("available", semantic.get("status") != "unavailable")},
         "lookups": {layer: by_tenant.get(tenant, {}) for layer, by_tenant in lookups.items()},
+        # the recommendation result cache: its own counters only
+        "recommendations": {"hits": recs_mine.get("hits", 0), "misses": recs_mine.get("misses", 0),
+                            "available": recs.get("available", False)},
     }

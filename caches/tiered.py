@@ -119,7 +119,7 @@ class TieredCache(TierMoves):
         cfg = WTinyLFUConfig(ram_budget_bytes, **({"entry_bytes": entry_bytes} if entry_bytes else {}))
         # On a Redis Cluster: hash-tag groups, a key with its generation counter (tiers/redis.py)
         ram = RedisTier(redis_url, meta_prefix=f"tierserve:tier:{name}", group_of=generation_of,
-                        shards=shards_for(ram_budget_bytes, cfg.entry_bytes))
+                        shards=shards_for(ram_budget_bytes, cfg.entry_bytes), cache=name)
         pol: PlacementPolicy
         if policy == "tierserve":
             pol = SharedWTinyLFU(ram, cfg, prefix=f"tierserve:placement:{name}")
@@ -127,7 +127,7 @@ class TieredCache(TierMoves):
             pol = WTinyLFU(cfg)
         else:
             raise ValueError(f"unknown policy {policy!r}")
-        ssd = RocksDBTier(rocksdb_dir)
+        ssd = RocksDBTier(rocksdb_dir, cache=name)
         bus = InvalidationBus(redis_url, stream=f"tierserve:invalidations:{name}") if invalidation else None
         gens = Generations(ram.client, generation_of, redis_name=ram.counter_name) if generation_of is not None else None
         return cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from caches.tenancy import ENV_VAR as API_KEYS_ENV
 from caches.tenancy import parse_keys
@@ -20,7 +20,13 @@ from caches.tenancy import parse_keys
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class LLMSettings(BaseModel):
+class _Settings(BaseModel):
+    # A misspelled setting ("event_tenant") must stop the deploy with its name, not be ignored
+    # while its default (here: who may send events) silently applies.
+    model_config = ConfigDict(extra="forbid")
+
+
+class LLMSettings(_Settings):
     model: str = str(REPO_ROOT / ".models" / "SmolLM2-135M-Instruct")
     served_model_name: str = "SmolLM2-135M-Instruct"
     model_version: str = "v1"
@@ -51,7 +57,7 @@ ENCODER_TIMEOUT_S = 2.0
 SEMANTIC_TIMEOUT_S = 1.0
 
 
-class CacheSettings(BaseModel):
+class CacheSettings(_Settings):
     # Budgets (caches/budget.py): `*_max_*` bound a cache as a whole, `*_tenant_max_*` each tenant's
     # share of it; a tenant over its share evicts its own entries, and over the global budget the
     # biggest tenant gives way, so a flood never evicts a smaller tenant's entries. Bytes are
@@ -97,9 +103,8 @@ class CacheSettings(BaseModel):
     embedding_ssd_budget_bytes: int = 256 << 20
 
 
-class RecommenderSettings(BaseModel):
+class RecommenderSettings(_Settings):
     feast_repo: str = str(REPO_ROOT / "feature_store")
-    model_name: str = "mf"
     ram_budget_bytes: int = 8 << 20
     ssd_budget_bytes: int = 64 << 20
     candidates: int = 200
@@ -139,7 +144,7 @@ class RecommenderSettings(BaseModel):
     event_tenants: list[str] = Field(default_factory=lambda: ["default"])
 
 
-class AppSettings(BaseModel):
+class AppSettings(_Settings):
     redis_url: str | None = None
     state_dir: str = str(REPO_ROOT / ".run")
     max_body_bytes: int = 256 * 1024

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
@@ -141,9 +142,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 app.add_middleware(BodySizeLimit)
 
+# The request counter's route label of each API path: a request refused before its route ran (a
+# bad body, a missing key) is still a request of that route on the dashboard's error rate. Other
+# paths (404s, probes) are not counted: their label would be whatever a client sends.
+ROUTE_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
+                 "/v1/recommendations": "recommendations", "/v1/events": "events"}
+
+
+def _count_refused(request: Request, status: int) -> None:
+    route = ROUTE_OF_PATH.get(request.url.path)
+    if route is not None:
+        metrics.observe(route, "none", status, time.perf_counter())
+
 
 @app.exception_handler(Unauthorized)
 async def _on_unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+    _count_refused(request, 401)
     return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
 
 
@@ -154,6 +168,7 @@ async def _on_model_unavailable(request: Request, exc: ModelUnavailable) -> JSON
 
 @app.exception_handler(Forbidden)
 async def _on_forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+    _count_refused(request, 403)
     return JSONResponse(error_body(403, str(exc), err_type="permission_error"), status_code=403)
 
 
@@ -162,7 +177,20 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     message, param = _validation_message(exc)
     # OpenAI-compatible routes answer 400 like OpenAI does; the project's own routes answer 422.
     status = 400 if request.url.path.startswith(("/v1/chat", "/v1/embeddings", "/v1/completions")) else 422
+    _count_refused(request, status)
     return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI answers a body it cannot parse at all (not UTF-8, an integer over Python's 4,300
+    # digits, nesting past its recursion limit) and unknown routes or methods with
+    # `{"detail": ...}`; clients of this API read `{"error": {...}}` (also covers fastapi's
+    # HTTPException, a subclass). Same status and headers (a 405's `Allow`).
+    message = str(exc.detail)
+    if message == "There was an error parsing the body":
+        message += ": send a JSON object encoded as UTF-8 (integers of at most 4,300 digits, nested at most 64 levels)"
+    return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
@@ -339,12 +367,15 @@ class Ingress:
 
     @app.post("/v1/events", status_code=202)
     async def events(self, body: EventRequest, request: Request) -> Any:
+        started = time.perf_counter()
         sender = self._event_sender(request)
         key = request.headers.get("idempotency-key")
         result = await self._recommender_call(
             "record_event", lambda: self.recommender.record_event.remote(body.model_dump(), sender, key),
             EVENT_DEADLINE_S)
         status = result.pop("status", 202)
+        # the `cache` label says what became of the event: applied, queued, already_applied, none
+        metrics.observe("events", str(result.get("recorded", "none")).replace(" ", "_"), status, started)
         if status >= 400:
             return JSONResponse(error_body(status, result["message"]), status_code=status,
                                 headers={"retry-after": "2"} if status == 503 else None)
@@ -362,7 +393,8 @@ class Ingress:
         semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
         lookups, scope = await asyncio.to_thread(metrics.lookups_by_tenant)
         if tenant is not None:
-            return {**tenant_view(tenant, exact=exact, semantic=semantic, lookups=lookups), "lookups_scope": scope}
+            return {**tenant_view(tenant, exact=exact, semantic=semantic, lookups=lookups,
+                                  recommendations=recs.get("results")), "lookups_scope": scope}
         return {"exact": exact, "semantic": semantic, "recommender": recs, "lookups_by_tenant": lookups,
                 "lookups_scope": scope}
 
@@ -399,10 +431,15 @@ class Ingress:
         return {"status": "ok", "redis": state}
 
     @app.get("/metrics")
-    async def prometheus(self) -> PlainTextResponse:
+    async def prometheus(self, request: Request) -> PlainTextResponse:
         """The answering replicas' own series (one replica per deployment, labelled with it): a
         page for humans and single-replica development. Prometheus scrapes every node's Ray
-        metrics port instead, where each replica's series are complete (docs/operations.md)."""
+        metrics port instead, where each replica's series are complete (docs/operations.md).
+
+        With API keys configured it needs the admin key: its totals (lookups of every tenant,
+        with `metrics_tenant_labels` their names) are what `/v1/cache/stats` keeps from tenants."""
+        if self.tenants.auth_enabled:
+            self.admins.require(request.headers.get("authorization"))
         parts: dict[str, tuple[str, bytes]] = {"Ingress": metrics.replica_exposition()}
         names = ("Encoder", "SemanticCache", "LLM", "Recommender")
         handles = (self.encoder, self.semantic, self.llm, self.recommender)

@@ -349,7 +349,7 @@ class RecommenderDeployment:
         `idempotency_key`: the client's, as sent; its retries of the event are applied once."""
         try:
             activity = Activity.parse(event)
-            activity = dataclasses.replace(activity, event_id=client_event_id(tenant, idempotency_key))
+            activity = dataclasses.replace(activity, event_id=client_event_id(tenant, idempotency_key, activity))
         except EventRejected as exc:
             return {"status": exc.status, "message": exc.message}
         with contextlib.suppress(*CACHE_ERRORS):
@@ -380,6 +380,9 @@ class RecommenderDeployment:
         with contextlib.suppress(*CACHE_ERRORS):
             out["pending_invalidations"] = self.events.pending.count()
         out["queued_events"] = self.journal.count()
+        # The recommendation result cache has budgets of its own (result_max_bytes, per tenant):
+        # its hits, bytes and evictions, per tenant like the chat cache's (a gap when Redis is down).
+        out["results"] = self.results.stats()
         return out
 
     def metrics_text(self) -> tuple[str, bytes]:

@@ -46,6 +46,7 @@ from feature_store.events import (
     UserActivityWriter,
     already_applied,
     new_event_id,
+    reused_key,
     updated_user_row,
 )
 from feature_store.journal import EventJournal
@@ -224,6 +225,10 @@ class EventRecorder:
             return {"status": 202, "accepted": True, "recorded": "already applied", "event_id": activity.event_id,
                     "user_id": user_id, "item_id": item_id, "type": activity.type, "tenant": tenant,
                     "replica": self.replica}
+        if reused_key(current, activity):
+            return {"status": 422, "message": "Idempotency-Key: this key was already used for another event of user "
+                                              f"{user_id} (another item, type or value); a retry must repeat the event "
+                                              "as first sent, and a new event needs a new key"}
         if current is None:
             # Users come from the feature pipeline, not from events: any API client could
             # otherwise mint permanent users (a Feast row in a `noeviction` store, and generation

@@ -6,10 +6,19 @@ OpenAI field through untouched: vLLM's own request model validates those in the 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_MESSAGES = 256
 MAX_ID_LEN = 64
@@ -32,32 +41,81 @@ StreamFlag = Annotated[bool, BeforeValidator(lambda v: False if v is None else v
 ChoiceCount = Annotated[int, BeforeValidator(lambda v: 1 if v is None else _not_bool(v))]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# OpenAI bodies nest about 10 levels (a tool's JSON schema a few more). Far deeper bodies fail
+# later as a 500: pydantic refuses to serialize past ~255 levels (`model_dump` for the engine and
+# the cache key), and Python's recursion limit is ~1000. Refused while validating instead.
+MAX_DEPTH = 64
 
 
-def _valid_unicode(value: Any, where: str = "") -> None:
-    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no character: it cannot be
-    encoded, hashed into a cache key or tokenised. Refused with where it is, not a 500 later."""
+def _where(path: tuple[str | int, ...]) -> str:
+    """`messages[0].content`: a JSON path as the error messages name it."""
+    out = ""
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else step)
+    return out
+
+
+def _check_json(value: Any, path: tuple[str | int, ...] = (), depth: int = 1) -> None:
+    """Walk the whole body once, refusing with where it is what would fail (or be changed) later:
+
+    - a lone UTF-16 surrogate ("\\ud800", which JSON may escape) is no character: it cannot be
+      encoded, hashed into a cache key or tokenised;
+    - NaN and Infinity (Python's JSON reader takes them, and 1e999 is Infinity) are no JSON
+      numbers: `model_dump(mode="json")` turns them into null, which is then dropped as "the
+      default", so `presence_penalty: NaN` would be the plain request, and hit its cache entry;
+    - nesting deeper than MAX_DEPTH, which cannot be serialized (checked before going deeper, so
+      this walk's own recursion stays bounded too).
+    """
     if isinstance(value, str):
         if _SURROGATE.search(value):
-            raise ValueError(f"{where or 'a string'} contains an unpaired UTF-16 surrogate: send valid Unicode text")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _valid_unicode(k, where)
-            _valid_unicode(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _valid_unicode(v, f"{where}[{i}]")
+            raise ValueError(f"{_where(path) or 'a string'} contains an unpaired UTF-16 surrogate: send valid Unicode text")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            number = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            raise ValueError(f"{_where(path) or 'the body'} is {number}, which is not a JSON number: send a finite number")
+    elif isinstance(value, dict | list):
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{_where(path[:1]) or 'the body'} is nested more than {MAX_DEPTH} levels deep: send a flatter body")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            if isinstance(k, str):
+                _check_json(k, path, depth)  # a key is text too
+            _check_json(v, (*path, k), depth + 1)
+
+
+def _check_stream_options(options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+    # vLLM refuses stream options without streaming, but only on a cache miss: a hit would answer
+    # 200 to the body that is a 400 cold. vLLM tests the object it gets for truth: `{}` passes,
+    # `{"include_usage": null}` (sent on as it came) does not.
+    if options is not None and options.model_dump(exclude_unset=True) and not info.data.get("stream", True):
+        raise ValueError("Stream options can only be defined when `stream=True`.")
+    return options
+
+
+def _check_prompt_logprobs(value: Any, info: ValidationInfo) -> Any:
+    # vLLM's own check (its `check_logprobs`), here so that a cached answer is not served to a body
+    # the engine would refuse. A boolean counts as a number there too (True is 1).
+    if value is None:
+        return value
+    if not isinstance(value, int | float):
+        raise ValueError("`prompt_logprobs` must be an integer.")
+    if info.data.get("stream") and (value > 0 or value == -1):
+        raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
+    if value < 0 and value != -1:
+        raise ValueError("`prompt_logprobs` must be a positive value or -1.")
+    return value
 
 
 class _OpenAIRequest(BaseModel):
-    """OpenAI-style bodies: unknown fields pass through to the engine, text must be Unicode."""
+    """OpenAI-style bodies: unknown fields pass through to the engine, text must be Unicode,
+    numbers finite and nesting bounded."""
 
     model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
-    def _unicode(cls, data: Any) -> Any:
-        _valid_unicode(data)
+    def _json_values(cls, data: Any) -> Any:
+        _check_json(data)
         return data
 
 
@@ -67,6 +125,12 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = None
 
 
+_TEXT_ONLY_ROLES = ("system", "developer")
+# Parts whose text vLLM reads from "text" (as caches/prompts.message_text does); "refusal" and
+# "thinking" keep theirs elsewhere and would be dropped from a system message.
+_TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -74,9 +138,11 @@ class ChatMessage(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _text_parts(cls, content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+    def _text_parts(cls, content: str | list[dict[str, Any]] | None,
+                    info: ValidationInfo) -> str | list[dict[str, Any]] | None:
         # A content part is {"type": ..., ...}; a text part's text is a string (the prompt and the
         # cache keys are built from it before the engine would refuse anything else).
+        role = info.data.get("role")
         for j, part in enumerate(content if isinstance(content, list) else ()):
             if not isinstance(part.get("type"), str):
                 raise ValueError(f"content[{j}] needs a string 'type' (e.g. 'text')")
@@ -84,6 +150,13 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"content[{j}].text must be a string")
             if part["type"] == "text" and "text" not in part:
                 raise ValueError(f"content[{j}] of type 'text' needs a 'text' string")
+            # System and developer messages are merged into one leading text system message
+            # (caches/prompts.build_messages keeps their text only): an image there would be
+            # dropped silently and the request would share the cache entry of the one without it.
+            # OpenAI takes text parts only there too.
+            if role in _TEXT_ONLY_ROLES and (part["type"] not in _TEXT_PART_TYPES or "text" not in part):
+                raise ValueError(f"content[{j}] has type '{part['type']}', but a {role} message takes text parts only "
+                                 "(type 'text'): put images and other media in a user message")
         return content
 
 
@@ -99,6 +172,14 @@ class ChatRequest(_OpenAIRequest):
     top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
     seed: Int | None = None
     stop: str | list[str] | None = None
+    # `user`, `prompt_logprobs` and the `stream_options` check are vLLM's rules, checked here
+    # because vLLM sees a request only on a miss: validity must not depend on whether the answer
+    # is cached (`user` is not even in the cache key: it never changes the answer).
+    user: str | None = None
+    prompt_logprobs: Any = None  # vLLM: a number, -1 or more, none when streaming
+
+    _stream_options = field_validator("stream_options")(_check_stream_options)
+    _prompt_logprobs = field_validator("prompt_logprobs")(_check_prompt_logprobs)
 
     @field_validator("messages")
     @classmethod
@@ -153,6 +234,12 @@ class CompletionRequest(_OpenAIRequest):
     top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
     seed: Int | None = None
     stop: str | list[str] | None = None
+    # as on ChatRequest: checked here because vLLM sees only misses
+    user: str | None = None
+    prompt_logprobs: Any = None
+
+    _stream_options = field_validator("stream_options")(_check_stream_options)
+    _prompt_logprobs = field_validator("prompt_logprobs")(_check_prompt_logprobs)
 
     @field_validator("prompt")
     @classmethod

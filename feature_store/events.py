@@ -49,6 +49,8 @@ EVENT_TYPES = ("view", "click", "rating")
 APPLIED_EVENTS_KEPT = 16
 # Random hex characters of an event id: 48 bits; two of one user's 16 ids colliding is ~1e-13.
 EVENT_ID_CHARS = 12
+# Hex characters of a client event id's body part (see `client_event_id`).
+BODY_ID_CHARS = 8
 # Longest `Idempotency-Key` a client may send (a UUID is 36).
 IDEMPOTENCY_KEY_MAX = 255
 
@@ -57,16 +59,25 @@ def new_event_id() -> str:
     return secrets.token_hex(EVENT_ID_CHARS // 2)
 
 
-def client_event_id(sender: str, key: str | None) -> str | None:
+def client_event_id(sender: str, key: str | None, activity: Activity) -> str | None:
     """The event id of a client's `Idempotency-Key` (None without one): the same key from the
-    same sender is the same event, so a retry after a timeout or a hang-up is applied once.
-    Per sender: two tenants that pick the same key send two events."""
+    same sender for the same event is the same id, so a retry after a timeout or a hang-up is
+    applied once. Per sender: two tenants that pick the same key send two events.
+
+    The id is `{key part}.{body part}`: the body part hashes what the event changes (user, item,
+    type, value; not `ts`, which a retry may take anew). The same key with another body is a
+    client's mistake, not a retry: `reused_key` tells it apart, and the event is refused rather
+    than answered "already applied" for something never applied (the IETF Idempotency-Key
+    draft's 422)."""
     if key is None:
         return None
     if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not all("!" <= c <= "~" for c in key):
         raise EventRejected(400, f"Idempotency-Key: 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters, no spaces "
                                  "(e.g. a UUID); send the same key when you retry the same event")
-    return hashlib.sha256(f"{sender}\0{key}".encode()).hexdigest()[:EVENT_ID_CHARS]
+    key_part = hashlib.sha256(f"{sender}\0{key}".encode()).hexdigest()[:EVENT_ID_CHARS]
+    value = "" if activity.value is None else repr(float(activity.value))
+    body = f"{activity.user_id}\0{activity.item_id}\0{activity.type}\0{value}"
+    return f"{key_part}.{hashlib.sha256(body.encode()).hexdigest()[:BODY_ID_CHARS]}"
 
 
 class EventRejected(ValueError):
@@ -122,6 +133,15 @@ def already_applied(current: dict[str, Any] | None, activity: Activity) -> bool:
     """Whether `current` (the row in the online store) already holds this event."""
     return (current is not None and activity.event_id is not None
             and activity.event_id in (current.get("applied_events") or ()))
+
+
+def reused_key(current: dict[str, Any] | None, activity: Activity) -> bool:
+    """Whether the row holds an event sent with the same Idempotency-Key but another body."""
+    if current is None or activity.event_id is None or "." not in activity.event_id:
+        return False
+    key_part = activity.event_id.split(".", 1)[0] + "."
+    return any(str(x).startswith(key_part) and str(x) != activity.event_id
+               for x in (current.get("applied_events") or ()))
 
 
 def _applied_after(current: dict[str, Any] | None, activity: Activity) -> list[str]:

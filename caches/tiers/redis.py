@@ -136,8 +136,10 @@ class RedisTier:
     one shard and the Redis name is the key itself."""
 
     def __init__(self, url: str, *, name: str = "redis", meta_prefix: str = "tierserve:tier",
-                 shards: int | None = None, group_of: Callable[[str], str] | None = None) -> None:
+                 shards: int | None = None, group_of: Callable[[str], str] | None = None,
+                 cache: str = "all") -> None:
         self.name = name
+        self.cache = cache  # whose bytes these are on the tier_bytes gauge (one series per cache)
         self.url = url
         self.client = make_client(url)
         self.tagged = is_cluster(self.client)
@@ -248,7 +250,7 @@ class RedisTier:
             keys = [sizes, total, *(self.physical(k) for k in chunk), *(self.physical(k) for k in dchunk)]
             args: list[Any] = [ttl_ms, len(chunk), *(items[k] for k in chunk)]
             self._book(shard, self._call("put_delete", self._put_delete, keys, args, ns=ns))
-        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
+        metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._stats.bytes)
 
     def put_checked(self, items: dict[str, bytes], deletes: list[str], expect: dict[str, tuple[str, int]],
                     ttl_s: float | None = None) -> list[str]:
@@ -274,7 +276,7 @@ class RedisTier:
             reply = self._call("put_checked", self._put_delete_checked, keys, args, ns=ns)
             self._book(shard, reply[0])
             refused += [self.logical(r.decode() if isinstance(r, bytes) else str(r)) for r in reply[1:]]
-        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._stats.bytes)
+        metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._stats.bytes)
         return refused
 
     def _calls(self, items: dict[str, bytes], deletes: list[str]) -> Iterator[tuple[int, list[str], list[str]]]:

@@ -61,8 +61,10 @@ def _options(block_cache_bytes: int) -> Options:
 
 
 class RocksDBTier:
-    def __init__(self, path: Path | str, *, name: str = "rocksdb", block_cache_bytes: int = BLOCK_CACHE_BYTES) -> None:
+    def __init__(self, path: Path | str, *, name: str = "rocksdb", block_cache_bytes: int = BLOCK_CACHE_BYTES,
+                 cache: str = "all") -> None:
         self.name = name
+        self.cache = cache  # whose bytes these are on the tier_bytes gauge (one series per cache)
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         options = _options(block_cache_bytes)
@@ -122,7 +124,7 @@ class RocksDBTier:
                 self._bytes += n - self._sizes.get(k, 0)
                 self._sizes[k] = n
             self._db.write(batch)
-        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._bytes)
+        metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._bytes)
 
     def delete_many(self, keys: list[str]) -> int:
         with self._lock:
@@ -134,7 +136,7 @@ class RocksDBTier:
                 batch.delete(k.encode())
                 self._bytes -= self._sizes.pop(k)
             self._db.write(batch)
-        metrics.BYTES.labels(tier=self.name, namespace="all").set(self._bytes)
+        metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._bytes)
         return len(present)
 
     def __contains__(self, key: str) -> bool:

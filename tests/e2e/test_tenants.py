@@ -60,6 +60,16 @@ def test_missing_or_wrong_key_is_a_401_with_a_reason(auth_url: str) -> None:
             assert resp.status_code == 401, (path, headers, resp.text)
 
 
+def test_the_metrics_page_needs_the_admin_key_where_tenants_have_keys(auth_url: str) -> None:
+    """Its totals (every tenant's lookups; with tenant labels, their names) are what the stats
+    page keeps from tenants, so a tenant key (or none) may not read it; the admin key may."""
+    for headers in ({}, {"authorization": "Bearer key-acme"}):
+        resp = httpx.get(f"{auth_url}/metrics", headers=headers, timeout=60)
+        assert resp.status_code == 403 and "admin key" in resp.json()["error"]["message"], (headers, resp.text)
+    admin = httpx.get(f"{auth_url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    assert admin.status_code == 200 and "tierserve_requests_total" in admin.text
+
+
 def test_tenants_never_see_each_others_cached_answers(auth_url: str) -> None:
     question = f"What is the capital of Italy? ({uuid.uuid4().hex[:6]})"
     first = chat(auth_url, "key-acme", question)

@@ -486,7 +486,8 @@ def test_a_client_key_makes_a_retry_the_same_event_even_when_the_first_try_was_q
     item = unrated_item(repo, m, user)
     n_before = recorder.writer.current_row(user)["n_ratings"]
     key = f"k-{uuid.uuid4()}"  # the Feast repo outlives a run on one backend: a key of its own
-    event = Activity(user, item, "rating", 5.0, event_id=client_event_id("acme", key))
+    event = Activity(user, item, "rating", 5.0)
+    event = dataclasses.replace(event, event_id=client_event_id("acme", key, event))
     read = recorder.writer.current_row
 
     def down(_user_id: int) -> dict | None:
@@ -500,15 +501,46 @@ def test_a_client_key_makes_a_retry_the_same_event_even_when_the_first_try_was_q
     assert read(user)["n_ratings"] == n_before + 1 and recorder.journal.count() == 0
     # a retry after it was applied; and the same key from another sender is another event
     assert recorder.record(m, event, "acme")["recorded"] == "already applied"
-    other = Activity(user, item, "view", event_id=client_event_id("globex", key))
+    other = Activity(user, item, "view")
+    other = dataclasses.replace(other, event_id=client_event_id("globex", key, other))
     assert recorder.record(m, other, "globex")["recorded"] == "applied"
 
 
+def test_a_key_reused_for_another_event_is_refused_not_answered_already_applied(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder]
+) -> None:
+    """The same key with another body is not a retry: answering "already applied" would tell the
+    client an event happened that never did (and its item would leave the user's answers)."""
+    m, recorder = wired
+    user = repo.user_ids_sample[12]
+    first_item, second_item = [i for i in repo.popular_items if i not in m.rated.get(user, set())][:2]
+    key = f"k-{uuid.uuid4()}"
+    read = recorder.writer.current_row
+
+    def sent(item: int, kind: str, value: float | None) -> Activity:
+        activity = Activity(user, item, kind, value)
+        return dataclasses.replace(activity, event_id=client_event_id("acme", key, activity))
+
+    assert recorder.record(m, sent(first_item, "view", None), "acme")["recorded"] == "applied"
+    n_before = read(user)["n_ratings"]
+    for other in (sent(second_item, "rating", 1.0), sent(first_item, "rating", 4.0)):
+        out = recorder.record(m, other, "acme")
+        assert out["status"] == 422 and "already used for another event" in out["message"], out
+    assert read(user)["n_ratings"] == n_before  # nothing applied
+    assert recorder.record(m, sent(first_item, "view", None), "acme")["recorded"] == "already applied"  # a retry
+
+
 def test_an_idempotency_key_must_be_visible_ascii() -> None:
-    assert client_event_id("acme", None) is None
-    assert client_event_id("acme", "k") == client_event_id("acme", "k") != client_event_id("acme", "k2")
-    assert len(client_event_id("acme", "x" * 255) or "") == EVENT_ID_CHARS
+    event = Activity(1, 2, "rating", 4.0)
+    assert client_event_id("acme", None, event) is None
+    assert client_event_id("acme", "k", event) == client_event_id("acme", "k", event) != client_event_id("acme", "k2", event)
+    # a retry may carry a new `ts`: the same event; another value is another body
+    assert client_event_id("acme", "k", dataclasses.replace(event, ts=1)) == client_event_id("acme", "k", event)
+    with_value_5 = client_event_id("acme", "k", dataclasses.replace(event, value=5.0)) or ""
+    assert with_value_5.split(".")[0] == (client_event_id("acme", "k", event) or "").split(".")[0]
+    assert with_value_5 != client_event_id("acme", "k", event)
+    assert len((client_event_id("acme", "x" * 255, event) or "").split(".")[0]) == EVENT_ID_CHARS
     for bad in ("", "has space", "tab\t", "ünïcode", "x" * 256):
         with pytest.raises(EventRejected) as err:
-            client_event_id("acme", bad)
+            client_event_id("acme", bad, event)
         assert err.value.status == 400 and "Idempotency-Key" in err.value.message

@@ -64,6 +64,33 @@ def test_redis_tier_roundtrip_bytes_and_ttl(redis_url: str, redis_client: redis.
     assert st.hits >= 3 and st.misses >= 2
 
 
+def test_each_cache_has_its_own_tier_bytes_series(redis_url: str, redis_client: redis.Redis,
+                                                  tmp_path: Path) -> None:
+    """The user and the item feature caches each have their own tiers: one gauge series each, not
+    one series that whichever wrote last overwrites (as the Recommender's page once showed)."""
+    from prometheus_client import REGISTRY
+
+    from caches import metrics
+
+    def gauge(tier: str, cache: str) -> float | None:
+        return REGISTRY.get_sample_value("tierserve_tier_bytes", {"tier": tier, "namespace": cache})
+
+    users = RedisTier(redis_url, meta_prefix="test:bytes-users", cache="test-users")
+    items = RedisTier(redis_url, meta_prefix="test:bytes-items", cache="test-items")
+    users.put_many({"features:u:1": b"x" * 100})
+    items.put_many({"features:i:1": b"y" * 10})
+    assert gauge("redis", "test-users") == users.size_bytes() > gauge("redis", "test-items") == items.size_bytes()
+    ssd_users, ssd_items = RocksDBTier(tmp_path / "u", cache="test-users"), RocksDBTier(tmp_path / "i", cache="test-items")
+    ssd_users.put_many({"features:u:1": b"x" * 100})
+    ssd_items.put_many({"features:i:1": b"y" * 10})
+    assert gauge("rocksdb", "test-users") == ssd_users.size_bytes() > gauge("rocksdb", "test-items") == ssd_items.size_bytes()
+    assert metrics.BYTES.name == "tierserve_tier_bytes"
+    users.delete_many(["features:u:1"])
+    items.delete_many(["features:i:1"])
+    ssd_users.close()
+    ssd_items.close()
+
+
 def test_redis_tier_down_raises_tier_unavailable_fast() -> None:
     tier = RedisTier(f"redis://127.0.0.1:{free_port()}/0")
     t0 = time.perf_counter()

@@ -77,7 +77,10 @@ def test_tenant_view_shows_a_tenant_only_its_own_numbers() -> None:
     exact = {"bytes": 999, "by_tenant": {"acme": {"hits": 3, "misses": 1}, "globex": {"hits": 7, "misses": 2}}}
     semantic = {"counters": {"hits": 10}, "scopes": {"sem.{acme}:m@f:1:x": {"entries": 2}, "sem.{globex}:m@f:1:y": {}}}
     lookups = {"exact": {"acme": {"hit": 3.0}, "globex": {"hit": 7.0}}}
-    view = tenant_view("acme", exact=exact, semantic=semantic, lookups=lookups)
+    recs = {"bytes": 888, "available": True,
+            "by_tenant": {"acme": {"hits": 4, "misses": 5}, "globex": {"hits": 6, "misses": 0}}}
+    view = tenant_view("acme", exact=exact, semantic=semantic, lookups=lookups, recommendations=recs)
     assert view["exact"]["hits"] == 3 and list(view["semantic"]["scopes"]) == ["sem.{acme}:m@f:1:x"]
     assert view["lookups"] == {"exact": {"hit": 3.0}}
-    assert "globex" not in str(view) and "999" not in str(view)
+    assert view["recommendations"] == {"hits": 4, "misses": 5, "available": True}
+    assert "globex" not in str(view) and "999" not in str(view) and "888" not in str(view)
