@@ -89,9 +89,11 @@ class ChatPath(CachedRoute):
             self._encoder_ident = EncoderIdentity(name=info["name"], version=info["version"])
         return self._encoder_ident
 
-    async def _embed(self, text: str, tenant: str) -> list[float]:
-        """The text's vector; cached under the tenant's scope (no tenant learns what another sent)."""
-        return await bounded(self.encoder.embed.remote(text, tenant), self.settings.cache.encoder_timeout_s, "encoder")
+    async def _embed(self, text: str, tenant: str, *, store: bool = True) -> list[float]:
+        """The text's vector; cached under the tenant's scope (no tenant learns what another sent),
+        unless `store` is False (a no-store request)."""
+        return await bounded(self.encoder.embed.remote(text, tenant, store), self.settings.cache.encoder_timeout_s,
+                             "encoder")
 
     async def _lookup_more(self, turn: Turn) -> Hit | None:
         """The semantic layer, after an exact miss. A deadline missed or an error: bypass."""
@@ -100,7 +102,8 @@ class ChatPath(CachedRoute):
             return None
         text = ident.semantic_text or ""
         try:
-            turn.vector = await self._embed(text, ident.tenant)
+            # no-store: the question may be answered from the cache, but leaves nothing in it
+            turn.vector = await self._embed(text, ident.tenant, store=not control.no_store)
             found = await bounded(self.semantic.lookup.remote(ident.semantic_scope, text, turn.vector),
                                   self.settings.cache.semantic_timeout_s, "semantic lookup")
         except Degraded as exc:

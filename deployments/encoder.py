@@ -66,15 +66,17 @@ class EncoderDeployment:
                 log.warning("embedding cache not available; encoding every text")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, texts: list[str], tenants: list[str]) -> list[list[float]]:
-        return (await self._off_loop(texts, tenants)).tolist()
+    async def _embed_batch(self, texts: list[str], tenants: list[str], stores: list[bool]) -> list[list[float]]:
+        return (await self._off_loop(texts, tenants, stores)).tolist()
 
-    async def _off_loop(self, texts: list[str], tenants: list[str]) -> np.ndarray:
+    async def _off_loop(self, texts: list[str], tenants: list[str], stores: list[bool] | None = None) -> np.ndarray:
         """`_embed` on the encoding thread; the event loop stays free meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, texts, tenants)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, texts, tenants, stores)
 
-    def _embed(self, texts: list[str], tenants: list[str]) -> np.ndarray:
-        """Vectors of `texts`, each cached under its tenant's scope (caches/embedding.py says why)."""
+    def _embed(self, texts: list[str], tenants: list[str], stores: list[bool] | None = None) -> np.ndarray:
+        """Vectors of `texts`, each cached under its tenant's scope (caches/embedding.py says why),
+        except those whose `stores` is False: a `Cache-Control: no-store` request's question is
+        stored nowhere, its vector included (a vector can be partly inverted to its text)."""
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
         missing = list(range(len(texts)))
         scopes = [tenant_scope(t) for t in tenants]
@@ -85,12 +87,14 @@ class EncoderDeployment:
         if missing:
             fresh = encode([texts[i] for i in missing])
             out[missing] = fresh
-            if self.cache is not None:
-                self.cache.put_many([texts[i] for i in missing], fresh, [scopes[i] for i in missing])
+            kept = [j for j, i in enumerate(missing) if stores is None or stores[i]]
+            if self.cache is not None and kept:
+                self.cache.put_many([texts[missing[j]] for j in kept], fresh[kept], [scopes[missing[j]] for j in kept])
         return out
 
-    async def embed(self, text: str, tenant: str) -> list[float]:
-        return await self._embed_batch(text, tenant)
+    async def embed(self, text: str, tenant: str, store: bool = True) -> list[float]:
+        """One text's vector (batched with others'); `store=False`: not written to the cache."""
+        return await self._embed_batch(text, tenant, store)
 
     async def embed_for_api(self, texts: list[str], tenant: str) -> tuple[np.ndarray, int]:
         """The `/v1/embeddings` answer's parts: float32 rows (kept as an array: base64 is their

@@ -161,6 +161,11 @@ def test_the_encoder_deployment_caches_each_text_under_its_senders_scope(
         replica._embed(["hello"], ["initech"])
         assert enc.texts == 3  # a third tenant did not learn that "hello" was sent before
         np.testing.assert_array_equal(first[0], first[1])
+        # a no-store request's text (Cache-Control: no-store) is encoded, never kept
+        replica._embed(["secret", "kept"], ["acme", "acme"], [False, True])
+        assert enc.texts == 5
+        replica._embed(["secret", "kept"], ["acme", "acme"])
+        assert enc.texts == 6  # "secret" was encoded again: it was stored nowhere; "kept" was
     finally:
         replica.cache.close()
         replica._worker.shutdown()
