@@ -96,6 +96,19 @@ FILLERS = frozenset(
     )
 )
 DIRECTIONAL = frozenset(_words("from to into than vs versus between over instead"))
+# Function words (most are FILLERS, so the rules above never see them) whose exchange alone
+# reverses a question: "move money from / to my savings", "True and / or False", "this / next
+# week", "who is / was the CEO", "my / your card". Only a single-word edit counts: a rewording
+# changes such words all the time ("how do I top up my card" / "how do you top up your card").
+_FLIP_PAIRS = _words(
+    "from-to from-into and-or this-next this-last next-last is-was are-were does-did do-did has-had "
+    "have-had can-could will-would my-your his-her he-she"
+)
+FLIPS: dict[str, frozenset[str]] = {}
+for _pair in _FLIP_PAIRS:
+    _a, _b = _pair.split("-")
+    FLIPS[_a] = FLIPS.get(_a, frozenset()) | {_b}
+    FLIPS[_b] = FLIPS.get(_b, frozenset()) | {_a}
 
 
 class _Text(NamedTuple):
@@ -184,6 +197,28 @@ def _number_form_differs(only_a: set[str], only_b: set[str]) -> bool:
     return (digits_a and words_b) or (words_a and digits_b)
 
 
+def _one_word_flip(ta: tuple[str, ...], tb: tuple[str, ...]) -> bool:
+    """The same words but one, exchanged for its counterpart in FLIPS, in the same place."""
+    if len(ta) != len(tb):
+        return False
+    diff = [(x, y) for x, y in zip(ta, tb, strict=True) if x != y]
+    return len(diff) == 1 and diff[0][1] in FLIPS.get(diff[0][0], ())
+
+
+def _transposed(ta: tuple[str, ...], tb: tuple[str, ...]) -> bool:
+    """Two content words that changed places, everything else where it was: "Does the Sun orbit
+    the Earth?" / "Does the Earth orbit the Sun?", "Did Germany invade Poland?" / "Did Poland
+    invade Germany?". A rewording that moves a phrase ("In 2 days can I get a refund?") moves
+    every word between, so it is not this."""
+    if len(ta) != len(tb):
+        return False
+    diff = [i for i, (x, y) in enumerate(zip(ta, tb, strict=True)) if x != y]
+    if len(diff) != 2:
+        return False
+    i, j = diff
+    return ta[i] == tb[j] and ta[j] == tb[i] and ta[i] not in FILLERS and ta[j] not in FILLERS
+
+
 def _case_differs(a: _Text, b: _Text) -> bool:
     """A word both texts use, spelled in different letter case where case is significant."""
     for word in a.spellings.keys() & b.spellings.keys():
@@ -202,7 +237,9 @@ def trap_guard(query: str, candidate: str) -> str | None:
     one side and as words on the other), ``opposite``, ``substitution`` (one or two content words
     swapped in an otherwise equal question), ``swap`` (from/to reversed), ``order`` (the same words
     with their numbers or an operator's operands in another order: ``2^10`` vs ``10^2``, ``a/b`` vs
-    ``b/a``), ``symbol`` (a differing sign,
+    ``b/a``; or two content words that changed places: ``Does the Sun orbit the Earth?`` vs ``Does the
+    Earth orbit the Sun?``), ``flip`` (one function word exchanged for its counterpart: from/to,
+    and/or, this/next, is/was, my/your), ``symbol`` (a differing sign,
     operator or superscript: ``>=`` vs ``>``, ``3²`` vs ``32``) and ``case`` (an identifier or code
     whose letter case differs: ``myVar`` vs ``myvar``, ``print(x)`` vs ``PRINT(x)``) and
     ``indentation`` (code whose lines are indented differently). They cost some
@@ -244,6 +281,11 @@ def trap_guard(query: str, candidate: str) -> str | None:
         reordered = sorted(ta) == sorted(tb)  # a permutation, not a word added or dropped
         if reordered and ([w for w in ta if _is_number(w)] != [w for w in tb if _is_number(w)] or a.symbols):
             return "order"
+        # or the subject and the object of the question ("Is Paris the capital of France?")
+        if _transposed(ta, tb):
+            return "order"
+    if _one_word_flip(ta, tb):
+        return "flip"
     if a.symbols != b.symbols:
         return "symbol"
     # a question that is only filler words and a number ("what is 32?" / "what is 33?") has no

@@ -39,6 +39,19 @@ from caches.semantic import tokens, trap_guard
         ("What is log base 2 of 8?", "What is log base 8 of 2?", "order"),
         ("What is 2 to the power of 10?", "What is 10 to the power of 2?", "order"),
         ("Simplify a/b", "Simplify b/a", "order"),
+        # or the subject and the object (each served the other's answer at similarity 0.97-0.998
+        # before these rules)
+        ("Does the Sun orbit the Earth?", "Does the Earth orbit the Sun?", "order"),
+        ("Did Germany invade Poland in 1939?", "Did Poland invade Germany in 1939?", "order"),
+        ("Is Paris the capital of France?", "Is France the capital of Paris?", "order"),
+        ("What is heavier, a kilogram of feathers or a pound of steel?",
+         "What is heavier, a pound of feathers or a kilogram of steel?", "order"),
+        # one function word exchanged for its counterpart
+        ("Can I move money from my savings account?", "Can I move money to my savings account?", "flip"),
+        ("In Python, is True and False equal to True?", "In Python, is True or False equal to True?", "flip"),
+        ("What is on this week?", "What is on next week?", "flip"),
+        ("Who is the CEO of Apple?", "Who was the CEO of Apple?", "flip"),
+        ("Why was my card declined?", "Why was your card declined?", "flip"),
         # a minus sign is part of the number; a hyphen is not
         ("What is -5 squared?", "What is 5 squared?", "symbol"),
         ("Is -3 > 2?", "Is 3 > 2?", "symbol"),
@@ -67,6 +80,9 @@ def test_guard_sees_text_as_written(a: str, b: str, why: str) -> None:
         # reordered words with one number, or a hyphen in a word or a range, keep their meaning
         ("Can I get a refund in 2 days?", "In 2 days can I get a refund?"),
         ("How do I reset my password quickly?", "How do I quickly reset my password?"),
+        # function words reworded together, and a phrase moved: not one word flipped or two swapped
+        ("How do I top up my card?", "How do you top up your card?"),
+        ("Can I transfer money to my account from abroad?", "From abroad, can I transfer money to my account?"),
         ("Is the COVID-19 card fee waived?", "is the covid-19 card fee waived"),
         ("Will it arrive in 2-3 days?", "will it arrive in 2-3 days"),
     ],
