@@ -26,6 +26,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.handle import DeploymentHandle
+from starlette.types import Receive, Scope, Send
 
 from caches.cache_control import CacheControl, age_seconds
 from caches.chat import CachedAnswer, ModelIdentity, RequestIdentity, request_digest, storable
@@ -109,6 +110,23 @@ async def exact_put(results: ResultCache, key: str, blob: bytes) -> bool:
         return False
     return True
 
+
+
+class ClosingStream(StreamingResponse):
+    """A streamed answer that runs `on_close` however the response ends. A client that hangs up
+    before the first chunk is sent ends the response before its generator ever starts, so the
+    generator's own `finally` (which ends the request's flight) never runs: its followers would
+    wait out the lease's renewals (up to `caches.coalesce.MAX_WAIT_S`, 120 s) for nothing."""
+
+    def __init__(self, content: AsyncIterator[str], *, on_close: Callable[[], object], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()  # not awaited: it must run even while this task is being cancelled
 
 @dataclasses.dataclass
 class Turn:
@@ -326,8 +344,10 @@ class CachedRoute:
                 await self._finish(turn, status, error, meta.get("fingerprint"))
                 return JSONResponse(error, status_code=status)
             handed_over = True
-            return StreamingResponse(self._stream_miss(turn, meta.get("fingerprint"), stream),
-                                     media_type="text/event-stream", headers=headers)
+            flight = turn.flight
+            return ClosingStream(self._stream_miss(turn, meta.get("fingerprint"), stream),
+                                 on_close=lambda: flight is not None and self._background(flight.close()),
+                                 media_type="text/event-stream", headers=headers)
         finally:
             if turn.flight is not None and not handed_over:
                 await turn.flight.close()

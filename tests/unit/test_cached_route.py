@@ -194,3 +194,37 @@ def test_a_follower_takes_the_flights_answer_only_when_fresh_enough_for_it() -> 
     assert follow("max-age=5", time.time() - 9) is None  # too old for it: it computes
     shared = follow("max-age=60", time.time() - 9)
     assert shared.headers["x-cache"] == "coalesced" and int(shared.headers["age"]) >= 9
+
+
+def test_a_stream_whose_client_left_before_its_first_chunk_still_ends_its_flight() -> None:
+    """The generator never starts when sending the response head fails (the client hung up):
+    its `finally` cannot end the flight, so the response itself must (else the followers wait
+    out the lease renewals, up to two minutes)."""
+    from deployments.cached_route import ClosingStream
+
+    started: list[int] = []
+    closed: list[int] = []
+
+    async def chunks() -> Any:
+        started.append(1)
+        yield "data: {}\n\n"
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    async def gone(_message: dict[str, Any]) -> None:
+        raise OSError("the client hung up")
+
+    response = ClosingStream(chunks(), on_close=lambda: closed.append(1), media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST", "headers": []}
+    with pytest.raises(Exception):  # noqa: B017 - starlette's ClientDisconnect or the OSError itself
+        asyncio.run(response(scope, receive, gone))
+    assert closed == [1] and started == []  # ended, though its generator never ran
+
+    async def fine(_message: dict[str, Any]) -> None:
+        return None
+
+    done = ClosingStream(chunks(), on_close=lambda: closed.append(2), media_type="text/event-stream")
+    asyncio.run(done(scope, receive, fine))
+    assert closed == [1, 2] and started == [1]  # and on a normal end too
