@@ -56,6 +56,8 @@ def stream_from_completion(body: dict[str, Any], include_usage: bool) -> Iterato
     then the whole answer in one delta (content, tool calls and token logprobs exactly as
     generated), then the finish reason."""
     head = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
+    if body.get("system_fingerprint") is not None:  # which build answered, as in a live stream
+        head["system_fingerprint"] = body["system_fingerprint"]
     for choice in body.get("choices", []):
         idx = choice.get("index", 0)
         message = dict(choice.get("message") or {})
@@ -203,7 +205,8 @@ class StreamAssembler:
             unknown = [k for k, v in chunk.items() if k not in self.chunk_fields and v is not None]
             if unknown:
                 self.problem = self.problem or f"cannot replay chunk field {unknown[0]!r}"
-            self.head = self.head or {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+            self.head = self.head or {k: chunk[k] for k in ("id", "created", "model", "system_fingerprint")
+                                      if chunk.get(k) is not None}
             if chunk.get("usage"):
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices", []):

@@ -120,3 +120,14 @@ def test_only_the_usage_chunk_is_usage_only() -> None:
     assert [is_usage_only(line) for line in lines] == [False] * (len(lines) - 2) + [True, False]
     # a content chunk that carries per-chunk usage is not the usage chunk
     assert not is_usage_only('data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"total_tokens":3}}\n\n')
+
+
+def test_the_system_fingerprint_survives_a_store_from_a_stream_and_a_streamed_replay() -> None:
+    body = {**completion_from_text("m", "Paris."), "system_fingerprint": "vllm-0.32.0-abc"}
+    chunks = [json.loads(line[6:]) for line in list(stream_from_completion(body, include_usage=True))[:-1]]
+    assert {c.get("system_fingerprint") for c in chunks} == {"vllm-0.32.0-abc"}
+    asm = StreamAssembler()
+    for line in stream_from_completion(body, include_usage=True):
+        asm.feed(line)
+    rebuilt = asm.completion()
+    assert rebuilt is not None and rebuilt["system_fingerprint"] == "vllm-0.32.0-abc"
