@@ -323,7 +323,10 @@ class SemanticCache:
         if index is not None:
             return index
         loaded = self.guard.call("semantic.load", self.mirror.load, scope)
-        return self.mirror.register(scope, loaded)
+        index = self.mirror.register(scope, loaded)
+        if index is loaded and self.mirror.missed_events(loaded):
+            self.guard.call("semantic.load", self.mirror.catch_up, scope, loaded)
+        return index
 
     def _lookup(self, scope: str, query: str, vec: np.ndarray) -> SemanticLookup:
         if not self.guard.available:  # Redis failed moments ago: the mirror alone never answers

@@ -284,6 +284,14 @@ class StreamMirror:
     def load(self, scope: str) -> ScopeIndex:
         """A scope's snapshot from Redis (not yet registered: see :meth:`register`)."""
         index = ScopeIndex(self.dim, self.use_gpu)
+        if self._cursor == "$":
+            # After a reset the next sync would follow the stream from its end *then*, skipping
+            # what is stored between this snapshot and that sync: follow it from here instead.
+            last = self.client.xrevrange(STREAM_KEY, count=1)
+            with self.lock:
+                if self._cursor == "$":
+                    self._cursor = last[0][0].decode() if last else "0-0"
+        index.loaded_after = self._cursor
         ids = [int(m) for m in self.client.zrange(f"{scope}:lfu", 0, -1)]
         for start in range(0, len(ids), SNAPSHOT_BATCH):
             chunk = ids[start : start + SNAPSHOT_BATCH]
@@ -310,6 +318,45 @@ class StreamMirror:
             self.usage.bytes += index.nbytes
             self.enforce_cap(keep=scope)
             return index
+
+    def missed_events(self, index: ScopeIndex) -> bool:
+        """Whether the mirror followed the stream past where `index`'s snapshot began: its
+        events in between were skipped (the scope was not registered yet), see :meth:`catch_up`."""
+        return index.loaded_after != self._cursor
+
+    def catch_up(self, scope: str, index: ScopeIndex) -> int:
+        """Bring a just-registered scope up to Redis: entries stored while it was loading (their
+        "add" events skipped it) are added, entries deleted meanwhile are dropped. Without this a
+        replica never proposed such an entry (an exact repeat missed there for good). Returns
+        how many entries changed."""
+        listed = {int(m) for m in self.client.zrange(f"{scope}:lfu", 0, -1)}
+        with self.lock:
+            missing = sorted(listed - index.ids)
+            # not listed: deleted, or added by an event after the ZRANGE; only Redis tells which
+            unlisted = sorted(index.ids - listed)
+        if not missing and not unlisted:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in missing:
+            pipe.hmget(entry_key(scope, entry_id), MIRROR_FIELDS)
+        for entry_id in unlisted:
+            pipe.exists(entry_key(scope, entry_id))
+        replies = pipe.execute()
+        rows, exists = replies[: len(missing)], replies[len(missing):]
+        changed = 0
+        with self.lock:
+            if self.scopes.get(scope) is not index:
+                return 0  # dropped (or replaced) meanwhile: it reloads whole when used again
+            alive = [(i, r) for i, r in zip(missing, rows, strict=True) if r[0] is not None and not self._expired(r)]
+            if alive:
+                vectors = np.stack([np.frombuffer(r[0], dtype=np.float32) for _, r in alive])
+                index.add([i for i, _ in alive], vectors, [EntryMeta.from_row(r) for _, r in alive])
+                changed += len(alive)
+            dead = [i for i, there in zip(unlisted, exists, strict=True) if not there]
+            index.remove(dead)
+            changed += len(dead)
+            self.enforce_cap(keep=scope)
+        return changed
 
     def remove_entries(self, removed: Sequence[tuple[str, int]], keep: str | None = None) -> None:
         """Drop entries Redis removed (any scope), then hold the cap (sparing ``keep``)."""

@@ -78,6 +78,9 @@ class ScopeIndex:
     removable: bool = True  # False: tombstones instead of remove_ids (a GPU index)
     nbytes: int = MIRROR_SCOPE_OVERHEAD  # estimated memory (see MIRROR_ENTRY_OVERHEAD)
     usage: MirrorUsage | None = None  # the replica's totals, once registered
+    # The mirror's stream cursor when this scope's snapshot began (caches/semantic/mirror.py
+    # `load`): events the mirror follows past it before the scope is registered skip it.
+    loaded_after: str | None = None
 
     def entry_bytes(self, meta: EntryMeta) -> int:
         answer = meta.answer_vector.nbytes if meta.answer_vector is not None else 0
