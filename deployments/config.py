@@ -62,7 +62,8 @@ class CacheSettings(_Settings):
     # share of it; a tenant over its share evicts its own entries, and over the global budget the
     # biggest tenant gives way, so a flood never evicts a smaller tenant's entries. Bytes are
     # counted as Redis holds them (values, keys and bookkeeping, approximately).
-    result_ttl_s: float = 3600.0
+    # TTLs: 0 would mean "never expires" to Redis (PX 0 is no TTL), the opposite of what it reads as.
+    result_ttl_s: float = Field(default=3600.0, gt=0)
     result_max_bytes: int = Field(default=64 << 20, ge=1)
     result_max_entries: int = Field(default=200_000, ge=1)
     result_tenant_max_bytes: int = Field(default=32 << 20, ge=1)
@@ -92,7 +93,7 @@ class CacheSettings(_Settings):
     # texts and overhead, not RSS.
     semantic_mirror_max_entries: int = Field(default=100_000, ge=1)
     semantic_mirror_max_bytes: int = Field(default=384 << 20, ge=1)
-    semantic_ttl_s: float = 86_400.0
+    semantic_ttl_s: float = Field(default=86_400.0, gt=0)
     cache_nondeterministic: bool = False
     # Semantic mirrors in GPU memory when the SemanticCache replica has a GPU (configs/gpu.yaml);
     # falls back to the CPU through the same code path (caches/vector_index.py).
@@ -108,15 +109,15 @@ class RecommenderSettings(_Settings):
     ram_budget_bytes: int = 8 << 20
     ssd_budget_bytes: int = 64 << 20
     candidates: int = 200
-    result_ttl_s: float = 600.0
+    result_ttl_s: float = Field(default=600.0, gt=0)
     # Bounded memory: the recommendation results' own byte budget in Redis (oldest out first),
     # how long "Feast does not know this user" is remembered (so a flood of unknown ids stops
     # reaching Feast; an event of the user makes it stale at once), and the feature entries' TTL
     # in RAM and SSD (an entry whose invalidation was lost can never live longer than this).
     result_max_bytes: int = Field(default=16 << 20, ge=1)
     result_tenant_max_bytes: int = Field(default=8 << 20, ge=1)
-    unknown_user_ttl_s: float = 30.0
-    feature_ttl_s: float = 3600.0
+    unknown_user_ttl_s: float = Field(default=30.0, gt=0)
+    feature_ttl_s: float = Field(default=3600.0, gt=0)
     # How often an idle replica looks for a model-version bump and due pending invalidations
     # (a request also checks the version, through ModelVersions' 0.5 s cache).
     watch_interval_s: float = 0.5

@@ -222,9 +222,13 @@ class EventRecorder:
             # before removing it from its queue): the row holds it. Its invalidation was armed
             # before that push, so the pending sweep settles it even if it never ran.
             log.info("event %s of user %s was already applied: not applied again", activity.event_id, user_id)
+            # Its try that landed may not have invalidated (a push that timed out never got that
+            # far): invalidate now rather than leave old rows and answers to the pending sweep,
+            # PENDING_REPLAY_S later. For a try that did invalidate it is one more bump: a miss.
+            published = self.invalidate_users(m, [user_id])
             return {"status": 202, "accepted": True, "recorded": "already applied", "event_id": activity.event_id,
                     "user_id": user_id, "item_id": item_id, "type": activity.type, "tenant": tenant,
-                    "replica": self.replica}
+                    "replica": self.replica, "invalidation": "published" if published else "pending"}
         if reused_key(current, activity):
             return {"status": 422, "message": "Idempotency-Key: this key was already used for another event of user "
                                               f"{user_id} (another item, type or value); a retry must repeat the event "

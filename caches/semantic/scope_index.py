@@ -13,6 +13,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from caches import vector_index
 from caches.semantic.decision import FloorBand
 from caches.vector_index import make_ip_index, on_gpu
 
@@ -146,6 +147,10 @@ class ScopeIndex:
         """The ``k`` nearest (id, cosine), nearest first; empty when the scope is."""
         if self.index.ntotal == 0:
             return []
+        if self.tombstones and k + len(self.tombstones) > vector_index.GPU_MAX_K:
+            # A GPU index answers at most GPU_MAX_K neighbours, and the tombstones are searched
+            # past: a scope over ~10k entries reaches that before the fraction rebuild point.
+            self._rebuild()
         wanted = min(k + len(self.tombstones), self.index.ntotal)
         sims, ids = self.index.search(vec[None, :], wanted)
         found = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True)

@@ -26,6 +26,7 @@ Nothing here catches Redis errors: the facade runs each round trip through its
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -130,7 +131,8 @@ class SemanticStore:
     ) -> list[tuple[str, int]]:
         """Store an entry created at ``now``, reclaiming expired ones and evicting over the tenant's
         and the global budgets; returns the removed entries as (scope, id), any scope."""
-        ttl_ms = int(self.ttl_s * 1000) if self.ttl_s else 0
+        # at least 1 ms: a sub-millisecond TTL rounded to 0 would be no TTL at all in Redis
+        ttl_ms = max(1, math.ceil(self.ttl_s * 1000)) if self.ttl_s else 0
         tenant = tenant_of(scope + ":")
         entry = entry_key(scope, entry_id)
         keys = [*self.books.keys(tenant), entry, f"{scope}:lfu", f"{scope}:bytes"]

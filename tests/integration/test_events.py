@@ -442,11 +442,14 @@ def test_a_push_that_timed_out_but_landed_is_replayed_without_applying_it_twice(
         raise FeatureStoreUnavailable("feature store write failed: TimeoutError")
 
     monkeypatch.setattr(recorder.writer, "push", push_then_time_out)
+    generation = read_user(recorder.redis, m.keys, m.key_version, user).generation
     out = recorder.record(m, Activity(user, item, "rating", 4.0), "acme")
     assert out["recorded"] == "queued" and out["event_id"], out
     assert recorder.writer.current_row(user)["n_ratings"] == n_before + 1  # it did land
     monkeypatch.undo()
     recorder.replay_queued()
+    # the landed try never invalidated: the replay did, at once (not a pending sweep 10 s later)
+    assert read_user(recorder.redis, m.keys, m.key_version, user).generation != generation
     row = recorder.writer.current_row(user)
     assert row["n_ratings"] == n_before + 1 and recorder.journal.count() == 0  # once, and off the queue
     assert list(row["applied_events"])[-1] == out["event_id"]

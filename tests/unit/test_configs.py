@@ -210,3 +210,17 @@ def test_tool_calling_is_on_for_the_gpu_model_only() -> None:
     assert gpu[gpu.index("--tool-call-parser") + 1] == "hermes"
     assert "Qwen2.5" in load("gpu")["applications"][0]["args"]["llm"]["model"], "hermes is Qwen2.5's parser"
     assert not {"--enable-auto-tool-choice", "--tool-call-parser"} & set(llm_args("local"))
+
+
+def test_a_misspelled_setting_or_a_ttl_of_zero_is_refused_with_its_name() -> None:
+    """Ignored, a misspelled `event_tenant` left who may send events at its default; a TTL of 0
+    is "never expires" to Redis (PX 0 is no TTL), the opposite of what it reads as."""
+    with pytest.raises(ValidationError, match="event_tenant"):
+        AppSettings.model_validate({"recommender": {"event_tenant": ["acme"]}})
+    with pytest.raises(ValidationError, match="semantic_tll_s"):
+        AppSettings.model_validate({"cache": {"semantic_tll_s": 60}})
+    for section, name in (("cache", "semantic_ttl_s"), ("cache", "result_ttl_s"), ("recommender", "result_ttl_s"),
+                          ("recommender", "feature_ttl_s"), ("recommender", "unknown_user_ttl_s")):
+        with pytest.raises(ValidationError, match=name):
+            AppSettings.model_validate({section: {name: 0}})
+    assert AppSettings.model_validate({"cache": {"semantic_ttl_s": 0.5}}).cache.semantic_ttl_s == 0.5

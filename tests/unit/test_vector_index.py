@@ -183,3 +183,29 @@ def test_semantic_mirror_without_remove_ids_uses_tombstones_and_rebuilds() -> No
         assert gpu_like.search(q, 5) == cpu.search(q, 5)
     gpu_like.add(ids[:1], vectors[:1], [EntryMeta("q", "a")])  # re-added after removal
     assert gpu_like.search(vectors[0], 1)[0][0] == ids[0]
+
+
+def test_a_mirror_without_remove_ids_never_asks_more_neighbours_than_a_gpu_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tombstones are searched past, so k + tombstones neighbours are asked: past GPU_MAX_K a GPU
+    index refuses. Run on the CPU with the limit made small, as for the recommender's index."""
+    import numpy as np
+
+    from caches import vector_index
+    from caches.semantic.mirror import EntryMeta, ScopeIndex
+
+    monkeypatch.setattr(vector_index, "GPU_MAX_K", 32)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((1000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = list(range(1000))
+    gpu_like, cpu = ScopeIndex(16, removable=False), ScopeIndex(16)
+    for index in (gpu_like, cpu):
+        index.add(ids, vectors, [EntryMeta("q", "a") for _ in ids])
+        index.remove(ids[:60])  # under the fraction rebuild point (200), over the limit
+    assert 5 + len(gpu_like.tombstones) > 32  # a search now would ask past the limit...
+    assert gpu_like.search(vectors[500], 5) == cpu.search(vectors[500], 5)
+    assert 5 + len(gpu_like.tombstones) <= 32  # ...so it rebuilt first
+    for q in vectors[::50]:
+        assert gpu_like.search(q, 5) == cpu.search(q, 5)
