@@ -15,8 +15,17 @@ Why it is built this way:
   never in neither. Tests inject `before_upper_delete` (a callable) to kill a process right there.
 - Failure: RAM unavailable -> reads fall through to SSD and cold, the policy buffers access
   counts locally, callers get `degraded=True` and no exception; the Redis client reconnects by
-  itself once the breaker reopens. Cold unavailable -> what the upper tiers hold is served, the
-  rest is reported missing.
+  itself once the breaker reopens. SSD unavailable (a full or broken disk: rocksdict's IO errors
+  are `TierUnavailable`) -> the same: an SSD read that fails is a miss answered by the cold tier,
+  a refused SSD write is skipped (`degraded=True`), and a row the SSD refused is not placed in
+  RAM either (the crash-safety order below needs its SSD copy first); each call tries the disk
+  again, so the cache recovers by itself when the disk does. Cold unavailable -> what the upper
+  tiers hold is served, the rest is reported missing.
+- Upkeep: the RAM tier's byte total and sizes hash are kept by its scripts, but Redis expires
+  values by TTL without telling them, so they would drift upward for ever (reporting a full RAM
+  that is empty). `maintain()` forgets the sizes of expired values, a bounded slice per call
+  (HSCAN cursors kept between calls), and `open()` runs it on a daemon thread every
+  `maintain_every_s` seconds; Redis errors are swallowed there and retried on the next round.
 - Invalidation: delete the shared RAM copy, the placement metadata and the local SSD copy, and
   publish the keys on the stream so every other replica drops its SSD copy (and the RAM copy
   again, which closes the race where a replica re-promoted an old SSD copy meanwhile).
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -60,6 +70,13 @@ from caches.tiers.rocksdb import RocksDBTier, claim_dir, reclaim_dead_dirs
 __all__ = ["TieredCache", "TierUnavailable", "claim_dir", "reclaim_dead_dirs"]
 
 log = logging.getLogger(__name__)
+
+# How often open()'s caches run `maintain()`, and how many bounded reconcile steps (one HSCAN
+# page and one short script each, RedisTier.reconcile_step) one run may take: separate calls, so
+# Redis serves everyone else in between, and ~2,000 sizes a second per replica keeps up with
+# what expires in a RAM budget of some millions of entries.
+MAINTAIN_EVERY_S = 1.0
+MAINTAIN_STEPS = 8
 
 
 class TieredCache(TierMoves):
@@ -92,6 +109,41 @@ class TieredCache(TierMoves):
         self.before_upper_delete: Callable[[list[str]], None] | None = None
         if bus is not None:
             bus.subscribe(self._on_event)
+        self._maintain_stop = threading.Event()
+        self._maintainer: threading.Thread | None = None
+
+    def start_maintenance(self, every_s: float = MAINTAIN_EVERY_S) -> None:
+        """Run `maintain()` every `every_s` seconds on a daemon thread until `close()`."""
+        if self._maintainer is not None or self.ram is None:
+            return
+
+        def run() -> None:
+            while not self._maintain_stop.wait(every_s):
+                try:
+                    self.maintain()
+                except Exception:  # noqa: BLE001 - upkeep must outlive any one bad round
+                    log.exception("tiered cache %s: maintenance round failed", self.name)
+
+        self._maintainer = threading.Thread(target=run, name=f"tierserve-maintain-{self.name}", daemon=True)
+        self._maintainer.start()
+
+    def maintain(self, steps: int = MAINTAIN_STEPS) -> int:
+        """One bounded round of upkeep: forget the RAM sizes of values Redis expired by TTL (up to
+        `steps` slices of the sizes hash, resumed where the last round stopped; a round ends
+        early once the sweep has wrapped). Returns how many were forgotten. Never raises
+        TierUnavailable: a Redis outage only postpones it to the next round."""
+        if self.ram is None:
+            return 0
+        n = 0
+        try:
+            for _ in range(steps):
+                n += self.ram.reconcile_step()
+                if self.ram.reconcile_wrapped:
+                    break
+        except TierUnavailable as exc:
+            log.debug("tiered cache %s: RAM reconcile postponed: %s", self.name, exc)
+        self.counters.ram_reconciled += n
+        return n
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -109,13 +161,16 @@ class TieredCache(TierMoves):
         entry_bytes: int | None = None,
         invalidation: bool = True,
         generation_of: Callable[[str], str] | None = None,
+        maintain_every_s: float | None = MAINTAIN_EVERY_S,
     ) -> TieredCache:
         """The production wiring: shared Redis RAM tier + W-TinyLFU in Redis + local RocksDB.
 
         Every cache (and every replica of it) with the same `name` shares the RAM budget, the
         placement metadata and the access counts; `rocksdb_dir` must be this process' own.
         `generation_of` (cache key -> its entity's generation counter key) turns on
-        generation-checked writes; the counters live in the RAM tier's Redis."""
+        generation-checked writes; the counters live in the RAM tier's Redis.
+        `maintain_every_s`: how often the upkeep thread runs (`maintain()`); None: no thread,
+        the caller runs `maintain()` itself."""
         cfg = WTinyLFUConfig(ram_budget_bytes, **({"entry_bytes": entry_bytes} if entry_bytes else {}))
         # On a Redis Cluster: hash-tag groups, a key with its generation counter (tiers/redis.py)
         ram = RedisTier(redis_url, meta_prefix=f"tierserve:tier:{name}", group_of=generation_of,
@@ -130,8 +185,11 @@ class TieredCache(TierMoves):
         ssd = RocksDBTier(rocksdb_dir, cache=name)
         bus = InvalidationBus(redis_url, stream=f"tierserve:invalidations:{name}") if invalidation else None
         gens = Generations(ram.client, generation_of, redis_name=ram.counter_name) if generation_of is not None else None
-        return cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,
-                   ttl_s=ttl_s, bus=bus, name=name, generations=gens)
+        cache = cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,
+                    ttl_s=ttl_s, bus=bus, name=name, generations=gens)
+        if maintain_every_s is not None:
+            cache.start_maintenance(maintain_every_s)
+        return cache
 
     # -- reads ---------------------------------------------------------------------------------
     def get_many(self, keys: Sequence[str], generations: Mapping[str, int] | None = None) -> TieredResult:
@@ -177,9 +235,18 @@ class TieredCache(TierMoves):
         if checked:
             ram_hits, _ = self._current(ram_hits, gens)  # RAM copies of another generation: misses
         misses = [k for k in keys if k not in ram_hits]
-        ssd_hits = self.ssd.get_many(misses) if self.ssd is not None and misses else {}
-        if self.ssd is not None and len(ssd_hits) < len(misses):
-            self._recency.forget([k for k in misses if k not in ssd_hits])  # gone (expired) or never held
+        ssd_hits: dict[str, bytes] = {}
+        if self.ssd is not None and misses:
+            try:
+                ssd_hits = self.ssd.get_many(misses)
+            except TierUnavailable as exc:
+                # As for RAM: every SSD miss is answered by the cold tier, the read degraded.
+                log.warning("SSD tier unavailable: %s", exc)
+                self.counters.ssd_errors += 1
+                degraded = True
+            else:
+                if len(ssd_hits) < len(misses):
+                    self._recency.forget([k for k in misses if k not in ssd_hits])  # gone (expired) or never held
         if checked:
             ssd_hits, unverified = self._current(ssd_hits, gens, drop_from=self.ssd)
         self._touch_ssd(keys)
@@ -197,10 +264,15 @@ class TieredCache(TierMoves):
             if not cold_ok:
                 # Generations unreadable and no source to ask: the SSD copy, unverified (degraded).
                 ssd_hits.update({k: v for k, v in unverified.items() if k not in cold_hits})
+        ssd_refused = False
         if cold_hits and self.ssd is not None:
-            self._ssd_put(cold_hits)  # lower tier first: the SSD copy exists before RAM's
+            stored = self._ssd_put(cold_hits)  # lower tier first: the SSD copy exists before RAM's
+            if len(stored) < len(cold_hits):
+                degraded = ssd_refused = True
         candidates = {k: (ssd_hits.get(k) or cold_hits[k]) for k in misses if k in ssd_hits or k in cold_hits}
-        if candidates and ram_ok and (gens is not None or not checked):
+        # A disk refusing writes now would refuse the placement's demotions too, after the policy
+        # had already moved its metadata: place nothing this time (RAM keeps what it has).
+        if candidates and ram_ok and not ssd_refused and (gens is not None or not checked):
             try:
                 self._place(candidates)
             except TierUnavailable:
@@ -223,27 +295,34 @@ class TieredCache(TierMoves):
     # -- writes --------------------------------------------------------------------------------
     def put_many(self, items: dict[str, bytes], generations: Mapping[str, int] | None = None) -> bool:
         """Store values computed above the cache (e.g. embeddings): SSD first, then RAM as the
-        policy places them. Returns False when RAM was unavailable (stored on SSD only).
+        policy places them. Returns False when a tier was unavailable: RAM (stored on SSD only)
+        or SSD (not stored; any older copy of the keys dropped all the same).
         A generation-checked cache tags them with `generations` (read before the values were
         computed), or with the generations read now."""
         if not items:
             return True
+        ok = True
         if self.generations is not None:
             gens = dict(generations or {})
             # Unreadable: tagged UNKNOWN, never served once the generations are readable again.
             with contextlib.suppress(GenerationsUnavailable):
                 gens.update(self.generations.read([k for k in items if k not in gens]))
             items = {k: frame(gens.get(k, UNKNOWN), v) for k, v in items.items()}
+        placeable = items
         if self.ssd is not None:
-            self._ssd_put(items)
-            self._touch_ssd(list(items))
-        ok = True
+            stored = self._ssd_put(items)
+            self._touch_ssd(list(stored))
+            if len(stored) < len(items):
+                # Not on SSD: not in RAM either (the SSD copy comes first); a disk refusing some
+                # rows would refuse the placement's demotions too, so place none now.
+                ok, placeable = False, {}
         if self.ram is not None and self.policy is not None:
             try:
                 # A put may replace a value: drop any RAM copy so the placement rewrites it.
                 self.ram.delete_many(list(items))
                 self.policy.remove(list(items))
-                self._place(items)
+                if placeable:
+                    self._place(placeable)
             except TierUnavailable:
                 ok = False
         self._enforce_ssd_budget()
@@ -281,7 +360,8 @@ class TieredCache(TierMoves):
                 pass
         if self.ssd is not None:
             gone = self.ssd.keys_with_prefix(prefix)
-            n += self.ssd.delete_many(gone)
+            self._ssd_delete(gone)  # forgotten by the tier even when the disk refuses
+            n += len(gone)
             self._recency.forget(gone)
         if broadcast and self.bus is not None:
             self.bus.publish_prefix(prefix)
@@ -299,7 +379,9 @@ class TieredCache(TierMoves):
             except TierUnavailable:
                 ram_ok = False  # the RAM copy may come back with Redis: the caller retries
         if self.ssd is not None:
-            self.ssd.delete_many(keys)
+            # A refused delete still drops the keys for this process (never served again), so
+            # the invalidation reached this SSD: it does not make the caller retry.
+            self._ssd_delete(keys)
             self._recency.forget(keys)
         return ram_ok
 
@@ -324,6 +406,11 @@ class TieredCache(TierMoves):
         return out
 
     def close(self) -> None:
+        self._maintain_stop.set()
+        if self._maintainer is not None:
+            # Before the tiers close: a round in flight must not use a closed client.
+            self._maintainer.join(timeout=5)
+            self._maintainer = None
         if self.bus is not None:
             self.bus.close()
         if self.ssd is not None:

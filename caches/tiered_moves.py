@@ -1,9 +1,15 @@
 """How TieredCache (caches/tiered.py) moves bytes between its tiers: the placement's promotions
 and demotions, and the SSD's bookkeeping local to this process (recency, budget, TTL groups,
-generation checks of what a tier found). A mixin: the attributes are TieredCache's own."""
+generation checks of what a tier found). A mixin: the attributes are TieredCache's own.
+
+The SSD is best effort, like RAM: a refused SSD write (a full disk) is logged and counted, never
+raised to the reader, and the rows it refused are not placed in RAM either (a RAM copy always has
+its SSD copy first: see the crash-safety note in caches/tiered.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -12,9 +18,11 @@ from caches.admission import PlacementPolicy
 from caches.generations import Generations, split_by_generation, unframe
 from caches.recency import RecencyOrder
 from caches.tiered_stats import TieredStats
-from caches.tiers.base import Tier
+from caches.tiers.base import Tier, TierUnavailable
 from caches.tiers.redis import RedisTier
 from caches.tiers.rocksdb import RocksDBTier
+
+log = logging.getLogger(__name__)
 
 # SSD drops are batched: deleting one key per over-budget check would write a batch per read.
 SSD_DROP_BATCH = 64
@@ -36,11 +44,21 @@ class TierMoves:
     def _place(self, candidates: dict[str, bytes]) -> None:
         assert self.ram is not None and self.policy is not None
         placement = self.policy.admit({k: len(k) + len(v) for k, v in candidates.items()})
+        admitted = {k: candidates[k] for k in placement.admitted}
         if placement.demoted and self.ssd is not None:
             need = [k for k in placement.demoted if k not in self.ssd]
             if need:
-                self._ssd_put(self.ram.get_many(need))  # 1. lower tier first
-        admitted = {k: candidates[k] for k in placement.admitted}
+                try:
+                    held = self.ram.get_many(need)
+                except TierUnavailable:
+                    self._undo_admission(list(admitted))
+                    raise
+                stored = self._ssd_put(held)  # 1. lower tier first
+                if len(stored) < len(held):
+                    # Deleting their RAM copy now would leave them in neither tier: stop before
+                    # RAM changes. The policy already counts the admitted rows as resident: undo.
+                    self._undo_admission(list(admitted))
+                    raise TierUnavailable(f"SSD refused {len(held) - len(stored)} demoted rows: placement skipped")
         if placement.demoted and self.before_upper_delete is not None:
             self.before_upper_delete(placement.demoted)
         if self.generations is not None:
@@ -69,12 +87,46 @@ class TierMoves:
         self.counters.promotions += len(admitted)
         self.counters.demotions += len(placement.demoted)
 
+    def _undo_admission(self, keys: list[str]) -> None:
+        if self.policy is not None and keys:
+            with contextlib.suppress(TierUnavailable):  # Redis down too: the metadata is refreshed on later reads
+                self.policy.remove(keys)
+
     # -- SSD bookkeeping (local to this process) ---------------------------------------------
-    def _ssd_put(self, items: dict[str, bytes]) -> None:
+    def _ssd_put(self, items: dict[str, bytes]) -> set[str]:
+        """Write to the SSD; returns the keys that landed (all, unless the disk refused some)."""
         if self.ssd is None or not items:
+            return set()
+        stored: set[str] = set()
+        refused: list[str] = []
+        for ttl, group in self._by_ttl(items).items():
+            try:
+                self.ssd.put_many(group, ttl_s=ttl)
+            except TierUnavailable as exc:
+                log.warning("SSD tier refused %d rows: %s", len(group), exc)
+                self.counters.ssd_errors += 1
+                refused += group
+            else:
+                stored.update(group)
+        if refused:
+            # A put may replace a value: the older SSD copy must not be served in its place. The
+            # tier forgets it even when the disk refuses this delete too (rocksdb.py's module note).
+            with contextlib.suppress(TierUnavailable):
+                self.ssd.delete_many(refused)
+            self._recency.forget(refused)
+        self._recency.added(stored)
+        return stored
+
+    def _ssd_delete(self, keys: list[str]) -> None:
+        """Delete from the SSD; a refusal is logged, not raised: the tier has forgotten the keys
+        all the same (never served again, the disk delete retried with a later write)."""
+        if self.ssd is None or not keys:
             return
-        self._grouped_put(self.ssd, items)
-        self._recency.added(items)
+        try:
+            self.ssd.delete_many(keys)
+        except TierUnavailable as exc:
+            log.warning("SSD tier refused deleting %d rows (forgotten, retried later): %s", len(keys), exc)
+            self.counters.ssd_errors += 1
 
     def _touch_ssd(self, keys: Sequence[str]) -> None:
         if self.ssd is not None:
@@ -84,7 +136,7 @@ class TierMoves:
         if self.ssd is None or self.ssd.size_bytes() <= self.ssd_budget:
             return
         drop = self._recency.coldest(self.ssd.size_bytes() - self.ssd_budget, self.ssd.entry_size, SSD_DROP_BATCH // 4)
-        self.ssd.delete_many(drop)
+        self._ssd_delete(drop)
         metrics.count_by_namespace(metrics.DROPS, self.ssd.name, drop)
         self.counters.ssd_drops += len(drop)
 
@@ -111,6 +163,9 @@ class TierMoves:
         if stale:
             self.counters.generation_stale += len(stale)
             if drop_from is not None:
-                drop_from.delete_many(stale)
+                if drop_from is self.ssd:
+                    self._ssd_delete(stale)
+                else:
+                    drop_from.delete_many(stale)
                 self._recency.forget(stale)
         return current, unverified

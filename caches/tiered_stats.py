@@ -27,5 +27,7 @@ class TieredStats:
     demotions: int = 0
     ssd_drops: int = 0
     degraded_reads: int = 0
+    ssd_errors: int = 0  # SSD calls the disk refused (each served from the tier below or skipped)
+    ram_reconciled: int = 0  # RAM sizes forgotten by maintain(): values Redis expired by TTL
     generation_refused: int = 0  # RAM writes refused: the value's generation was no longer current
     generation_stale: int = 0  # copies not served: they carried another generation than the current one

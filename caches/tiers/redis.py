@@ -115,6 +115,27 @@ table.insert(refused, 1, redis.call('INCRBY', KEYS[2], delta))
 return refused
 """
 
+# Forget the sizes of values that are gone (expired by TTL): checked and forgotten in one atomic
+# call, so a value written again meanwhile (by any replica) keeps its size.
+# KEYS: sizes, bytes, then the Redis names to check. Returns {how many forgotten, the byte total}.
+_RECONCILE = """
+local delta, n = 0, 0
+for i = 3, #KEYS do
+  local k = KEYS[i]
+  if redis.call('EXISTS', k) == 0 then
+    local old = redis.call('HGET', KEYS[1], k)
+    if old then
+      redis.call('HDEL', KEYS[1], k)
+      delta, n = delta - tonumber(old), n + 1
+    end
+  end
+end
+return {n, redis.call('INCRBY', KEYS[2], delta)}
+"""
+# Sizes-hash fields one reconcile step reads (HSCAN COUNT) and checks: bounds each call's run time
+# on the single-threaded server (a small hash, listpack-encoded, comes back whole: still small).
+RECONCILE_CHUNK = 256
+
 # KEYS: sizes, bytes, then the keys to delete. Returns how many existed.
 _DELETE = _BOOKKEEPING + """
 local delta, n = 0, 0
@@ -155,6 +176,9 @@ class RedisTier:
         self._delete = self.client.register_script(_DELETE)
         self._put_delete = self.client.register_script(_PUT_DELETE)
         self._put_delete_checked = self.client.register_script(_PUT_DELETE_CHECKED)
+        self._reconcile = self.client.register_script(_RECONCILE)
+        # Where the next reconcile_step resumes: (shard, HSCAN cursor of its sizes hash).
+        self._reconcile_at = (0, 0)
         self._stats = TierStats()
         self.breaker = Breaker(f"redis {url}")
 
@@ -344,19 +368,47 @@ class RedisTier:
             yield self.logical(raw.decode() if isinstance(raw, bytes) else raw)
 
     def reconcile(self) -> int:
-        """Forget the sizes of keys Redis expired (TTL) so the byte total stays honest."""
+        """Forget the sizes of keys Redis expired (TTL) so the byte total stays honest: a whole
+        pass over every shard, in bounded steps. Returns how many were forgotten."""
         n = 0
-        for shard, (sizes, _) in enumerate(self._meta):
-            gone: list[str] = []
-            for names in _chunks([k.decode() for k in self.client.hkeys(sizes)], MAX_KEYS_PER_CALL):
-                exists = self.client.pipeline(transaction=False)
-                for k in names:
-                    exists.exists(k)
-                gone += [k for k, e in zip(names, exists.execute(), strict=True) if not e]
-            if gone:
-                self._delete_names(shard, gone)
-            n += len(gone)
+        for shard in range(self.shards):
+            cursor = 0
+            while True:
+                cursor, forgotten = self._reconcile_slice(shard, cursor)
+                n += forgotten
+                if cursor == 0:
+                    break
         return n
+
+    def reconcile_step(self, count: int = RECONCILE_CHUNK) -> int:
+        """One bounded slice of `reconcile`: one HSCAN of ~`count` fields of one shard's sizes
+        hash and one script call that forgets the gone ones, resumed where the last step
+        stopped (the next shard once a shard's cursor wraps). Raises TierUnavailable."""
+        shard, cursor = self._reconcile_at
+        if shard >= self.shards:
+            shard, cursor = 0, 0
+        cursor, forgotten = self._reconcile_slice(shard, cursor, count)
+        self._reconcile_at = (shard, cursor) if cursor != 0 else ((shard + 1) % self.shards, 0)
+        return forgotten
+
+    @property
+    def reconcile_wrapped(self) -> bool:
+        """True when the last reconcile_step finished a sweep of every shard."""
+        return self._reconcile_at == (0, 0)
+
+    def _reconcile_slice(self, shard: int, cursor: int, count: int = RECONCILE_CHUNK) -> tuple[int, int]:
+        """(next cursor, sizes forgotten) for one HSCAN page; every call through the breaker."""
+        sizes, _ = self._meta[shard]
+        cursor, fields = self._call("reconcile", self.client.hscan, sizes, cursor, None, count)
+        names = [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+        forgotten = 0
+        for chunk in _chunks(names, MAX_KEYS_PER_CALL):
+            n, total = self._call("reconcile", self._reconcile, [*self._meta[shard], *chunk], [])
+            self._book(shard, total)
+            forgotten += int(n)
+        if forgotten:
+            metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._stats.bytes)
+        return int(cursor), forgotten
 
     def close(self) -> None:
         self.client.close()

@@ -15,10 +15,20 @@ Why these choices:
   old one would stay on the node's disk for ever. `claim_dir` marks a directory as owned by a
   live process (a `flock` held on a file beside it for the process' life) and `reclaim_dead_dirs`,
   run at start, deletes the siblings nobody owns (no owner lock and no RocksDB LOCK held).
+- Failure is normal here too: rocksdict raises a bare `Exception` ("IO error: No space left on
+  device ...", a corrupt or vanished file) from reads and writes. Each becomes `TierUnavailable`
+  (the original message kept, the exception chained), so the tiered cache degrades to the tier
+  below instead of failing the request. The in-memory sizes change only after a write landed, so
+  a refused write leaves them describing what is on disk. A delete the disk refused still takes
+  effect for this process (a delete is often an invalidation: the old copy must never be served
+  again): the keys leave the index at once, reads skip them, and the physical delete is retried
+  with every later write until it lands (`_doomed`). The directory is this process' own, so no
+  other reader can see the copies meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -27,12 +37,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 from rocksdict import BlockBasedOptions, Cache, DataBlockIndexType, Options, Rdict, WriteBatch
 
 from caches import metrics
-from caches.tiers.base import TierStats
+from caches.tiers.base import TierStats, TierUnavailable
 
 BLOOM_BITS_PER_KEY = 10
 BLOCK_CACHE_BYTES = 64 << 20
@@ -78,6 +88,8 @@ class RocksDBTier:
                 ) from exc
             raise
         self._sizes: dict[str, int] = {}
+        # Keys deleted for this process whose physical delete the disk refused (see module note).
+        self._doomed: set[str] = set()
         self._stats = TierStats()
         # Sizes and the byte total change together; the invalidation consumer runs on its own thread.
         self._lock = threading.Lock()
@@ -90,24 +102,32 @@ class RocksDBTier:
             else:
                 self._sizes[key] = len(raw_key) + len(raw_value) - _HEADER.size
         self._bytes = sum(self._sizes.values())
-        self.delete_many(expired)
+        # A full disk must not stop the process from starting: retried with the next write.
+        with contextlib.suppress(TierUnavailable):
+            self.delete_many(expired)
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         if not keys:
             return {}
         t0 = time.perf_counter()
-        raw = self._db.get([k.encode() for k in keys])
+        try:
+            raw = self._db.get([k.encode() for k in keys])
+        except Exception as exc:  # rocksdict raises a bare Exception for IO errors
+            self._failed(exc)
         now = time.time()
         found: dict[str, bytes] = {}
         expired: list[str] = []
         for k, v in zip(keys, raw, strict=True):
-            if v is None:
+            # Not in the index: deleted for this process, the disk still holding it (see _doomed).
+            if v is None or k not in self._sizes:
                 continue
             if _expired(v, now):
                 expired.append(k)
             else:
                 found[k] = v[_HEADER.size :]
-        self.delete_many(expired)
+        # The expired values are not served either way; the delete is retried with a later write.
+        with contextlib.suppress(TierUnavailable):
+            self.delete_many(expired)
         metrics.record_read(self._stats, self.name, keys, found, time.perf_counter() - t0)
         return found
 
@@ -118,26 +138,60 @@ class RocksDBTier:
         batch = WriteBatch(raw_mode=True)
         with self._lock:
             for k, v in items.items():
-                kb = k.encode()
-                batch.put(kb, header + v)
-                n = len(kb) + len(v)
+                batch.put(k.encode(), header + v)
+            retried = self._retry_doomed(batch, skip=items)
+            self._write(batch)
+            # Only now: a refused write must leave the sizes describing what is on disk.
+            for k, v in items.items():
+                n = len(k.encode()) + len(v)
                 self._bytes += n - self._sizes.get(k, 0)
                 self._sizes[k] = n
-            self._db.write(batch)
+            self._doomed.difference_update(items)
+            self._doomed.difference_update(retried)
         metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._bytes)
 
     def delete_many(self, keys: list[str]) -> int:
+        """Delete the keys; raises TierUnavailable when the disk refused, the keys being gone
+        for this process all the same (never read again, retried on disk with the next write)."""
         with self._lock:
             present = [k for k in keys if k in self._sizes]
             if not present:
-                return 0
+                return 0  # a retry of the doomed rides on real writes, not on every read
             batch = WriteBatch(raw_mode=True)
             for k in present:
                 batch.delete(k.encode())
+            retried = self._retry_doomed(batch)
+            # Out of the index before the write: if the disk refuses, they must still never be served.
+            for k in present:
                 self._bytes -= self._sizes.pop(k)
-            self._db.write(batch)
-        metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._bytes)
+            try:
+                self._write(batch)
+            except TierUnavailable:
+                self._doomed.update(present)
+                raise
+            finally:
+                metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._bytes)
+            self._doomed.difference_update(retried)
         return len(present)
+
+    def _retry_doomed(self, batch: WriteBatch, skip: dict[str, bytes] | None = None) -> list[str]:
+        """Add the deletes the disk refused before to `batch` (caller holds the lock): they land
+        with the next write that does. Keys in `skip` are being written anew in the same batch."""
+        retried = [k for k in self._doomed if skip is None or k not in skip]
+        for k in retried:
+            batch.delete(k.encode())
+        return retried
+
+    def _write(self, batch: WriteBatch) -> None:
+        try:
+            self._db.write(batch)
+        except Exception as exc:  # rocksdict raises a bare Exception for IO errors
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> NoReturn:
+        self._stats.errors += 1
+        metrics.ERRORS.labels(tier=self.name, namespace=self.cache).inc()
+        raise TierUnavailable(f"RocksDB {self.path}: {exc}") from exc
 
     def __contains__(self, key: str) -> bool:
         return key in self._sizes

@@ -25,7 +25,7 @@ from caches.tiered import TieredCache
 from caches.tiers.base import TierStats
 from caches.tiers.redis import RETRY_AFTER_S, RedisTier, shards_for
 from caches.tiers.rocksdb import RocksDBTier
-from tests.integration.test_tiers import small_feast_repo
+from tests.integration.test_tiers import failing_disk, small_feast_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VALUE = 100  # bytes per test value
@@ -349,5 +349,122 @@ def test_a_budget_split_over_hash_tag_groups_serves_and_accounts(
         assert set(cache.ram.scan_prefix("g:")) == set(cache.ram.get_many(keys))  # every primary scanned
         assert cache.invalidate(keys[:30], broadcast=False)
         assert cache.ram.get_many(keys[:30]) == {}
+    finally:
+        cache.close()
+
+
+def _ram_copies_are_on_ssd(cache: TieredCache, keys: list[str]) -> None:
+    """The crash-safety order: a row reaches RAM only after its SSD copy exists."""
+    assert cache.ssd is not None and cache.ram is not None
+    in_ram = set(cache.ram.get_many(keys))
+    assert all(k in cache.ssd for k in in_ram), sorted(k for k in in_ram if k not in cache.ssd)
+
+
+def test_a_failing_ssd_degrades_to_the_cold_tier_and_recovers(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rocksdict raises a bare Exception on a full or broken disk: it must never escape the
+    cache (the Recommender only catches the cache errors); the SSD is skipped like a down RAM."""
+    keys = [f"t:m:1:{i}" for i in range(30)]
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for(keys), ram=10 * 120, invalidation=False)
+    assert cache.ssd is not None and cache.ram is not None
+    try:
+        for k in keys[:20]:  # a scan of rare keys: some demoted, on SSD only
+            cache.get_many([k])
+        on_ssd_only = [k for k in keys[:20] if k in cache.ssd and k not in set(cache.ram.get_many(keys[:20]))]
+        assert on_ssd_only
+        disk = failing_disk(cache.ssd, monkeypatch)
+
+        disk.failing = {"write"}  # disk full: reads work, writes are refused
+        res = cache.get_many(keys[20:23])  # not held anywhere: the fill to SSD is refused
+        assert res.values == {k: val(k) for k in keys[20:23]} and res.degraded
+        assert set(res.sources.values()) == {"source"}
+        assert not any(k in cache.ssd for k in keys[20:23])
+        assert cache.ram.get_many(keys[20:23]) == {}  # not on SSD, so not placed in RAM either
+        res = cache.get_many(on_ssd_only[:2])  # SSD reads still answer
+        assert set(res.sources.values()) == {"rocksdb"}
+        assert cache.put_many({"t:m:1:put": val("t:m:1:put")}) is False  # refused, not raised
+        assert "t:m:1:put" not in cache.ssd and cache.ram.get_many(["t:m:1:put"]) == {}
+        assert cache.invalidate(on_ssd_only[:1], broadcast=False)  # the SSD copy is dropped all the same
+        assert cache.get_many(on_ssd_only[:1]).sources == {on_ssd_only[0]: "source"}
+        _ram_copies_are_on_ssd(cache, keys)
+
+        disk.failing = {"write", "get"}  # broken disk: reads fail too
+        res = cache.get_many(on_ssd_only[1:3] + keys[23:25])
+        assert res.values == {k: val(k) for k in on_ssd_only[1:3] + keys[23:25]} and not res.missing
+        assert res.degraded and set(res.sources.values()) <= {"source", "redis"}
+        assert cache.counters.ssd_errors > 0
+        _ram_copies_are_on_ssd(cache, keys)
+
+        disk.failing = set()  # the disk works again: nothing to restart
+        res = cache.get_many(keys[20:23])
+        assert not res.degraded and all(k in cache.ssd for k in keys[20:23])
+        assert cache.put_many({"t:m:1:put": val("t:m:1:put")}) is True
+        assert cache.get_many(["t:m:1:put"]).values == {"t:m:1:put": val("t:m:1:put")}
+        _ram_copies_are_on_ssd(cache, keys + ["t:m:1:put"])
+    finally:
+        monkeypatch.undo()
+        cache.close()
+
+
+def test_expired_ram_values_leave_the_byte_total_by_themselves(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Redis expires values by TTL without telling the sizes hash: the cache's own upkeep thread
+    brings the RAM byte total and entry count back to what is live, with no caller's help."""
+    short = [f"exp:m:1:{i}" for i in range(12)]
+    live = [f"live:m:1:{i}" for i in range(4)]
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for(short + live), ram=40 * 120,
+                       ttl_s={"exp": 0.3}, invalidation=False, maintain_every_s=0.1)
+    assert cache.ram is not None
+    try:
+        for k in short + live:
+            cache.get_many([k])
+        resident = set(cache.ram.get_many(short + live))
+        assert resident & set(short) and set(live) <= resident
+        live_bytes = sum(len(k) + VALUE for k in live)
+        assert cache.ram.stats().bytes > live_bytes
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and cache.ram.stats().bytes != live_bytes:
+            time.sleep(0.1)
+        st = cache.ram.stats()
+        assert cache.ram.get_many(short) == {}  # all expired
+        assert (st.bytes, st.entries) == (live_bytes, len(live))
+        assert cache.counters.ram_reconciled == len(resident & set(short))
+        assert cache.ram.get_many(live) == {k: val(k) for k in live}  # live values untouched
+    finally:
+        cache.close()
+
+
+def test_maintain_is_bounded_resumes_and_survives_redis_errors(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [f"exp:m:1:{i}" for i in range(700)]  # past hash-max-ziplist-entries: HSCAN pages
+    cache = open_cache(redis_url, tmp_path / "ssd", ram=10**6, ttl_s=0.3, invalidation=False,
+                       maintain_every_s=None)
+    assert cache.ram is not None
+    try:
+        cache.ram.put_many({k: val(k) for k in keys}, ttl_s=0.3)  # straight in: the sizes hash is big
+        time.sleep(0.5)
+        assert cache.ram.stats().entries == len(keys)
+        real_hscan = cache.ram.client.hscan
+
+        def down(*args: Any, **kwargs: Any) -> Any:
+            raise redis.ConnectionError("connection refused")
+
+        monkeypatch.setattr(cache.ram.client, "hscan", down)
+        assert cache.maintain() == 0  # through the breaker: swallowed, retried next round
+        assert cache.ram.stats().entries == len(keys)
+        monkeypatch.setattr(cache.ram.client, "hscan", real_hscan)
+        time.sleep(RETRY_AFTER_S + 0.1)
+        # One step reads one HSCAN page: a hash this big (not ziplist-encoded) takes several.
+        first = cache.ram.reconcile_step(count=50)
+        assert 0 < first < len(keys)
+        rounds = 0
+        while cache.ram.stats().entries and rounds < 100:
+            cache.maintain(steps=1)
+            rounds += 1
+        assert cache.ram.stats().entries == 0 and cache.ram.size_bytes() == 0
+        assert rounds > 1
     finally:
         cache.close()

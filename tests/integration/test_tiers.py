@@ -119,6 +119,71 @@ def test_rocksdb_tier_multiget_ttl_and_reopen(tmp_path: Path) -> None:
     again.close()
 
 
+DISK_FULL = "IO error: No space left on device: While appending to file: 000009.log"
+
+
+class FailingRdict:
+    """The tier's real Rdict, except that the calls named in `failing` raise what rocksdict raises
+    on a full or broken disk (a bare Exception). The Rdict's own methods are read-only, so the
+    failure is injected by standing in for the handle (`tier._db`)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.failing: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def _maybe_fail(self, op: str) -> None:
+        if op in self.failing:
+            raise Exception(DISK_FULL)  # noqa: TRY002 - exactly what rocksdict raises
+
+    def write(self, batch: Any) -> None:
+        self._maybe_fail("write")
+        self.db.write(batch)
+
+    def get(self, keys: Any) -> Any:
+        self._maybe_fail("get")
+        return self.db.get(keys)
+
+
+def failing_disk(tier: RocksDBTier, monkeypatch: pytest.MonkeyPatch) -> FailingRdict:
+    handle = FailingRdict(tier._db)
+    monkeypatch.setattr(tier, "_db", handle)
+    return handle
+
+
+def test_rocksdb_io_errors_are_tier_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = RocksDBTier(tmp_path / "db")
+    tier.put_many({"ns:m:1:a": b"old", "ns:m:1:b": b"bb"})
+    size = tier.size_bytes()
+    disk = failing_disk(tier, monkeypatch)
+    disk.failing = {"write"}
+    with pytest.raises(TierUnavailable, match="No space left on device") as err:
+        tier.put_many({"ns:m:1:a": b"new value", "ns:m:1:c": b"c"})
+    assert isinstance(err.value.__cause__, Exception) and str(err.value.__cause__) == DISK_FULL
+    # The refused write changed nothing: sizes describe the disk, the old value is still served.
+    assert tier.size_bytes() == size and "ns:m:1:c" not in tier
+    assert tier.get_many(["ns:m:1:a", "ns:m:1:c"]) == {"ns:m:1:a": b"old"}
+    with pytest.raises(TierUnavailable, match="No space left on device"):
+        tier.delete_many(["ns:m:1:a"])
+    # A refused delete still takes effect here (it may be an invalidation): never served again.
+    assert tier.get_many(["ns:m:1:a", "ns:m:1:b"]) == {"ns:m:1:b": b"bb"} and "ns:m:1:a" not in tier
+    disk.failing = {"get"}
+    with pytest.raises(TierUnavailable, match="No space left on device"):
+        tier.get_many(["ns:m:1:b"])
+    assert tier.stats().errors == 3
+    disk.failing = set()  # the disk works again: the next write lands the delete it refused
+    tier.put_many({"ns:m:1:c": b"c"})
+    assert tier.get_many(["ns:m:1:a", "ns:m:1:b", "ns:m:1:c"]) == {"ns:m:1:b": b"bb", "ns:m:1:c": b"c"}
+    monkeypatch.undo()
+    tier.close()
+    again = RocksDBTier(tmp_path / "db")  # the delete reached the disk, not only the index
+    assert sorted(again.keys()) == ["ns:m:1:b", "ns:m:1:c"]
+    assert again.get_many(["ns:m:1:a"]) == {}
+    again.close()
+
+
 def test_rocksdb_path_locked_by_another_process_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "locked-db"
     holder = subprocess.Popen(
