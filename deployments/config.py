@@ -113,7 +113,9 @@ class RecommenderSettings(_Settings):
     # Bounded memory: the recommendation results' own byte budget in Redis (oldest out first),
     # how long "Feast does not know this user" is remembered (so a flood of unknown ids stops
     # reaching Feast; an event of the user makes it stale at once), and the feature entries' TTL
-    # in RAM and SSD (an entry whose invalidation was lost can never live longer than this).
+    # in RAM and SSD. A promotion or demotion starts that TTL anew, so it bounds an entry whose
+    # invalidation was lost only while the entry stays in one tier: what keeps rows current is the
+    # generation check (caches/generations.py), not this.
     result_max_bytes: int = Field(default=16 << 20, ge=1)
     result_tenant_max_bytes: int = Field(default=8 << 20, ge=1)
     unknown_user_ttl_s: float = Field(default=30.0, gt=0)
