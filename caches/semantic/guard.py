@@ -81,11 +81,19 @@ _OPPOSITE_PAIRS = _words(
     "send-receive sent-received deposit-withdraw credit-debit allow-block accept-decline join-leave "
     "safe-unsafe legal-illegal above-below over-under"
 )
-OPPOSITES: dict[str, frozenset[str]] = {}
-for _pair in _OPPOSITE_PAIRS:
-    _a, _b = _pair.split("-")
-    OPPOSITES[_a] = OPPOSITES.get(_a, frozenset()) | {_b}
-    OPPOSITES[_b] = OPPOSITES.get(_b, frozenset()) | {_a}
+
+
+def _symmetric(pairs: list[str]) -> dict[str, frozenset[str]]:
+    """"a-b" pairs -> each word's counterparts, both ways."""
+    out: dict[str, frozenset[str]] = {}
+    for pair in pairs:
+        a, b = pair.split("-")
+        out[a] = out.get(a, frozenset()) | {b}
+        out[b] = out.get(b, frozenset()) | {a}
+    return out
+
+
+OPPOSITES = _symmetric(_OPPOSITE_PAIRS)
 ANTONYM_PREFIXES = ("un", "in", "im", "dis", "non", "ir", "il", "de")
 # words whose presence or absence does not change a question (greetings, function words)
 FILLERS = frozenset(
@@ -104,11 +112,7 @@ _FLIP_PAIRS = _words(
     "from-to from-into and-or this-next this-last next-last is-was are-were does-did do-did has-had "
     "have-had can-could will-would my-your his-her he-she"
 )
-FLIPS: dict[str, frozenset[str]] = {}
-for _pair in _FLIP_PAIRS:
-    _a, _b = _pair.split("-")
-    FLIPS[_a] = FLIPS.get(_a, frozenset()) | {_b}
-    FLIPS[_b] = FLIPS.get(_b, frozenset()) | {_a}
+FLIPS = _symmetric(_FLIP_PAIRS)
 
 
 class _Text(NamedTuple):
