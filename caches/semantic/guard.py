@@ -84,7 +84,7 @@ _OPPOSITE_PAIRS = _words(
 
 
 def _symmetric(pairs: list[str]) -> dict[str, frozenset[str]]:
-    """"a-b" pairs -> each word's counterparts, both ways."""
+    """Pairs written "a-b" -> each word's counterparts, both ways."""
     out: dict[str, frozenset[str]] = {}
     for pair in pairs:
         a, b = pair.split("-")
