@@ -19,9 +19,15 @@ COMPACT_SLACK = 1024
 
 
 class RecencyOrder:
-    def __init__(self, keys: Iterable[str] = ()) -> None:
+    def __init__(self, keys: Iterable[str] = (), held: Callable[[str], bool] | None = None) -> None:
         # The invalidation consumer thread drops keys while requests read them.
         self._lock = threading.Lock()
+        # Whether the SSD holds a key now. A delete and its `forget` are two steps, and a fill of
+        # the same key can land between them (its `added` a no-op: the key was still ordered);
+        # forgetting it then would leave it on the SSD outside the order, where the budget never
+        # drops it. So `forget` keeps a key the SSD holds again (checked under the lock `added`
+        # takes, after the SSD write that precedes every `added`).
+        self._held = held
         self._tick = 0
         self._ticks: dict[str, int] = {}
         self._heap: list[tuple[int, str]] = []
@@ -49,10 +55,12 @@ class RecencyOrder:
             self._compact()
 
     def forget(self, keys: Iterable[str]) -> None:
-        """Keys the SSD no longer holds (deleted, invalidated, expired): not ordered any more."""
+        """Keys the SSD no longer holds (deleted, invalidated, expired): not ordered any more
+        (those it holds again by now stay: see `held`)."""
         with self._lock:
             for k in keys:
-                self._ticks.pop(k, None)
+                if self._held is None or not self._held(k):
+                    self._ticks.pop(k, None)
             self._compact()
 
     def __len__(self) -> int:

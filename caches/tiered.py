@@ -102,7 +102,8 @@ class TieredCache(TierMoves):
         self.bus = bus
         self.generations = generations
         # Entries left by a previous run of this process come first in the order: oldest of all.
-        self._recency = RecencyOrder(ssd.keys() if ssd is not None else ())  # noqa: SIM118 (a method)
+        self._recency = RecencyOrder(ssd.keys() if ssd is not None else (),  # noqa: SIM118 (a method)
+                                     held=ssd.__contains__ if ssd is not None else None)
         self.counters = TieredStats(ssd_budget_bytes=ssd_budget_bytes)
         # Called with the demoted keys between the SSD write and the RAM delete of a demotion:
         # tests inject a callable here to crash a process at that point. None in production.

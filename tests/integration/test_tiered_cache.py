@@ -468,3 +468,26 @@ def test_maintain_is_bounded_resumes_and_survives_redis_errors(
         assert rounds > 1
     finally:
         cache.close()
+
+
+def test_a_fill_between_an_invalidations_delete_and_forget_stays_under_the_ssd_budget(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The invalidation consumer deletes a key's SSD copy, another thread writes the key again
+    (its `added` a no-op: the key was still ordered), then the consumer forgets it: the key was
+    left on the SSD outside the recency order, which the budget never drops (one leak per race)."""
+    keys = [f"ns:m:1:{i}" for i in range(20)]
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for(keys), ssd=10**7)
+    try:
+        cache.get_many(keys[:1])
+        assert cache.ssd is not None and keys[0] in cache.ssd
+        cache.ssd.delete_many(keys[:1])  # the consumer's delete...
+        cache.put_many({keys[0]: val(keys[0], "new")})  # ...a writer fills it again...
+        cache._recency.forget(keys[:1])  # ...and the consumer's forget lands last
+        assert keys[0] in cache.ssd
+        cache.get_many(keys[1:])
+        cache.ssd_budget = 1  # now everything must go, the raced key too
+        cache._enforce_ssd_budget()
+        assert keys[0] not in cache.ssd, "the raced key escaped the SSD budget"
+    finally:
+        cache.close()
