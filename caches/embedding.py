@@ -58,6 +58,14 @@ def _per_text(scope: str | Sequence[str], texts: list[str]) -> list[str]:
     return scopes
 
 
+# Embeddings never go stale (the key is the encoder and the text), but every entry still gets a
+# TTL: a RAM value the placement lost track of (a write that failed after the policy's decision)
+# would otherwise hold Redis memory for ever, and a Redis under `volatile-lru` can evict only keys
+# that have one. A text read again is written again (a promotion), so a month of no reads, not of
+# age, is what ends an entry.
+EMBEDDING_TTL_S = 30 * 86_400.0
+
+
 class EmbeddingCache:
     def __init__(self, tiered: TieredCache, encoder_name: str, encoder_version: str, dim: int) -> None:
         self.tiered = tiered
@@ -73,6 +81,7 @@ class EmbeddingCache:
         tiered = TieredCache.open(
             redis_url=redis_url, rocksdb_dir=rocksdb_dir, ram_budget_bytes=ram_budget_bytes,
             ssd_budget_bytes=ssd_budget_bytes, cold=None, name="embeddings", entry_bytes=dim * 4 + 100,
+            ttl_s=EMBEDDING_TTL_S,
         )
         return cls(tiered, encoder_name, encoder_version, dim)
 

@@ -61,6 +61,25 @@ class TierMoves:
                     raise TierUnavailable(f"SSD refused {len(held) - len(stored)} demoted rows: placement skipped")
         if placement.demoted and self.before_upper_delete is not None:
             self.before_upper_delete(placement.demoted)
+        try:
+            admitted = self._write_ram(admitted, placement.demoted)
+        except TierUnavailable:
+            # The policy already counts the admitted rows as resident and has forgotten the
+            # demoted ones: take the admitted back (they were not written), and try to delete the
+            # demoted (their SSD copy is in place). What Redis refuses now stays until its TTL.
+            self._undo_admission(list(admitted))
+            with contextlib.suppress(TierUnavailable):
+                self.ram.delete_many(placement.demoted)
+            raise
+        metrics.count_by_namespace(metrics.PROMOTIONS, self.ram.name, list(admitted))
+        metrics.count_by_namespace(metrics.DEMOTIONS, self.ram.name, placement.demoted)
+        self.counters.promotions += len(admitted)
+        self.counters.demotions += len(placement.demoted)
+
+    def _write_ram(self, admitted: dict[str, bytes], demoted: list[str]) -> dict[str, bytes]:
+        """The placement's RAM side: write the admitted rows, delete the demoted ones (after their
+        SSD copies); returns the admitted rows actually written."""
+        assert self.ram is not None and self.policy is not None
         if self.generations is not None:
             # Each write compared with its generation, in the script that writes it.
             gen_key = self.generations.key_of
@@ -69,23 +88,20 @@ class TierMoves:
             groups = self._by_ttl(admitted)
             for i, (ttl, group) in enumerate(groups.items()):
                 last = i == len(groups) - 1
-                refused += self.ram.put_checked(group, placement.demoted if last else [], expect, ttl_s=ttl)
+                refused += self.ram.put_checked(group, demoted if last else [], expect, ttl_s=ttl)
             if not groups:
-                self.ram.delete_many(placement.demoted)
+                self.ram.delete_many(demoted)
             if refused:
                 self.policy.remove(refused)  # not written: the placement must not count them
                 self.counters.generation_refused += len(refused)
                 admitted = {k: v for k, v in admitted.items() if k not in set(refused)}
         elif isinstance(self.ttl, dict):
             self._grouped_put(self.ram, admitted)
-            self.ram.delete_many(placement.demoted)  # 2. upper tier second
+            self.ram.delete_many(demoted)  # 2. upper tier second
         else:
             # 2. upper tier second; the admitted values travel in the same round trip.
-            self.ram.put_and_delete(admitted, placement.demoted, ttl_s=self.ttl)
-        metrics.count_by_namespace(metrics.PROMOTIONS, self.ram.name, list(admitted))
-        metrics.count_by_namespace(metrics.DEMOTIONS, self.ram.name, placement.demoted)
-        self.counters.promotions += len(admitted)
-        self.counters.demotions += len(placement.demoted)
+            self.ram.put_and_delete(admitted, demoted, ttl_s=self.ttl)
+        return admitted
 
     def _undo_admission(self, keys: list[str]) -> None:
         if self.policy is not None and keys:

@@ -22,7 +22,7 @@ from caches.admission import SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
 from caches.features import FeatureCache
 from caches.redis_server import EmbeddedRedis, free_port
 from caches.tiered import TieredCache
-from caches.tiers.base import TierStats
+from caches.tiers.base import TierStats, TierUnavailable
 from caches.tiers.redis import RETRY_AFTER_S, RedisTier, shards_for
 from caches.tiers.rocksdb import RocksDBTier
 from tests.integration.test_tiers import failing_disk, small_feast_repo
@@ -489,5 +489,40 @@ def test_a_fill_between_an_invalidations_delete_and_forget_stays_under_the_ssd_b
         cache.ssd_budget = 1  # now everything must go, the raced key too
         cache._enforce_ssd_budget()
         assert keys[0] not in cache.ssd, "the raced key escaped the SSD budget"
+    finally:
+        cache.close()
+
+
+def test_a_ram_write_that_fails_after_the_placement_decided_leaves_no_untracked_values(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The admit script has already forgotten the demoted rows and counted the admitted ones when
+    the RAM write times out: the demoted values stayed in Redis with no placement record (over
+    the budget, and for good without a TTL), the admitted ones were counted but never written."""
+    keys = [f"emb:k{i}" for i in range(400)]
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for(keys), ram=10 * 120, invalidation=False)
+    assert cache.ram is not None and cache.policy is not None
+    real = cache.ram.put_and_delete
+    failures = {"n": 0}
+
+    def flaky(items: dict[str, bytes], deletes: list[str], ttl_s: float | None = None) -> None:
+        if deletes and failures["n"] < 5:  # five timeouts while Redis is slow
+            failures["n"] += 1
+            raise TierUnavailable("redis failed during put_delete: TimeoutError (injected)")
+        real(items, deletes, ttl_s)
+
+    try:
+        cache.ram.put_and_delete = flaky  # type: ignore[method-assign]
+        for r in range(40):
+            for _ in range(2):
+                cache.get_many(keys[r * 10:(r + 1) * 10])
+        assert failures["n"] == 5
+        cache.ram.put_and_delete = real  # type: ignore[method-assign]
+        for r in range(40):
+            cache.get_many(keys[r * 10:(r + 1) * 10])
+        in_ram = [k for k in keys if redis_client.exists(cache.ram.physical(k))]
+        placed = set(cache.policy.resident_keys())
+        assert not [k for k in in_ram if k not in placed], "values in RAM the placement does not track"
+        assert not [k for k in placed if k not in in_ram], "rows the placement counts that RAM does not hold"
     finally:
         cache.close()
