@@ -155,9 +155,9 @@ def _scan(index: ItemIndex, table: ItemTable, user_embedding: np.ndarray, affini
     """Every item scored: the same score as `score_items`, computed for the whole table once."""
     rows = index.table_rows(table)
     sims = (index.vectors @ user_embedding.astype(np.float32)).astype(np.float64)
-    nudge = w_mean_rating * (table.mean_rating - 3.0) / 2.0
-    if affinity.size and table.genre_matrix.shape[1] == affinity.size:
-        nudge = nudge + w_genre * (table.genre_matrix @ affinity.astype(np.float64))
+    # the score's nudges of every table row: score_items itself, at similarity 0 (one formula)
+    nudge = score_items(np.zeros(len(table.ids)), table.mean_rating, table.genre_matrix, affinity,
+                        w_mean_rating=w_mean_rating, w_genre=w_genre)
     ok = rows >= 0  # an id without features is dropped, never scored on empty ones
     if excluded is not None:
         ok &= ~np.isin(index.id_array, excluded)
