@@ -16,13 +16,18 @@ so purges by tenant or model pattern never match it):
   given back by a bounded reclaim
 - ``:rank``: zset, the tenant's entries in eviction order (lowest first)
 - ``:bytes``: the tenant's byte total
+- ``:seq``: the number of the tenant's latest report (below)
 
 The global view is a *ledger* in one slot of its own, ``{<prefix>}`` (``{res.__meta}:bytes``):
 ``:bytes`` and ``:entries`` (global totals), ``:tenants:bytes`` / ``:tenants:entries`` (zsets,
 tenant -> its totals), ``:tenants:expiry`` (zset, tenant -> its earliest entry expiry) and
-``:evictions``. A tenant script reports what it changed (byte and entry deltas, its earliest
-expiry); the client applies that to the ledger in a second call (:class:`Books`), which answers
-whether the cache is over its global budget and who gives way.
+``:evictions``, and ``:tenants:seq`` (hash, tenant -> the number of the report its row holds).
+A tenant script reports the tenant's totals after it ran, its earliest expiry and a sequence
+number; the client applies that to the ledger in a second call (:class:`Books`), which answers
+whether the cache is over its global budget and who gives way. Totals rather than deltas, so the
+ledger heals itself: a report that never reached it (a client that timed out after its script
+ran on a slow Redis, or died in between) is made good by the tenant's next report, and one
+that arrives after a newer one is ignored by its number.
 
 Eviction:
 
@@ -37,14 +42,14 @@ Eviction:
    victim tenant's slot after the ledger said so: it is not atomic with the store, so replicas
    storing at the very same moment can overshoot the *global* budget by about one entry each,
    until their next store (the same on one server and on a cluster: one algorithm). A crash
-   between a tenant script and its ledger call leaves the ledger off by that one store;
-   :meth:`Books.rebuild` recomputes it from the tenants' own books.
+   between a tenant script and its ledger call leaves that tenant's row behind until its next
+   script; :meth:`Books.rebuild` recomputes every row from the tenants' own books (a lost ledger).
 3. Expired entries are reclaimed on the storing tenant's slot in the store script, and on
    another tenant's slot when the ledger says that tenant's earliest entry has expired.
 
 The Lua below is a library: each cache's scripts start with :data:`BUDGET_LUA` and define a
 ``forget`` function that removes the entry itself (its key, and for the semantic cache its scope's
-index); the library does the accounting. Every bookkeeping key is passed in KEYS (``KEYS[1..4]``:
+index); the library does the accounting. Every bookkeeping key is passed in KEYS (``KEYS[1..5]``:
 :func:`tenant_keys`). The entries a script evicts are found inside it (in the rank zset), so
 they cannot be declared beforehand; they carry the tenant's tag, so they are in the script's slot.
 The tenant is read from the entry key, ``<namespace>.{<tenant>}:...`` (:mod:`caches.keys`).
@@ -106,17 +111,21 @@ def tenant_of(key: str) -> str:
 
 
 def tenant_keys(prefix: str, tenant: str) -> list[str]:
-    """The tenant's bookkeeping keys, in the order the scripts take them (KEYS[1..4]); ``tenant``
+    """The tenant's bookkeeping keys, in the order the scripts take them (KEYS[1..5]); ``tenant``
     as it appears inside keys (already :func:`safe_part`)."""
     tk = f"{prefix}.{{{tenant}}}"
-    return [f"{tk}:sizes", f"{tk}:expiry", f"{tk}:rank", f"{tk}:bytes"]
+    return [f"{tk}:sizes", f"{tk}:expiry", f"{tk}:rank", f"{tk}:bytes", f"{tk}:seq"]
 
 
 def ledger_keys(prefix: str) -> list[str]:
     """The global ledger's keys (one slot: ``{prefix}`` is their hash tag), in script order."""
     lk = f"{{{prefix}}}"
     return [f"{lk}:tenants:bytes", f"{lk}:tenants:entries", f"{lk}:tenants:expiry", f"{lk}:bytes",
-            f"{lk}:entries", f"{lk}:evictions"]
+            f"{lk}:entries", f"{lk}:evictions", f"{lk}:tenants:seq"]
+
+
+# Positions in ledger_keys().
+LEDGER_BYTES, LEDGER_ENTRIES, LEDGER_EVICTIONS = 3, 4, 5
 
 
 def lua_source(name: str) -> str:
@@ -124,11 +133,12 @@ def lua_source(name: str) -> str:
     return resources.files("caches").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
-# The library. Locals only: each script that includes it stays self-contained. KEYS[1..4]: the
-# tenant's sizes hash, expiry zset, rank zset, byte total. Every script ends with bk_report().
+# The library. Locals only: each script that includes it stays self-contained. KEYS[1..5]: the
+# tenant's sizes hash, expiry zset, rank zset, byte total, report sequence. Every script ends
+# with bk_report().
 BUDGET_LUA = lua_source("budget")
 
-# Forget the accounting of entries already deleted (purges, deletes). KEYS: tenant (4); ARGV: entries.
+# Forget the accounting of entries already deleted (purges, deletes). KEYS: tenant (5); ARGV: entries.
 FORGET_SCRIPT = BUDGET_LUA + """
 for i = 1, #ARGV do bk_forget(ARGV[i]) end
 return bk_report()
@@ -136,7 +146,7 @@ return bk_report()
 
 
 def shrink_script(forget_lua: str) -> str:
-    """Evict for the global budget on one tenant's slot (KEYS: tenant (4); ARGV: now_ms, reclaim
+    """Evict for the global budget on one tenant's slot (KEYS: tenant (5); ARGV: now_ms, reclaim
     limit, entry to spare, entries, bytes); ``forget_lua`` defines ``forget(member)`` and may
     fill a table ``removed`` that the script returns after the report."""
     return BUDGET_LUA + "local removed = {}\n" + forget_lua + """
@@ -146,16 +156,19 @@ return bk_report(removed)
 """
 
 
-# The ledger (KEYS: ledger_keys). ARGV: now_ms, tenant reported, byte delta, entry delta, earliest
-# expiry (-1: none), evictions, global entries, global bytes (-1 = unbounded), expired tenants to
-# list, the storing tenant (it gives way whenever it is among the biggest; '' for none).
+# The ledger (KEYS: ledger_keys). ARGV: now_ms, tenant reported, its bytes, its entries, its
+# earliest expiry (-1: none), evictions, global entries, global bytes (-1 = unbounded), expired
+# tenants to list, the storing tenant (it gives way whenever it is among the biggest; '' for
+# none), the report's sequence number (older than the row's: the totals are ignored).
 # Returns: the tenant to give way (false: none), entries and bytes it should shed, then tenants
 # whose earliest entry has expired (their bytes are still counted).
 LEDGER_SCRIPT = lua_source("budget_ledger")
 
-# Rebuild the ledger's rows of one tenant from its own books (KEYS: tenant (4) - read only here;
-# the client writes the ledger): returns entries, bytes, earliest expiry.
+# Rebuild the ledger's rows of one tenant from its own books (KEYS: tenant (5) - read only here;
+# the client writes the ledger): returns entries, bytes, earliest expiry, report sequence (-1: none).
 _TENANT_TOTALS = lua_source("budget_tenant_totals")
+
+
 def chunks(items: Iterable[T], size: int = MAX_KEYS_PER_SCRIPT) -> Iterator[list[T]]:
     page: list[T] = []
     for item in items:
@@ -173,17 +186,29 @@ def _text(raw: Any) -> str:
 
 @dataclass
 class Report:
-    """What a tenant script changed, and what it returned besides."""
+    """What a tenant script changed (deltas), the tenant's totals after it (what the ledger
+    takes), its number among the tenant's reports, and what the script returned besides."""
 
     dbytes: int = 0
     dentries: int = 0
     earliest: int = -1
     evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+    seq: int = -1
     extra: list[Any] = field(default_factory=list)
+
+    FIELDS = 7  # values bk_report() puts before the script's own
 
     @classmethod
     def of(cls, reply: Sequence[Any]) -> Report:
-        return cls(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]), list(reply[4:]))
+        return cls(*(int(v) for v in reply[: cls.FIELDS]), extra=list(reply[cls.FIELDS :]))
+
+    def ledger_args(self, tenant: str, now_ms: int, *, limits: Sequence[int] = (-1, -1), expired: int = 0,
+                    storing: str = "") -> list[Any]:
+        """The ledger script's ARGV for this report (LEDGER_SCRIPT)."""
+        return [now_ms, tenant, self.bytes, self.entries, self.earliest, self.evictions, limits[0], limits[1],
+                expired, storing, self.seq]
 
 
 # Rounds of "apply to the ledger, evict or reclaim on a tenant's slot" per store: each round
@@ -222,9 +247,8 @@ class Books:
         extra: list[Any] = []
         done: set[str] = set()
         for _ in range(MAX_ROUNDS):
-            reply = self._ledger(keys=self.ledger, args=[
-                now_ms, tenant, report.dbytes, report.dentries, report.earliest, report.evictions,
-                limits[2], limits[3], RECLAIM_TENANTS + len(done), storing])
+            reply = self._ledger(keys=self.ledger, args=report.ledger_args(
+                tenant, now_ms, limits=limits[2:], expired=RECLAIM_TENANTS + len(done), storing=storing))
             victim, need_entries, need_bytes = reply[0], int(reply[1]), int(reply[2])
             expired = [t for t in (_text(x) for x in reply[3:]) if t not in done]
             if expired:  # reclaiming frees room for nothing: before any eviction
@@ -241,8 +265,7 @@ class Books:
             if not expired and report.dentries == 0:
                 # nothing left to evict there (the ledger was off): apply and stop
                 break
-        self._ledger(keys=self.ledger, args=[now_ms, tenant, report.dbytes, report.dentries, report.earliest,
-                                             report.evictions, -1, -1, 0, ""])
+        self._ledger(keys=self.ledger, args=report.ledger_args(tenant, now_ms))
         return extra
 
     def forget(self, members: Sequence[bytes | str]) -> int:
@@ -256,22 +279,21 @@ class Books:
         for tenant, keys in by_tenant.items():
             for page in chunks(keys):
                 report = Report.of(self._forget(keys=self.keys(tenant), args=page))
-                self._ledger(keys=self.ledger, args=[0, tenant, report.dbytes, report.dentries, report.earliest,
-                                                     0, -1, -1, 0, ""])
+                self._ledger(keys=self.ledger, args=report.ledger_args(tenant, 0))
                 freed -= report.dbytes
         return freed
 
     def rebuild(self, tenants: Iterable[str]) -> None:
-        """Recompute the ledger from the tenants' own books (after a crash between the two)."""
+        """Recompute the ledger from the tenants' own books (a ledger lost or never written)."""
         rows = [(t, *(int(v) for v in self._totals(keys=self.keys(t)))) for t in tenants]
-        tb, te, tx, b, e, _ = self.ledger
+        tb, te, tx, b, e, _, ts = self.ledger
         pipe = self.client.pipeline(transaction=False)
-        pipe.delete(tb)
-        pipe.delete(te)
-        pipe.delete(tx)
+        for key in (tb, te, tx, ts):
+            pipe.delete(key)
         pipe.set(b, sum(r[2] for r in rows))
         pipe.set(e, sum(r[1] for r in rows))
-        for t, entries, size, earliest in rows:
+        for t, entries, size, earliest, seq in rows:
+            pipe.hset(ts, t, seq)
             if entries > 0:
                 pipe.zadd(te, {t: entries})
                 pipe.zadd(tb, {t: size})
@@ -285,11 +307,11 @@ def usage(client: redis.Redis, prefix: str, tenant: str | None = None) -> dict[s
     raises Redis errors."""
     pipe = client.pipeline(transaction=False)
     if tenant is None:
-        _, _, _, b, e, _ = ledger_keys(prefix)
-        pipe.get(e)
-        pipe.get(b)
+        ledger = ledger_keys(prefix)
+        pipe.get(ledger[LEDGER_ENTRIES])
+        pipe.get(ledger[LEDGER_BYTES])
     else:
-        sizes, _, _, size_key = tenant_keys(prefix, safe_part(tenant))
+        sizes, _, _, size_key, _ = tenant_keys(prefix, safe_part(tenant))
         pipe.hlen(sizes)
         pipe.get(size_key)
     entries, size = pipe.execute()

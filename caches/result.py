@@ -29,7 +29,17 @@ from typing import Any
 
 import redis
 
-from caches.budget import BUDGET_LUA, Books, Budget, Report, chunks, tenant_of
+from caches.budget import (
+    BUDGET_LUA,
+    LEDGER_BYTES,
+    LEDGER_ENTRIES,
+    LEDGER_EVICTIONS,
+    Books,
+    Budget,
+    Report,
+    chunks,
+    tenant_of,
+)
 from caches.keys import digest, glob_escape, make_key, model_version_patterns, safe_part, tenant_namespace
 from caches.redis_client import RETRY_AFTER_S, Breaker, RedisUnavailable, scan_keys
 
@@ -67,16 +77,16 @@ _FORGET_ENTRY = """
 local function forget(m) redis.call('UNLINK', m); bk_forget(m) end
 """
 
-# KEYS: the tenant's books (4: caches.budget.tenant_keys), entry
+# KEYS: the tenant's books (5: caches.budget.tenant_keys), entry
 # ARGV: value, ttl_ms, now_ms, reclaim limit, tenant entries, tenant bytes (-1 = unbounded),
 #       key copies, overhead. Returns the budget report (caches.budget.Report).
 _PUT_SCRIPT = BUDGET_LUA + _FORGET_ENTRY + """
 local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[2])
 bk_reclaim(now, tonumber(ARGV[4]), forget)
-local size = string.len(ARGV[1]) + tonumber(ARGV[7]) * string.len(KEYS[5]) + tonumber(ARGV[8])
-redis.call('SET', KEYS[5], ARGV[1], 'PX', ttl)
-bk_add(KEYS[5], size, now + ttl, now + ttl)
-bk_enforce(KEYS[5], {tonumber(ARGV[5]), tonumber(ARGV[6])}, forget)
+local size = string.len(ARGV[1]) + tonumber(ARGV[7]) * string.len(KEYS[6]) + tonumber(ARGV[8])
+redis.call('SET', KEYS[6], ARGV[1], 'PX', ttl)
+bk_add(KEYS[6], size, now + ttl, now + ttl)
+bk_enforce(KEYS[6], {tonumber(ARGV[5]), tonumber(ARGV[6])}, forget)
 return bk_report()
 """
 
@@ -119,7 +129,9 @@ class ResultCache:
         # per tenant beside its entries (one hash tag), the global ledger in a slot of its own
         self.meta = meta = f"{self.NAMESPACE}.__meta"
         self.books = Books(client, meta, self.budget, _FORGET_ENTRY, reclaim_limit=RECLAIM_PER_PUT)
-        _, _, _, self._bytes_key, self._entries_key, self._evictions_key = self.books.ledger
+        ledger = self.books.ledger
+        self._bytes_key, self._entries_key = ledger[LEDGER_BYTES], ledger[LEDGER_ENTRIES]
+        self._evictions_key = ledger[LEDGER_EVICTIONS]
         self._get = client.register_script(_GET_SCRIPT)
         self._put = client.register_script(_PUT_SCRIPT)
         self.local = {"hits": 0, "misses": 0, "puts": 0, "refused": 0, "bypass": 0}

@@ -1,4 +1,4 @@
-local BK_SIZES, BK_EXPIRY, BK_RANK, BK_BYTES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local BK_SIZES, BK_EXPIRY, BK_RANK, BK_BYTES, BK_SEQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local bk_dbytes, bk_dentries, bk_evicted = 0, 0, 0
 local function bk_over(limit, value) return limit >= 0 and value > limit end
 
@@ -64,10 +64,21 @@ local function bk_shrink(exclude, entries, bytes, forget)
 end
 
 -- What every script returns first: byte and entry deltas, the earliest expiry left (-1: none),
--- evictions; then the script's own values.
+-- evictions, then the tenant's totals *after* this script (bytes, entries) and a sequence number
+-- that orders this report among the tenant's; then the script's own values. The ledger keeps the
+-- totals of the newest report it saw, so a report that never reached it (a client that timed out
+-- after the script ran) is made good by the tenant's next one. A lost sequence key restarts from
+-- the server's clock in microseconds: above any number it gave before (fewer than a million
+-- scripts a second per tenant), and still exact as a Lua number (below 2^53).
 local function bk_report(extra)
   local first = redis.call('ZRANGE', BK_EXPIRY, 0, 0, 'WITHSCORES')
-  local out = {bk_dbytes, bk_dentries, first[2] and math.floor(tonumber(first[2])) or -1, bk_evicted}
+  if redis.call('EXISTS', BK_SEQ) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', BK_SEQ, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  end
+  local out = {bk_dbytes, bk_dentries, first[2] and math.floor(tonumber(first[2])) or -1, bk_evicted,
+               tonumber(redis.call('GET', BK_BYTES) or '0'), redis.call('HLEN', BK_SIZES),
+               redis.call('INCR', BK_SEQ)}
   for _, v in ipairs(extra or {}) do out[#out + 1] = v end
   return out
 end

@@ -1,13 +1,22 @@
-local TB, TE, TX, B, E, EV = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local TB, TE, TX, B, E, EV, TS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local now, t = tonumber(ARGV[1]), ARGV[2]
-local db, de, earliest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if db ~= 0 then redis.call('INCRBY', B, db); redis.call('ZINCRBY', TB, db, t) end
-if de ~= 0 then redis.call('INCRBY', E, de); redis.call('ZINCRBY', TE, de, t) end
+local tb, te, earliest, seq = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[11])
+-- A tenant's row takes the totals of its newest report (caches.budget: Report): an older one that
+-- arrives late changes nothing, and one that never arrived is made good by the next.
+if seq > tonumber(redis.call('HGET', TS, t) or '-1') then
+  redis.call('HSET', TS, t, seq)
+  local db = tb - tonumber(redis.call('ZSCORE', TB, t) or '0')
+  local de = te - tonumber(redis.call('ZSCORE', TE, t) or '0')
+  if db ~= 0 then redis.call('INCRBY', B, db) end
+  if de ~= 0 then redis.call('INCRBY', E, de) end
+  if te <= 0 then
+    redis.call('ZREM', TB, t); redis.call('ZREM', TE, t); redis.call('ZREM', TX, t)
+  else
+    redis.call('ZADD', TB, tb, t); redis.call('ZADD', TE, te, t)
+    if earliest >= 0 then redis.call('ZADD', TX, earliest, t) else redis.call('ZREM', TX, t) end
+  end
+end
 if tonumber(ARGV[6]) > 0 then redis.call('INCRBY', EV, ARGV[6]) end
-if tonumber(redis.call('ZSCORE', TE, t) or '0') <= 0 then
-  redis.call('ZREM', TB, t); redis.call('ZREM', TE, t); redis.call('ZREM', TX, t)
-elseif earliest >= 0 then redis.call('ZADD', TX, earliest, t)
-else redis.call('ZREM', TX, t) end
 local function over(limit, key)
   if limit < 0 then return 0 end
   return math.max(0, tonumber(redis.call('GET', key) or '0') - limit)

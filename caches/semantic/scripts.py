@@ -30,12 +30,12 @@ end
 # follows through the ledger, :mod:`caches.budget`). An entry is accounted under its key in the
 # tenant's books and listed by id in its scope's ``:lfu`` zset (what a mirror loads) and
 # ``:bytes`` counter (stats). Returns the budget report, then every removed entry as scope, id.
-# KEYS: the tenant's books (4: caches.budget.tenant_keys), entry, scope lfu zset, scope bytes counter
+# KEYS: the tenant's books (5: caches.budget.tenant_keys), entry, scope lfu zset, scope bytes counter
 # ARGV: id, query, response, embedding, created, params, size, ttl_ms (0 = none), now_ms,
 #       scope, reclaim limit, lfu score, tenant entries, tenant bytes (-1 = unbounded),
 #       judged group ('' = none), answer embedding ('' = none)
 STORE_SCRIPT = BUDGET_LUA + "local removed = {}\n" + SEMANTIC_FORGET + """
-local E, LFU, SB = KEYS[5], KEYS[6], KEYS[7]
+local E, LFU, SB = KEYS[6], KEYS[7], KEYS[8]
 local id, scope = ARGV[1], ARGV[10]
 local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[8])
 bk_reclaim(now, tonumber(ARGV[11]), forget)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import redis
 
-from caches.budget import usage
-from caches.result import ResultCache
+from caches.budget import Report, usage
+from caches.redis_client import RedisUnavailable
+from caches.result import ENTRY_OVERHEAD_BYTES, KEY_COPIES, RECLAIM_PER_PUT, ResultCache
 from caches.semantic import SemanticCache
 from caches.semantic.store import BUDGET_PREFIX
 from tests.support import scope
@@ -182,3 +183,56 @@ def test_the_ledger_is_rebuilt_from_the_tenants_books(redis_client: redis.Redis)
     cache.books.rebuild(["a", "b"])
     assert usage(redis_client, cache.meta) == truth == {"entries": 10, "bytes": _real_bytes(redis_client, cache)}
     assert usage(redis_client, cache.meta, "a")["entries"] == 5
+
+
+def _lost_answer(*args: object, **kwargs: object) -> None:
+    """A ledger call whose answer never came back (a slow Redis: the client timed out)."""
+    raise redis.TimeoutError("Timeout reading from socket")
+
+
+def test_a_report_that_never_reached_the_ledger_is_made_good_by_the_tenants_next_one(
+        redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store script ran on the tenant's slot, the client timed out before the ledger call:
+    the ledger is behind by that store until the tenant's next report, not for good."""
+    cache = ResultCache(redis_client, max_bytes=1 << 20, retry_after_s=0)
+    cache.put(cache.key(tenant="b", model="m", version="1", payload=0), b"y" * 50)
+    with monkeypatch.context() as patch:
+        patch.setattr(cache.books, "_ledger", _lost_answer)
+        with pytest.raises(RedisUnavailable):
+            cache.put(cache.key(tenant="a", model="m", version="1", payload=0), b"x" * 100)
+    assert usage(redis_client, cache.meta, "a")["entries"] == 1  # stored on the tenant's slot ...
+    assert usage(redis_client, cache.meta)["entries"] == 1  # ... and missing from the ledger
+    cache.put(cache.key(tenant="a", model="m", version="1", payload=1), b"x" * 100)
+    assert usage(redis_client, cache.meta) == {"entries": 3, "bytes": _real_bytes(redis_client, cache)}
+
+
+def test_a_late_report_older_than_the_ledgers_row_changes_nothing(redis_client: redis.Redis) -> None:
+    """Two replicas storing for one tenant at once: their ledger calls may arrive in either order."""
+    cache = ResultCache(redis_client, max_bytes=1 << 20)
+    first = Report.of(cache._put(keys=[*cache.books.keys("a"), cache.key(tenant="a", model="m", version="1",
+                                                                          payload=0)],
+                                 args=[b"x" * 100, 60_000, int(time.time() * 1000), RECLAIM_PER_PUT, -1, -1,
+                                       KEY_COPIES, ENTRY_OVERHEAD_BYTES]))
+    cache.put(cache.key(tenant="a", model="m", version="1", payload=1), b"x" * 100)  # its report lands first
+    truth = {"entries": 2, "bytes": _real_bytes(redis_client, cache)}
+    assert usage(redis_client, cache.meta) == truth
+    cache.books.settle("a", first)  # the older report, late
+    assert first.entries == 1 and usage(redis_client, cache.meta) == truth
+
+
+def test_a_semantic_store_whose_ledger_call_was_lost_heals_with_the_next(
+        redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    cache = SemanticCache(redis_client, threshold=0.9, mode="static", max_entries=100, max_bytes=1 << 20)
+    cache.guard.retry_after_s = 0  # the lost answer must not hold the next store back
+    vecs = _unit(rng, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(cache.redis_store.books, "_ledger", _lost_answer)
+        with pytest.raises(RedisUnavailable):
+            cache.store(scope(tenant="a"), "q0", vecs[0], "a0")
+    assert usage(redis_client, BUDGET_PREFIX, "a")["entries"] == 1
+    assert usage(redis_client, BUDGET_PREFIX)["entries"] == 0
+    cache.store(scope(tenant="a"), "q1", vecs[1], "a1")
+    cache.store(scope(tenant="b"), "q2", vecs[2], "b2")
+    books = [usage(redis_client, BUDGET_PREFIX, t) for t in ("a", "b")]
+    assert usage(redis_client, BUDGET_PREFIX) == {"entries": 3, "bytes": sum(b["bytes"] for b in books)}
