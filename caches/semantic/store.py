@@ -14,10 +14,13 @@ writing at once; the global budget follows through the budget ledger.
 Redis Cluster: a scope is ``sem.{<tenant>}:...``, so a tenant's entries, scope indexes and books
 share one hash tag and every script's keys are one slot. The stream is one key for every tenant
 (a mirror follows one stream), so it cannot be written inside a tenant's script: the store
-appends the events right after its script, in one pipelined round trip. A crash in between loses
-those events, which is safe: a lost "add" leaves a mirror without an entry until it reloads the
-scope (a miss), and a lost "del" leaves one with an entry that :meth:`SemanticStore.validate`
-finds gone before any hit is served.
+appends the events right after its script, in one pipelined round trip. When that round trip or
+the script's answer is lost (a Redis slow enough for the client to time out, though the script
+may have run), the events wait in the replica's :class:`Announcements` and go with its next store
+or sync: an "add" for an entry that was never stored is skipped by every mirror, and events sent
+twice change nothing. A crash loses the waiting events, which is safe: a lost "add" leaves a
+mirror without an entry until it reloads the scope (a miss), and a lost "del" leaves one with an
+entry that :meth:`SemanticStore.validate` finds gone before any hit is served.
 
 Nothing here catches Redis errors: the facade runs each round trip through its
 :class:`~caches.redis_client.Breaker`, which turns them into ``RedisUnavailable``.
@@ -25,10 +28,12 @@ Nothing here catches Redis errors: the facade runs each round trip through its
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,8 +41,10 @@ import redis
 from pydantic import BaseModel, Field
 
 from caches.budget import Books, Budget, Report, tenant_keys, tenant_of
-from caches.redis_client import ScriptBatch, is_cluster, scan_keys
+from caches.redis_client import REDIS_ERRORS, ScriptBatch, is_cluster, scan_keys
 from caches.semantic.scripts import HIT_SCRIPT, SEMANTIC_FORGET, STORE_SCRIPT, TAU_SCRIPT, VALIDATE_SCRIPT
+
+log = logging.getLogger("tierserve.semantic")
 
 STREAM_KEY = "sem.__stream"
 EPOCH_KEY = "sem.__meta:epoch"
@@ -46,10 +53,18 @@ RECLAIM_PER_STORE = 32  # expired entries reclaimed per store (bounds the Lua sc
 ENTRY_OVERHEAD_BYTES = 256  # per-entry Redis overhead counted against the byte budget
 PURGE_BATCH = 256  # keys per SCAN page, per UNLINK and per forget script
 BUDGET_PREFIX = "sem.__meta"  # the budget bookkeeping (caches.budget), outside every tenant's keys
+# Stream events a replica keeps while Redis does not take them (oldest dropped past this: a lost
+# event costs misses, never a wrong answer; see the module note).
+ANNOUNCE_MAX_EVENTS = 10_000
 
 
 def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[str, int]]:
+    """(scope, id) pairs from a script's flat list of removed entries."""
+    return [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 class SemanticEntry(BaseModel):
@@ -97,6 +112,37 @@ class HitBuffer:
         return counts
 
 
+class Announcements:
+    """Stream events not yet appended: sent oldest first with the next store or sync."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._waiting: deque[dict[str, Any]] = deque(maxlen=ANNOUNCE_MAX_EVENTS)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def send(self, events: Iterable[dict[str, Any]] = ()) -> None:
+        """Append `events` after the ones waiting, in one round trip; on a Redis error they all
+        wait for the next call (and the error is raised)."""
+        with self._lock:
+            self._waiting.extend(events)
+            batch = list(self._waiting)
+            self._waiting.clear()
+        if not batch:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for event in batch:
+                pipe.xadd(STREAM_KEY, event, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.execute()
+        except REDIS_ERRORS:
+            with self._lock:  # back in front of anything queued meanwhile, in order
+                self._waiting.extendleft(reversed(batch))
+            raise
+
+
 class SemanticStore:
     """Entries of all scopes in one Redis; every method is one round trip (or one SCAN walk)."""
 
@@ -106,6 +152,7 @@ class SemanticStore:
         self.ttl_s = ttl_s
         self.hits = HitBuffer()
         self.books = Books(client, BUDGET_PREFIX, budget, SEMANTIC_FORGET, reclaim_limit=RECLAIM_PER_STORE)
+        self.announcements = Announcements(client)
         self._store = client.register_script(STORE_SCRIPT)
         self._tau = client.register_script(TAU_SCRIPT)
         self._hit = client.register_script(HIT_SCRIPT)
@@ -142,17 +189,29 @@ class SemanticStore:
             entry_id, query, response, embedding, now, json.dumps(params or {}), size, ttl_ms, now_ms,
             scope, RECLAIM_PER_STORE, lfu_score(0, now), limits[0], limits[1], group or "", answer_embedding,
         ]  # fmt: skip
-        report = Report.of(self._store(keys=keys, args=args))
-        flat = report.extra + self.books.settle(tenant, report, spare=entry, now_ms=now_ms)
-        removed = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        removed: list[tuple[str, int]] = []
+        try:
+            report = Report.of(self._store(keys=keys, args=args))
+            removed += _pairs(report.extra)
+            removed += _pairs(self.books.settle(tenant, report, spare=entry, now_ms=now_ms))
+        except REDIS_ERRORS:
+            # The script's answer was lost, or the ledger's: the script may have run all the same
+            # (a slow Redis), so its entry is announced; an "add" for an entry that is not there
+            # is skipped by every mirror.
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.announcements.send(self._events(scope, entry_id, removed))
+            raise
         # the stream is outside the tenant's slot: its events follow the script (module note)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(STREAM_KEY, {"op": "add", "scope": scope, "id": entry_id}, maxlen=STREAM_MAXLEN, approximate=True)
-        for s_scope, victim in removed:
-            pipe.xadd(STREAM_KEY, {"op": "del", "scope": s_scope, "id": victim}, maxlen=STREAM_MAXLEN,
-                      approximate=True)
-        pipe.execute()
+        try:
+            self.announcements.send(self._events(scope, entry_id, removed))
+        except REDIS_ERRORS:  # the entry is in: its events wait for the next store or sync
+            log.warning("semantic store: stream events postponed (%d waiting)", len(self.announcements))
         return removed
+
+    @staticmethod
+    def _events(scope: str, entry_id: int, removed: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = [{"op": "add", "scope": scope, "id": entry_id}]
+        return events + [{"op": "del", "scope": s_scope, "id": victim} for s_scope, victim in removed]
 
     def validate(self, scope: str, entry_ids: Sequence[int]) -> list[float | None]:
         """Each entry's learned threshold, or None where it no longer exists.
@@ -172,7 +231,10 @@ class SemanticStore:
 
     def queue_hits(self, pipe: Any) -> None:
         """Queue the buffered hit counts on ``pipe`` (the sync's round trip carries them); a
-        cluster's pipelines refuse scripts, so there they go in a round trip of their own."""
+        cluster's pipelines refuse scripts, so there they go in a round trip of their own. Stream
+        events a store could not append go first, in a round trip of their own (rare)."""
+        if len(self.announcements):
+            self.announcements.send()
         if is_cluster(self.client):
             self.flush_hits()
             return

@@ -295,6 +295,41 @@ def test_an_entry_stored_while_a_replica_loads_its_scope_reaches_that_replicas_m
     assert a.lookup(scope, "How do I reset my password?", v) is not None
 
 
+def test_a_store_whose_answer_was_lost_on_a_slow_redis_still_reaches_the_other_replicas(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store script ran but its answer never came back (a Redis slow enough for the client to
+    time out), and the stream did not take the event either. The entry is announced with the
+    storing replica's next sync, so another replica mirrors it; before, it never did until it
+    reloaded the scope (an exact repeat missed there)."""
+    rng = np.random.default_rng(29)
+    a = SemanticCache(redis_client, threshold=0.96)
+    b = SemanticCache(redis_client, threshold=0.96)
+    a.guard.retry_after_s = 0  # the lost answer must not hold a's next sync back
+    name, v, question = _scope(tenant="slow-store"), _unit(rng)[0], "How do I reset my password?"
+    assert b.lookup(name, question, v) is None  # b mirrors the scope (empty)
+    run_script = a.redis_store._store
+
+    def answer_lost(*args: object, **kwargs: object) -> None:
+        run_script(*args, **kwargs)  # the script runs ...
+        raise redis.TimeoutError("Timeout reading from socket")  # ... its answer is lost
+
+    with monkeypatch.context() as patch:
+        patch.setattr(a.redis_store, "_store", answer_lost)
+        # the stream's round trip fails too: a server nobody listens on
+        patch.setattr(a.redis_store.announcements, "client", redis.Redis(port=free_port(), socket_connect_timeout=1))
+        with pytest.raises(CacheUnavailable):
+            a.store(name, question, v, "Use the reset link.")
+    assert len(a.redis_store.announcements) == 1  # waiting
+    b.sync()
+    assert b.lookup(name, question, v) is None  # stored, but no replica knows yet
+    a.sync()  # a's next sync announces it
+    assert len(a.redis_store.announcements) == 0
+    b.sync()
+    hit = b.lookup(name, question, v)
+    assert hit is not None and hit.response == "Use the reset link."
+
+
 def _answer(rng: np.random.Generator) -> np.ndarray:
     return _unit(rng)[0]
 
