@@ -100,10 +100,21 @@ def key_prefix(namespace: str, model: str, version: str | None = None) -> str:
     return ":".join(parts) + ":"
 
 
+def model_version_match(namespace_prefix: str, model: str, version: str | None = None) -> re.Pattern[bytes]:
+    """The exact test behind :func:`model_version_patterns`: a glob's ``*`` also matches ':', so
+    ``sem.*:m@*:e:*`` (version "e") matched every semantic entry of model m (``...:<scope>:e:<id>``)
+    and a purge of that old version emptied the current one. Parts are :func:`safe_part`, so the
+    tenant and the fingerprint hold no ':' and the model and version sit at fixed places."""
+    version_part = re.escape(safe_part(version).encode()) + b":" if version is not None else b""
+    return re.compile(re.escape(f"{namespace_prefix}.".encode()) + rb"[^:]*:" + re.escape(safe_part(model).encode())
+                      + rb"(?:@[^:]*)?:" + version_part)
+
+
 def model_version_patterns(namespace_prefix: str, model: str, version: str | None = None) -> list[str]:
     """SCAN patterns of every key of a model (any fingerprint), or of one version of it, in every
     tenant: ``{ns}.*:{model}@*:{version}:*``, and the same without a fingerprint for entries that
-    releases before fingerprints stored (they would otherwise linger until their TTL)."""
+    releases before fingerprints stored (they would otherwise linger until their TTL). A SCAN
+    pattern over-matches: keep only the keys :func:`model_version_match` accepts."""
     head = glob_escape(f"{namespace_prefix}.") + "*:" + glob_escape(safe_part(model))
     tail = (":" + glob_escape(safe_part(version)) + ":*") if version is not None else ":*"
     return [head + "@*" + tail, head + tail]

@@ -22,6 +22,7 @@ a connect timeout on every request, then tries again by itself.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -40,7 +41,15 @@ from caches.budget import (
     chunks,
     tenant_of,
 )
-from caches.keys import digest, glob_escape, make_key, model_version_patterns, safe_part, tenant_namespace
+from caches.keys import (
+    digest,
+    glob_escape,
+    make_key,
+    model_version_match,
+    model_version_patterns,
+    safe_part,
+    tenant_namespace,
+)
 from caches.redis_client import RETRY_AFTER_S, Breaker, RedisUnavailable, scan_keys
 
 # The one exception type of every cache's Redis trouble, under the name callers already import.
@@ -61,11 +70,16 @@ def scan_unlink(
     pattern: str,
     on_batch: Callable[[list[bytes]], None] | None = None,
     batch: int = PURGE_BATCH,
+    only: re.Pattern[bytes] | None = None,
 ) -> int:
-    """SCAN + UNLINK in pages (never KEYS: it blocks Redis), on every primary of a cluster;
-    returns how many keys were deleted."""
+    """SCAN + UNLINK in pages (never KEYS: it blocks Redis), on every primary of a cluster, of the
+    keys `pattern` matches (and `only`, where given, matches from their start); returns how many
+    keys were deleted."""
     deleted = 0
-    for page in chunks(scan_keys(client, pattern, batch), batch):
+    found = scan_keys(client, pattern, batch)
+    if only is not None:
+        found = (key for key in found if only.match(key))
+    for page in chunks(found, batch):
         if on_batch is not None:
             on_batch(page)
         deleted += int(client.unlink(*page))  # a cluster client splits it per slot
@@ -213,8 +227,9 @@ class ResultCache:
     def delete_model_version(self, model: str, version: str | None = None) -> int:
         """Purge a model (or one version of it) across all tenants: the background half of a bump."""
         patterns = model_version_patterns(self.NAMESPACE, model, version)
+        only = model_version_match(self.NAMESPACE, model, version)
         return self.guard.call(
-            "result.purge", lambda: sum(scan_unlink(self.client, p, self._forget_page) for p in patterns)
+            "result.purge", lambda: sum(scan_unlink(self.client, p, self._forget_page, only=only) for p in patterns)
         )
 
     def delete_tenant(self, tenant: str) -> int:

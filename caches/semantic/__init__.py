@@ -31,6 +31,7 @@ Learning (verified mode)
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ import redis
 from pydantic import BaseModel
 
 from caches.budget import Budget
-from caches.keys import glob_escape, model_version_patterns, tenant_namespace
+from caches.keys import glob_escape, model_version_match, model_version_patterns, tenant_namespace
 from caches.redis_client import Breaker
 from caches.result import CacheUnavailable
 from caches.semantic.decision import (
@@ -276,7 +277,8 @@ class SemanticCache:
 
     def delete_model_version(self, model: str, version: str | None = None) -> int:
         """Delete a model's (or one version's) entries in every tenant: the background purge."""
-        return sum(self._purge(pattern) for pattern in model_version_patterns("sem", model, version))
+        only = model_version_match("sem", model, version)
+        return sum(self._purge(pattern, only) for pattern in model_version_patterns("sem", model, version))
 
     def delete_tenant(self, tenant: str) -> int:
         return self._purge(glob_escape(tenant_namespace("sem", tenant) + ":") + "*")
@@ -454,7 +456,7 @@ class SemanticCache:
             self.counters["tau_updates"] += len(learned.wrong)
         return learned.group
 
-    def _purge(self, pattern: str) -> int:
-        deleted, scopes = self.guard.call("semantic.purge", self.redis_store.purge, pattern)
+    def _purge(self, pattern: str, only: re.Pattern[bytes] | None = None) -> int:
+        deleted, scopes = self.guard.call("semantic.purge", self.redis_store.purge, pattern, only)
         self.mirror.drop(scopes)
         return deleted

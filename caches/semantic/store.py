@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -248,8 +249,9 @@ class SemanticStore:
             batch.add(self._hit, [entry_key(scope, entry_id), f"{scope}:lfu", rank_key(scope)], [entry_id, n])
         batch.execute()
 
-    def purge(self, pattern: str) -> tuple[int, set[str]]:
-        """Delete every key matching ``pattern``; returns (keys deleted, scopes dropped).
+    def purge(self, pattern: str, only: re.Pattern[bytes] | None = None) -> tuple[int, set[str]]:
+        """Delete every key matching ``pattern`` (and ``only``, where given, from its start);
+        returns (keys deleted, scopes dropped).
 
         Each dropped scope is announced on the stream, so every replica forgets its mirror; the
         entries' budget bookkeeping is given back page by page.
@@ -258,6 +260,8 @@ class SemanticStore:
         deleted = 0
         batch: list[bytes] = []
         for key in scan_keys(self.client, pattern, PURGE_BATCH):
+            if only is not None and not only.match(key):
+                continue
             batch.append(key)
             k = key.decode()
             if k.endswith(":lfu"):

@@ -138,6 +138,21 @@ def test_version_bump_leaves_no_stale_answer(redis_client: redis.Redis) -> None:
     assert cache.lookup(_scope(version="1"), "q", v) is None
 
 
+def test_purging_a_version_named_like_a_key_part_leaves_the_current_versions_entries(
+    redis_client: redis.Redis,
+) -> None:
+    """Entries are ``<scope>:e:<id>``: the purge pattern of an old version "e" also matched every
+    entry of the current version, and the purge emptied it."""
+    cache = SemanticCache(redis_client, threshold=0.9, mode="static")
+    v = _unit(np.random.default_rng(31))[0]
+    cache.store(_scope(version="e"), "q", v, "old")
+    cache.store(_scope(version="2"), "q", v, "current")
+    assert cache.delete_model_version("m", "e") > 0
+    assert cache.lookup(_scope(version="e"), "q", v) is None
+    hit = cache.lookup(_scope(version="2"), "q", v)
+    assert hit is not None and hit.response == "current"
+
+
 def test_eviction_bounds_entries_and_bytes(redis_client: redis.Redis) -> None:
     rng = np.random.default_rng(3)
     cache = SemanticCache(redis_client, threshold=0.9, mode="static", max_entries=5, max_bytes=1 << 20)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from caches.keys import canonical_json, canonical_text, glob_escape, key_prefix, make_key, safe_part
+from caches.keys import (
+    canonical_json,
+    canonical_text,
+    glob_escape,
+    key_prefix,
+    make_key,
+    model_version_match,
+    safe_part,
+)
 from caches.result import ResultCache
 from tests.support import FINGERPRINT, chat_key
 
@@ -84,3 +92,14 @@ def test_tenant_view_shows_a_tenant_only_its_own_numbers() -> None:
     assert view["lookups"] == {"exact": {"hit": 3.0}}
     assert view["recommendations"] == {"hits": 4, "misses": 5, "available": True}
     assert "globex" not in str(view) and "999" not in str(view) and "888" not in str(view)
+
+
+def test_a_version_purge_keeps_to_its_model_and_version() -> None:
+    """A SCAN pattern's ``*`` matches ':' too: the purge keeps only keys whose model and version
+    sit where the key scheme puts them."""
+    only = model_version_match("sem", "m", "e")
+    assert only.match(b"sem.{t}:m@abc:e:scope:e:1") and only.match(b"sem.{t}:m:e:x")
+    assert not only.match(b"sem.{t}:m@abc:2:scope:e:1")  # the current version's entry
+    assert not only.match(b"sem.{t}:other:m@abc:e:1") and not only.match(b"sem.{t}:m2@abc:e:1")
+    assert model_version_match("res", "m").match(b"res.{t}:m@abc:7:d") and not model_version_match(
+        "res", "m").match(b"res.{t}:mm@abc:7:d")
