@@ -131,8 +131,11 @@ class TieredCache(TierMoves):
     def maintain(self, steps: int = MAINTAIN_STEPS) -> int:
         """One bounded round of upkeep: forget the RAM sizes of values Redis expired by TTL (up to
         `steps` slices of the sizes hash, resumed where the last round stopped; a round ends
-        early once the sweep has wrapped). Returns how many were forgotten. Never raises
-        TierUnavailable: a Redis outage only postpones it to the next round."""
+        early once the sweep has wrapped), then the same for the placement policy's entries
+        (PlacementPolicy.reconcile_step: else it counts expired values as resident until they
+        are read again, and demotes for room that is free). Returns how many RAM sizes were
+        forgotten. Never raises TierUnavailable: a Redis outage only postpones it to the next
+        round."""
         if self.ram is None:
             return 0
         n = 0
@@ -144,6 +147,19 @@ class TieredCache(TierMoves):
         except TierUnavailable as exc:
             log.debug("tiered cache %s: RAM reconcile postponed: %s", self.name, exc)
         self.counters.ram_reconciled += n
+        if self.policy is not None:
+            # A sweep of its own (its own cursor): the tier's byte total and the policy's are
+            # kept apart, and an outage of one call must not skip the other.
+            forgotten = 0
+            try:
+                for _ in range(steps):
+                    forgotten += self.policy.reconcile_step()
+                    if self.policy.reconcile_wrapped:
+                        break
+            except TierUnavailable as exc:
+                log.debug("tiered cache %s: placement reconcile postponed: %s", self.name, exc)
+            if forgotten:
+                log.debug("tiered cache %s: placement forgot %d expired entries", self.name, forgotten)
         return n
 
     # ------------------------------------------------------------------------------------------

@@ -50,6 +50,19 @@ class PlacementPolicy(Protocol):
         state lives on the same server). None: it cannot; the caller reads, then calls `record`."""
         return None
 
+    def reconcile_step(self) -> int:
+        """One bounded, resumable slice of upkeep (TieredCache.maintain, on its upkeep thread):
+        forget entries whose RAM value is gone (expired by TTL) though no read came to say so;
+        returns how many. Raises TierUnavailable. The default does nothing: a policy that cannot
+        see the RAM tier (the in-process ones) learns of a gone value only when `record` calls it
+        a miss, so it counts an expired value until the key is read again."""
+        return 0
+
+    @property
+    def reconcile_wrapped(self) -> bool:
+        """True when the last `reconcile_step` finished a sweep (the upkeep round may stop)."""
+        return True
+
 
 def split_placement(candidates: Sequence[str], evicted: Sequence[str]) -> Placement:
     """A decision from the candidates and everything the policy evicted while placing them."""

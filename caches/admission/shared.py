@@ -3,8 +3,9 @@
 Why shared: the RAM budget is one shared Redis, so the eviction order must see every replica's
 reads; and metadata that lives and dies with the values (a Redis restart empties both) can never
 describe entries that are not there for long (a key whose value expired by TTL is dropped from
-the metadata on its next read). Per-replica metadata would evict on a partial view and split one
-budget into N guesses.
+the metadata on its next read, or by the cache's upkeep, `reconcile_step`, when no read comes:
+until then it counts as resident, and the policy would demote for room that is free).
+Per-replica metadata would evict on a partial view and split one budget into N guesses.
 
 On a Redis Cluster the RAM tier is split into hash-tag groups (caches/tiers/redis.py) and so is
 this policy: one sketch and one set of metadata per group, under the group's tag, each with its
@@ -14,12 +15,14 @@ record script reads are declared in its KEYS.
 How: the sketch *and* the placement metadata (regions, LRU order, sizes, byte totals, the
 climber) sit in ten Redis keys under one prefix (`KEY_ORDER`), changed only by the Lua scripts in
 `lua/` (one call per batch, atomic, so replicas never race on a victim). `lua/common.lua` holds
-the helpers the record/admit/remove scripts share and is prepended to each. The integration
-tests replay the same trace through this class and `WTinyLFU` and compare every decision.
+the helpers the record/admit/remove/reconcile scripts share and is prepended to each. The
+integration tests replay the same trace through this class and `WTinyLFU` and compare every
+decision.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -61,13 +64,23 @@ PENDING_MAX_KEYS = 100_000  # access counts buffered while Redis is down, flushe
 MAX_KEYS_PER_SCRIPT = 256
 # Sketch counters per BITFIELD command when flushing the counts buffered during an outage.
 MAX_COUNTERS_PER_FLUSH = 1024
+# Size-hash fields one reconcile step reads (HSCAN COUNT) and checks: one script call's worth, so
+# each step is short on the single-threaded server (a small, listpack-encoded hash comes back
+# whole: still small, and chunked by MAX_KEYS_PER_SCRIPT).
+RECONCILE_CHUNK = MAX_KEYS_PER_SCRIPT
+# How long an entry must have stood still before the reconcile may forget it for a missing value:
+# admit places a key before the cache writes its value (an SSD write of the demoted rows comes in
+# between), and an entry forgotten in that gap leaves a value in RAM that no eviction will ever
+# pick. Far longer than that gap; expired bytes are counted this much longer, which costs little.
+RECONCILE_GRACE_S = 10.0
 
 
 @cache
 def lua_source(name: str) -> str:
-    """A script from lua/ (shipped as package data); record/admit/remove get common.lua first."""
+    """A script from lua/ (shipped as package data); record/admit/remove/reconcile get common.lua
+    first."""
     text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    if name in ("record", "admit", "remove"):
+    if name in ("record", "admit", "remove", "reconcile"):
         text = lua_source("common") + text
     return text
 
@@ -98,8 +111,16 @@ class SharedWTinyLFU(PlacementPolicy):
         self._admit = client.register_script(lua_source("admit"))
         self._remove = client.register_script(lua_source("remove"))
         self._halve = client.register_script(lua_source("halve"))
+        self._reconcile = client.register_script(lua_source("reconcile"))
         self.pending: Counter[str] = Counter()  # accesses counted while Redis was down
         self.agings = 0
+        # Where the next reconcile_step resumes: (group, HSCAN cursor of its size hash).
+        self._reconcile_at = (0, 0)
+        # Per group: the first tick seen in the current grace period and when (monotonic), and
+        # the settled tick, one seen at least reconcile_grace_s ago (see RECONCILE_GRACE_S).
+        self.reconcile_grace_s = RECONCILE_GRACE_S
+        self._tick_seen: list[tuple[float, int] | None] = [None] * self.shards
+        self._settled = [0] * self.shards
 
     def _key(self, shard: int, name: str) -> str:
         return self.shard_keys[shard][KEY_ORDER.index(name)]
@@ -236,7 +257,8 @@ class SharedWTinyLFU(PlacementPolicy):
 
     def resident_keys(self, prefix: str = "") -> list[str]:
         """Keys the metadata places under `prefix`; may include some whose value expired by TTL
-        (they are dropped on their next read), which is what a purge must remove too."""
+        (they are dropped on their next read or by `reconcile_step`), which is what a purge must
+        remove too."""
         pattern = f"{prefix}*" if prefix else "*"
         found = self.tier._call("placement.scan", lambda: [
             k for s in range(self.shards)
@@ -255,3 +277,51 @@ class SharedWTinyLFU(PlacementPolicy):
         """Forget everything (tests, benchmarks): metadata and counts."""
         for keys in self.shard_keys:
             self.tier._call("placement.reset", self.tier.client.delete, *keys)
+
+    # -- upkeep ---------------------------------------------------------------------------------
+    def reconcile_step(self, count: int = RECONCILE_CHUNK) -> int:
+        """Forget entries whose value Redis expired by TTL with no read since (a read would have
+        forgotten it): one HSCAN of ~`count` fields of one group's size hash and one script call
+        per MAX_KEYS_PER_SCRIPT of them (lua/reconcile.lua), resumed where the last step stopped
+        (the next group once a group's cursor wraps). Returns how many were forgotten. Raises
+        TierUnavailable, like every call here."""
+        shard, cursor = self._reconcile_at
+        if shard >= self.shards:
+            shard, cursor = 0, 0
+        cursor, forgotten = self._reconcile_slice(shard, cursor, count)
+        self._reconcile_at = (shard, cursor) if cursor != 0 else ((shard + 1) % self.shards, 0)
+        return forgotten
+
+    @property
+    def reconcile_wrapped(self) -> bool:
+        """True when the last reconcile_step finished a sweep of every group."""
+        return self._reconcile_at == (0, 0)
+
+    def _reconcile_slice(self, shard: int, cursor: int, count: int) -> tuple[int, int]:
+        """(next cursor, entries forgotten) for one HSCAN page of one group's size hash."""
+        cursor, fields = self.tier._call("placement.reconcile", self.tier.client.hscan,
+                                         self._key(shard, SIZE), cursor, None, count)
+        keys = [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+        # A group's values live under the group's tag (RedisTier.physical: the names the record
+        # script reads), so the call's keys, values included, are all in this group's slot.
+        tag = self.tier.tag(shard)
+        forgotten = 0
+        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+            n, tick = self.tier._call("placement.reconcile", self._reconcile,
+                                      [*self.shard_keys[shard], *(tag + k for k in chunk)],
+                                      [*self._common, self._settled[shard], *chunk])
+            forgotten += int(n)
+            self._saw_tick(shard, int(tick))
+        return int(cursor), forgotten
+
+    def _saw_tick(self, shard: int, tick: int) -> None:
+        """Advance the group's settled tick: an entry placed or moved at or before it has stood
+        still for at least reconcile_grace_s (ticks only grow while the metadata lives)."""
+        now = time.monotonic()
+        seen = self._tick_seen[shard]
+        if seen is None or tick < seen[1]:  # first sight, or the metadata was emptied: start over
+            self._tick_seen[shard] = (now, tick)
+            self._settled[shard] = 0
+        elif now - seen[0] >= self.reconcile_grace_s:
+            self._settled[shard] = seen[1]
+            self._tick_seen[shard] = (now, tick)

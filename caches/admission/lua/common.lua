@@ -1,4 +1,4 @@
--- Shared by record.lua, admit.lua and remove.lua (prepended to each; see shared.py).
+-- Shared by record.lua, admit.lua, remove.lua and reconcile.lua (prepended to each; see shared.py).
 -- KEYS (order: shared.KEY_ORDER): 1 window zset, 2 probation zset, 3 protected zset, 4 region hash,
 --   5 size hash, 6 bytes hash (w/p/q), 7 tick, 8 sketch (BITFIELD u4), 9 sketch adds, 10 climber hash
 -- ARGV (common): width, depth, budget, initial window, protected fraction
