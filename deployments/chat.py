@@ -13,6 +13,7 @@ answer judge compare it with the candidate's answer: that verdict is what the mo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -39,12 +40,46 @@ from deployments.openai_compat import (
 from deployments.schemas import ChatRequest
 
 log = logging.getLogger("tierserve.chat")
-# The Encoder's identity is asked once per Ingress replica and then kept: a cold replica may take
-# a while to answer it, so it gets a longer deadline than each embedding does.
+# The Encoder's identity is asked once per Ingress replica and then kept until an embedding comes
+# back from another encoder (each carries its maker's identity: `vector_from`): a cold replica may
+# take a while to answer it, so it gets a longer deadline than each embedding does.
 ENCODER_INFO_TIMEOUT_S = 10.0
 # After the Encoder failed to say who it is, requests go without the semantic layer for this long
 # instead of each waiting out the deadline again.
 ENCODER_INFO_RETRY_S = 5.0
+
+
+class EncoderChanged(Degraded):
+    """An embedding came from another encoder than the one the request's semantic scope names (a
+    rolling update, or replicas of two encoder versions side by side): its vector is in another
+    embedding space, so comparing or storing it in that scope could give wrong hits."""
+
+    def __init__(self, expected: EncoderIdentity, actual: EncoderIdentity | None) -> None:
+        made_by = f"{actual.name} {actual.version}" if actual is not None else "an encoder that did not say"
+        super().__init__(f"encoder: vector made by {made_by}, scope names {expected.name} {expected.version}")
+        self.expected, self.actual = expected, actual
+
+
+def vector_from(reply: Any, expected: EncoderIdentity) -> list[float]:
+    """The vector of an Encoder `embed` reply, only when the replica that made it is `expected`
+    (the encoder the request's semantic scope names); :class:`EncoderChanged` otherwise. A reply
+    that does not name its encoder (a replica older than this check) is not trusted either: when
+    unsure, no semantic layer."""
+    actual = None
+    named = isinstance(reply, dict) and all(isinstance(reply.get(k), str) for k in ("name", "version"))
+    if named:
+        actual = EncoderIdentity(name=reply["name"], version=reply["version"])
+    if actual != expected:
+        raise EncoderChanged(expected, actual)
+    return reply["vector"]
+
+
+@dataclasses.dataclass
+class ChatTurn(Turn):
+    """A chat request's turn, with the encoder its semantic scope names: every vector stored or
+    looked up for it must come from that encoder (None: no semantic layer for this request)."""
+
+    encoder: EncoderIdentity | None = None
 
 
 class ChatPath(CachedRoute):
@@ -89,23 +124,49 @@ class ChatPath(CachedRoute):
             self._encoder_ident = EncoderIdentity(name=info["name"], version=info["version"])
         return self._encoder_ident
 
-    async def _embed(self, text: str, tenant: str, *, store: bool = True) -> list[float]:
-        """The text's vector; cached under the tenant's scope (no tenant learns what another sent),
-        unless `store` is False (a no-store request)."""
-        return await bounded(self.encoder.embed.remote(text, tenant, store), self.settings.cache.encoder_timeout_s,
-                             "encoder")
+    async def _embed(self, text: str, tenant: str, encoder: EncoderIdentity, *,
+                     store: bool = True) -> list[float]:
+        """The text's vector, made by `encoder` (else :class:`EncoderChanged`, and the identity kept
+        here becomes the one that answered, so later requests use its scope); cached under the
+        tenant's scope (no tenant learns what another sent), unless `store` is False (a no-store
+        request)."""
+        reply = await bounded(self.encoder.embed.remote(text, tenant, store),
+                              self.settings.cache.encoder_timeout_s, "encoder")
+        try:
+            return vector_from(reply, encoder)
+        except EncoderChanged as exc:
+            self._encoder_changed(exc)
+            raise
+
+    def _encoder_changed(self, exc: EncoderChanged) -> None:
+        """Keep the identity of the encoder that answered, if it said; one that did not leaves the
+        kept identity as it is (nothing was learnt), and so does a change another request already
+        took in."""
+        if exc.actual is not None and self._encoder_ident == exc.expected:
+            log.warning("encoder changed (%s); semantic scopes follow it from now on", exc)
+            self._encoder_ident = exc.actual
 
     async def _lookup_more(self, turn: Turn) -> Hit | None:
-        """The semantic layer, after an exact miss. A deadline missed or an error: bypass."""
+        """The semantic layer, after an exact miss. A deadline missed or an error: bypass. A vector
+        from another encoder than the scope's: a miss without the semantic layer."""
         ident, control = turn.ident, turn.control
-        if ident.semantic_scope is None:
+        if not isinstance(turn, ChatTurn) or turn.encoder is None or ident.semantic_scope is None:
             return None
+        encoder = turn.encoder
         text = ident.semantic_text or ""
         try:
             # no-store: the question may be answered from the cache, but leaves nothing in it
-            turn.vector = await self._embed(text, ident.tenant, store=not control.no_store)
+            turn.vector = await self._embed(text, ident.tenant, encoder, store=not control.no_store)
             found = await bounded(self.semantic.lookup.remote(ident.semantic_scope, text, turn.vector),
                                   self.settings.cache.semantic_timeout_s, "semantic lookup")
+        except EncoderChanged as exc:
+            # the vector is in another embedding space than the scope's entries: this request goes
+            # without the semantic layer (no lookup, no store); the exact layer never sees a vector,
+            # so it stays a miss whose answer the exact cache keeps
+            log.warning("semantic lookup skipped: %s", exc)
+            metrics.lookup("semantic", ident.tenant, "unavailable")
+            turn.vector, turn.encoder = None, None
+            return None
         except Degraded as exc:
             log.warning("semantic lookup skipped: %s", exc)
             metrics.lookup("semantic", ident.tenant, "unavailable")
@@ -132,13 +193,15 @@ class ChatPath(CachedRoute):
         has already been given, so a slow or failing layer only loses this entry."""
         ident = turn.ident
         text = semantic_answer(completion)
-        if ident.semantic_scope is None or text is None:
+        if not isinstance(turn, ChatTurn) or turn.encoder is None or ident.semantic_scope is None or text is None:
             return
+        encoder = turn.encoder
         try:
             if turn.vector is None:  # no lookup happened (Cache-Control: no-cache)
-                turn.vector = await self._embed(ident.semantic_text or "", ident.tenant)
+                turn.vector = await self._embed(ident.semantic_text or "", ident.tenant, encoder)
             # the answer's embedding goes with it: the answer judge compares it with the candidates'
-            answer_vector = await self._embed(text, ident.tenant)
+            # (both vectors from the scope's encoder, like the question's: else nothing is stored)
+            answer_vector = await self._embed(text, ident.tenant, encoder)
             await bounded(self.semantic.store.remote(ident.semantic_scope, ident.semantic_text or "", turn.vector, text,
                                                      answer_vector),
                           max(self.settings.cache.semantic_timeout_s, STORE_TIMEOUT_S), "semantic store")
@@ -172,11 +235,15 @@ class ChatPath(CachedRoute):
         engine_request = {**sent, "messages": build_messages(self.settings.llm.system_prompt, sent["messages"])}
         control = CacheControl.parse(", ".join(request.headers.getlist("cache-control")) or None)
         cache = self.settings.cache
+        # read once: the scope and every vector checked against it name the same encoder, even if
+        # another request meanwhile finds that the Encoder changed
+        encoder = await self._encoder_identity() if cache.semantic_enabled else None
         ident = RequestIdentity.build(
             engine_request, tenant=tenant, model=await self._model_identity(), version=await self._version(body.model),
-            encoder=await self._encoder_identity() if cache.semantic_enabled else None,
-            cache_nondeterministic=cache.cache_nondeterministic, semantic_enabled=cache.semantic_enabled, route=CHAT,
+            encoder=encoder, cache_nondeterministic=cache.cache_nondeterministic,
+            semantic_enabled=cache.semantic_enabled, route=CHAT,
         )
-        turn = Turn(ident=ident, control=control, request=engine_request, stream=body.stream,
-                    include_usage=bool((sent.get("stream_options") or {}).get("include_usage")), started=started)
+        turn = ChatTurn(ident=ident, control=control, request=engine_request, stream=body.stream,
+                        include_usage=bool((sent.get("stream_options") or {}).get("include_usage")),
+                        started=started, encoder=encoder)
         return await self._serve(turn)
