@@ -101,22 +101,21 @@ def make_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
     )
 
 
-def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
-    """``redis.Redis.from_url`` with the caller's options, or the cluster client for a cluster URL
-    (for callers that keep redis-py's defaults otherwise)."""
-    if is_cluster_url(url):
-        return RedisCluster.from_url(node_url(url), **kwargs)  # type: ignore[return-value]
-    return redis.Redis.from_url(url, **kwargs)
-
-
-def make_async_client(url: str, **kwargs: Any) -> Any:
-    """The asyncio twin of ``make_client`` with the caller's options (plain or cluster)."""
+def make_async_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
+                      connect_timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
+    """The asyncio twin of ``make_client``: fails fast and never retries on its own. redis-py's
+    cluster clients otherwise re-send a command that timed out (up to 10 times in 8.x): a write
+    whose reply was lost on a slow node then ran twice, and a 0.5 s timeout became ~5 s before
+    the breaker heard of it."""
     import redis.asyncio as aioredis
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.asyncio.retry import Retry as AsyncRetry
 
+    options: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": connect_timeout_s,
+                               "retry": AsyncRetry(NoBackoff(), 0)}
     if is_cluster_url(url):
-        return AsyncRedisCluster.from_url(node_url(url), **kwargs)
-    return aioredis.Redis.from_url(url, **kwargs)
+        return AsyncRedisCluster.from_url(node_url(url), **options)
+    return aioredis.Redis.from_url(url, retry_on_error=[], health_check_interval=0, **options)
 
 
 def scan_keys(client: Any, pattern: str, count: int = 1000) -> Iterator[bytes]:

@@ -162,7 +162,7 @@ class CachedRoute:
         self.model_name = settings.llm.served_model_name
         self.results, self.version_of, self.llm = results, version_of, llm
         self.coalescer = coalescer or Coalescer(make_async_client(
-            settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5))
+            settings.redis, socket_timeout_s=0.5, connect_timeout_s=0.5))
         self._model_ident: ModelIdentity | None = None
         self._model_ident_at = 0.0
         self._refreshing = False

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
 from caches.lookup_counts import SharedLookupCounts
-from caches.redis_client import REDIS_ERRORS, client_from_url, make_async_client
+from caches.redis_client import REDIS_ERRORS, make_async_client, make_client
 from caches.result import CacheUnavailable, ResultCache
 from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
 from caches.versions import ModelVersions, purge_in_background
@@ -53,6 +53,9 @@ RECS_MODEL = "recs"
 # /healthz waits this long for Redis's PONG: it must answer fast whatever Redis does, and a
 # loopback PING takes ~0.1 ms, so a miss means "slow", not "the app is down".
 HEALTH_REDIS_DEADLINE_S = 0.25
+# The Ingress' Redis calls (exact cache, versions, single flight) sit on every request's path:
+# shorter than the library default, so a slow Redis costs a request at most this before a bypass.
+INGRESS_REDIS_TIMEOUT_S = 0.5
 # A recommendation is answered (maybe degraded) or refused within this long. Each of the
 # Recommender's Redis calls is bounded by the client's timeout, but a request makes a dozen: with
 # Redis stalling for 1 s at a time one took 11 s (tests/e2e/test_slow_redis.py). Past the
@@ -206,7 +209,9 @@ class Ingress:
     ) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.encoder, self.semantic, self.llm, self.recommender = encoder, semantic, llm, recommender
-        self.redis = client_from_url(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # fail fast (0.5 s) and never re-send on its own: a write whose reply was lost ran once
+        self.redis = make_client(self.settings.redis, socket_timeout_s=INGRESS_REDIS_TIMEOUT_S,
+                                 connect_timeout_s=INGRESS_REDIS_TIMEOUT_S)
         cache = self.settings.cache
         self.results = ResultCache(
             self.redis, default_ttl_s=cache.result_ttl_s, max_bytes=cache.result_max_bytes,
@@ -223,7 +228,8 @@ class Ingress:
         self.versions = ModelVersions(self.redis, {self.model_name: llm_cfg.model_version})
         self._refreshing_version = False
         # asyncio client: single flight and the health probe wait for Redis without a thread
-        self.aredis = make_async_client(self.settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.aredis = make_async_client(self.settings.redis, socket_timeout_s=INGRESS_REDIS_TIMEOUT_S,
+                                        connect_timeout_s=INGRESS_REDIS_TIMEOUT_S)
         # one single-flight table for both routes: their keys never collide (the route is hashed in)
         coalescer = Coalescer(self.aredis)
         self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm, coalescer)
