@@ -8,8 +8,9 @@ $REDIS_URL and $REDIS_CLUSTER_URL, a ``redis+cluster://`` URL), fills each with 
 then runs each arm for ``--seconds`` with ``--workers`` processes (each its own client), the
 backends alternating round by round (so drift on a shared machine hits both alike). Arms:
 
-- ``tier_mget``: ``RedisTier.get_many`` of ``--batch`` random keys (one MGET on a server; one MGET
-  per hash-tag group, pipelined per node, on the cluster).
+- ``tier_mget``: ``RedisTier.get_many`` of ``--batch`` random keys with their expiries (one script
+  call, GET and PTTL per key, on a server; one per hash-tag group, pipelined per node, on the
+  cluster; the committed results predate the expiries and were one MGET).
 - ``tier_lookup``: ``SharedWTinyLFU.lookup``, the RAM tier's get path in ``TieredCache`` (the Lua
   script that reads the values and records the accesses; one call per group on the cluster).
 - ``result_get``: ``ResultCache.get`` of one random key over 64 tenants (the exact cache's

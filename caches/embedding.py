@@ -81,7 +81,7 @@ class EmbeddingCache:
         tiered = TieredCache.open(
             redis_url=redis_url, rocksdb_dir=rocksdb_dir, ram_budget_bytes=ram_budget_bytes,
             ssd_budget_bytes=ssd_budget_bytes, cold=None, name="embeddings", entry_bytes=dim * 4 + 100,
-            ttl_s=EMBEDDING_TTL_S,
+            ttl_s=EMBEDDING_TTL_S, ttl_from_source=False,  # never stale: a move starts the TTL again
         )
         return cls(tiered, encoder_name, encoder_version, dim)
 

@@ -1,7 +1,7 @@
 """TieredCache: RAM (Redis, shared) -> SSD (RocksDB, per process) -> cold (Feast or nothing).
 
 Why it is built this way:
-- Batched lookup down the tiers: one MGET, one RocksDB multi-get, one cold call per batch.
+- Batched lookup down the tiers: one Redis round trip, one RocksDB multi-get, one cold call per batch.
 - Placement is delegated to a `PlacementPolicy` (caches/admission/): by default the
   cluster-wide W-TinyLFU whose sketch and metadata live in the same Redis as the RAM tier. The
   cache only moves bytes the policy decided to move. Baselines (LRU, Belady in benchmarks/) plug in unchanged.
@@ -29,7 +29,11 @@ Why it is built this way:
 - Invalidation: delete the shared RAM copy, the placement metadata and the local SSD copy, and
   publish the keys on the stream so every other replica drops its SSD copy (and the RAM copy
   again, which closes the race where a replica re-promoted an old SSD copy meanwhile).
-- TTL per namespace (the key's first part), applied in RAM (PX) and SSD (expiry header).
+- TTL per namespace (the key's first part), applied in RAM (PX) and SSD (expiry header). With a
+  cold tier it starts when a row is read from it (or stored by `put_many`) and is not restarted
+  by a move between RAM and SSD: each copy keeps the row's absolute expiry (caches/tiered_moves.py),
+  so no row is served longer than its TTL after the cold read that brought it in. For values
+  that never go stale (the embeddings, `ttl_from_source=False`) a move starts it again.
 - Generation-checked writes (optional, `generations`; the user feature rows): every value carries
   its entity's generation as read before the value was read, a RAM write lands only while that
   generation is current (one Lua compare-and-write) and a copy of another generation is never
@@ -92,6 +96,7 @@ class TieredCache(TierMoves):
         bus: InvalidationBus | None = None,
         name: str = "tiered",
         generations: Generations | None = None,
+        ttl_from_source: bool = True,
     ) -> None:
         if ram is not None and policy is None:
             raise ValueError("a RAM tier needs a placement policy")
@@ -99,6 +104,11 @@ class TieredCache(TierMoves):
         self.ram, self.ssd, self.cold, self.policy = ram, ssd, cold, policy
         self.ssd_budget = ssd_budget_bytes
         self.ttl = ttl_s
+        # Whether a row's TTL counts from its read from the cold tier (or its put) and every move
+        # keeps it (a source whose rows change: the TTL bounds how old a served row can be), or
+        # starts again with each move (values that never go stale, the embeddings: the TTL only
+        # ends entries nobody reads).
+        self.ttl_from_source = ttl_from_source
         self.bus = bus
         self.generations = generations
         # Entries left by a previous run of this process come first in the order: oldest of all.
@@ -179,6 +189,7 @@ class TieredCache(TierMoves):
         invalidation: bool = True,
         generation_of: Callable[[str], str] | None = None,
         maintain_every_s: float | None = MAINTAIN_EVERY_S,
+        ttl_from_source: bool = True,
     ) -> TieredCache:
         """The production wiring: shared Redis RAM tier + W-TinyLFU in Redis + local RocksDB.
 
@@ -187,7 +198,8 @@ class TieredCache(TierMoves):
         `generation_of` (cache key -> its entity's generation counter key) turns on
         generation-checked writes; the counters live in the RAM tier's Redis.
         `maintain_every_s`: how often the upkeep thread runs (`maintain()`); None: no thread,
-        the caller runs `maintain()` itself."""
+        the caller runs `maintain()` itself. `ttl_from_source`: see `__init__` (True: the TTL runs
+        from the cold read through every move)."""
         cfg = WTinyLFUConfig(ram_budget_bytes, **({"entry_bytes": entry_bytes} if entry_bytes else {}))
         # On a Redis Cluster: hash-tag groups, a key with its generation counter (tiers/redis.py)
         ram = RedisTier(redis_url, meta_prefix=f"tierserve:tier:{name}", group_of=generation_of,
@@ -203,7 +215,7 @@ class TieredCache(TierMoves):
         bus = InvalidationBus(redis_url, stream=f"tierserve:invalidations:{name}") if invalidation else None
         gens = Generations(ram.client, generation_of, redis_name=ram.counter_name) if generation_of is not None else None
         cache = cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,
-                    ttl_s=ttl_s, bus=bus, name=name, generations=gens)
+                    ttl_s=ttl_s, bus=bus, name=name, generations=gens, ttl_from_source=ttl_from_source)
         if maintain_every_s is not None:
             cache.start_maintenance(maintain_every_s)
         return cache
@@ -253,9 +265,12 @@ class TieredCache(TierMoves):
             ram_hits, _ = self._current(ram_hits, gens)  # RAM copies of another generation: misses
         misses = [k for k in keys if k not in ram_hits]
         ssd_hits: dict[str, bytes] = {}
+        # Each SSD row's absolute expiry: a promotion keeps it (the TTL started at the cold read).
+        ssd_expiry: dict[str, float] = {}
         if self.ssd is not None and misses:
             try:
-                ssd_hits = self.ssd.get_many(misses)
+                ssd_read = self.ssd.get_many(misses)
+                ssd_hits, ssd_expiry = ssd_read, ssd_read.expires_at
             except TierUnavailable as exc:
                 # As for RAM: every SSD miss is answered by the cold tier, the read degraded.
                 log.warning("SSD tier unavailable: %s", exc)
@@ -281,17 +296,23 @@ class TieredCache(TierMoves):
             if not cold_ok:
                 # Generations unreadable and no source to ask: the SSD copy, unverified (degraded).
                 ssd_hits.update({k: v for k, v in unverified.items() if k not in cold_hits})
+        # The TTL of a row starts here, at its read from the source: every copy keeps this expiry.
+        cold_expiry = self._fresh_expiry(list(cold_hits))
         ssd_refused = False
         if cold_hits and self.ssd is not None:
-            stored = self._ssd_put(cold_hits)  # lower tier first: the SSD copy exists before RAM's
+            stored = self._ssd_put(cold_hits, cold_expiry)  # lower tier first: the SSD copy exists before RAM's
             if len(stored) < len(cold_hits):
                 degraded = ssd_refused = True
-        candidates = {k: (ssd_hits.get(k) or cold_hits[k]) for k in misses if k in ssd_hits or k in cold_hits}
+        candidates = {k: (ssd_hits[k] if k in ssd_hits else cold_hits[k])
+                      for k in misses if k in ssd_hits or k in cold_hits}
+        expiry = {k: (ssd_expiry[k] if k in ssd_hits else cold_expiry[k]) for k in candidates}
+        if not self.ttl_from_source:
+            expiry = self._fresh_expiry(list(candidates))  # a promotion starts the TTL again
         # A disk refusing writes now would refuse the placement's demotions too, after the policy
         # had already moved its metadata: place nothing this time (RAM keeps what it has).
         if candidates and ram_ok and not ssd_refused and (gens is not None or not checked):
             try:
-                self._place(candidates)
+                self._place(candidates, expiry)
             except TierUnavailable:
                 degraded = True
         self._enforce_ssd_budget()
@@ -325,9 +346,11 @@ class TieredCache(TierMoves):
             with contextlib.suppress(GenerationsUnavailable):
                 gens.update(self.generations.read([k for k in items if k not in gens]))
             items = {k: frame(gens.get(k, UNKNOWN), v) for k, v in items.items()}
+        # Values computed now: their TTL starts now, like a row read from the cold tier.
+        expiry = self._fresh_expiry(list(items))
         placeable = items
         if self.ssd is not None:
-            stored = self._ssd_put(items)
+            stored = self._ssd_put(items, expiry)
             self._touch_ssd(list(stored))
             if len(stored) < len(items):
                 # Not on SSD: not in RAM either (the SSD copy comes first); a disk refusing some
@@ -339,7 +362,7 @@ class TieredCache(TierMoves):
                 self.ram.delete_many(list(items))
                 self.policy.remove(list(items))
                 if placeable:
-                    self._place(placeable)
+                    self._place(placeable, expiry)
             except TierUnavailable:
                 ok = False
         self._enforce_ssd_budget()

@@ -4,21 +4,30 @@ generation checks of what a tier found). A mixin: the attributes are TieredCache
 
 The SSD is best effort, like RAM: a refused SSD write (a full disk) is logged and counted, never
 raised to the reader, and the rows it refused are not placed in RAM either (a RAM copy always has
-its SSD copy first: see the crash-safety note in caches/tiered.py)."""
+its SSD copy first: see the crash-safety note in caches/tiered.py).
+
+Expiry: every row carries the absolute expiry it got when it was read from the cold tier (or
+stored by `put_many`): now + its namespace's TTL (`_ttl_for`). A promotion (SSD -> RAM) and a
+demotion (RAM -> SSD) write the copy with that same expiry, read from the tier it comes from
+(`TierRead.expires_at`), never with a fresh TTL: else a chain of moves kept a row alive long
+after its TTL, and a row changed at the source without an invalidation was served stale for as
+long as the moves went on. A row whose expiry has passed by the move is not moved. A cache
+without a cold tier (`ttl_from_source` False: values that never go stale) starts the TTL again
+with each move instead."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from caches import metrics
 from caches.admission import PlacementPolicy
 from caches.generations import Generations, split_by_generation, unframe
 from caches.recency import RecencyOrder
 from caches.tiered_stats import TieredStats
-from caches.tiers.base import Tier, TierUnavailable
+from caches.tiers.base import NO_EXPIRY, TierUnavailable, expired
 from caches.tiers.redis import RedisTier
 from caches.tiers.rocksdb import RocksDBTier
 
@@ -35,25 +44,38 @@ class TierMoves:
     policy: PlacementPolicy | None
     ssd_budget: int
     ttl: float | dict[str, float] | None
+    ttl_from_source: bool
     generations: Generations | None
     counters: TieredStats
     before_upper_delete: Callable[[list[str]], None] | None
     _recency: RecencyOrder
 
     # -- placement -----------------------------------------------------------------------------
-    def _place(self, candidates: dict[str, bytes]) -> None:
+    def _place(self, candidates: dict[str, bytes], expires_at: Mapping[str, float]) -> None:
+        """Place `candidates` in RAM as the policy decides, each with its absolute expiry from
+        `expires_at` (every candidate's: the time it has left, not a fresh TTL; no default, as a
+        forgotten one would mean a row that never expires); demote what the policy evicts."""
         assert self.ram is not None and self.policy is not None
+        now = time.time()
+        # Expired since it was read: served this once, but not moved (the policy never sees it).
+        candidates = {k: v for k, v in candidates.items() if not expired(expires_at[k], now)}
+        if not candidates:
+            return
         placement = self.policy.admit({k: len(k) + len(v) for k, v in candidates.items()})
         admitted = {k: candidates[k] for k in placement.admitted}
         if placement.demoted and self.ssd is not None:
             need = [k for k in placement.demoted if k not in self.ssd]
             if need:
                 try:
-                    held = self.ram.get_many(need)
+                    found = self.ram.get_many(need)  # each value with the expiry it has in RAM
                 except TierUnavailable:
                     self._undo_admission(list(admitted))
                     raise
-                stored = self._ssd_put(held)  # 1. lower tier first
+                # An expired RAM copy is not moved: the RAM delete below drops it, the row is gone.
+                read_at = time.time()
+                held = {k: v for k, v in found.items() if not expired(found.expires_at[k], read_at)}
+                kept = found.expires_at if self.ttl_from_source else self._fresh_expiry(list(held))
+                stored = self._ssd_put(held, kept)  # 1. lower tier first
                 if len(stored) < len(held):
                     # Deleting their RAM copy now would leave them in neither tier: stop before
                     # RAM changes. The policy already counts the admitted rows as resident: undo.
@@ -62,7 +84,7 @@ class TierMoves:
         if placement.demoted and self.before_upper_delete is not None:
             self.before_upper_delete(placement.demoted)
         try:
-            admitted = self._write_ram(admitted, placement.demoted)
+            admitted = self._write_ram(admitted, placement.demoted, expires_at)
         except TierUnavailable:
             # The policy already counts the admitted rows as resident and has forgotten the
             # demoted ones: take the admitted back (they were not written), and try to delete the
@@ -76,31 +98,26 @@ class TierMoves:
         self.counters.promotions += len(admitted)
         self.counters.demotions += len(placement.demoted)
 
-    def _write_ram(self, admitted: dict[str, bytes], demoted: list[str]) -> dict[str, bytes]:
-        """The placement's RAM side: write the admitted rows, delete the demoted ones (after their
-        SSD copies); returns the admitted rows actually written."""
+    def _write_ram(self, admitted: dict[str, bytes], demoted: list[str],
+                   expires_at: Mapping[str, float]) -> dict[str, bytes]:
+        """The placement's RAM side: write the admitted rows, each expiring when its copy below
+        does (`expires_at`: one batch mixes TTLs, so one round trip whatever the namespaces),
+        and delete the demoted ones (after their SSD copies); returns the admitted rows actually
+        written."""
         assert self.ram is not None and self.policy is not None
+        expiry = {k: expires_at[k] for k in admitted}
         if self.generations is not None:
             # Each write compared with its generation, in the script that writes it.
             gen_key = self.generations.key_of
             expect = {k: (gen_key(k), unframe(v)[0]) for k, v in admitted.items()}
-            refused: list[str] = []
-            groups = self._by_ttl(admitted)
-            for i, (ttl, group) in enumerate(groups.items()):
-                last = i == len(groups) - 1
-                refused += self.ram.put_checked(group, demoted if last else [], expect, ttl_s=ttl)
-            if not groups:
-                self.ram.delete_many(demoted)
+            refused = self.ram.put_checked(admitted, demoted, expect, expires_at=expiry)
             if refused:
                 self.policy.remove(refused)  # not written: the placement must not count them
                 self.counters.generation_refused += len(refused)
                 admitted = {k: v for k, v in admitted.items() if k not in set(refused)}
-        elif isinstance(self.ttl, dict):
-            self._grouped_put(self.ram, admitted)
-            self.ram.delete_many(demoted)  # 2. upper tier second
         else:
             # 2. upper tier second; the admitted values travel in the same round trip.
-            self.ram.put_and_delete(admitted, demoted, ttl_s=self.ttl)
+            self.ram.put_and_delete(admitted, demoted, expires_at=expiry)
         return admitted
 
     def _undo_admission(self, keys: list[str]) -> None:
@@ -109,21 +126,21 @@ class TierMoves:
                 self.policy.remove(keys)
 
     # -- SSD bookkeeping (local to this process) ---------------------------------------------
-    def _ssd_put(self, items: dict[str, bytes]) -> set[str]:
-        """Write to the SSD; returns the keys that landed (all, unless the disk refused some)."""
+    def _ssd_put(self, items: dict[str, bytes], expires_at: Mapping[str, float]) -> set[str]:
+        """Write to the SSD, each row with its absolute expiry from `expires_at` (one batch, one
+        write); returns the keys that landed (all, unless the disk refused them)."""
         if self.ssd is None or not items:
             return set()
         stored: set[str] = set()
         refused: list[str] = []
-        for ttl, group in self._by_ttl(items).items():
-            try:
-                self.ssd.put_many(group, ttl_s=ttl)
-            except TierUnavailable as exc:
-                log.warning("SSD tier refused %d rows: %s", len(group), exc)
-                self.counters.ssd_errors += 1
-                refused += group
-            else:
-                stored.update(group)
+        try:
+            self.ssd.put_many(items, expires_at={k: expires_at[k] for k in items})
+        except TierUnavailable as exc:
+            log.warning("SSD tier refused %d rows: %s", len(items), exc)
+            self.counters.ssd_errors += 1
+            refused = list(items)
+        else:
+            stored.update(items)
         if refused:
             # A put may replace a value: the older SSD copy must not be served in its place. The
             # tier forgets it even when the disk refuses this delete too (rocksdb.py's module note).
@@ -161,15 +178,16 @@ class TierMoves:
             return self.ttl.get(metrics.namespace_of(key))
         return self.ttl
 
-    def _by_ttl(self, items: dict[str, bytes]) -> dict[float | None, dict[str, bytes]]:
-        groups: dict[float | None, dict[str, bytes]] = defaultdict(dict)
-        for k, v in items.items():
-            groups[self._ttl_for(k)][k] = v
-        return groups
-
-    def _grouped_put(self, tier: Tier, items: dict[str, bytes]) -> None:
-        for ttl, group in self._by_ttl(items).items():
-            tier.put_many(group, ttl_s=ttl)
+    def _fresh_expiry(self, keys: Sequence[str]) -> dict[str, float]:
+        """The absolute expiry of rows read from the source (the cold tier) or stored from above
+        the cache just now: now + their namespace's TTL (NO_EXPIRY without one). The only place a
+        TTL starts; every later copy of the row keeps this expiry."""
+        now = time.time()
+        out: dict[str, float] = {}
+        for k in keys:
+            ttl = self._ttl_for(k)
+            out[k] = now + ttl if ttl else NO_EXPIRY
+        return out
 
     def _current(self, found: dict[str, bytes], gens: dict[str, int] | None,
                  drop_from: RocksDBTier | None = None) -> tuple[dict[str, bytes], dict[str, bytes]]:

@@ -113,9 +113,11 @@ class RecommenderSettings(_Settings):
     # Bounded memory: the recommendation results' own byte budget in Redis (oldest out first),
     # how long "Feast does not know this user" is remembered (so a flood of unknown ids stops
     # reaching Feast; an event of the user makes it stale at once), and the feature entries' TTL
-    # in RAM and SSD. A promotion or demotion starts that TTL anew, so it bounds an entry whose
-    # invalidation was lost only while the entry stays in one tier: what keeps rows current is the
-    # generation check (caches/generations.py), not this.
+    # in RAM and SSD. It runs from the entry's read from Feast: a promotion or demotion moves the
+    # entry with the time it has left (caches/tiered_moves.py), so no row is served more than
+    # feature_ttl_s after Feast gave it. That bounds a row whose invalidation was lost or never
+    # sent (changed in Feast out of band); rows changed through events are kept current by the
+    # generation check (caches/generations.py), not by this.
     result_max_bytes: int = Field(default=16 << 20, ge=1)
     result_tenant_max_bytes: int = Field(default=8 << 20, ge=1)
     unknown_user_ttl_s: float = Field(default=30.0, gt=0)

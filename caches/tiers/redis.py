@@ -1,9 +1,15 @@
 """RAM tier: Redis, shared by every replica of the app.
 
 Why these choices:
-- One round trip per batch: MGET for reads, a Lua script for writes and deletes (the script also
-  keeps a per-key size hash and a byte total, so `size_bytes` is the cluster-wide logical size
-  without a SCAN; bytes = len(key) + len(value), Redis' own per-key overhead is not counted).
+- One round trip per batch: a short Lua read for reads (GET and PTTL of each key), a Lua script
+  for writes and deletes (the script also keeps a per-key size hash and a byte total, so
+  `size_bytes` is the cluster-wide logical size without a SCAN; bytes = len(key) + len(value),
+  Redis' own per-key overhead is not counted).
+- Expiry travels with a value (caches/tiers/base.py): a read answers each value's absolute expiry
+  (`TierRead.expires_at`, from its PTTL) and a write takes a TTL per value (`expires_at`, turned
+  into the milliseconds left just before the script call: relative, so the app's and Redis'
+  clocks need not agree). A value demoted to the SSD or promoted from it keeps the time it had
+  left instead of a fresh TTL; one whose time is up by the write is deleted, not written.
 - Failure is normal: any Redis error (connection, timeout, OOM, BUSY, a script error) becomes
   `TierUnavailable` (callers degrade to the tiers below); the breaker and the client factory are
   caches/redis_client.py's, shared by every cache. redis-py drops a broken connection from its
@@ -18,9 +24,9 @@ Why these choices:
   (and the placement metadata, caches/admission/shared.py), so one script call is one slot. A
   key's group is `crc32(group_of(key)) % shards`: for generation-checked tiers `group_of` is
   the key's generation counter, and the counter lives in the same group (`counter_name`), so
-  the compare-and-write stays one atomic script. Reads are MGETs split per slot
-  (`mget_nonatomic`). On one server there is one group and Redis names are the keys themselves,
-  exactly as before.
+  the compare-and-write stays one atomic script. Reads are one read script call per group, all
+  of a node's calls in one pipeline (`ScriptBatch`). On one server there is one group and Redis
+  names are the keys themselves, exactly as before.
 """
 
 from __future__ import annotations
@@ -29,12 +35,20 @@ import contextlib
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from caches import metrics
-from caches.redis_client import REDIS_ERRORS, RETRY_AFTER_S, Breaker, is_cluster, make_client, mget, scan_keys
-from caches.tiers.base import TierStats, TierUnavailable
+from caches.redis_client import (
+    REDIS_ERRORS,
+    RETRY_AFTER_S,
+    Breaker,
+    ScriptBatch,
+    is_cluster,
+    make_client,
+    scan_keys,
+)
+from caches.tiers.base import NO_EXPIRY, TierRead, TierStats, TierUnavailable
 
 __all__ = ["MAX_KEYS_PER_CALL", "REDIS_ERRORS", "RETRY_AFTER_S", "RedisTier", "make_client", "shards_for"]
 
@@ -51,15 +65,47 @@ def shards_for(budget_bytes: int, entry_bytes: int) -> int:
     """Hash-tag groups for a RAM budget on a cluster: CLUSTER_SHARDS, fewer for small budgets."""
     return max(1, min(CLUSTER_SHARDS, budget_bytes // max(1, MIN_ENTRIES_PER_SHARD * entry_bytes)))
 
-# Keep single commands bounded: one huge MGET blocks the (single-threaded) server for everyone.
+# Keep single commands bounded: one huge read blocks the (single-threaded) server for everyone.
 MAX_KEYS_PER_CALL = 1000
+
+# The per-value TTL the write scripts take, in ms: > 0 expires in that many ms; these otherwise.
+PX_NEVER = 0  # no expiry (the value had none, or the write gave no TTL)
+PX_EXPIRED = -1  # its expiry has passed: the write deletes the key (an expired row is never moved)
+# PTTL's answer for a key without an expiry.
+PTTL_PERSISTENT = -1
+
+# Each key's value and PTTL, read together (one atomic call: the PTTL is the value's own).
+# KEYS: the Redis names. Returns value, pttl per key (nil, -2 for a key not held).
+_READ = """
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  out[2 * i - 1] = v
+  out[2 * i] = v and redis.call('PTTL', KEYS[i]) or -2
+end
+return out
+"""
 
 # Every key a script touches is in KEYS (Redis Cluster routes a call by its keys and refuses one
 # whose keys span slots): KEYS[1] the sizes hash, KEYS[2] the byte total, then the value keys.
 # Shared by the write scripts: one value written with its size booked in the sizes hash, one key
 # deleted with its size given back; each returns the byte delta.
+# A put's ttl is per value (PX_NEVER, PX_EXPIRED or the ms left): a value moved between tiers
+# keeps the time it had left, so one batch holds values of different TTLs.
 _BOOKKEEPING = """
+local function delete_one(k)
+  local n = redis.call('DEL', k)
+  local old = redis.call('HGET', KEYS[1], k)
+  if not old then return 0, n end
+  redis.call('HDEL', KEYS[1], k)
+  return -tonumber(old), n
+end
 local function put_one(k, v, ttl)
+  -- expired before it landed: the key holds no live value now (any older copy goes too)
+  if ttl < 0 then
+    local d = delete_one(k)
+    return d
+  end
   if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
   local n = #k + #v
   -- a cluster's hash tag is not part of the cache key: bytes stay len(key) + len(value)
@@ -68,23 +114,16 @@ local function put_one(k, v, ttl)
   redis.call('HSET', KEYS[1], k, n)
   return n - old
 end
-local function delete_one(k)
-  local n = redis.call('DEL', k)
-  local old = redis.call('HGET', KEYS[1], k)
-  if not old then return 0, n end
-  redis.call('HDEL', KEYS[1], k)
-  return -tonumber(old), n
-end
 """
 
 # Admitted values in, displaced values out, one round trip.
 # KEYS: sizes, bytes, the n_puts keys to write, then the keys to delete.
-# ARGV: ttl_ms, n_puts, the values. Returns the byte total.
+# ARGV: n_puts, then per put: value, ttl_ms. Returns the byte total.
 _PUT_DELETE = _BOOKKEEPING + """
-local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nput = tonumber(ARGV[1])
 local delta = 0
 for i = 1, nput do
-  delta = delta + put_one(KEYS[2 + i], ARGV[2 + i], ttl)
+  delta = delta + put_one(KEYS[2 + i], ARGV[2 * i], tonumber(ARGV[1 + 2 * i]))
 end
 for i = 3 + nput, #KEYS do
   delta = delta + delete_one(KEYS[i])
@@ -96,14 +135,14 @@ return redis.call('INCRBY', KEYS[2], delta)
 # counter still holds the generation the value was read at, atomically with the write (a bump
 # between a separate compare and the write would let an old row in).
 # KEYS: sizes, bytes, then per put: its key and its generation counter's key; then deletes.
-# ARGV: ttl_ms, n_puts, then per put: value, generation. Returns the byte total, then the keys refused.
+# ARGV: n_puts, then per put: value, generation, ttl_ms. Returns the byte total, then the keys refused.
 _PUT_DELETE_CHECKED = _BOOKKEEPING + """
-local ttl, nput = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nput = tonumber(ARGV[1])
 local delta, refused = 0, {}
 for i = 1, nput do
   local k, counter = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  if tonumber(redis.call('GET', counter) or '0') == tonumber(ARGV[2 + 2 * i]) then
-    delta = delta + put_one(k, ARGV[1 + 2 * i], ttl)
+  if tonumber(redis.call('GET', counter) or '0') == tonumber(ARGV[3 * i]) then
+    delta = delta + put_one(k, ARGV[3 * i - 1], tonumber(ARGV[1 + 3 * i]))
   else
     refused[#refused + 1] = k
   end
@@ -173,6 +212,7 @@ class RedisTier:
             self._meta = [(f"{base}:sizes", f"{base}:bytes")]
         self._sizes_key, self._bytes_key = self._meta[0]
         self._shard_bytes = [0] * self.shards
+        self._read = self.client.register_script(_READ)
         self._delete = self.client.register_script(_DELETE)
         self._put_delete = self.client.register_script(_PUT_DELETE)
         self._put_delete_checked = self.client.register_script(_PUT_DELETE_CHECKED)
@@ -236,18 +276,41 @@ class RedisTier:
             return False
 
     # -- the protocol -----------------------------------------------------------------------
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+    def get_many(self, keys: list[str]) -> TierRead:
+        """The values held, with each one's absolute expiry (`TierRead.expires_at`, from its PTTL):
+        what a demotion to the SSD must keep."""
         if not keys:
-            return {}
+            return TierRead()
         ns = metrics.namespace_of(keys[0])
         t0 = time.perf_counter()
-        found: dict[str, bytes] = {}
-        # A cluster: one MGET per hash-tag group, one pipeline per node (redis_client.mget).
-        for chunk in _chunks(keys, MAX_KEYS_PER_CALL):
-            values = self._call("MGET", mget, self.client, [self.physical(k) for k in chunk], ns=ns)
-            found.update({k: v for k, v in zip(chunk, values, strict=True) if v is not None})
+        groups = [keys] if self.shards == 1 else list(self.by_shard(keys).values())
+        calls = [chunk for group in groups for chunk in _chunks(group, MAX_KEYS_PER_CALL)]
+        # Taken before the call: the server measures each PTTL later than this, so now + PTTL is
+        # never later than the value's real expiry (a moved copy can only expire early, not late).
+        now = time.time()
+        replies = self._call("get", self._read_calls, calls, ns=ns)
+        found = TierRead()
+        expires = found.expires_at
+        for chunk, reply in zip(calls, replies, strict=True):
+            for k, v, pttl in zip(chunk, reply[::2], reply[1::2], strict=True):
+                if v is not None:
+                    found[k] = v
+                    expires[k] = NO_EXPIRY if pttl == PTTL_PERSISTENT else now + pttl / 1000
+        if len(groups) > 1:  # in the caller's order, as one server answers
+            found = TierRead({k: found[k] for k in keys if k in found}, expires)
         self.account_read(keys, found, time.perf_counter() - t0)
         return found
+
+    def _read_calls(self, calls: list[list[str]]) -> list[Any]:
+        """The read script once per chunk of one shard's keys: on one server a plain EVALSHA each
+        (a pipeline of scripts would ask SCRIPT EXISTS first, a second round trip); on a cluster
+        all of them in one pipeline per node (a cluster pipeline refuses scripts: ScriptBatch)."""
+        if not self.tagged:
+            return [self._read(keys=chunk) for chunk in calls]  # one server: names are the keys
+        batch = ScriptBatch(self.client)
+        for chunk in calls:
+            batch.add(self._read, [self.physical(k) for k in chunk], [])
+        return batch.execute()
 
     def account_read(self, keys: list[str], found: dict[str, bytes], seconds: float) -> None:
         """Stats and metrics of one batched read (also used when a placement script read for us)."""
@@ -257,45 +320,51 @@ class RedisTier:
         self._shard_bytes[shard] = int(total)
         self._stats.bytes = sum(self._shard_bytes)
 
-    def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
+    def put_many(self, items: dict[str, bytes], ttl_s: float | None = None, *,
+                 expires_at: Mapping[str, float] | None = None) -> None:
         if not items:
             return
-        self.put_and_delete(items, [], ttl_s)
+        self.put_and_delete(items, [], ttl_s, expires_at=expires_at)
 
-    def put_and_delete(self, items: dict[str, bytes], deletes: list[str], ttl_s: float | None = None) -> None:
+    def put_and_delete(self, items: dict[str, bytes], deletes: list[str], ttl_s: float | None = None, *,
+                       expires_at: Mapping[str, float] | None = None) -> None:
         """Write `items` and delete `deletes`, one round trip per shard and MAX_KEYS_PER_CALL keys
-        (the placement's RAM-side moves)."""
+        (the placement's RAM-side moves). Each value expires `ttl_s` from now (None: never), or at
+        its own absolute expiry in `expires_at` when it has one there (see `_px`)."""
         if not items and not deletes:
             return
-        ttl_ms = int(ttl_s * 1000) if ttl_s else 0
         ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
         for shard, chunk, dchunk in self._calls(items, deletes):
             sizes, total = self._meta[shard]
             keys = [sizes, total, *(self.physical(k) for k in chunk), *(self.physical(k) for k in dchunk)]
-            args: list[Any] = [ttl_ms, len(chunk), *(items[k] for k in chunk)]
+            px = _px(chunk, ttl_s, expires_at)
+            args: list[Any] = [len(chunk)]
+            for k in chunk:
+                args += [items[k], px[k]]
             self._book(shard, self._call("put_delete", self._put_delete, keys, args, ns=ns))
         metrics.BYTES.labels(tier=self.name, namespace=self.cache).set(self._stats.bytes)
 
     def put_checked(self, items: dict[str, bytes], deletes: list[str], expect: dict[str, tuple[str, int]],
-                    ttl_s: float | None = None) -> list[str]:
+                    ttl_s: float | None = None, *, expires_at: Mapping[str, float] | None = None) -> list[str]:
         """Write `items`, each only while its generation counter (`expect[key]` = (counter key,
-        generation)) holds that generation, and delete `deletes`; returns the keys refused."""
+        generation)) holds that generation, and delete `deletes`; returns the keys refused.
+        TTLs as `put_and_delete`'s."""
         if not items and not deletes:
             return []
-        ttl_ms = int(ttl_s * 1000) if ttl_s else 0
         ns = metrics.namespace_of(next(iter(items)) if items else deletes[0])
         refused: list[str] = []
         for shard, chunk, dchunk in self._calls(items, deletes):
             sizes, total = self._meta[shard]
             keys: list[str] = [sizes, total]
-            args: list[Any] = [ttl_ms, len(chunk)]
+            px = _px(chunk, ttl_s, expires_at)
+            args: list[Any] = [len(chunk)]
             for k in chunk:
                 counter, generation = expect[k]
                 name, counter_name = self.physical(k), self.counter_name(counter)
                 if self.tagged and name[: name.index("}")] != counter_name[: counter_name.index("}")]:
                     raise ValueError(f"{k!r}: group_of must name its generation counter {counter!r} (one slot)")
                 keys += [name, counter_name]
-                args += [items[k], generation]
+                args += [items[k], generation, px[k]]
             keys += [self.physical(k) for k in dchunk]
             reply = self._call("put_checked", self._put_delete_checked, keys, args, ns=ns)
             self._book(shard, reply[0])
@@ -412,6 +481,27 @@ class RedisTier:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _px(keys: list[str], ttl_s: float | None, expires_at: Mapping[str, float] | None) -> dict[str, int]:
+    """Each value's TTL for the write scripts (ms): the ms left to its absolute expiry in
+    `expires_at` when it has one there, else `ttl_s`'s. Computed just before the call, rounded
+    down (never a ms more than the value had left); PX_EXPIRED when none is left."""
+    default = int(ttl_s * 1000) if ttl_s else PX_NEVER
+    if not expires_at:
+        return dict.fromkeys(keys, default)
+    now = time.time()
+    out: dict[str, int] = {}
+    for k in keys:
+        expiry = expires_at.get(k)
+        if expiry is None:
+            out[k] = default
+        elif expiry == NO_EXPIRY:
+            out[k] = PX_NEVER
+        else:
+            left = int((expiry - now) * 1000)
+            out[k] = left if left > 0 else PX_EXPIRED
+    return out
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:

@@ -9,8 +9,11 @@ Why these choices:
   hash index inside data blocks, and a block cache with the index and filter blocks in it.
 - Multi-get (`db.get([...])`) and one WriteBatch per put/delete batch.
 - TTL per entry, not RocksDB's DB-wide TTL: each value carries an 8-byte expiry header, an
-  expired entry reads as a miss and is deleted lazily. Sizes (key + payload) are kept in memory
-  (rebuilt by one scan at open) so budgets and `size_bytes` cost nothing per call.
+  expired entry reads as a miss and is deleted lazily. A read answers each value's expiry with it
+  (`TierRead.expires_at`) and a write takes one per key (`expires_at`), so a value moved here
+  from RAM, or from here to RAM, keeps the expiry it had instead of a fresh TTL. Sizes (key +
+  payload) are kept in memory (rebuilt by one scan at open) so budgets and `size_bytes` cost
+  nothing per call.
 - Directories are per process and named after it, so a restarted process gets a new one and the
   old one would stay on the node's disk for ever. `claim_dir` marks a directory as owned by a
   live process (a `flock` held on a file beside it for the process' life) and `reclaim_dead_dirs`,
@@ -35,20 +38,20 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, NoReturn
 
 from rocksdict import BlockBasedOptions, Cache, DataBlockIndexType, Options, Rdict, WriteBatch
 
 from caches import metrics
-from caches.tiers.base import TierStats, TierUnavailable
+from caches.tiers.base import NO_EXPIRY, TierRead, TierStats, TierUnavailable, expired
 
 BLOOM_BITS_PER_KEY = 10
 BLOCK_CACHE_BYTES = 64 << 20
 POINT_LOOKUP_CACHE_MB = 64
 DATA_BLOCK_HASH_RATIO = 0.75
-_HEADER = struct.Struct("<d")  # absolute expiry (unix seconds); 0.0 = never
+_HEADER = struct.Struct("<d")  # absolute expiry (unix seconds); NO_EXPIRY (0.0) = never
 
 
 class RocksDBLocked(RuntimeError):
@@ -94,51 +97,61 @@ class RocksDBTier:
         # Sizes and the byte total change together; the invalidation consumer runs on its own thread.
         self._lock = threading.Lock()
         now = time.time()
-        expired: list[str] = []
+        gone: list[str] = []
         for raw_key, raw_value in self._db.items():
             key = raw_key.decode()
-            if _expired(raw_value, now):
-                expired.append(key)
+            if expired(_HEADER.unpack_from(raw_value)[0], now):
+                gone.append(key)
             else:
                 self._sizes[key] = len(raw_key) + len(raw_value) - _HEADER.size
         self._bytes = sum(self._sizes.values())
         # A full disk must not stop the process from starting: retried with the next write.
         with contextlib.suppress(TierUnavailable):
-            self.delete_many(expired)
+            self.delete_many(gone)
 
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+    def get_many(self, keys: list[str]) -> TierRead:
+        """The values held, with each one's absolute expiry (`TierRead.expires_at`, the header's:
+        free, the header is read anyway to skip the expired)."""
         if not keys:
-            return {}
+            return TierRead()
         t0 = time.perf_counter()
         try:
             raw = self._db.get([k.encode() for k in keys])
         except Exception as exc:  # rocksdict raises a bare Exception for IO errors
             self._failed(exc)
         now = time.time()
-        found: dict[str, bytes] = {}
-        expired: list[str] = []
+        found = TierRead()
+        gone: list[str] = []
         for k, v in zip(keys, raw, strict=True):
             # Not in the index: deleted for this process, the disk still holding it (see _doomed).
             if v is None or k not in self._sizes:
                 continue
-            if _expired(v, now):
-                expired.append(k)
+            (expiry,) = _HEADER.unpack_from(v)
+            if expired(expiry, now):
+                gone.append(k)
             else:
                 found[k] = v[_HEADER.size :]
+                found.expires_at[k] = expiry
         # The expired values are not served either way; the delete is retried with a later write.
         with contextlib.suppress(TierUnavailable):
-            self.delete_many(expired)
+            self.delete_many(gone)
         metrics.record_read(self._stats, self.name, keys, found, time.perf_counter() - t0)
         return found
 
-    def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
+    def put_many(self, items: dict[str, bytes], ttl_s: float | None = None, *,
+                 expires_at: Mapping[str, float] | None = None) -> None:
+        """Write `items`, each expiring `ttl_s` from now (None: never), or at its own absolute
+        expiry in `expires_at` (NO_EXPIRY: never) when it has one there: a value moved from
+        another tier keeps the time it had left. One already past its expiry is written all the
+        same (it replaces any older copy) and reads as a miss."""
         if not items:
             return
-        header = _HEADER.pack(time.time() + ttl_s if ttl_s else 0.0)
+        default = time.time() + ttl_s if ttl_s else NO_EXPIRY
+        expiries = expires_at or {}
         batch = WriteBatch(raw_mode=True)
         with self._lock:
             for k, v in items.items():
-                batch.put(k.encode(), header + v)
+                batch.put(k.encode(), _HEADER.pack(expiries.get(k, default)) + v)
             retried = self._retry_doomed(batch, skip=items)
             self._write(batch)
             # Only now: a refused write must leave the sizes describing what is on disk.
@@ -311,8 +324,3 @@ def _take_owner(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _expired(raw_value: bytes, now: float) -> bool:
-    (expiry,) = _HEADER.unpack_from(raw_value)
-    return 0.0 < expiry <= now

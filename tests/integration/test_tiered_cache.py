@@ -505,11 +505,11 @@ def test_a_ram_write_that_fails_after_the_placement_decided_leaves_no_untracked_
     real = cache.ram.put_and_delete
     failures = {"n": 0}
 
-    def flaky(items: dict[str, bytes], deletes: list[str], ttl_s: float | None = None) -> None:
+    def flaky(items: dict[str, bytes], deletes: list[str], ttl_s: float | None = None, **kw: Any) -> None:
         if deletes and failures["n"] < 5:  # five timeouts while Redis is slow
             failures["n"] += 1
             raise TierUnavailable("redis failed during put_delete: TimeoutError (injected)")
-        real(items, deletes, ttl_s)
+        real(items, deletes, ttl_s, **kw)
 
     try:
         cache.ram.put_and_delete = flaky  # type: ignore[method-assign]
@@ -524,5 +524,127 @@ def test_a_ram_write_that_fails_after_the_placement_decided_leaves_no_untracked_
         placed = set(cache.policy.resident_keys())
         assert not [k for k in in_ram if k not in placed], "values in RAM the placement does not track"
         assert not [k for k in placed if k not in in_ram], "rows the placement counts that RAM does not hold"
+    finally:
+        cache.close()
+
+
+# -- the TTL runs from the cold read, through every move ---------------------------------------
+MOVE_TTL_S = 2.0  # short: each test waits it out once
+TTL_SLACK_MS = 50  # a PX write lands a round trip after its ms were computed
+FULL_TTL_MARGIN_MS = 500  # "a full TTL" (a cold read's), however slow the machine
+MOVE_AT_S = 0.8  # how long after the cold read the row is moved: well inside the TTL, well past 0
+
+
+def _sleep_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.time()))
+
+
+def _ram_pttl_ms(client: redis.Redis, cache: TieredCache, key: str) -> int:
+    assert cache.ram is not None
+    return int(client.pttl(cache.ram.physical(key)))
+
+
+def _demote(cache: TieredCache, key: str, others: list[str]) -> None:
+    """Reads of other keys until the placement demotes `key` out of RAM: each read more often
+    than `key` (once), so the admission prefers them to it."""
+    assert cache.ram is not None
+    for other in others:
+        for _ in range(3):
+            cache.get_many([other])
+        if not cache.ram.get_many([key]):
+            return
+    pytest.fail(f"{key} was never demoted: the RAM budget is too large for the test")
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "generations"])
+def test_a_promotion_keeps_the_time_left_since_the_cold_read(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, checked: bool
+) -> None:
+    """Read from the cold tier, demoted out of RAM (its SSD copy stays), promoted back from the
+    SSD after part of its TTL: RAM gets the time left, not a fresh TTL, and once the TTL since
+    the cold read has passed no tier serves the row (the read goes to the cold tier). Per
+    namespace TTLs (a dict) and the generation-checked write path both carry it."""
+    key = "ttl:m:1:row"
+    others = [f"ttl:m:1:other{i}" for i in range(80)]
+    source = source_for([key, *others])
+    extra: dict[str, Any] = {"generation_of": lambda k: f"ttlgen:{k}"} if checked else {}
+    ttl: float | dict[str, float] = {"ttl": MOVE_TTL_S, "else": 60.0} if checked else MOVE_TTL_S
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source, ttl_s=ttl, invalidation=False, **extra)
+    assert cache.ssd is not None and cache.ram is not None
+    try:
+        assert cache.get_many([key]).sources == {key: "source"}
+        read_at = time.time()  # the cold read's expiry is at most this + the TTL
+        assert MOVE_TTL_S * 1000 - FULL_TTL_MARGIN_MS < _ram_pttl_ms(redis_client, cache, key) <= MOVE_TTL_S * 1000
+        _demote(cache, key, others)
+        assert key in cache.ssd  # the cold read's SSD copy: the demotion had nothing to write
+        _sleep_until(read_at + MOVE_AT_S)
+        promoted = cache.get_many([key])
+        assert promoted.sources == {key: "rocksdb"} and promoted.values == {key: val(key)}
+        left_ms = (read_at + MOVE_TTL_S - time.time()) * 1000
+        pttl = _ram_pttl_ms(redis_client, cache, key)
+        assert 0 < pttl <= left_ms + TTL_SLACK_MS, f"promoted with {pttl} ms, the row had {left_ms:.0f} ms left"
+        _sleep_until(read_at + MOVE_TTL_S + 0.1)
+        assert cache.ram.get_many([key]) == {}, "the RAM copy outlived the TTL since the cold read"
+        assert cache.ssd.get_many([key]) == {}, "the SSD copy outlived the TTL since the cold read"
+        again = cache.get_many([key])
+        assert again.sources == {key: "source"}  # served from the cold tier, never a stale copy
+        assert _ram_pttl_ms(redis_client, cache, key) > MOVE_TTL_S * 1000 - FULL_TTL_MARGIN_MS  # a new cold read: a full TTL
+    finally:
+        cache.close()
+
+
+def test_a_demotion_keeps_the_time_left_since_the_cold_read(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Replica B reads a row from the cold tier (into the shared RAM and B's SSD); replica A,
+    whose SSD lacks it, demotes it: A's SSD copy expires when the RAM copy would have, not a full
+    TTL after the demotion, and so does its promotion back into RAM from A's SSD. Past the TTL
+    since B's cold read, A serves it from the cold tier."""
+    key = "ttl:m:1:row"
+    others = [f"ttl:m:1:other{i}" for i in range(80)]
+    source = source_for([key, *others])
+    a = open_cache(redis_url, tmp_path / "a", cold=source, name="ttl-moves", ttl_s=MOVE_TTL_S, invalidation=False)
+    b = open_cache(redis_url, tmp_path / "b", cold=source, name="ttl-moves", ttl_s=MOVE_TTL_S, invalidation=False)
+    assert a.ssd is not None and a.ram is not None
+    try:
+        assert b.get_many([key]).sources == {key: "source"}
+        read_at = time.time()
+        assert key not in a.ssd and a.ram.get_many([key])
+        _sleep_until(read_at + MOVE_AT_S / 2)
+        _demote(a, key, others)  # A's demotion writes the RAM copy to A's SSD
+        assert key in a.ssd
+        expiry = a.ssd.get_many([key]).expires_at[key]
+        assert expiry <= read_at + MOVE_TTL_S + TTL_SLACK_MS / 1000, f"{expiry - read_at:.3f} s after the cold read"
+        _sleep_until(read_at + MOVE_AT_S)
+        promoted = a.get_many([key])
+        assert promoted.sources == {key: "rocksdb"} and promoted.values == {key: val(key)}
+        left_ms = (read_at + MOVE_TTL_S - time.time()) * 1000
+        pttl = _ram_pttl_ms(redis_client, a, key)
+        assert 0 < pttl <= left_ms + TTL_SLACK_MS, f"promoted with {pttl} ms, the row had {left_ms:.0f} ms left"
+        _sleep_until(read_at + MOVE_TTL_S + 0.1)
+        assert a.ram.get_many([key]) == {}, "the RAM copy outlived the TTL since the cold read"
+        assert a.ssd.get_many([key]) == {}, "A's SSD copy outlived the TTL since the cold read"
+        assert a.get_many([key]).sources == {key: "source"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_values_that_never_go_stale_start_the_ttl_again_with_a_promotion(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Values computed above the cache (the embeddings: `ttl_from_source=False`, never stale) keep
+    the old rule: the TTL only ends entries nobody reads, so a promotion writes a full TTL."""
+    key = "emb:m:1:row"
+    cache = open_cache(redis_url, tmp_path / "ssd", ttl_s=MOVE_TTL_S, invalidation=False, ttl_from_source=False)
+    assert cache.ssd is not None and cache.ram is not None and cache.policy is not None
+    try:
+        assert cache.put_many({key: val(key)})
+        stored_at = time.time()
+        cache.ram.delete_many([key])  # RAM lost it: the next read promotes the SSD copy
+        cache.policy.remove([key])
+        _sleep_until(stored_at + MOVE_AT_S)
+        assert cache.get_many([key]).sources == {key: "rocksdb"}
+        assert _ram_pttl_ms(redis_client, cache, key) > MOVE_TTL_S * 1000 - FULL_TTL_MARGIN_MS
     finally:
         cache.close()

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from caches.redis_server import free_port
-from caches.tiers.base import Tier, TierUnavailable
+from caches.tiers.base import NO_EXPIRY, Tier, TierUnavailable
 from caches.tiers.feast import FeastTier, FeastView, decode_features
 from caches.tiers.redis import RedisTier
 from caches.tiers.rocksdb import RocksDBLocked, RocksDBTier
@@ -62,6 +62,50 @@ def test_redis_tier_roundtrip_bytes_and_ttl(redis_url: str, redis_client: redis.
     assert tier.size_bytes() == 0
     st = tier.stats()
     assert st.hits >= 3 and st.misses >= 2
+
+
+EXPIRY_SLACK_S = 0.05  # a PX write lands a round trip after its ms were computed
+
+
+def test_redis_tier_reads_and_writes_an_expiry_per_value(redis_url: str, redis_client: redis.Redis) -> None:
+    """What the tiered cache's moves rely on: a read says when each value expires (its PTTL), a
+    write gives each value its own (the time a moved row has left), one already expired is not
+    written and takes any older copy with it; the byte total follows. On the cluster the batch
+    spans several hash-tag groups (one script call each), the generation-checked put too."""
+
+    def counter_of(key: str) -> str:  # a key's generation counter, in its group on a cluster
+        return f"test:expiry:counter:{key}"
+
+    tier = RedisTier(redis_url, meta_prefix="test:expiry", shards=4, group_of=counter_of)
+    soon, later, never, default, gone = (f"ns:m:1:{n}" for n in ("soon", "later", "never", "default", "gone"))
+    values = {soon: b"s", later: b"ll", never: b"nnn", default: b"dddd", gone: b"ggggg"}
+    tier.put_many({gone: b"old"})  # an older copy, replaced below by an expired value
+    t0 = time.time()
+    tier.put_many(values, ttl_s=60, expires_at={soon: t0 + 0.3, later: t0 + 5, never: NO_EXPIRY, gone: t0 - 1})
+    got = tier.get_many([*values, "ns:m:1:missing"])
+    assert got == {k: v for k, v in values.items() if k != gone}
+    assert got.expires_at[never] == NO_EXPIRY
+    assert t0 + 0.2 < got.expires_at[soon] <= t0 + 0.3 + EXPIRY_SLACK_S
+    assert t0 + 4.9 < got.expires_at[later] <= t0 + 5 + EXPIRY_SLACK_S
+    assert t0 + 59.9 < got.expires_at[default] <= time.time() + 60 + EXPIRY_SLACK_S  # no expiry of its own: ttl_s
+    assert redis_client.ttl(tier.physical(never)) == -1
+    assert tier.size_bytes() == sum(len(k) + len(v) for k, v in values.items() if k != gone)
+
+    # The generation-checked put: per-value expiries too; a refused put changes nothing.
+    redis_client.set(tier.counter_name(counter_of(default)), 1)
+    t1 = time.time()
+    refused = tier.put_checked({later: b"L", default: b"D", never: b"N"}, [soon],
+                               {k: (counter_of(k), 0) for k in (later, default, never)},
+                               expires_at={later: t1 + 2, default: t1 + 2, never: t1 - 1})
+    assert refused == [default]
+    got = tier.get_many([soon, later, never, default])
+    assert got == {later: b"L", default: b"dddd"}  # soon deleted, never expired on the write
+    assert t1 + 1.9 < got.expires_at[later] <= t1 + 2 + EXPIRY_SLACK_S
+    assert got.expires_at[default] > t1 + 59  # refused: the old value and its expiry stay
+    assert tier.size_bytes() == len(later) + 1 + len(default) + 4
+    tier.delete_many([later, default])
+    assert tier.size_bytes() == 0
+    tier.close()
 
 
 def test_each_cache_has_its_own_tier_bytes_series(redis_url: str, redis_client: redis.Redis,
@@ -116,6 +160,26 @@ def test_rocksdb_tier_multiget_ttl_and_reopen(tmp_path: Path) -> None:
     again = RocksDBTier(tmp_path / "db")  # sizes rebuilt from disk
     assert len(list(again.keys())) == 100
     assert again.size_bytes() == sum(len(f"ns:m:1:{i}") + 10 for i in range(100))
+    again.close()
+
+
+def test_rocksdb_tier_reads_and_writes_an_expiry_per_value(tmp_path: Path) -> None:
+    """A read says when each value expires (its header), a write takes one per value; a value
+    written already expired replaces the older copy and reads as a miss. Kept across a reopen."""
+    tier = RocksDBTier(tmp_path / "db")
+    tier.put_many({"ns:m:1:gone": b"old"})
+    t0 = time.time()
+    tier.put_many({"ns:m:1:soon": b"s", "ns:m:1:never": b"n", "ns:m:1:default": b"d", "ns:m:1:gone": b"g"}, ttl_s=60,
+                  expires_at={"ns:m:1:soon": t0 + 0.2, "ns:m:1:never": NO_EXPIRY, "ns:m:1:gone": t0 - 1})
+    got = tier.get_many(["ns:m:1:soon", "ns:m:1:never", "ns:m:1:default", "ns:m:1:gone"])
+    assert got == {"ns:m:1:soon": b"s", "ns:m:1:never": b"n", "ns:m:1:default": b"d"}
+    assert got.expires_at["ns:m:1:soon"] == t0 + 0.2 and got.expires_at["ns:m:1:never"] == NO_EXPIRY
+    assert t0 + 60 <= got.expires_at["ns:m:1:default"] <= time.time() + 60
+    tier.close()
+    again = RocksDBTier(tmp_path / "db")
+    assert again.get_many(["ns:m:1:soon"]).expires_at == {"ns:m:1:soon": t0 + 0.2}
+    time.sleep(max(0.0, t0 + 0.25 - time.time()))
+    assert again.get_many(["ns:m:1:soon", "ns:m:1:never"]) == {"ns:m:1:never": b"n"}
     again.close()
 
 
