@@ -20,9 +20,14 @@ bump is done (the event's 202).
 
 Generations live in the RAM tier's Redis (the compare must be atomic with the write), as plain
 counters without a TTL: the cache Redis evicts only keys with a TTL (`volatile-lru`, k8s/), so a
-counter is never evicted and reset under its rows. A Redis that restarts empty resets them all;
-the Recommender drops its SSD user rows when it sees Redis' run id change for that reason (on a
-cluster, any primary's: each holds the counters of its slots).
+counter is never evicted and reset under its rows. A Redis that restarts empty loses them all.
+So a counter never starts at 0: the first read or bump of a missing counter sets it to the
+server's clock in microseconds (`START_LUA`), above every number any counter held before (fewer
+than a million bumps a second per entity). A copy tagged before the restart (on a replica's SSD,
+or on its way into RAM during the restart) then matches no current generation, whatever moment
+it arrives: a restart cannot bring an old row back. (Before, every counter restarted at 0 and
+the SSD copies tagged 0 matched again; the Recommender's check of Redis' run id, which drops its
+SSD user rows, closed that only once it had run.)
 
 When the counters cannot be read (Redis down), no tagged copy can be verified: the tiered cache
 then asks the source first and falls back to an unverified SSD copy only when the source fails
@@ -36,10 +41,33 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from caches.redis_client import REDIS_ERRORS, mget
+from caches.redis_client import REDIS_ERRORS, ScriptBatch, mget
 
 # Tag of a value filled while the generation could not be read: matches no real generation (>= 0).
 UNKNOWN = -1
+
+# A missing counter's first value: the server's clock in microseconds (the module note), exact as
+# a Lua number (below 2^53 for another 250 years). KEYS[1]: the counter; returns its value.
+START_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[1], tonumber(t[1]) * 1000000 + tonumber(t[2]))
+end
+return redis.call('GET', KEYS[1])
+"""
+# Move a counter, starting it first where it is missing. KEYS[1]: the counter; returns the new value.
+BUMP_LUA = START_LUA.replace("return redis.call('GET', KEYS[1])", "return redis.call('INCR', KEYS[1])")
+
+
+def start_missing(client: redis.Redis, names: Sequence[str]) -> list[int]:
+    """Start the missing counters `names` (START_LUA) and return their values: one script call
+    each, sent together (a read's rare second round trip: a new entity, or a restarted Redis).
+    Raises Redis errors."""
+    script = client.register_script(START_LUA)
+    batch = ScriptBatch(client)
+    for name in names:
+        batch.add(script, [name], [])
+    return [int(v) for v in batch.execute()]
 _TAG = struct.Struct("<q")
 TAG_BYTES = _TAG.size
 
@@ -82,17 +110,22 @@ class Generations:
         self.client = client
         self.key_of = key_of
         self.redis_name = redis_name or (lambda counter: counter)
+        self._bump = client.register_script(BUMP_LUA)
 
     def read(self, keys: Sequence[str]) -> dict[str, int]:
-        """Current generation per cache key (0 before the first bump); one MGET."""
+        """Current generation per cache key; one MGET (and one more round trip to start the
+        counters that do not exist yet: see the module note)."""
         keys = list(keys)
         if not keys:
             return {}
+        names = [self.redis_name(self.key_of(k)) for k in keys]
         try:
-            raw = mget(self.client, [self.redis_name(self.key_of(k)) for k in keys])  # per slot on a cluster
+            raw = mget(self.client, names)  # per slot on a cluster
+            missing = sorted({n for n, v in zip(names, raw, strict=True) if v is None})
+            started = dict(zip(missing, start_missing(self.client, missing), strict=True)) if missing else {}
         except REDIS_ERRORS as exc:
             raise GenerationsUnavailable(f"generations unreadable: {type(exc).__name__}: {exc}") from exc
-        return {k: int(v or 0) for k, v in zip(keys, raw, strict=True)}
+        return {k: int(v) if v is not None else started[n] for k, n, v in zip(keys, names, raw, strict=True)}
 
     def bump(self, keys: Sequence[str]) -> dict[str, int]:
         """Move the counters of the keys' entities (call it after the source write, before the
@@ -101,10 +134,10 @@ class Generations:
         if not counters:
             return {}
         try:
-            pipe = self.client.pipeline(transaction=False)
+            batch = ScriptBatch(self.client)
             for c in counters:
-                pipe.incr(self.redis_name(c))
-            new = dict(zip(counters, pipe.execute(), strict=True))
+                batch.add(self._bump, [self.redis_name(c)], [])
+            new = dict(zip(counters, batch.execute(), strict=True))
         except REDIS_ERRORS as exc:
             raise GenerationsUnavailable(f"generations not moved: {type(exc).__name__}: {exc}") from exc
         return {k: int(new[self.key_of(k)]) for k in keys}

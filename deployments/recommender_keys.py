@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from caches.generations import start_missing
+
 RATED_PREFIX = "tierserve:recs:rated:"
 GENERATION_PREFIX = "tierserve:recs:gen:"
 UNKNOWN_PREFIX = "tierserve:recs:unknown:"
@@ -109,7 +111,7 @@ class RecsKeys:
 
 @dataclass
 class UserState:
-    generation: int  # 0 before the user's first event
+    generation: int  # started from the server clock on first use, moved by every event
     unknown: bool  # a fresh memo says Feast does not know this user (per generation)
     rated_since: set[bytes]  # items rated by events since the pipeline's build
 
@@ -123,7 +125,9 @@ def read_user(client: Any, keys: RecsKeys, version: str, user_id: int) -> UserSt
     pipe.execute_command("MGET", keys.generation(user_id), keys.unknown(version, user_id))
     pipe.smembers(keys.rated(user_id))
     (raw_gen, raw_unknown), rated_since = pipe.execute()
-    gen = int(raw_gen or 0)
+    # A user without a counter yet (or a Redis that restarted empty): start it, never read it as
+    # 0 (caches/generations.py: an old copy could match a counter that starts again at 0).
+    gen = int(raw_gen) if raw_gen is not None else start_missing(client, [keys.generation(user_id)])[0]
     return UserState(gen, raw_unknown is not None and int(raw_unknown) == gen, set(rated_since or ()))
 
 

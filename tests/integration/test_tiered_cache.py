@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from benchmarks.simulate_policies import simulate
 from caches.admission import SharedWTinyLFU, WTinyLFU, WTinyLFUConfig
 from caches.features import FeatureCache
+from caches.redis_client import is_cluster
 from caches.redis_server import EmbeddedRedis, free_port
 from caches.tiered import TieredCache
 from caches.tiers.base import TierStats, TierUnavailable
@@ -646,5 +648,37 @@ def test_values_that_never_go_stale_start_the_ttl_again_with_a_promotion(
         _sleep_until(stored_at + MOVE_AT_S)
         assert cache.get_many([key]).sources == {key: "rocksdb"}
         assert _ram_pttl_ms(redis_client, cache, key) > MOVE_TTL_S * 1000 - FULL_TTL_MARGIN_MS
+    finally:
+        cache.close()
+
+
+def _flush(client: redis.Redis) -> None:
+    """Empty every primary: what a Redis that restarts without persistence comes back as."""
+    if is_cluster(client):
+        client.flushdb(target_nodes=RedisCluster.PRIMARIES)  # type: ignore[call-arg]
+    else:
+        client.flushdb()
+
+
+def test_a_copy_from_before_an_empty_redis_restart_never_matches_a_generation_again(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The row changed at the source while this replica missed its invalidation (its SSD copy
+    stayed), and then Redis restarted empty: the generations went with it. Counters that started
+    again at 0 matched the SSD copy tagged 0 and served the old row until the replica's restart
+    check ran; a counter now starts from the server clock, so no old tag matches it."""
+    key = "gen:m:1:user"
+    source = source_for([key])
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source, invalidation=False,
+                       generation_of=lambda k: f"restartgen:{k}")
+    assert cache.ssd is not None and cache.generations is not None
+    try:
+        assert cache.get_many([key]).sources == {key: "source"}  # tagged with the user's generation
+        before = cache.generations.read([key])[key]
+        source.data[key] = val(key, "new")  # the source changed; this replica's copy did not go
+        _flush(redis_client)
+        again = cache.get_many([key])
+        assert again.values == {key: val(key, "new")} and again.sources == {key: "source"}
+        assert cache.generations.read([key])[key] > before  # started again above every old number
     finally:
         cache.close()
