@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -34,6 +35,7 @@ from typing import Any
 
 import redis
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from caches.invalidation import PendingInvalidations
 from caches.redis_client import REDIS_ERRORS, is_cluster
@@ -55,6 +57,15 @@ log = logging.getLogger("tierserve.recommender")
 
 EVENT_LOCK_TIMEOUT_S = 10.0
 EVENT_LOCK_WAIT_S = 5.0
+# Random bytes of an event lock's token (redis-py's own is a 16-byte uuid1).
+EVENT_LOCK_TOKEN_BYTES = 16
+# KEYS[1]: a lock; ARGV[1]: a token. Deletes the lock only while it holds that token.
+_RELEASE_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 # When another replica may replay an event's pending record: only when the event's own
 # invalidation did not settle it (Redis failed after the push, the replica died). Not sooner than
 # the event can still be running (its lock's timeout): a replay that ran ahead of the push, and
@@ -192,13 +203,7 @@ class EventRecorder:
         if item_id not in m.index.ids:
             return _unknown_item(m, item_id)
         # One event of a user at a time (across replicas): the push is a read-modify-write.
-        lock = self.redis.lock(event_lock_key(user_id), timeout=EVENT_LOCK_TIMEOUT_S,
-                               blocking_timeout=EVENT_LOCK_WAIT_S)
-        try:
-            if not lock.acquire():
-                raise NotNow(f"another event of user {user_id} is still being recorded")
-        except REDIS_ERRORS as exc:
-            raise NotNow("Redis is unreachable") from exc
+        lock = acquire_event_lock(self.redis, user_id)
         try:
             return self._record_locked(m, activity, tenant, lock)
         finally:
@@ -316,6 +321,29 @@ class EventRecorder:
     def invalidate_users_of(self, members: list[str]) -> bool:
         with self.models.lease() as m:
             return self.invalidate_users(m, [int(u) for u in members])
+
+
+def acquire_event_lock(client: redis.Redis, user_id: int) -> Lock:
+    """The user's event lock, held; NotNow when another event holds it or Redis fails.
+
+    The token is ours before the SET NX is sent: on a slow Redis the SET may run and only its reply
+    be lost, and a lock taken under a token nobody knows stays held for EVENT_LOCK_TIMEOUT_S (every
+    event of the user meanwhile waits EVENT_LOCK_WAIT_S, then is queued). On a Redis error the
+    lock is released by that token: deleted only if it holds ours (a compare-and-delete, never
+    another event's lock). It is EVAL, not the lock's cached EVALSHA: on a server that never ran
+    the script, an EVALSHA whose NOSCRIPT reply is lost too would leave the lock behind."""
+    lock = client.lock(event_lock_key(user_id), timeout=EVENT_LOCK_TIMEOUT_S, blocking_timeout=EVENT_LOCK_WAIT_S)
+    token = secrets.token_hex(EVENT_LOCK_TOKEN_BYTES)
+    try:
+        if not lock.acquire(token=token):
+            raise NotNow(f"another event of user {user_id} is still being recorded")
+    except REDIS_ERRORS as exc:
+        # Best effort, and never another event's lock. On a stalled server it waits behind the
+        # SET and runs after it; if it never arrives, the lock's timeout frees the key as before.
+        with contextlib.suppress(*REDIS_ERRORS):
+            client.eval(_RELEASE_IF_OURS, 1, event_lock_key(user_id), token)
+        raise NotNow("Redis is unreachable") from exc
+    return lock
 
 
 def _unknown_item(m: RecsModel, item_id: int) -> dict[str, Any]:

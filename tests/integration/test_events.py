@@ -27,7 +27,7 @@ from caches.versions import Leased
 from deployments import recommender_events
 from deployments.config import RecommenderSettings
 from deployments.recommender_events import EventRecorder
-from deployments.recommender_keys import read_user, remember_unknown
+from deployments.recommender_keys import event_lock_key, read_user, remember_unknown
 from deployments.recommender_model import RecsModel
 from feature_store import names
 from feature_store.events import (
@@ -45,7 +45,12 @@ from feature_store.events import (
 )
 from feature_store.journal import EventJournal
 from feature_store.pipeline import RepoInfo
+from tests.slow_redis import node_of, stalled
 from tests.support import item_features, user_cache
+
+# Longer than the recorder's Redis timeout (caches/redis_client.py SOCKET_TIMEOUT_S): the lock's
+# SET NX sent during it runs on the server after the recorder gave up on the reply.
+LOCK_STALL_S = 2.0
 
 
 @pytest.fixture
@@ -424,6 +429,27 @@ def test_an_event_within_its_deadline_is_answered_by_its_attempt(
     assert out["recorded"] == "queued" and "unreachable" in out["warning"] and recorder.journal.count() == 1
     _wait_until_no_attempt_runs(recorder)
     assert recorder.journal.count() == 1
+
+
+def test_an_event_lock_whose_acquire_reply_was_lost_is_released_not_left_held(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Redis slow, not dead: the lock's SET NX runs but its reply is lost, so the event is queued.
+    The lock must not stay held with nobody to release it: the user's next event (here the queued
+    one, replayed) takes it at once instead of waiting EVENT_LOCK_WAIT_S and being queued again."""
+    m, recorder = wired
+    user = repo.user_ids_sample[13]
+    item = unrated_item(repo, m, user)
+    n_before = recorder.writer.current_row(user)["n_ratings"]
+    lock_key = event_lock_key(user)
+    recorder.redis.exists(lock_key)  # a warm pooled connection: the SET NX is sent, then its reply lost
+    with stalled(*node_of(redis_client, redis_url, lock_key), LOCK_STALL_S):
+        out = recorder.record(m, Activity(user, item, "rating", 4.0), "acme")
+    assert out["recorded"] == "queued", out
+    _wait_until_no_attempt_runs(recorder)
+    assert not redis_client.exists(lock_key), f"left held for {redis_client.pttl(lock_key)} ms more"
+    recorder.replay_queued()  # the watcher's next tick
+    assert recorder.journal.count() == 0 and recorder.writer.current_row(user)["n_ratings"] == n_before + 1
 
 
 def test_a_push_that_timed_out_but_landed_is_replayed_without_applying_it_twice(

@@ -1,5 +1,6 @@
 """Lookup counts shared by Ingress replicas (caches/lookup_counts.py) on a real Redis: two
-replicas' counts add up on either one's page, and nothing is lost while Redis is down."""
+replicas' counts add up on either one's page, nothing is lost while Redis is down, and nothing is
+counted twice while it is slow (a flush that ran, its reply lost, is sent again)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ import redis
 from caches.lookup_counts import LOOKUPS_KEY, SharedLookupCounts
 from caches.redis_client import make_client
 from caches.redis_server import EmbeddedRedis, free_port
+from tests.slow_redis import node_of, stalled
+
+# The Ingress's own Redis timeout (deployments/ingress.py), and a stall well past it: a flush sent
+# during the stall runs on the server after its client gave up on the reply.
+SLOW_CLIENT_TIMEOUT_S = 0.5
+STALL_S = 1.5
+SLOW_TICKS = 3
+HITS = '["exact","acme","hit"]'  # the hash field of ("exact", "acme", "hit")
 
 
 @pytest.fixture
@@ -87,3 +96,53 @@ def test_counts_made_while_redis_is_down_arrive_when_it_is_back() -> None:
         assert counts.snapshot() == {"exact": {"acme": {"miss": 2.0}}}
     finally:
         server.stop()
+
+
+def _slow_client(redis_url: str) -> redis.Redis:
+    return make_client(redis_url, socket_timeout_s=SLOW_CLIENT_TIMEOUT_S, connect_timeout_s=SLOW_CLIENT_TIMEOUT_S)
+
+
+def _flush_during_a_stall(counts: SharedLookupCounts, node: tuple[str, int]) -> bool:
+    counts.client.hlen(LOOKUPS_KEY)  # a warm pooled connection, as between the app's ticks
+    with stalled(*node, STALL_S):
+        return counts.flush()
+
+
+def test_a_batch_whose_reply_was_lost_is_counted_once_however_often_it_is_sent(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Slow, not dead: every tick's flush runs on the server and its reply is lost. The batch is
+    sent again each tick (it may not have run) and must count once; lookups made meanwhile are a
+    batch of their own, counted once too."""
+    counts = SharedLookupCounts(_slow_client(redis_url), flush_interval_s=None)
+    node = node_of(redis_client, redis_url, LOOKUPS_KEY)
+    counts.add("exact", "acme", "miss")
+    assert counts.flush()  # Redis has the flush script now: a copy sent during a stall runs after it
+    counts.add("exact", "acme", "hit", n=10)
+    for tick in range(SLOW_TICKS):
+        assert not _flush_during_a_stall(counts, node), f"tick {tick}: the stall did not hold the reply"
+        counts.add("exact", "acme", "hit")  # lookups go on meanwhile
+    assert int(redis_client.hget(LOOKUPS_KEY, HITS) or 0) == 10  # ran once, every later copy added nothing
+    assert counts.flush()  # answered at last: the same batch, still nothing added
+    assert int(redis_client.hget(LOOKUPS_KEY, HITS) or 0) == 10
+    assert counts.flush()  # then the lookups made meanwhile
+    assert counts.snapshot() == {"exact": {"acme": {"hit": 10.0 + SLOW_TICKS, "miss": 1.0}}}
+    assert not counts.pending() and counts.flush()
+    assert int(redis_client.hget(LOOKUPS_KEY, HITS) or 0) == 10 + SLOW_TICKS
+
+
+def test_the_page_counts_a_batch_whose_reply_was_lost_once(redis_client: redis.Redis, redis_url: str) -> None:
+    """Between the lost reply and the next flush the batch is both in Redis and unanswered here:
+    the page counts it once (its marker says it landed), and it is never sent again."""
+    counts = SharedLookupCounts(_slow_client(redis_url), flush_interval_s=None)
+    node = node_of(redis_client, redis_url, LOOKUPS_KEY)
+    counts.add("exact", "acme", "miss")
+    assert counts.flush()
+    counts.add("exact", "acme", "hit", n=10)
+    assert not _flush_during_a_stall(counts, node)
+    counts.add("exact", "acme", "hit")
+    assert counts.snapshot() == {"exact": {"acme": {"hit": 11.0, "miss": 1.0}}}
+    assert counts.pending() == {("exact", "acme", "hit"): 1}  # the batch is answered: the page saw it land
+    assert counts.flush()
+    assert int(redis_client.hget(LOOKUPS_KEY, HITS) or 0) == 11
+    assert counts.snapshot() == {"exact": {"acme": {"hit": 11.0, "miss": 1.0}}}
