@@ -245,9 +245,12 @@ class TieredCache(TierMoves):
             try:
                 # One round trip where the policy can: its script reads the values and records the accesses.
                 t0 = time.perf_counter()
+                # A lookup that raises has buffered the reads it must count itself (or its script
+                # may have run, its reply lost): recording them again would count them twice.
+                recorded = self.policy is not None
                 fused = self.policy.lookup(self.ram, keys) if self.policy is not None else None
+                recorded = fused is not None  # None: this policy does not read RAM; record below
                 if fused is not None:
-                    recorded = True
                     ram_hits = fused
                     self.ram.account_read(keys, ram_hits, time.perf_counter() - t0)
                 else:

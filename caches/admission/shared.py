@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, TypeVar
 
+import redis
+
 from caches.admission.policy import Placement, PlacementPolicy, split_placement
 from caches.admission.sketch import COUNTER_MAX, SKETCH_DEPTH, sketch_indexes
 from caches.admission.wtinylfu import CLIMB_RESTART_THRESHOLD, CLIMB_STEP_DECAY, WTinyLFUConfig, lua_number
-from caches.redis_client import ScriptBatch
+from caches.redis_client import REDIS_ERRORS, RedisUnavailable, ScriptBatch, is_cluster
+from caches.tiers.base import TierUnavailable
 
 if TYPE_CHECKING:
     from caches.tiers.base import Tier
@@ -55,15 +58,20 @@ CLIMBER = "climber"  # hash: window, step, prev, reads, hits
 KEY_ORDER = (WINDOW, PROBATION, PROTECTED, REGION, SIZE, BYTES, TICK, SKETCH, ADDS, CLIMBER)
 
 HALVING_CHUNK_BYTES = 64 << 10  # aging in slices keeps each Redis script call well under 1 ms
-PENDING_MAX_KEYS = 100_000  # access counts buffered while Redis is down, flushed on return
+PENDING_MAX_KEYS = 100_000  # reads buffered while Redis is unreachable (never sent), flushed on return
 # Keys per placement script call. Redis' Lua caps `unpack` (and a C call's arguments) near 8,000
 # values; the record script unpacks 4 BITFIELD words per sketch row per key (16 per key), so a
 # batch of ~500 keys failed with `too many results to unpack`. 256 keys = 4,096 values: half the
 # cap, and it bounds each call's run time (the server is single-threaded). Chunks of one batch
 # are applied in order, which is what one call over the whole batch would have done.
 MAX_KEYS_PER_SCRIPT = 256
-# Sketch counters per BITFIELD command when flushing the counts buffered during an outage.
+# Sketch counters per BITFIELD command when flushing the counts buffered during an outage; a
+# command carries whole keys (all SKETCH_DEPTH counters of each), so a key is flushed or not.
 MAX_COUNTERS_PER_FLUSH = 1024
+KEYS_PER_FLUSH = MAX_COUNTERS_PER_FLUSH // SKETCH_DEPTH
+# How redis-py words a failure to open a connection ("Timeout connecting to server", "Error 111
+# connecting to host:port. Connection refused."): raised before any command is written.
+CONNECT_FAILURE = "connecting to"
 # Size-hash fields one reconcile step reads (HSCAN COUNT) and checks: one script call's worth, so
 # each step is short on the single-threaded server (a small, listpack-encoded hash comes back
 # whole: still small, and chunked by MAX_KEYS_PER_SCRIPT).
@@ -90,6 +98,21 @@ def _chunks(items: Sequence[T], n: int) -> Iterator[list[T]]:
         yield list(items[i : i + n])
 
 
+def never_sent(exc: BaseException) -> bool:
+    """Whether a failed Redis call surely never reached the server: the breaker skipped it, or
+    the connection could not be opened (refused, connect timeout). Anything else, a read timeout
+    above all, may come after the command RAN, its reply lost (a slow server, not a dead one):
+    the caller must assume it did. A call never sent that looks otherwise (a timeout in a new
+    connection's handshake, a full pool) is then taken as run: the safe side (see "counting
+    reads" in SharedWTinyLFU)."""
+    if not isinstance(exc, RedisUnavailable):
+        return False
+    cause = exc.__cause__
+    if cause is None:  # Breaker.call raises, unchained, before calling; every failure it saw chains
+        return exc.__context__ is None
+    return isinstance(cause, (redis.ConnectionError, redis.TimeoutError)) and CONNECT_FAILURE in str(cause)
+
+
 class SharedWTinyLFU(PlacementPolicy):
     """W-TinyLFU whose sketch and metadata live in the RAM tier's Redis (see module note)."""
 
@@ -112,7 +135,7 @@ class SharedWTinyLFU(PlacementPolicy):
         self._remove = client.register_script(lua_source("remove"))
         self._halve = client.register_script(lua_source("halve"))
         self._reconcile = client.register_script(lua_source("reconcile"))
-        self.pending: Counter[str] = Counter()  # accesses counted while Redis was down
+        self.pending: Counter[str] = Counter()  # reads whose record call never reached Redis
         self.agings = 0
         # Where the next reconcile_step resumes: (group, HSCAN cursor of its size hash).
         self._reconcile_at = (0, 0)
@@ -130,53 +153,91 @@ class SharedWTinyLFU(PlacementPolicy):
         c = self.cfg
         return [c.width, SKETCH_DEPTH, c.budget_bytes, c.window_bytes, repr(c.protected_fraction)]
 
+    # -- counting reads -------------------------------------------------------------------------
+    # A read is counted by the record script that serves it. When that call fails, the read is
+    # kept in `pending` (added to the sketch by the next call that reaches Redis) only if the call
+    # surely never reached Redis (`never_sent`): on a slow server a timed-out call may have run,
+    # its reply lost, and buffering it too counted the read twice, so keys read during a slow
+    # spell won admission duels against hotter keys. Counting such a read zero times instead is
+    # harmless for a frequency sketch: a read missing here and there (only while Redis is slow)
+    # moves an estimate by one, as a hash collision or a halving does, and favours no key.
+
     def record(self, keys: Sequence[str], hits: set[str]) -> None:
-        for shard, group in self.tier.by_shard(keys).items():
-            for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT):
-                args = self._record_args(fetch=False)
-                for k in chunk:
-                    args += [k, 1 if k in hits else 0]
+        calls = [(shard, chunk) for shard, group in self.tier.by_shard(keys).items()
+                 for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT)]
+        for i, (shard, chunk) in enumerate(calls):
+            args = self._record_args(fetch=False)
+            for k in chunk:
+                args += [k, 1 if k in hits else 0]
+            try:
                 self._run_record(shard, chunk, self.shard_keys[shard], args)
+            except TierUnavailable:
+                self._buffer(k for _, later in calls[i + 1:] for k in later)  # never sent
+                raise
 
     def lookup(self, ram: Tier, keys: Sequence[str]) -> dict[str, bytes] | None:
         """Read the RAM tier and record the accesses, one round trip per chunk and group
-        (lua/record.lua), when `ram` is the tier this policy's state lives in."""
+        (lua/record.lua), when `ram` is the tier this policy's state lives in. When it raises
+        TierUnavailable it has dealt with the reads itself (counted, buffered, or sent and maybe
+        run): the caller must not `record` them again, or they count twice."""
         if ram is not self.tier:
             return None
         if self.shards > 1:
             return self._lookup_groups(keys)
         found: dict[str, bytes] = {}
-        for chunk in _chunks(keys, MAX_KEYS_PER_SCRIPT):
+        chunks = list(_chunks(keys, MAX_KEYS_PER_SCRIPT))
+        for i, chunk in enumerate(chunks):
             names = [self.tier.physical(k) for k in chunk]
-            reply = self._run_record(0, chunk, [*self.shard_keys[0], *names], [*self._record_args(fetch=True), *chunk])
+            try:
+                reply = self._run_record(0, chunk, [*self.shard_keys[0], *names], [*self._record_args(fetch=True), *chunk])
+            except TierUnavailable:
+                self._buffer(k for later in chunks[i + 1:] for k in later)  # never sent
+                raise
             found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
         return found
 
     def _lookup_groups(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The lookup over hash-tag groups (a cluster): every group's script call in one
-        pipeline per node (a cluster pipeline refuses scripts: redis_client.ScriptBatch)."""
-        calls: list[tuple[int, list[str]]] = []
-        batch = ScriptBatch(self.tier.client)
+        pipeline per node (a cluster pipeline refuses scripts: redis_client.ScriptBatch). One
+        batch per node, so a failure says which calls were never sent: on a cluster with one
+        master down, the calls on the others have run, and only the down node's reads wait."""
+        by_node: dict[str, list[tuple[int, list[str], list[str], list[object]]]] = {}
         for shard, group in self.tier.by_shard(keys).items():
             for chunk in _chunks(group, MAX_KEYS_PER_SCRIPT):
-                names = [self.tier.physical(k) for k in chunk]
-                batch.add(self._record, [*self.shard_keys[shard], *names], [*self._record_args(fetch=True), *chunk])
-                calls.append((shard, chunk))
-        try:
-            if self.pending:
-                self._flush_pending()
-            replies = self.tier._call("placement.record", batch.execute)
-        except Exception:
-            # Redis is down: keep counting here so the outage's reads still count when it returns.
-            if len(self.pending) < PENDING_MAX_KEYS:
-                self.pending.update(keys)
-            raise
+                script_keys = [*self.shard_keys[shard], *(self.tier.physical(k) for k in chunk)]
+                call = (shard, chunk, script_keys, [*self._record_args(fetch=True), *chunk])
+                by_node.setdefault(self._node_of(script_keys[0]), []).append(call)
+        self._flush_or_buffer(keys)
+        nodes = list(by_node.values())
         found: dict[str, bytes] = {}
-        for (shard, chunk), reply in zip(calls, replies, strict=True):
-            if reply[0]:
-                self.age(shard)
-            found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
+        for i, calls in enumerate(nodes):
+            batch = ScriptBatch(self.tier.client)
+            for _, _, script_keys, args in calls:
+                batch.add(self._record, script_keys, args)
+            try:
+                replies = self.tier._call("placement.record", batch.execute)
+            except TierUnavailable as exc:
+                if never_sent(exc):
+                    self._buffer(k for _, chunk, _, _ in calls for k in chunk)
+                self._buffer(k for later in nodes[i + 1:] for _, chunk, _, _ in later for k in chunk)
+                raise
+            for (shard, chunk, _, _), reply in zip(calls, replies, strict=True):
+                if reply[0]:
+                    self.age(shard)
+                found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
         return found
+
+    def _node_of(self, key: str) -> str:
+        """The cluster node serving `key` (from the client's slot map, no round trip); '' on one
+        server. A key whose slot no node covers gets '' too: its call fails in the batch, as a
+        Redis error."""
+        client = self.tier.client
+        if not is_cluster(client):
+            return ""
+        try:
+            return str(client.get_node_from_key(key).name)
+        except REDIS_ERRORS:
+            return ""
 
     def _record_args(self, *, fetch: bool) -> list[object]:
         c = self.cfg
@@ -187,29 +248,55 @@ class SharedWTinyLFU(PlacementPolicy):
         ]
 
     def _run_record(self, shard: int, keys: Sequence[str], script_keys: list[str], args: list[object]) -> list:
+        self._flush_or_buffer(keys)
         try:
-            if self.pending:
-                self._flush_pending()
             reply = self.tier._call("placement.record", self._record, script_keys, args)
-        except Exception:
-            # Redis is down: keep counting here so the outage's reads still count when it returns.
-            if len(self.pending) < PENDING_MAX_KEYS:
-                self.pending.update(keys)
+        except TierUnavailable as exc:
+            if never_sent(exc):
+                self._buffer(keys)
             raise
         if reply[0]:
             self.age(shard)
         return reply
 
+    def _buffer(self, keys: Iterable[str]) -> None:
+        """Count reads that never reached Redis here, until a call does (bounded: past
+        PENDING_MAX_KEYS distinct keys a long outage's further reads go uncounted)."""
+        if len(self.pending) < PENDING_MAX_KEYS:
+            self.pending.update(keys)
+
+    def _flush_or_buffer(self, keys: Sequence[str]) -> None:
+        """Flush `pending` before a record call; if that fails, the record call is not made, so
+        its reads are surely uncounted: buffered, whatever the flush's failure."""
+        if not self.pending:
+            return
+        try:
+            self._flush_pending()
+        except Exception:
+            self._buffer(keys)
+            raise
+
     def _flush_pending(self) -> None:
+        """Add the buffered counts to the sketch, one BITFIELD per KEYS_PER_FLUSH keys. Each
+        command's counts leave `pending` before it is sent: one that then fails goes back only if
+        it was surely never sent (`never_sent`), else it may have run and is dropped (counted at
+        most once). Taking them out first also keeps two threads from flushing the same counts."""
         for shard, group in self.tier.by_shard(list(self.pending)).items():
-            incr = [(o, min(self.pending[key], COUNTER_MAX)) for key in group for o in sketch_indexes(key, self.cfg.width)]
-            for chunk in _chunks(incr, MAX_COUNTERS_PER_FLUSH):
+            for chunk in _chunks(group, KEYS_PER_FLUSH):
+                counts = {k: n for k in chunk if (n := self.pending.pop(k, 0)) > 0}
+                if not counts:
+                    continue
                 ops: list[object] = ["OVERFLOW", "SAT"]
-                for o, n in chunk:
-                    ops += ["INCRBY", "u4", f"#{o}", n]
-                self.tier._call("placement.flush", self.tier.client.execute_command, "BITFIELD",
-                                self._key(shard, SKETCH), *ops)
-        self.pending.clear()
+                for key, n in counts.items():
+                    for o in sketch_indexes(key, self.cfg.width):
+                        ops += ["INCRBY", "u4", f"#{o}", min(n, COUNTER_MAX)]
+                try:
+                    self.tier._call("placement.flush", self.tier.client.execute_command, "BITFIELD",
+                                    self._key(shard, SKETCH), *ops)
+                except Exception as exc:
+                    if never_sent(exc):
+                        self.pending.update(counts)
+                    raise
 
     def age(self, shard: int | None = None) -> None:
         """Halve every counter (of one group, or all), slice by slice (other replicas keep
