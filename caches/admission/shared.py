@@ -81,6 +81,9 @@ RECONCILE_CHUNK = MAX_KEYS_PER_SCRIPT
 # between), and an entry forgotten in that gap leaves a value in RAM that no eviction will ever
 # pick. Far longer than that gap; expired bytes are counted this much longer, which costs little.
 RECONCILE_GRACE_S = 10.0
+# RAM values without a region this replica remembers at once (a few dozen bytes each): past it,
+# the ones beyond wait for a later sweep.
+ORPHAN_MAX_TRACKED = 100_000
 
 
 @cache
@@ -135,10 +138,18 @@ class SharedWTinyLFU(PlacementPolicy):
         self._remove = client.register_script(lua_source("remove"))
         self._halve = client.register_script(lua_source("halve"))
         self._reconcile = client.register_script(lua_source("reconcile"))
+        self._orphans = client.register_script(lua_source("orphans"))
         self.pending: Counter[str] = Counter()  # reads whose record call never reached Redis
         self.agings = 0
-        # Where the next reconcile_step resumes: (group, HSCAN cursor of its size hash).
+        # Where the next reconcile_step resumes: (group, HSCAN cursor of its size hash), and the
+        # same over the RAM tier's sizes hash for values no region holds (`_orphan_slice`).
         self._reconcile_at = (0, 0)
+        self._orphans_at = (0, 0)
+        # RAM values seen without a region, by Redis name: when first seen (monotonic) and in
+        # which sweep last. Deleted once seen so again at least reconcile_grace_s later; one not
+        # seen in a whole sweep is gone (deleted, re-admitted) and forgotten.
+        self._orphans_seen: dict[str, tuple[float, int]] = {}
+        self._orphan_sweep = 0
         # Per group: the first tick seen in the current grace period and when (monotonic), and
         # the settled tick, one seen at least reconcile_grace_s ago (see RECONCILE_GRACE_S).
         self.reconcile_grace_s = RECONCILE_GRACE_S
@@ -377,7 +388,47 @@ class SharedWTinyLFU(PlacementPolicy):
             shard, cursor = 0, 0
         cursor, forgotten = self._reconcile_slice(shard, cursor, count)
         self._reconcile_at = (shard, cursor) if cursor != 0 else ((shard + 1) % self.shards, 0)
+        shard, cursor = self._orphans_at
+        if shard >= self.shards:
+            shard, cursor = 0, 0
+        cursor = self._orphan_slice(shard, cursor, count)
+        self._orphans_at = (shard, cursor) if cursor != 0 else ((shard + 1) % self.shards, 0)
+        if self._orphans_at == (0, 0):
+            self._orphan_sweep += 1
+            self._orphans_seen = {n: seen for n, seen in self._orphans_seen.items()
+                                  if seen[1] >= self._orphan_sweep - 1}
         return forgotten
+
+    def _orphan_slice(self, shard: int, cursor: int, count: int) -> int:
+        """One HSCAN page of the RAM tier's sizes hash of one group: values no region holds are
+        noted, and deleted (lua/orphans.lua, which checks again atomically) once they were seen so
+        at least reconcile_grace_s before: a demotion's value stands without a region for the
+        moment between the admit and its delete, a lost admit reply's for good. Returns the
+        next cursor."""
+        sizes, total = self.tier.bookkeeping(shard)
+        region = self._key(shard, REGION)
+        cursor, fields = self.tier._call("placement.orphans", self.tier.client.hscan, sizes, cursor, None, count)
+        names = [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+        now = time.monotonic()
+        for chunk in _chunks(names, MAX_KEYS_PER_SCRIPT):
+            keys = [self.tier.logical(n) for n in chunk]
+            found = self.tier._call("placement.orphans", self._orphans, [region, sizes, total, *chunk],
+                                    ["0", *keys])
+            orphans = {self.tier.physical(k.decode() if isinstance(k, bytes) else k) for k in found}
+            for name in chunk:
+                if name not in orphans:
+                    self._orphans_seen.pop(name, None)
+            due = [n for n in orphans if now - self._orphans_seen.get(n, (now, 0))[0] >= self.reconcile_grace_s]
+            for n in orphans:
+                first = self._orphans_seen.get(n, (now, 0))[0]
+                if n in self._orphans_seen or len(self._orphans_seen) < ORPHAN_MAX_TRACKED:
+                    self._orphans_seen[n] = (first, self._orphan_sweep)
+            if due:
+                self.tier._call("placement.orphans", self._orphans, [region, sizes, total, *due],
+                                ["1", *(self.tier.logical(n) for n in due)])
+                for n in due:
+                    self._orphans_seen.pop(n, None)
+        return int(cursor)
 
     @property
     def reconcile_wrapped(self) -> bool:

@@ -244,6 +244,11 @@ class RedisTier:
             return counter
         return self.tag(zlib.crc32(counter.encode()) % self.shards if self.shards > 1 else 0) + counter
 
+    def bookkeeping(self, shard: int) -> tuple[str, str]:
+        """The shard's sizes hash and byte total (what the write scripts take as KEYS[1], KEYS[2];
+        in the shard's slot)."""
+        return self._meta[shard]
+
     def logical(self, name: str) -> str:
         """The cache key of a Redis name (the tag stripped)."""
         return name[name.index("}") + 1:] if self.tagged and name.startswith("{") else name

@@ -137,3 +137,39 @@ def test_maintain_survives_a_failing_policy_reconcile(
         assert calls == ["ram", "policy"]  # both ran; the failure stayed inside maintain
     finally:
         cache.close()
+
+
+def test_a_ram_value_no_region_holds_is_deleted_after_the_grace(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The admit script ran (its victims left the placement) but its reply was lost to a slow
+    Redis: nobody deleted the victims' values, which then sat in RAM outside the budget until
+    their TTL. The upkeep deletes a value no region holds once it has seen it so for the grace
+    (a demotion's value stands without a region for a moment, before its own delete)."""
+    keys = [f"orph:m:1:{i}" for i in range(40)]
+    budget = 10 * (len(keys[0]) + VALUE)  # ten rows in RAM
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for([*keys, "orph:m:1:new"]), ram=budget,
+                       invalidation=False, maintain_every_s=None)
+    assert cache.ram is not None and isinstance(cache.policy, SharedWTinyLFU)
+    policy = cache.policy
+    policy.reconcile_grace_s = GRACE_S
+    try:
+        for _ in range(3):
+            for k in keys[:10]:
+                cache.get_many([k])
+        held = set(policy.resident_keys())
+        assert held and held <= set(cache.ram.get_many(list(held)))
+        # The lost reply: the script evicts to make room, the cache never hears of its victims.
+        policy.admit({"orph:m:1:new": len("orph:m:1:new") + VALUE})
+        victims = held - set(policy.resident_keys())
+        assert victims and set(cache.ram.get_many(list(victims))) == victims  # values left behind
+        cache.maintain()  # noted, not deleted yet: it may be a demotion between its admit and delete
+        assert set(cache.ram.get_many(list(victims))) == victims
+        time.sleep(GRACE_S + 0.1)
+        cache.maintain()
+        assert cache.ram.get_many(list(victims)) == {}  # gone, their bytes given back
+        still = set(policy.resident_keys()) - {"orph:m:1:new"}
+        assert set(cache.ram.get_many(list(still))) == still  # the placement's own values stay
+        assert cache.ram.size_bytes() == sum(len(k) + VALUE for k in still)
+    finally:
+        cache.close()

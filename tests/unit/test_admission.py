@@ -145,7 +145,7 @@ def test_lua_scripts_ship_as_package_data() -> None:
     root = Path(__file__).resolve().parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["caches"]
     scripts = sorted((root / "caches" / "admission" / "lua").glob("*.lua"))
-    assert {p.stem for p in scripts} == {"common", "record", "admit", "remove", "halve", "reconcile"}
+    assert {p.stem for p in scripts} == {"common", "record", "admit", "remove", "halve", "reconcile", "orphans"}
     for path in scripts:
         rel = path.relative_to(root / "caches").as_posix()
         assert any(fnmatch(rel, pat) for pat in patterns), rel
