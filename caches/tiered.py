@@ -148,29 +148,31 @@ class TieredCache(TierMoves):
         round."""
         if self.ram is None:
             return 0
-        n = 0
-        try:
-            for _ in range(steps):
-                n += self.ram.reconcile_step()
-                if self.ram.reconcile_wrapped:
-                    break
-        except TierUnavailable as exc:
-            log.debug("tiered cache %s: RAM reconcile postponed: %s", self.name, exc)
+        ram = self.ram
+        n = self._sweep("RAM reconcile", ram.reconcile_step, lambda: ram.reconcile_wrapped, steps)
         self.counters.ram_reconciled += n
         if self.policy is not None:
             # A sweep of its own (its own cursor): the tier's byte total and the policy's are
             # kept apart, and an outage of one call must not skip the other.
-            forgotten = 0
-            try:
-                for _ in range(steps):
-                    forgotten += self.policy.reconcile_step()
-                    if self.policy.reconcile_wrapped:
-                        break
-            except TierUnavailable as exc:
-                log.debug("tiered cache %s: placement reconcile postponed: %s", self.name, exc)
+            policy = self.policy
+            forgotten = self._sweep("placement reconcile", policy.reconcile_step,
+                                    lambda: policy.reconcile_wrapped, steps)
             if forgotten:
                 log.debug("tiered cache %s: placement forgot %d expired entries", self.name, forgotten)
         return n
+
+    def _sweep(self, what: str, step: Callable[[], int], wrapped: Callable[[], bool], steps: int) -> int:
+        """Up to `steps` bounded steps, fewer once the sweep has wrapped; a Redis outage ends the
+        round early (the next round resumes). Returns the sum of what the steps returned."""
+        done = 0
+        try:
+            for _ in range(steps):
+                done += step()
+                if wrapped():
+                    break
+        except TierUnavailable as exc:
+            log.debug("tiered cache %s: %s postponed: %s", self.name, what, exc)
+        return done
 
     # ------------------------------------------------------------------------------------------
     @classmethod

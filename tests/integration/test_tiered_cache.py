@@ -558,6 +558,23 @@ def _demote(cache: TieredCache, key: str, others: list[str]) -> None:
     pytest.fail(f"{key} was never demoted: the RAM budget is too large for the test")
 
 
+def _promoted_then_gone(redis_client: redis.Redis, cache: TieredCache, key: str, read_at: float) -> None:
+    """At MOVE_AT_S after the cold read at `read_at`, a read promotes `key` from the SSD with the
+    time it had left (not a fresh TTL); past MOVE_TTL_S since that read no tier serves it (the
+    read goes to the cold tier)."""
+    assert cache.ram is not None and cache.ssd is not None
+    _sleep_until(read_at + MOVE_AT_S)
+    promoted = cache.get_many([key])
+    assert promoted.sources == {key: "rocksdb"} and promoted.values == {key: val(key)}
+    left_ms = (read_at + MOVE_TTL_S - time.time()) * 1000
+    pttl = _ram_pttl_ms(redis_client, cache, key)
+    assert 0 < pttl <= left_ms + TTL_SLACK_MS, f"promoted with {pttl} ms, the row had {left_ms:.0f} ms left"
+    _sleep_until(read_at + MOVE_TTL_S + 0.1)
+    assert cache.ram.get_many([key]) == {}, "the RAM copy outlived the TTL since the cold read"
+    assert cache.ssd.get_many([key]) == {}, "the SSD copy outlived the TTL since the cold read"
+    assert cache.get_many([key]).sources == {key: "source"}  # the cold tier, never a stale copy
+
+
 @pytest.mark.parametrize("checked", [False, True], ids=["plain", "generations"])
 def test_a_promotion_keeps_the_time_left_since_the_cold_read(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, checked: bool
@@ -579,17 +596,7 @@ def test_a_promotion_keeps_the_time_left_since_the_cold_read(
         assert MOVE_TTL_S * 1000 - FULL_TTL_MARGIN_MS < _ram_pttl_ms(redis_client, cache, key) <= MOVE_TTL_S * 1000
         _demote(cache, key, others)
         assert key in cache.ssd  # the cold read's SSD copy: the demotion had nothing to write
-        _sleep_until(read_at + MOVE_AT_S)
-        promoted = cache.get_many([key])
-        assert promoted.sources == {key: "rocksdb"} and promoted.values == {key: val(key)}
-        left_ms = (read_at + MOVE_TTL_S - time.time()) * 1000
-        pttl = _ram_pttl_ms(redis_client, cache, key)
-        assert 0 < pttl <= left_ms + TTL_SLACK_MS, f"promoted with {pttl} ms, the row had {left_ms:.0f} ms left"
-        _sleep_until(read_at + MOVE_TTL_S + 0.1)
-        assert cache.ram.get_many([key]) == {}, "the RAM copy outlived the TTL since the cold read"
-        assert cache.ssd.get_many([key]) == {}, "the SSD copy outlived the TTL since the cold read"
-        again = cache.get_many([key])
-        assert again.sources == {key: "source"}  # served from the cold tier, never a stale copy
+        _promoted_then_gone(redis_client, cache, key, read_at)
         assert _ram_pttl_ms(redis_client, cache, key) > MOVE_TTL_S * 1000 - FULL_TTL_MARGIN_MS  # a new cold read: a full TTL
     finally:
         cache.close()
@@ -617,16 +624,7 @@ def test_a_demotion_keeps_the_time_left_since_the_cold_read(
         assert key in a.ssd
         expiry = a.ssd.get_many([key]).expires_at[key]
         assert expiry <= read_at + MOVE_TTL_S + TTL_SLACK_MS / 1000, f"{expiry - read_at:.3f} s after the cold read"
-        _sleep_until(read_at + MOVE_AT_S)
-        promoted = a.get_many([key])
-        assert promoted.sources == {key: "rocksdb"} and promoted.values == {key: val(key)}
-        left_ms = (read_at + MOVE_TTL_S - time.time()) * 1000
-        pttl = _ram_pttl_ms(redis_client, a, key)
-        assert 0 < pttl <= left_ms + TTL_SLACK_MS, f"promoted with {pttl} ms, the row had {left_ms:.0f} ms left"
-        _sleep_until(read_at + MOVE_TTL_S + 0.1)
-        assert a.ram.get_many([key]) == {}, "the RAM copy outlived the TTL since the cold read"
-        assert a.ssd.get_many([key]) == {}, "A's SSD copy outlived the TTL since the cold read"
-        assert a.get_many([key]).sources == {key: "source"}
+        _promoted_then_gone(redis_client, a, key, read_at)
     finally:
         a.close()
         b.close()
