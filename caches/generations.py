@@ -18,16 +18,20 @@ the cached copies. A reader that saw the new generation therefore reads the new 
 source (or later), and a row tagged with an older generation is never served again once the
 bump is done (the event's 202).
 
-Generations live in the RAM tier's Redis (the compare must be atomic with the write), as plain
-counters without a TTL: the cache Redis evicts only keys with a TTL (`volatile-lru`, k8s/), so a
-counter is never evicted and reset under its rows. A Redis that restarts empty loses them all.
-So a counter never starts at 0: the first read or bump of a missing counter sets it to the
+Generations live in the RAM tier's Redis (the compare must be atomic with the write). A Redis
+that restarts empty loses them all, and one may expire or be evicted (below). So a counter never
+starts at 0: the first read or bump of a missing counter sets it to the
 server's clock in microseconds (`START_LUA`), above every number any counter held before (fewer
 than a million bumps a second per entity). A copy tagged before the restart (on a replica's SSD,
 or on its way into RAM during the restart) then matches no current generation, whatever moment
 it arrives: a restart cannot bring an old row back. (Before, every counter restarted at 0 and
 the SSD copies tagged 0 matched again; the Recommender's check of Redis' run id, which drops its
 SSD user rows, closed that only once it had run.)
+
+For the same reason a counter may expire, or be evicted (`volatile-lru`, k8s/): it starts again
+above every copy tagged with it, which then only miss. So a counter carries a TTL (`ttl_s`: the rows' own TTL),
+given again by every bump and by the Recommender's reads of it: a counter outlives the copies it
+tags while its entity is in use, and a flood of reads for ids nobody uses leaves no key for good.
 
 When the counters cannot be read (Redis down), no tagged copy can be verified: the tiered cache
 then asks the source first and falls back to an unverified SSD copy only when the source fails
@@ -47,27 +51,46 @@ from caches.redis_client import REDIS_ERRORS, ScriptBatch, mget
 UNKNOWN = -1
 
 # A missing counter's first value: the server's clock in microseconds (the module note), exact as
-# a Lua number (below 2^53 for another 250 years). KEYS[1]: the counter; returns its value.
+# a Lua number (below 2^53 for another 250 years). KEYS[1]: the counter; ARGV[1]: its TTL in ms
+# (0: none), set when it starts; returns its value.
 START_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  local first = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if tonumber(ARGV[1]) > 0 then redis.call('SET', KEYS[1], first, 'PX', ARGV[1])
+  else redis.call('SET', KEYS[1], first) end
+end
+return redis.call('GET', KEYS[1])
+"""
+# Move a counter, starting it first where it is missing, and give it its TTL again (an event is
+# activity). KEYS[1]: the counter; ARGV[1]: its TTL in ms (0: none); returns the new value.
+BUMP_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local t = redis.call('TIME')
   redis.call('SET', KEYS[1], tonumber(t[1]) * 1000000 + tonumber(t[2]))
 end
-return redis.call('GET', KEYS[1])
+local n = redis.call('INCR', KEYS[1])
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
 """
-# Move a counter, starting it first where it is missing. KEYS[1]: the counter; returns the new value.
-BUMP_LUA = START_LUA.replace("return redis.call('GET', KEYS[1])", "return redis.call('INCR', KEYS[1])")
 
 
-def start_missing(client: redis.Redis, names: Sequence[str]) -> list[int]:
-    """Start the missing counters `names` (START_LUA) and return their values: one script call
-    each, sent together (a read's rare second round trip: a new entity, or a restarted Redis).
-    Raises Redis errors."""
+def counter_ttl_ms(ttl_s: float | None) -> int:
+    """A counter's TTL for the scripts (0: none)."""
+    return max(1, int(ttl_s * 1000)) if ttl_s else 0
+
+
+def start_missing(client: redis.Redis, names: Sequence[str], ttl_s: float | None) -> list[int]:
+    """Start the missing counters `names` (START_LUA), each with a TTL of `ttl_s`, and return
+    their values: one script call each, sent together (a read's rare second round trip: a new
+    entity, or a restarted Redis). Raises Redis errors."""
     script = client.register_script(START_LUA)
     batch = ScriptBatch(client)
     for name in names:
-        batch.add(script, [name], [])
+        batch.add(script, [name], [counter_ttl_ms(ttl_s)])
     return [int(v) for v in batch.execute()]
+
+
 _TAG = struct.Struct("<q")
 TAG_BYTES = _TAG.size
 
@@ -104,12 +127,14 @@ class Generations:
     (entities, not cache keys: a user's row under every model version shares one counter)."""
 
     def __init__(self, client: redis.Redis, key_of: Callable[[str], str],
-                 redis_name: Callable[[str], str] | None = None) -> None:
+                 redis_name: Callable[[str], str] | None = None, *, ttl_s: float | None = None) -> None:
         """`redis_name`: a counter's Redis name (on a Redis Cluster, the RAM tier's hash-tagged
-        name, so a checked write and its counter are one slot: RedisTier.counter_name)."""
+        name, so a checked write and its counter are one slot: RedisTier.counter_name). `ttl_s`:
+        a counter's TTL from its start or last bump (the module note; None: none)."""
         self.client = client
         self.key_of = key_of
         self.redis_name = redis_name or (lambda counter: counter)
+        self.ttl_s = ttl_s
         self._bump = client.register_script(BUMP_LUA)
 
     def read(self, keys: Sequence[str]) -> dict[str, int]:
@@ -122,7 +147,7 @@ class Generations:
         try:
             raw = mget(self.client, names)  # per slot on a cluster
             missing = sorted({n for n, v in zip(names, raw, strict=True) if v is None})
-            started = dict(zip(missing, start_missing(self.client, missing), strict=True)) if missing else {}
+            started = dict(zip(missing, start_missing(self.client, missing, self.ttl_s), strict=True)) if missing else {}
         except REDIS_ERRORS as exc:
             raise GenerationsUnavailable(f"generations unreadable: {type(exc).__name__}: {exc}") from exc
         return {k: int(v) if v is not None else started[n] for k, n, v in zip(keys, names, raw, strict=True)}
@@ -136,7 +161,7 @@ class Generations:
         try:
             batch = ScriptBatch(self.client)
             for c in counters:
-                batch.add(self._bump, [self.redis_name(c)], [])
+                batch.add(self._bump, [self.redis_name(c)], [counter_ttl_ms(self.ttl_s)])
             new = dict(zip(counters, batch.execute(), strict=True))
         except REDIS_ERRORS as exc:
             raise GenerationsUnavailable(f"generations not moved: {type(exc).__name__}: {exc}") from exc

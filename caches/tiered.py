@@ -215,7 +215,10 @@ class TieredCache(TierMoves):
             raise ValueError(f"unknown policy {policy!r}")
         ssd = RocksDBTier(rocksdb_dir, cache=name)
         bus = InvalidationBus(redis_url, stream=f"tierserve:invalidations:{name}") if invalidation else None
-        gens = Generations(ram.client, generation_of, redis_name=ram.counter_name) if generation_of is not None else None
+        # a counter outlives every copy it tags while its entity is read: the longest row TTL
+        counter_ttl = max(ttl_s.values(), default=None) if isinstance(ttl_s, dict) else ttl_s
+        gens = (Generations(ram.client, generation_of, redis_name=ram.counter_name, ttl_s=counter_ttl)
+                if generation_of is not None else None)
         cache = cls(ram=ram, ssd=ssd, cold=cold, policy=pol, ssd_budget_bytes=ssd_budget_bytes,
                     ttl_s=ttl_s, bus=bus, name=name, generations=gens, ttl_from_source=ttl_from_source)
         if maintain_every_s is not None:

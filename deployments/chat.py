@@ -130,7 +130,9 @@ class ChatPath(CachedRoute):
         here becomes the one that answered, so later requests use its scope); cached under the
         tenant's scope (no tenant learns what another sent), unless `store` is False (a no-store
         request)."""
-        reply = await bounded(self.encoder.embed.remote(text, tenant, store),
+        # embed_named: an Encoder of the previous release has no such method (Degraded: no semantic
+        # layer until the rollout is done), and never answers a vector without its maker's name
+        reply = await bounded(self.encoder.embed_named.remote(text, tenant, store),
                               self.settings.cache.encoder_timeout_s, "encoder")
         try:
             return vector_from(reply, encoder)

@@ -92,12 +92,18 @@ class EncoderDeployment:
                 self.cache.put_many([texts[missing[j]] for j in kept], fresh[kept], [scopes[missing[j]] for j in kept])
         return out
 
-    async def embed(self, text: str, tenant: str, store: bool = True) -> dict[str, Any]:
-        """One text's vector (batched with others') and who made it: ``{"vector", "name",
-        "version"}``; `store=False`: not written to the cache. The identity travels with the vector
-        because the caller files it in a semantic scope that names an encoder: during a rolling
-        update replicas of two encoders answer side by side, and only the replica that encoded a
-        text can say which embedding space its vector is in (deployments/chat.py checks it)."""
+    async def embed(self, text: str, tenant: str, store: bool = True) -> list[float]:
+        """One text's vector (batched with others'); `store=False`: not written to the cache. Kept
+        as it was for callers from before `embed_named` (an Ingress replica of the previous release
+        during a rolling update)."""
+        return await self._embed_batch(text, tenant, store)
+
+    async def embed_named(self, text: str, tenant: str, store: bool = True) -> dict[str, Any]:
+        """`embed`, with who made the vector: ``{"vector", "name", "version"}``. The identity travels
+        with the vector because the caller files it in a semantic scope that names an encoder:
+        during a rolling update replicas of two encoders answer side by side, and only the replica
+        that encoded a text can say which embedding space its vector is in (deployments/chat.py
+        checks it)."""
         vector = await self._embed_batch(text, tenant, store)
         return {"vector": vector, "name": self.name, "version": self.version}
 

@@ -261,7 +261,7 @@ class RecommenderDeployment:
         try:
             # One round trip: the user's generation, the "Feast does not know them" memo and the
             # items rated by events since the pipeline ran (deployments/recommender_keys.py).
-            state = read_user(self.redis, m.keys, m.key_version, user_id)
+            state = read_user(self.redis, m.keys, m.key_version, user_id, self.settings.feature_ttl_s)
             rated = self._seen(m, user_id, state.rated_since)
             gen, unknown = state.generation, state.unknown
             if self.settings.result_cache and not unknown:

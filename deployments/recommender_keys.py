@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from caches.generations import start_missing
+from caches.generations import counter_ttl_ms, start_missing
 
 RATED_PREFIX = "tierserve:recs:rated:"
 GENERATION_PREFIX = "tierserve:recs:gen:"
@@ -116,18 +116,24 @@ class UserState:
     rated_since: set[bytes]  # items rated by events since the pipeline's build
 
 
-def read_user(client: Any, keys: RecsKeys, version: str, user_id: int) -> UserState:
+def read_user(client: Any, keys: RecsKeys, version: str, user_id: int,
+              counter_ttl_s: float | None = None) -> UserState:
     """The user's generation, unknown-user memo and event-rated items in one round trip (raises
-    Redis errors: the caller degrades)."""
+    Redis errors: the caller degrades). The generation counter's TTL is given again
+    (`counter_ttl_s`, the rows' TTL): it outlives the copies it tags while the user is active."""
     pipe = client.pipeline(transaction=False)
+    counter = keys.generation(user_id)
     # One slot on a cluster. Sent as a raw command: redis-py's cluster pipeline refuses its `mget`
     # method outright (it cannot know the keys share a slot), but routes a one-slot MGET fine.
-    pipe.execute_command("MGET", keys.generation(user_id), keys.unknown(version, user_id))
+    pipe.execute_command("MGET", counter, keys.unknown(version, user_id))
     pipe.smembers(keys.rated(user_id))
-    (raw_gen, raw_unknown), rated_since = pipe.execute()
-    # A user without a counter yet (or a Redis that restarted empty): start it, never read it as
-    # 0 (caches/generations.py: an old copy could match a counter that starts again at 0).
-    gen = int(raw_gen) if raw_gen is not None else start_missing(client, [keys.generation(user_id)])[0]
+    if counter_ttl_s:
+        pipe.pexpire(counter, counter_ttl_ms(counter_ttl_s))
+    (raw_gen, raw_unknown), rated_since, *_ = pipe.execute()
+    # A user without a counter yet (or one expired, or a Redis that restarted empty): start it,
+    # never read it as 0 (caches/generations.py: an old copy could match a counter that starts
+    # again at 0).
+    gen = int(raw_gen) if raw_gen is not None else start_missing(client, [counter], counter_ttl_s)[0]
     return UserState(gen, raw_unknown is not None and int(raw_unknown) == gen, set(rated_since or ()))
 
 

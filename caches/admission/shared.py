@@ -414,7 +414,10 @@ class SharedWTinyLFU(PlacementPolicy):
             keys = [self.tier.logical(n) for n in chunk]
             found = self.tier._call("placement.orphans", self._orphans, [region, sizes, total, *chunk],
                                     ["0", *keys])
-            orphans = {self.tier.physical(k.decode() if isinstance(k, bytes) else k) for k in found}
+            # by the names HSCAN gave (a value written before a change of the shard count sits
+            # under its old group's tag: rebuilding its name would point at another slot)
+            unheld = {k.decode() if isinstance(k, bytes) else str(k) for k in found}
+            orphans = {name for name, key in zip(chunk, keys, strict=True) if key in unheld}
             for name in chunk:
                 if name not in orphans:
                     self._orphans_seen.pop(name, None)

@@ -139,8 +139,9 @@ class Announcements:
                 pipe.xadd(STREAM_KEY, event, maxlen=STREAM_MAXLEN, approximate=True)
             pipe.execute()
         except REDIS_ERRORS:
-            with self._lock:  # back in front of anything queued meanwhile, in order
-                self._waiting.extendleft(reversed(batch))
+            with self._lock:  # back in front of anything queued meanwhile, in order; past the
+                # bound the oldest go (a deque built with maxlen keeps the last ones)
+                self._waiting = deque([*batch, *self._waiting], maxlen=ANNOUNCE_MAX_EVENTS)
             raise
 
 

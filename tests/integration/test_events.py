@@ -262,12 +262,29 @@ def test_the_unknown_user_memo_holds_until_the_users_generation_moves(
     m, recorder = wired
     client, user = recorder.redis, 10**9 + 11
     state = read_user(client, m.keys, m.version, user)
-    assert (state.generation, state.unknown, state.rated_since) == (0, False, set())
+    # a new counter starts at the server clock in microseconds, never at 0 (caches/generations.py)
+    assert state.generation > 10**15 and (state.unknown, state.rated_since) == (False, set())
     remember_unknown(client, m.keys, m.version, user, state.generation, 30.0)
     assert read_user(client, m.keys, m.version, user).unknown
     assert m.users.invalidate([user], bump=True)
     moved = read_user(client, m.keys, m.version, user)
-    assert moved.generation == 1 and not moved.unknown
+    assert moved.generation == state.generation + 1 and not moved.unknown
+
+
+def test_a_read_of_an_id_nobody_uses_leaves_no_key_for_good(wired: tuple[RecsModel, EventRecorder]) -> None:
+    """Reading a user's state starts their generation counter: with a TTL (the rows' own), given
+    again by each read and bump, so a flood of ids nobody uses cannot fill Redis with keys that
+    `volatile-lru` never evicts. A counter that expires starts again above every copy it tagged."""
+    m, recorder = wired
+    client, user = recorder.redis, 10**9 + 12
+    counter = m.keys.generation(user)
+    first = read_user(client, m.keys, m.version, user, counter_ttl_s=60.0).generation
+    assert 0 < client.pttl(counter) <= 60_000
+    client.pexpire(counter, 1_000)
+    read_user(client, m.keys, m.version, user, counter_ttl_s=60.0)  # read again: its TTL again
+    assert client.pttl(counter) > 1_000
+    client.delete(counter)  # expired (or evicted)
+    assert read_user(client, m.keys, m.version, user, counter_ttl_s=60.0).generation > first
 
 
 def test_an_invalidation_that_did_not_reach_everyone_stays_pending_until_a_sweep_settles_it(

@@ -680,3 +680,24 @@ def test_a_copy_from_before_an_empty_redis_restart_never_matches_a_generation_ag
         assert cache.generations.read([key])[key] > before  # started again above every old number
     finally:
         cache.close()
+
+
+def test_generation_counters_carry_the_rows_ttl_and_a_bump_gives_it_again(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A counter started by a read expires with the rows' TTL (a flood of ids nobody uses leaves
+    no key for good); a bump (an event: activity) gives it that TTL again."""
+    key = "gen:m:1:ttl"
+    cache = open_cache(redis_url, tmp_path / "ssd", cold=source_for([key]), invalidation=False, ttl_s=60.0,
+                       generation_of=lambda k: f"ttlgen:{k}")
+    assert cache.generations is not None and cache.ram is not None
+    counter = cache.ram.counter_name(f"ttlgen:{key}")
+    try:
+        cache.get_many([key])
+        assert 0 < redis_client.pttl(counter) <= 60_000
+        redis_client.pexpire(counter, 1_000)
+        before = cache.generations.read([key])[key]
+        assert cache.generations.bump([key]) == {key: before + 1}
+        assert redis_client.pttl(counter) > 1_000
+    finally:
+        cache.close()

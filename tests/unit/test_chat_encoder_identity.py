@@ -36,7 +36,7 @@ class FakeEncoder:
 
     def __init__(self, ident: EncoderIdentity) -> None:
         self.identity, self.embeds, self.infos = ident, 0, 0
-        self.embed, self.info = Remote(self._embed), Remote(self._info)
+        self.embed_named, self.info = Remote(self._embed), Remote(self._info)
 
     async def _embed(self, text: str, tenant: str, store: bool) -> Any:
         self.embeds += 1
@@ -151,7 +151,7 @@ def test_a_reply_that_does_not_name_its_encoder_changes_no_kept_identity() -> No
 
     async def go() -> None:
         kept = await path._encoder_identity()
-        encoder.embed = Remote(unnamed)
+        encoder.embed_named = Remote(unnamed)
         turn = turn_for(kept)
         assert await path._lookup_more(turn) is None and semantic.lookups == []
         await path._store_more(turn, ANSWER)
