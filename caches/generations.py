@@ -52,25 +52,25 @@ UNKNOWN = -1
 
 # A missing counter's first value: the server's clock in microseconds (the module note), exact as
 # a Lua number (below 2^53 for another 250 years). KEYS[1]: the counter; ARGV[1]: its TTL in ms
-# (0: none), set when it starts; returns its value.
-START_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local t = redis.call('TIME')
-  local first = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  if tonumber(ARGV[1]) > 0 then redis.call('SET', KEYS[1], first, 'PX', ARGV[1])
-  else redis.call('SET', KEYS[1], first) end
-end
-return redis.call('GET', KEYS[1])
-"""
-# Move a counter, starting it first where it is missing, and give it its TTL again (an event is
-# activity). KEYS[1]: the counter; ARGV[1]: its TTL in ms (0: none); returns the new value.
-BUMP_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
+# (0: none). The start both scripts share:
+_START_IF_MISSING = """
+local started = redis.call('EXISTS', KEYS[1]) == 0
+if started then
   local t = redis.call('TIME')
   redis.call('SET', KEYS[1], tonumber(t[1]) * 1000000 + tonumber(t[2]))
 end
+local ttl = tonumber(ARGV[1])
+"""
+# Read a counter, starting it (with its TTL) where it is missing; returns its value.
+START_LUA = _START_IF_MISSING + """
+if started and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return redis.call('GET', KEYS[1])
+"""
+# Move a counter, starting it first where it is missing, and give it its TTL again (an event is
+# activity); returns the new value.
+BUMP_LUA = _START_IF_MISSING + """
 local n = redis.call('INCR', KEYS[1])
-if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 return n
 """
 

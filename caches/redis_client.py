@@ -118,6 +118,29 @@ def make_async_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S,
     return aioredis.Redis.from_url(url, retry_on_error=[], health_check_interval=0, **options)
 
 
+class Sweep:
+    """Where a bounded, resumable sweep over the hashes of `groups` hash-tag groups stands: the
+    group and the HSCAN cursor the next page reads from. The RAM tier's and the placement's upkeep
+    read one page per step and `advance` with the cursor HSCAN answered (0: that group is done,
+    the next one starts; after the last, the first again)."""
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+        self.group = 0
+        self.cursor = 0
+
+    def advance(self, cursor: int) -> None:
+        if cursor != 0:
+            self.cursor = cursor
+        else:
+            self.group, self.cursor = (self.group + 1) % self.groups, 0
+
+    @property
+    def wrapped(self) -> bool:
+        """True when the last page finished a sweep of every group (and before the first)."""
+        return self.group == 0 and self.cursor == 0
+
+
 def scan_keys(client: Any, pattern: str, count: int = 1000) -> Iterator[bytes]:
     """SCAN MATCH over the whole keyspace: every primary of a cluster, the one server otherwise."""
     if is_cluster(client):

@@ -313,9 +313,8 @@ class TieredCache(TierMoves):
                 degraded = ssd_refused = True
         candidates = {k: (ssd_hits[k] if k in ssd_hits else cold_hits[k])
                       for k in misses if k in ssd_hits or k in cold_hits}
-        expiry = {k: (ssd_expiry[k] if k in ssd_hits else cold_expiry[k]) for k in candidates}
-        if not self.ttl_from_source:
-            expiry = self._fresh_expiry(list(candidates))  # a promotion starts the TTL again
+        expiry = ({k: (ssd_expiry[k] if k in ssd_hits else cold_expiry[k]) for k in candidates}
+                  if self.ttl_from_source else self._fresh_expiry(list(candidates)))  # else: starts again
         # A disk refusing writes now would refuse the placement's demotions too, after the policy
         # had already moved its metadata: place nothing this time (RAM keeps what it has).
         if candidates and ram_ok and not ssd_refused and (gens is not None or not checked):

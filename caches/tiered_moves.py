@@ -131,24 +131,19 @@ class TierMoves:
         write); returns the keys that landed (all, unless the disk refused them)."""
         if self.ssd is None or not items:
             return set()
-        stored: set[str] = set()
-        refused: list[str] = []
         try:
             self.ssd.put_many(items, expires_at={k: expires_at[k] for k in items})
         except TierUnavailable as exc:
             log.warning("SSD tier refused %d rows: %s", len(items), exc)
             self.counters.ssd_errors += 1
-            refused = list(items)
-        else:
-            stored.update(items)
-        if refused:
             # A put may replace a value: the older SSD copy must not be served in its place. The
             # tier forgets it even when the disk refuses this delete too (rocksdb.py's module note).
             with contextlib.suppress(TierUnavailable):
-                self.ssd.delete_many(refused)
-            self._recency.forget(refused)
-        self._recency.added(stored)
-        return stored
+                self.ssd.delete_many(list(items))
+            self._recency.forget(list(items))
+            return set()
+        self._recency.added(items)
+        return set(items)
 
     def _ssd_delete(self, keys: list[str]) -> None:
         """Delete from the SSD; a refusal is logged, not raised: the tier has forgotten the keys

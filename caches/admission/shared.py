@@ -35,7 +35,7 @@ import redis
 from caches.admission.policy import Placement, PlacementPolicy, split_placement
 from caches.admission.sketch import COUNTER_MAX, SKETCH_DEPTH, sketch_indexes
 from caches.admission.wtinylfu import CLIMB_RESTART_THRESHOLD, CLIMB_STEP_DECAY, WTinyLFUConfig, lua_number
-from caches.redis_client import REDIS_ERRORS, RedisUnavailable, ScriptBatch, is_cluster
+from caches.redis_client import REDIS_ERRORS, RedisUnavailable, ScriptBatch, Sweep, is_cluster
 from caches.tiers.base import TierUnavailable
 
 if TYPE_CHECKING:
@@ -141,15 +141,15 @@ class SharedWTinyLFU(PlacementPolicy):
         self._orphans = client.register_script(lua_source("orphans"))
         self.pending: Counter[str] = Counter()  # reads whose record call never reached Redis
         self.agings = 0
-        # Where the next reconcile_step resumes: (group, HSCAN cursor of its size hash), and the
-        # same over the RAM tier's sizes hash for values no region holds (`_orphan_slice`).
-        self._reconcile_at = (0, 0)
-        self._orphans_at = (0, 0)
+        # Where the next reconcile_step resumes: over the groups' size hashes, and over the RAM
+        # tier's sizes hashes for values no region holds (`_orphan_slice`).
+        self._reconcile_at = Sweep(self.shards)
+        self._orphans_at = Sweep(self.shards)
         # RAM values seen without a region, by Redis name: when first seen (monotonic) and in
         # which sweep last. Deleted once seen so again at least reconcile_grace_s later; one not
         # seen in a whole sweep is gone (deleted, re-admitted) and forgotten.
         self._orphans_seen: dict[str, tuple[float, int]] = {}
-        self._orphan_sweep = 0
+        self._orphan_sweeps = 0
         # Per group: the first tick seen in the current grace period and when (monotonic), and
         # the settled tick, one seen at least reconcile_grace_s ago (see RECONCILE_GRACE_S).
         self.reconcile_grace_s = RECONCILE_GRACE_S
@@ -383,20 +383,15 @@ class SharedWTinyLFU(PlacementPolicy):
         per MAX_KEYS_PER_SCRIPT of them (lua/reconcile.lua), resumed where the last step stopped
         (the next group once a group's cursor wraps). Returns how many were forgotten. Raises
         TierUnavailable, like every call here."""
-        shard, cursor = self._reconcile_at
-        if shard >= self.shards:
-            shard, cursor = 0, 0
-        cursor, forgotten = self._reconcile_slice(shard, cursor, count)
-        self._reconcile_at = (shard, cursor) if cursor != 0 else ((shard + 1) % self.shards, 0)
-        shard, cursor = self._orphans_at
-        if shard >= self.shards:
-            shard, cursor = 0, 0
-        cursor = self._orphan_slice(shard, cursor, count)
-        self._orphans_at = (shard, cursor) if cursor != 0 else ((shard + 1) % self.shards, 0)
-        if self._orphans_at == (0, 0):
-            self._orphan_sweep += 1
+        at = self._reconcile_at
+        cursor, forgotten = self._reconcile_slice(at.group, at.cursor, count)
+        at.advance(cursor)
+        orphans = self._orphans_at
+        orphans.advance(self._orphan_slice(orphans.group, orphans.cursor, count))
+        if orphans.wrapped:
+            self._orphan_sweeps += 1
             self._orphans_seen = {n: seen for n, seen in self._orphans_seen.items()
-                                  if seen[1] >= self._orphan_sweep - 1}
+                                  if seen[1] >= self._orphan_sweeps - 1}
         return forgotten
 
     def _orphan_slice(self, shard: int, cursor: int, count: int) -> int:
@@ -421,11 +416,13 @@ class SharedWTinyLFU(PlacementPolicy):
             for name in chunk:
                 if name not in orphans:
                     self._orphans_seen.pop(name, None)
-            due = [n for n in orphans if now - self._orphans_seen.get(n, (now, 0))[0] >= self.reconcile_grace_s]
+            due: list[str] = []
             for n in orphans:
                 first = self._orphans_seen.get(n, (now, 0))[0]
-                if n in self._orphans_seen or len(self._orphans_seen) < ORPHAN_MAX_TRACKED:
-                    self._orphans_seen[n] = (first, self._orphan_sweep)
+                if now - first >= self.reconcile_grace_s:
+                    due.append(n)
+                elif n in self._orphans_seen or len(self._orphans_seen) < ORPHAN_MAX_TRACKED:
+                    self._orphans_seen[n] = (first, self._orphan_sweeps)
             if due:
                 self.tier._call("placement.orphans", self._orphans, [region, sizes, total, *due],
                                 ["1", *(self.tier.logical(n) for n in due)])
@@ -436,7 +433,7 @@ class SharedWTinyLFU(PlacementPolicy):
     @property
     def reconcile_wrapped(self) -> bool:
         """True when the last reconcile_step finished a sweep of every group."""
-        return self._reconcile_at == (0, 0)
+        return self._reconcile_at.wrapped
 
     def _reconcile_slice(self, shard: int, cursor: int, count: int) -> tuple[int, int]:
         """(next cursor, entries forgotten) for one HSCAN page of one group's size hash."""

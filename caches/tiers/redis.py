@@ -44,6 +44,7 @@ from caches.redis_client import (
     RETRY_AFTER_S,
     Breaker,
     ScriptBatch,
+    Sweep,
     is_cluster,
     make_client,
     scan_keys,
@@ -217,8 +218,8 @@ class RedisTier:
         self._put_delete = self.client.register_script(_PUT_DELETE)
         self._put_delete_checked = self.client.register_script(_PUT_DELETE_CHECKED)
         self._reconcile = self.client.register_script(_RECONCILE)
-        # Where the next reconcile_step resumes: (shard, HSCAN cursor of its sizes hash).
-        self._reconcile_at = (0, 0)
+        # Where the next reconcile_step resumes: a shard and the HSCAN cursor of its sizes hash.
+        self._reconcile_at = Sweep(self.shards)
         self._stats = TierStats()
         self.breaker = Breaker(f"redis {url}")
 
@@ -458,17 +459,15 @@ class RedisTier:
         """One bounded slice of `reconcile`: one HSCAN of ~`count` fields of one shard's sizes
         hash and one script call that forgets the gone ones, resumed where the last step
         stopped (the next shard once a shard's cursor wraps). Raises TierUnavailable."""
-        shard, cursor = self._reconcile_at
-        if shard >= self.shards:
-            shard, cursor = 0, 0
-        cursor, forgotten = self._reconcile_slice(shard, cursor, count)
-        self._reconcile_at = (shard, cursor) if cursor != 0 else ((shard + 1) % self.shards, 0)
+        at = self._reconcile_at
+        cursor, forgotten = self._reconcile_slice(at.group, at.cursor, count)
+        at.advance(cursor)
         return forgotten
 
     @property
     def reconcile_wrapped(self) -> bool:
         """True when the last reconcile_step finished a sweep of every shard."""
-        return self._reconcile_at == (0, 0)
+        return self._reconcile_at.wrapped
 
     def _reconcile_slice(self, shard: int, cursor: int, count: int = RECONCILE_CHUNK) -> tuple[int, int]:
         """(next cursor, sizes forgotten) for one HSCAN page; every call through the breaker."""
