@@ -2,8 +2,9 @@
 
 Applying one (`record`): one event of a user at a time across replicas (a Redis lock: the push is
 a read-modify-write of the user's Feast row); a rating's item into the user's rated set, then a
-durable pending-invalidation record and an audit entry naming the sending tenant (Redis, one
-transaction, one hash slot on a cluster: deployments/recommender_keys.py; caches/invalidation.py),
+durable pending-invalidation record and an audit entry naming the sending tenant, one entry per
+event id however often the event is tried (Redis, one transaction, one hash slot on a cluster:
+deployments/recommender_keys.py; caches/invalidation.py; `_AUDIT_ONCE`),
 then the user's row into Feast through its push source, then the user's generation moves (cached
 results become unreachable, and no tier accepts or serves a row read before it:
 caches/generations.py) and the user's feature entries are dropped on every replica. If Redis fails after the push the
@@ -40,7 +41,7 @@ from redis.lock import Lock
 from caches.invalidation import PendingInvalidations
 from caches.redis_client import REDIS_ERRORS, is_cluster
 from caches.versions import Leased
-from deployments.recommender_keys import audit_key, event_lock_key, pending_key
+from deployments.recommender_keys import audit_key, audited_keys, event_lock_key, pending_key
 from deployments.recommender_model import CACHE_ERRORS, RecsModel
 from feature_store.events import (
     Activity,
@@ -74,6 +75,29 @@ PENDING_REPLAY_S = EVENT_LOCK_TIMEOUT_S
 # The audit stream (deployments/recommender_keys.py `audit_key`) says who sent which event
 # (tenant, user, item), newest last; bounded like the invalidation stream.
 AUDIT_MAXLEN = 100_000
+# An event is audited once, however often it is tried (a lost reply, a failed push replayed from
+# the queue, a client's retry with its Idempotency-Key): an index of the audited events (a hash
+# event id -> entry id, and a list of the same ids in the order they were audited, to trim it;
+# recommender_keys.py `audited_keys`) answers a try again with the first try's entry. The index
+# keeps the newest AUDIT_MAXLEN events, the stream's own window, so it is bounded (~20 MB) like
+# the stream: a try again of an event older than that (only after so many newer events) appends a
+# second entry, when its first has been trimmed from the stream anyway.
+# KEYS: 1 the audit stream, 2 the index hash, 3 its order list. ARGV[1]: the stream's MAXLEN
+# (`~`) and the index's bound, ARGV[2]: the event id, then the entry's field/value pairs. One
+# script, so two tries can never both append; queued in the event's MULTI, so neither the entry
+# nor its index row is ever written without the pending record.
+_AUDIT_ONCE = """
+local first = redis.call('HGET', KEYS[2], ARGV[2])
+if first then return first end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], ARGV[2], id)
+local over = redis.call('RPUSH', KEYS[3], ARGV[2]) - tonumber(ARGV[1])
+for _ = 1, over do  -- one a call, but for a lowered bound (LPOP's count needs Redis 6.2)
+  redis.call('HDEL', KEYS[2], redis.call('LPOP', KEYS[3]))
+end
+return id
+"""
+
 # Queued events applied per watcher tick (the rest wait for the next one).
 REPLAY_BATCH = 64
 # An event is answered (applied, or queued) within this long by default: below the Ingress's
@@ -114,9 +138,11 @@ class EventRecorder:
         # Event ids with an attempt still running here: the watcher leaves their queued copy
         # (a deadline's) until it ends, rather than wait on the user's lock the attempt holds.
         self._running: set[str] = set()
-        # On a cluster both under one hash tag: an event writes them in one MULTI.
-        self.audit_stream = audit_key(is_cluster(client))
-        self.pending = PendingInvalidations(client, pending_key(is_cluster(client)))
+        # On a cluster both under one hash tag (the event markers too): an event writes them in
+        # one MULTI.
+        self.cluster = is_cluster(client)
+        self.audit_stream = audit_key(self.cluster)
+        self.pending = PendingInvalidations(client, pending_key(self.cluster))
 
     def record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
         """The answer to one event: 202 applied or queued, 404 for an unknown item or user."""
@@ -258,12 +284,18 @@ class EventRecorder:
             # says who sent the event; neither is ever written without the other.
             pipe = self.redis.pipeline(transaction=True)
             pending_score = self.pending.arm(str(user_id), PENDING_REPLAY_S, pipe=pipe)
-            # An event tried again (queued after a failed try) is audited again under the same
-            # `event_id`: readers count distinct ids.
-            pipe.xadd(self.audit_stream, {"tenant": tenant, "event_id": activity.event_id or "", "user_id": user_id,
-                                          "item_id": item_id,
-                                          "type": activity.type, "value": "" if activity.value is None else activity.value,
-                                          "replica": self.replica}, maxlen=AUDIT_MAXLEN, approximate=True)
+            entry: dict[Any, Any] = {  # redis-py types its fields invariantly
+                "tenant": tenant, "event_id": activity.event_id or "", "user_id": user_id, "item_id": item_id,
+                "type": activity.type, "value": "" if activity.value is None else activity.value,
+                "replica": self.replica}
+            if activity.event_id:
+                # Once per event: a try again gets the first try's entry id, and appends nothing.
+                # EVAL, not a cached EVALSHA: a NOSCRIPT inside the MULTI would fail the event. A
+                # raw command: a cluster pipeline's `eval` method is something else (no arguments).
+                pipe.execute_command("EVAL", _AUDIT_ONCE, 3, self.audit_stream, *audited_keys(self.cluster),
+                                     AUDIT_MAXLEN, activity.event_id, *(x for kv in entry.items() for x in kv))
+            else:  # queued before events had ids: nothing to know a try again by
+                pipe.xadd(self.audit_stream, entry, maxlen=AUDIT_MAXLEN, approximate=True)
             audit_id = pipe.execute()[-1]
         except REDIS_ERRORS as exc:
             raise NotNow("Redis is unreachable") from exc

@@ -16,7 +16,10 @@ what it always was (nothing to migrate on upgrade); on a cluster:
   `TIERSERVE_TIER_SHARDS` changes;
 - the pending invalidations and the audit stream, `tierserve:recs:pending-invalidations` and
   `tierserve:recs:events`: `{tierserve:recs}:pending-invalidations` and `{tierserve:recs}:events`,
-  because an event writes both in one MULTI (deployments/recommender_events.py).
+  because an event writes both in one MULTI (deployments/recommender_events.py); so is the index
+  of audited events, `tierserve:recs:audited` and `:audited:order` (`{tierserve:recs}:audited`,
+  `{tierserve:recs}:audited:order`), which the same MULTI's script reads and writes with the
+  audit stream.
 
 Without a RAM tier (`tiers: feast-only`) a cluster still needs the counter and memo in one slot:
 they share a per-user tag, `{tierserve:recs:u:<u>}`.
@@ -42,6 +45,7 @@ UNKNOWN_PREFIX = "tierserve:recs:unknown:"
 EVENT_LOCK_PREFIX = "tierserve:recs:eventlock:"
 PENDING_NAME = "tierserve:recs:pending-invalidations"
 AUDIT_NAME = "tierserve:recs:events"
+AUDITED_NAME = "tierserve:recs:audited"
 # On a cluster: the pending records and the audit stream, written in one MULTI, share this tag.
 EVENTS_TAG = "{tierserve:recs}"
 
@@ -69,6 +73,14 @@ def pending_key(cluster: bool) -> str:
 
 def audit_key(cluster: bool) -> str:
     return f"{EVENTS_TAG}:events" if cluster else AUDIT_NAME
+
+
+def audited_keys(cluster: bool) -> tuple[str, str]:
+    """The index of audited events, (event id -> entry id hash, order list), so a try again of an
+    event appends no second audit entry (deployments/recommender_events.py). In the audit
+    stream's slot on a cluster: one script writes all three."""
+    base = f"{EVENTS_TAG}:audited" if cluster else AUDITED_NAME
+    return base, f"{base}:order"
 
 
 def _tag_of(name: str) -> str:

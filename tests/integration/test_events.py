@@ -10,12 +10,14 @@ and `EventRecorder` the deployment wires, on one server and on the 3-master clus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ from caches.versions import Leased
 from deployments import recommender_events
 from deployments.config import RecommenderSettings
 from deployments.recommender_events import EventRecorder
-from deployments.recommender_keys import event_lock_key, read_user, remember_unknown
+from deployments.recommender_keys import audited_keys, event_lock_key, read_user, remember_unknown
 from deployments.recommender_model import RecsModel
 from feature_store import names
 from feature_store.events import (
@@ -498,6 +500,95 @@ def test_a_push_that_timed_out_but_landed_is_replayed_without_applying_it_twice(
     assert list(row["applied_events"])[-1] == out["event_id"]
     audited = [f for _, f in recorder.redis.xrange(m.keys.audit) if f[b"event_id"] == out["event_id"].encode()]
     assert len(audited) == 1  # the replay that found it applied wrote no second entry
+
+
+def _audited(recorder: EventRecorder, m: RecsModel, event_id: str) -> list[bytes]:
+    """Ids of the audit entries that name `event_id`."""
+    return [i for i, f in recorder.redis.xrange(m.keys.audit) if f[b"event_id"] == event_id.encode()]
+
+
+def test_an_event_tried_again_gets_its_first_audit_entry_and_appends_none(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try wrote the pending record and the audit entry, then its push failed (Feast
+    down): the event is tried again (the queue's replay, a client's retry), and audited once, its
+    answer naming the first try's entry. An event with no id (queued before ids existed) has
+    nothing to be known by: audited at every try, as before."""
+    m, recorder = wired
+    user = repo.user_ids_sample[14]
+    event = Activity(user, unrated_item(repo, m, user), "view", event_id=new_event_id())
+    push = recorder.writer.push
+
+    def down(_row: dict) -> None:
+        raise FeatureStoreUnavailable("feature store write failed: OperationalError")
+
+    monkeypatch.setattr(recorder.writer, "push", down)
+    with pytest.raises(recommender_events.NotNow):
+        recorder._record(m, event, "acme")
+    (first,) = _audited(recorder, m, event.event_id or "")
+    monkeypatch.setattr(recorder.writer, "push", push)
+    out = recorder._record(m, event, "acme")  # tried again: applied now
+    assert out["recorded"] == "applied", out
+    assert _audited(recorder, m, event.event_id or "") == [first], "audited again"
+    assert out["audit_id"] == first.decode()
+    anonymous = Activity(user, unrated_item(repo, m, user), "click")
+    assert recorder._record(m, anonymous, "acme")["recorded"] == "applied"
+    assert len(_audited(recorder, m, "")) == 1
+
+
+def test_an_event_whose_transaction_reply_was_lost_is_audited_once_when_replayed(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], redis_client: redis.Redis, redis_url: str,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis slow, not dead: the MULTI of the pending record and the audit entry runs after the
+    recorder gave up on its reply, so the event is queued; the watcher's replay then writes that
+    MULTI again, and must not append a second audit entry for the event."""
+    m, recorder = wired
+    user = repo.user_ids_sample[15]
+    assert recorder.record(m, Activity(user, unrated_item(repo, m, user), "view"), "acme")["recorded"] == "applied"
+    # ^ a healthy event first: the lock's scripts loaded, and the connections to both nodes warm
+    # (the stalled MULTI is sent, then its reply lost; the lock's release runs after the stall)
+    event = Activity(user, unrated_item(repo, m, user), "view", event_id=new_event_id())
+    arm = recorder.pending.arm
+    stall = contextlib.ExitStack()
+
+    def arm_then_stall(*args: Any, **kwargs: Any) -> float:
+        stall.enter_context(stalled(*node_of(redis_client, redis_url, m.keys.audit), LOCK_STALL_S))
+        return arm(*args, **kwargs)  # queued in the MULTI, sent right after this
+
+    monkeypatch.setattr(recorder.pending, "arm", arm_then_stall)
+    with stall:
+        out = recorder.record(m, event, "acme")
+    assert out["recorded"] == "queued" and "Redis is unreachable" in out["warning"], out
+    _wait_until_no_attempt_runs(recorder)
+    monkeypatch.setattr(recorder.pending, "arm", arm)
+    assert len(_audited(recorder, m, event.event_id or "")) == 1  # the MULTI did run
+    recorder.replay_queued()  # the watcher's next tick
+    assert recorder.journal.count() == 0
+    assert event.event_id in recorder.writer.current_row(user)["applied_events"]
+    assert len(_audited(recorder, m, event.event_id or "")) == 1, "audited again by the replay"
+
+
+def test_the_index_of_audited_events_keeps_the_streams_window_and_no_more(
+    repo: RepoInfo, wired: tuple[RecsModel, EventRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index that makes an event audited once is bounded like the stream: it keeps the newest
+    AUDIT_MAXLEN events (a Redis that grew a row per event for good would run out of room), and a
+    try again of one it still holds appends nothing."""
+    m, recorder = wired
+    monkeypatch.setattr(recommender_events, "AUDIT_MAXLEN", 3)
+    user = repo.user_ids_sample[16]
+    events = [Activity(user, unrated_item(repo, m, user), "view", event_id=new_event_id()) for _ in range(5)]
+    for event in events:
+        assert recorder._record(m, event, "acme")["recorded"] == "applied"
+    index, order = audited_keys(is_cluster(recorder.redis))
+    kept = [e.event_id.encode() for e in events[-3:] if e.event_id]
+    assert sorted(recorder.redis.hkeys(index)) == sorted(kept)
+    assert recorder.redis.lrange(order, 0, -1) == kept  # oldest first: the next one out
+    (first,) = _audited(recorder, m, events[-1].event_id or "")
+    again = dataclasses.replace(events[-1], ts=events[-1].ts + 1)
+    assert recorder._record(m, again, "acme")["recorded"] == "already applied"
+    assert _audited(recorder, m, events[-1].event_id or "") == [first]
 
 
 def test_a_queued_event_applied_by_a_replica_that_died_before_removing_it_is_not_applied_again(
