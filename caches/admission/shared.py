@@ -22,6 +22,7 @@ decision.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger("tierserve.placement")
+
 # The policy's Redis keys are f"{prefix}:{name}"; every script takes all of them, in this order.
 WINDOW = "window"  # zset: key -> LRU tick, the admission window
 PROBATION = "probation"  # zset: main region, not yet re-read
@@ -54,10 +57,14 @@ BYTES = "bytes"  # hash: w | p | q -> bytes per region
 TICK = "tick"  # string: the LRU clock
 SKETCH = "sketch"  # string: BITFIELD of u4 counters, row-major
 ADDS = "adds"  # string: reads counted since the last halving
-CLIMBER = "climber"  # hash: window, step, prev, reads, hits
+# hash: the climber's window, step, prev, reads, hits; and the sketch's aging (agings, aged,
+# aging_at: lua/halve.lua), in this hash because record.lua, which decides a halving, has no other
+CLIMBER = "climber"
 KEY_ORDER = (WINDOW, PROBATION, PROTECTED, REGION, SIZE, BYTES, TICK, SKETCH, ADDS, CLIMBER)
 
 HALVING_CHUNK_BYTES = 64 << 10  # aging in slices keeps each Redis script call well under 1 ms
+# Halvings a sketch can be owed at most (lua/halve.lua): a 4-bit counter is 0 after 4.
+MAX_HALVINGS_OWED = 4
 PENDING_MAX_KEYS = 100_000  # reads buffered while Redis is unreachable (never sent), flushed on return
 # Keys per placement script call. Redis' Lua caps `unpack` (and a C call's arguments) near 8,000
 # values; the record script unpacks 4 BITFIELD words per sketch row per key (16 per key), so a
@@ -145,6 +152,7 @@ class SharedWTinyLFU(PlacementPolicy):
         # tier's sizes hashes for values no region holds (`_orphan_slice`).
         self._reconcile_at = Sweep(self.shards)
         self._orphans_at = Sweep(self.shards)
+        self._aging_group = 0  # the group whose owed halvings the next upkeep step finishes
         # RAM values seen without a region, by Redis name: when first seen (monotonic) and in
         # which sweep last. Deleted once seen so again at least reconcile_grace_s later; one not
         # seen in a whole sweep is gone (deleted, re-admitted) and forgotten.
@@ -234,7 +242,7 @@ class SharedWTinyLFU(PlacementPolicy):
                 raise
             for (shard, chunk, _, _), reply in zip(calls, replies, strict=True):
                 if reply[0]:
-                    self.age(shard)
+                    self._age_decided(shard)
                 found.update({k: v for k, v in zip(chunk, reply[1:], strict=True) if v is not None})
         return found
 
@@ -267,7 +275,7 @@ class SharedWTinyLFU(PlacementPolicy):
                 self._buffer(keys)
             raise
         if reply[0]:
-            self.age(shard)
+            self._age_decided(shard)
         return reply
 
     def _buffer(self, keys: Iterable[str]) -> None:
@@ -310,14 +318,33 @@ class SharedWTinyLFU(PlacementPolicy):
                     raise
 
     def age(self, shard: int | None = None) -> None:
-        """Halve every counter (of one group, or all), slice by slice (other replicas keep
-        counting meanwhile)."""
-        total = self.cfg.width * SKETCH_DEPTH // 2
+        """Do the halvings the record script decided (of one group, or all): slice by slice, so
+        other replicas keep counting meanwhile. Raises TierUnavailable; what is left is done by
+        the next call here, on any replica (the upkeep's `reconcile_step` makes one)."""
         for s in range(self.shards) if shard is None else [shard]:
-            for start in range(0, total, HALVING_CHUNK_BYTES):
-                end = min(total, start + HALVING_CHUNK_BYTES) - 1
-                self.tier._call("placement.age", self._halve, [self._key(s, SKETCH)], [start, end])
+            self._catch_up(s)
         self.agings += 1
+
+    def _age_decided(self, shard: int) -> None:
+        """The halving a read's record call just decided. A failure does not fail the read (its
+        record ran, and its values are in hand): the halving is owed in Redis, and the upkeep
+        finishes it."""
+        try:
+            self.age(shard)
+        except TierUnavailable as exc:
+            log.debug("placement %s: halving of group %d postponed to the upkeep: %s", self.prefix, shard, exc)
+
+    def _catch_up(self, shard: int) -> None:
+        """Halve the group's sketch until it has every halving owed. Each call halves one slice
+        and records its progress in the same atomic script (lua/halve.lua): a call whose reply
+        was lost is not redone (halving its slice twice) by the next, which takes the next slice.
+        Bounded: replicas that keep deciding halvings meanwhile cannot hold it here."""
+        total = self.cfg.width * SKETCH_DEPTH // 2
+        slices = -(-total // HALVING_CHUNK_BYTES)
+        keys = [self._key(shard, SKETCH), self._key(shard, CLIMBER)]
+        for _ in range((MAX_HALVINGS_OWED + 1) * slices):  # the pass in progress and those owed
+            if not self.tier._call("placement.age", self._halve, keys, [total, HALVING_CHUNK_BYTES, MAX_HALVINGS_OWED]):
+                return
 
     def admit(self, sizes: dict[str, int]) -> Placement:
         if not sizes:
@@ -382,7 +409,13 @@ class SharedWTinyLFU(PlacementPolicy):
         forgotten it): one HSCAN of ~`count` fields of one group's size hash and one script call
         per MAX_KEYS_PER_SCRIPT of them (lua/reconcile.lua), resumed where the last step stopped
         (the next group once a group's cursor wraps). Returns how many were forgotten. Raises
-        TierUnavailable, like every call here."""
+        TierUnavailable, like every call here.
+
+        Then it finishes one group's halvings owed (the groups in turn, one a step, apart from the
+        sweep's group, which may stay on one big group for minutes): one whose call failed (a lost
+        reply, an outage) is resumed here, by whichever replica's upkeep gets there first; a group
+        owing none costs one short call. A halving that fails is logged and left owed: it must
+        not stop the sweeps, which free room."""
         at = self._reconcile_at
         cursor, forgotten = self._reconcile_slice(at.group, at.cursor, count)
         at.advance(cursor)
@@ -392,6 +425,11 @@ class SharedWTinyLFU(PlacementPolicy):
             self._orphan_sweeps += 1
             self._orphans_seen = {n: seen for n, seen in self._orphans_seen.items()
                                   if seen[1] >= self._orphan_sweeps - 1}
+        group, self._aging_group = self._aging_group, (self._aging_group + 1) % self.shards
+        try:
+            self._catch_up(group)
+        except TierUnavailable as exc:
+            log.debug("placement %s: halving of group %d still owed: %s", self.prefix, group, exc)
         return forgotten
 
     def _orphan_slice(self, shard: int, cursor: int, count: int) -> int:

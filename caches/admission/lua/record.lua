@@ -80,6 +80,9 @@ if n > 0 then redis.call('BITFIELD', C, unpack(incr)) end
 local adds = redis.call('INCRBY', A, n)
 if adds >= sample then
   redis.call('SET', A, math.floor(adds / 2))
+  -- the halving owed, recorded with the decision: lua/halve.lua does it slice by slice, and any
+  -- replica's upkeep finishes it when this reply, or a slice's, is lost
+  redis.call('HINCRBY', H, 'agings', 1)
   out[1] = 1
 end
 return out
