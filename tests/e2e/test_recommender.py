@@ -277,10 +277,10 @@ def test_an_invalidation_redis_refused_after_the_push_is_published_later_not_los
     # publish (ACL: the app's user loses the generation counters' and the invalidation streams'
     # keys) while the lock, the pending record, the audit entry, the feature tiers and the push
     # before them still work. Deterministic, unlike killing Redis at the right instant.
-    # (Keys, not commands: the audit entry is an XADD before the push, and Redis 6.2 did not
-    # refuse INCR for `-incr`.)
+    # (Keys, not commands: the audit entry is an XADD before the push, with its index of audited
+    # events, and Redis 6.2 did not refuse INCR for `-incr`.)
     allowed = ["tierserve:recs:eventlock:*", "tierserve:recs:pending-invalidations", "tierserve:recs:rated:*",
-               "tierserve:recs:events", "features:*", "tierserve:tier:*", "tierserve:placement:*", "models.__versions"]
+               "tierserve:recs:events", "tierserve:recs:audited*", "features:*", "tierserve:tier:*", "tierserve:placement:*", "models.__versions"]
     admin.execute_command("ACL", "SETUSER", "default", "resetkeys", *(f"~{k}" for k in allowed))
     try:
         resp = recs.post("/v1/events", json={"user_id": user, "item_id": item, "type": "rating", "value": 5})

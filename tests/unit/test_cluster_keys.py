@@ -58,7 +58,7 @@ def test_the_recommenders_keys_are_unchanged_on_one_server() -> None:
 
 
 def test_the_recommenders_multi_key_commands_touch_one_slot_on_a_cluster() -> None:
-    from deployments.recommender_keys import RecsKeys
+    from deployments.recommender_keys import RecsKeys, audited_keys
 
     def counter_name(counter: str) -> str:  # RedisTier.counter_name's shape: the group's tag first
         return "{tierserve:tier:features-user_features:redis#" + str(len(counter) % 8) + "}" + counter
@@ -66,7 +66,7 @@ def test_the_recommenders_multi_key_commands_touch_one_slot_on_a_cluster() -> No
     for keys in (RecsKeys(cluster=True, counter_name=counter_name), RecsKeys(cluster=True)):
         for user in (1, 42, 10**9 + 7):
             assert len(slots(keys.generation(user), keys.unknown("v1", user))) == 1  # the request's MGET
-        assert len(slots(keys.pending, keys.audit)) == 1  # an event's MULTI
+        assert len(slots(keys.pending, keys.audit, *audited_keys(True))) == 1  # an event's MULTI
     tagged = RecsKeys(cluster=True, counter_name=counter_name)
     assert tagged.generation(5) == counter_name("tierserve:recs:gen:5")  # the very counter the tier checks
     assert RecsKeys(cluster=True).generation(5) != RecsKeys(cluster=True).generation(6)
