@@ -138,8 +138,8 @@ class EventRecorder:
         # Event ids with an attempt still running here: the watcher leaves their queued copy
         # (a deadline's) until it ends, rather than wait on the user's lock the attempt holds.
         self._running: set[str] = set()
-        # On a cluster both under one hash tag (the event markers too): an event writes them in
-        # one MULTI.
+        # On a cluster both under one hash tag (the index of audited events too): an event writes
+        # them in one MULTI.
         self.cluster = is_cluster(client)
         self.audit_stream = audit_key(self.cluster)
         self.pending = PendingInvalidations(client, pending_key(self.cluster))

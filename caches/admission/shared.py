@@ -317,34 +317,30 @@ class SharedWTinyLFU(PlacementPolicy):
                         self.pending.update(counts)
                     raise
 
-    def age(self, shard: int | None = None) -> None:
-        """Do the halvings the record script decided (of one group, or all): slice by slice, so
-        other replicas keep counting meanwhile. Raises TierUnavailable; what is left is done by
-        the next call here, on any replica (the upkeep's `reconcile_step` makes one)."""
-        for s in range(self.shards) if shard is None else [shard]:
-            self._catch_up(s)
-        self.agings += 1
-
     def _age_decided(self, shard: int) -> None:
-        """The halving a read's record call just decided. A failure does not fail the read (its
-        record ran, and its values are in hand): the halving is owed in Redis, and the upkeep
-        finishes it."""
-        try:
-            self.age(shard)
-        except TierUnavailable as exc:
-            log.debug("placement %s: halving of group %d postponed to the upkeep: %s", self.prefix, shard, exc)
+        """The halving a read's record call just decided (`agings` counts decisions, as the
+        in-process sketch counts its halvings), done now, slice by slice, so other replicas keep
+        counting meanwhile. A failure does not fail the read (its record ran, and its values are
+        in hand): the halving is owed in Redis, and the upkeep finishes it."""
+        self.agings += 1
+        self._catch_up(shard)
 
     def _catch_up(self, shard: int) -> None:
         """Halve the group's sketch until it has every halving owed. Each call halves one slice
         and records its progress in the same atomic script (lua/halve.lua): a call whose reply
         was lost is not redone (halving its slice twice) by the next, which takes the next slice.
-        Bounded: replicas that keep deciding halvings meanwhile cannot hold it here."""
+        Bounded: replicas that keep deciding halvings meanwhile cannot hold it here. A failure is
+        logged and the rest left owed, for the next call here on any replica (the read that
+        decides a halving, the upkeep's `reconcile_step`)."""
         total = self.cfg.width * SKETCH_DEPTH // 2
         slices = -(-total // HALVING_CHUNK_BYTES)
         keys = [self._key(shard, SKETCH), self._key(shard, CLIMBER)]
-        for _ in range((MAX_HALVINGS_OWED + 1) * slices):  # the pass in progress and those owed
-            if not self.tier._call("placement.age", self._halve, keys, [total, HALVING_CHUNK_BYTES, MAX_HALVINGS_OWED]):
-                return
+        try:
+            for _ in range((MAX_HALVINGS_OWED + 1) * slices):  # the pass in progress and those owed
+                if not self.tier._call("placement.age", self._halve, keys, [total, HALVING_CHUNK_BYTES, MAX_HALVINGS_OWED]):
+                    return
+        except TierUnavailable as exc:
+            log.debug("placement %s: halving of group %d still owed: %s", self.prefix, shard, exc)
 
     def admit(self, sizes: dict[str, int]) -> Placement:
         if not sizes:
@@ -426,10 +422,7 @@ class SharedWTinyLFU(PlacementPolicy):
             self._orphans_seen = {n: seen for n, seen in self._orphans_seen.items()
                                   if seen[1] >= self._orphan_sweeps - 1}
         group, self._aging_group = self._aging_group, (self._aging_group + 1) % self.shards
-        try:
-            self._catch_up(group)
-        except TierUnavailable as exc:
-            log.debug("placement %s: halving of group %d still owed: %s", self.prefix, group, exc)
+        self._catch_up(group)
         return forgotten
 
     def _orphan_slice(self, shard: int, cursor: int, count: int) -> int:
