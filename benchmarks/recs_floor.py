@@ -10,19 +10,25 @@ Redis PING) stands for "one hop"; every figure below comes from the same run:
 0. priming: one unmeasured request per user of the ratings file, so every row sits in the RAM
    tier (the result cache is off: "uncached" below means every request computes its answer).
 1. sequential, uncached: `--sequential` users (all by default) once each, in random order, one
-   request at a time, each recommendation followed by a `/healthz` and a Feast-only recommendation (so noise
-   from neighbours on a shared machine hits all three alike). Target: p50 <= 1.5 x healthz p50.
+   request at a time, each recommendation followed by a `/healthz`, a Feast-only and a one-hop
+   recommendation (so noise from neighbours on a shared machine hits all four alike). Target: p50 <= 1.5 x healthz p50.
 2. concurrency: `--concurrency` closed-loop clients, the tiered and the Feast-only arm
    alternating in `--rounds` rounds (benchmarks.recommend_load.drive). Targets: tiered requests/s
    >= 3 x Feast-only's, and tiered p99 <= 3 x its p50.
-3. with `--profile`: py-spy samples the proxy, the Ingress and the Recommender (only threads
+3. the cost of the second hop: the same rows through a third app, `one_hop`, where a Recommender
+   replica answers HTTP itself (`OneHopRecommender`, a measuring stand-in defined here: no auth,
+   no body limit, tenant `default`). It is what the sequential target would read with one Serve
+   hop, measured beside the other arms, and why the app does not take it: a replica that dies
+   mid-request is then a 500 from Serve's proxy (docs/architecture.md).
+4. with `--profile`: py-spy samples the proxy, the Ingress and the Recommender (only threads
    holding the GIL, i.e. running Python: `py-spy record --gil -f raw`) during one more concurrent round of the tiered arm, and each
    sample is charged to the stage of its innermost recognised frame (`STAGES`): CPU ms per request
    per process and stage. The flame data itself lands under benchmarks/results/recs_floor_profile/.
 
 The apps: Ray, an embedded Redis and Serve on a free port, here, with the result cache off (every
 request computes). `recs` at `/`: an Ingress and a Recommender with `tiers: all`; `recs-feast-only`
-at `/feast-only`: the same with `tiers: feast-only` (every feature read is a Feast call). The
+at `/feast-only`: the same with `tiers: feast-only` (every feature read is a Feast call);
+`recs-one-hop` at `/one-hop`: `OneHopRecommender` alone (`tiers: all`, item 3 above). The
 chat deployments are not on this path, so none is started: the Ingress gets the Recommender's
 handle in their slots (it calls them only on chat routes and in `/metrics`, which this benchmark
 does not read). The figures go to benchmarks/results/recs_floor_<label>.json.
@@ -127,8 +133,35 @@ def recs_apps(args: argparse.Namespace) -> Iterator[dict[str, str]]:
             rec = RecommenderDeployment.bind(settings.redis, settings.state_dir, settings.recommender.model_dump())
             serve.run(Ingress.bind(settings.model_dump(), rec, rec, rec, rec), name=name,
                       route_prefix=prefixes[name], blocking=False)
-        wait_running(list(prefixes))
-        yield {"tiered": here.base, "feast_only": f"{here.base}/feast-only"}
+        app_args["recommender"] = {**(cfg["args"].get("recommender") or {}), "tiers": "all", "result_cache": False}
+        settings = AppSettings.from_args(app_args)
+        one_hop = serve.deployment(name="OneHopRecommender", max_ongoing_requests=32,
+                                   ray_actor_options={"num_cpus": 0.25})(_one_hop_class())
+        serve.run(one_hop.bind(settings.redis, settings.state_dir, settings.recommender.model_dump()),
+                  name="recs-one-hop", route_prefix="/one-hop", blocking=False)
+        wait_running([*prefixes, "recs-one-hop"])
+        yield {"tiered": here.base, "feast_only": f"{here.base}/feast-only", "one_hop": f"{here.base}/one-hop"}
+
+
+def _one_hop_class() -> type:
+    """The Recommender's class answering HTTP itself (built when the apps start: importing the
+    Recommender pulls in Ray, FAISS and Feast, which `--reclassify` does not need)."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from deployments.recommender import RecommenderDeployment
+
+    class OneHopRecommender(RecommenderDeployment.func_or_class):  # type: ignore[misc,name-defined]
+        """A measuring stand-in: `POST` {user_id, k} -> the same answer as the app's route,
+        computed in this replica (one Serve hop from the proxy, as `/healthz` is)."""
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            body = await request.json()
+            answer = await asyncio.get_running_loop().run_in_executor(
+                None, self.recommend, int(body["user_id"]), int(body["k"]), "default")
+            return JSONResponse(answer)
+
+    return OneHopRecommender
 
 
 def replica_pids() -> dict[str, int]:
@@ -160,6 +193,7 @@ def sequential(arms: dict[str, str], users: list[int], k: int) -> dict[str, Any]
                 ("tiered", arms["tiered"], "/v1/recommendations", {"user_id": user, "k": k}),
                 ("healthz", arms["tiered"], "/healthz", None),
                 ("feast_only", arms["feast_only"], "/v1/recommendations", {"user_id": user, "k": k}),
+                ("one_hop", arms["one_hop"], "/v1/recommendations", {"user_id": user, "k": k}),
             ):
                 t0 = time.perf_counter()
                 resp = client.post(url + path, json=body) if body else client.get(url + path)
@@ -175,6 +209,8 @@ def sequential(arms: dict[str, str], users: list[int], k: int) -> dict[str, Any]
     out["errors"] = dict(bad)
     if lat["tiered"] and lat["healthz"]:
         out["tiered_p50_over_healthz_p50"] = round(out["tiered"]["p50_ms"] / out["healthz"]["p50_ms"], 2)
+    if lat["one_hop"] and lat["healthz"]:
+        out["one_hop_p50_over_healthz_p50"] = round(out["one_hop"]["p50_ms"] / out["healthz"]["p50_ms"], 2)
     return out
 
 
@@ -193,7 +229,7 @@ def concurrent(arms: dict[str, str], users: np.ndarray, probs: np.ndarray, args:
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     per_round = args.duration / max(1, args.rounds)
     for rnd in range(max(1, args.rounds)):
-        for name in ("tiered", "feast_only"):
+        for name in ("tiered", "feast_only", "one_hop"):
             stream = UserStream(users, probs, seed=args.seed * 1000 + rnd + 1)  # same users for both arms
             run = asyncio.run(drive(arms[name], stream, k=args.k, concurrency=args.concurrency, seconds=per_round))
             runs[name].append(run)
@@ -210,6 +246,8 @@ def concurrent(arms: dict[str, str], users: np.ndarray, probs: np.ndarray, args:
         out[name]["p99_over_p50"] = round(out[name]["p99_ms"] / out[name]["p50_ms"], 2) if lat else None
     if out.get("feast_only", {}).get("requests_per_s"):
         out["speedup_requests_per_s"] = round(out["tiered"]["requests_per_s"] / out["feast_only"]["requests_per_s"], 2)
+    if out.get("one_hop", {}).get("requests_per_s"):
+        out["one_hop_over_tiered_requests_per_s"] = round(out["one_hop"]["requests_per_s"] / out["tiered"]["requests_per_s"], 2)
     return out
 
 
@@ -281,16 +319,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "concurrency": args.concurrency, "result_cache": False, "serve_env": args.serve_env,
                            "command": "python -m benchmarks.recs_floor " + " ".join(argv if argv is not None else sys.argv[1:])}
     with recs_apps(args) as arms:
-        for name in ("tiered", "feast_only"):
+        for name in ("tiered", "feast_only", "one_hop"):
             _say(f"[{name}] warm-up {args.warmup:.0f}s")
             asyncio.run(drive(arms[name], UserStream(users, probs, seed=7), k=args.k, concurrency=args.concurrency,
                               seconds=args.warmup))
         # Every user once through the tiered arm first: the sequential and concurrent parts then
         # measure the steady state (the user's row in RAM), not the first read of a user ever (a
         # Feast read, which would land in the tail of whichever part met that user first).
-        _say(f"priming: {len(users)} users through the tiered arm")
-        asyncio.run(prime(arms["tiered"], [int(u) for u in users], args.k, args.concurrency))
-        _say(f"sequential: {len(order)} users, recs / healthz / feast-only interleaved")
+        _say(f"priming: {len(users)} users through the tiered and one-hop arms")
+        for name in ("tiered", "one_hop"):
+            asyncio.run(prime(arms[name], [int(u) for u in users], args.k, args.concurrency))
+        _say(f"sequential: {len(order)} users, recs / healthz / feast-only / one-hop interleaved")
         out["sequential"] = sequential(arms, order, args.k)
         _say(json.dumps(out["sequential"]))
         out["concurrent"] = concurrent(arms, users, probs, args)
