@@ -3,8 +3,8 @@
 A cache is only as good as its identity. :class:`RequestIdentity` (``ChatIdentity`` is the same
 class, its older name) is built once from the validated request *as the engine will see it* (for
 chat the deployment's system prompt already in front), the route (:data:`ROUTES`), the tenant,
-the model identity (served name, a fingerprint of weights and config, the engine's own default
-sampling) and the encoder identity. It says:
+the model identity (served name, a fingerprint of weights and config, a digest of the engine's own
+default sampling, all three in every key) and the encoder identity. It says:
 
 - whether the request is cacheable, and why not (``reason``);
 - its exact key: SHA-256 of the route and the request with only structural canonicalisation (JSON
@@ -25,6 +25,10 @@ reproducible only for the same batch composition and hardware, so a seeded sampl
 draw of many. Under greedy decoding the seed changes nothing, but it stays in the key (a field we
 do not need to merge on is never worth the risk).
 
+A request is never cached when it asks for something a stored answer cannot give through both
+transports (:data:`UNREPLAYABLE_FIELDS`): a streamed and a non-stream request share an entry, and a
+stream is stored rebuilt from its deltas, which lack e.g. the prompt logprobs of a non-stream body.
+
 Only complete answers are stored (:func:`storable`): every choice has a finish reason in
 :data:`STORED_FINISH_REASONS`. The semantic layer stores only single-choice, text-only answers that
 stopped by themselves, because its answers are served to *other* questions.
@@ -42,9 +46,11 @@ from caches.prompts import message_text
 
 # Request fields that never change the answer, each with why. Everything else is in the identity.
 NON_ANSWER_FIELDS: dict[str, str] = {
-    "model": "a key part of its own, as the model identity (name + weights fingerprint)",
+    "model": "a key part of its own, as the model identity (name + weights fingerprint + default sampling)",
     "stream": "transport only: a stored answer is replayed streamed or not, with the same content",
     "stream_options": "include_usage/continuous_usage_stats add usage chunks, not content",
+    # stream_interval, request_id and priority are validated by the request schemas
+    # (deployments/schemas.py) as vLLM would, so a value vLLM refuses is refused on a hit too
     "stream_interval": "how many tokens vLLM groups per streamed chunk, not which tokens",
     "user": "an end-user id for abuse monitoring; never reaches sampling",
     "request_id": "vLLM's name for the request in logs and metrics",
@@ -64,12 +70,19 @@ SEMANTIC_FINISH_REASONS = frozenset({"stop"})
 # Fields whose presence keeps a request away from the semantic layer: a semantic hit replays only
 # text written for another question, which cannot carry these.
 SEMANTIC_EXCLUDED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions",
-                            "prompt_logprobs", "echo", "return_token_ids", "return_tokens_as_token_ids")
+                            "prompt_logprobs", "echo", "return_token_ids", "return_tokens_as_token_ids",
+                            "return_prompt_text")
 # Fields that ask for parts of the answer a stored answer does not carry whole through both
 # transports (a stream is rebuilt from its deltas; a replay sends text, tool calls, logprobs):
-# such a request is never cached, since a hit would silently lack what it asked for.
+# such a request is never cached, since a hit would silently lack what it asked for. Stream and
+# non-stream requests share one key ("stream" is a NON_ANSWER_FIELD), so an answer stored from a
+# stream must be all that a non-stream hit needs. Which values ask for it: :func:`_asks_for`.
 UNREPLAYABLE_FIELDS: dict[str, str] = {
     "return_token_ids": "token ids are not kept through a streamed store or a streamed replay",
+    "prompt_logprobs": "prompt logprobs are in a non-stream body only: an answer stored from a stream lacks them",
+    "echo": ("vLLM then computes prompt logprobs (chat: always, from top_logprobs; completions: with logprobs), "
+             "which are in a non-stream body only: an answer stored from a stream lacks them"),
+    "return_prompt_text": "the rendered prompt is not kept through a streamed store or a streamed replay",
 }
 # vLLM's own fallback when neither the request nor the model's generation config sets it
 # (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS and CompletionRequest._DEFAULT_SAMPLING_PARAMS in
@@ -86,6 +99,11 @@ ROUTES: dict[str, str | None] = {
 }
 
 
+# Hex characters of the weights/config fingerprint and of the default-sampling digest in a key.
+FINGERPRINT_CHARS = 16
+SAMPLING_DIGEST_CHARS = 16
+
+
 class ModelIdentity(BaseModel):
     """What produced an answer: served name, fingerprint of weights and config, engine defaults."""
 
@@ -93,17 +111,35 @@ class ModelIdentity(BaseModel):
 
     name: str
     fingerprint: str
+    # What vLLM applies to a field the request leaves out (the generation config's temperature,
+    # repetition_penalty, top_k, ...): they change answers, greedy ones included.
     default_sampling: dict[str, Any] = {}
 
     @property
+    def sampling_digest(self) -> str:
+        """SHA-256 of :attr:`default_sampling` as :func:`caches.keys.canonical_json` writes it: key
+        order does not matter, values do (``1.3`` is not ``1.0``), so equal defaults give one digest
+        at every start and different defaults never share an entry."""
+        return digest({"default_sampling": self.default_sampling})
+
+    @property
     def key_part(self) -> str:
-        """``{name}@{fingerprint[:16]}``: a changed model makes every old key unreachable."""
-        return f"{safe_part(self.name)}@{self.fingerprint[:16]}"
+        """``{name}@{fingerprint[:16]}.{sampling digest[:16]}``: a changed model, or the same
+        weights under other default sampling (a new generation config, an engine override), makes
+        every old key unreachable."""
+        return (f"{safe_part(self.name)}@{self.fingerprint[:FINGERPRINT_CHARS]}"
+                f".{self.sampling_digest[:SAMPLING_DIGEST_CHARS]}")
 
     @property
     def default_temperature(self) -> float:
         value = self.default_sampling.get("temperature")
         return VLLM_FALLBACK_TEMPERATURE if value is None else float(value)
+
+
+# The model version names the cache entries (a bump makes the old ones unreachable). When it
+# cannot be read now, the last one seen or the configured one is a guess that could name entries
+# of a version bumped away (caches/versions.py `confirmed`): the request goes uncached instead.
+VERSION_UNKNOWN = "the model version could not be read from Redis just now: answered uncached"
 
 
 class EncoderIdentity(BaseModel):
@@ -123,7 +159,7 @@ class RequestIdentity(BaseModel):
     route: str = CHAT
     tenant: str
     model: ModelIdentity
-    version: str
+    version: str | None  # None: Redis could not confirm it now (never guessed: VERSION_UNKNOWN)
     cacheable: bool
     reason: str | None = None  # why not cacheable
     semantic_off: str | None = None  # why the semantic layer does not take part
@@ -139,7 +175,7 @@ class RequestIdentity(BaseModel):
         *,
         tenant: str,
         model: ModelIdentity,
-        version: str,
+        version: str | None,
         encoder: EncoderIdentity | None,
         cache_nondeterministic: bool = False,
         semantic_enabled: bool = True,
@@ -152,10 +188,12 @@ class RequestIdentity(BaseModel):
         deterministic = is_greedy(request, model)
         common = {"route": route, "tenant": tenant, "model": model, "version": version,
                   "deterministic": deterministic}
+        if version is None:
+            return cls(cacheable=False, reason=VERSION_UNKNOWN, **common)
         if not deterministic and not cache_nondeterministic:
             why = "sampled answer (temperature is not 0, explicitly or by the engine's default)"
             return cls(cacheable=False, reason=why, **common)
-        unreplayable = [f for f in UNREPLAYABLE_FIELDS if body.get(f) not in (None, False)]
+        unreplayable = [f for f in UNREPLAYABLE_FIELDS if _asks_for(f, body, route)]
         if unreplayable:
             return cls(cacheable=False, reason=f"{unreplayable[0]}: {UNREPLAYABLE_FIELDS[unreplayable[0]]}", **common)
         namespace = tenant_namespace("res", tenant)
@@ -199,7 +237,21 @@ def identity_body(request: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in request.items() if k not in NON_ANSWER_FIELDS}
 
 
+def _asks_for(field: str, body: dict[str, Any], route: str) -> bool:
+    """Whether ``body`` asks for what :data:`UNREPLAYABLE_FIELDS` says of ``field``, read as vLLM
+    reads it (its ``to_sampling_params``). When unsure, it does: a lost hit, never a wrong one."""
+    value = body.get(field)
+    if field == "prompt_logprobs":
+        return value is not None  # 0 asks for them too: each prompt token's own logprob
+    if field == "echo":
+        # vLLM: `prompt_logprobs = top_logprobs` on chat (0 unless set), `= logprobs` on
+        # completions (None unless set; 0 counts), when echo is on and prompt_logprobs unset
+        return value not in (None, False) and (route != COMPLETIONS or body.get("logprobs") is not None)
+    return value not in (None, False)
+
+
 def is_greedy(request: dict[str, Any], model: ModelIdentity) -> bool:
+    """Greedy decoding: a temperature of 0 (``0`` or ``0.0``), the request's or the engine's."""
     temperature = request.get("temperature")
     effective = model.default_temperature if temperature is None else float(temperature)
     return effective == 0.0

@@ -1,18 +1,27 @@
 """Fingerprints of the models whose outputs the caches keep.
 
 A cached answer is only valid for the model that wrote it. The served name is not enough: changing
-``llm.model`` in the config, a new fine-tune under the same name, another dtype or context length
-all change answers without anyone bumping a version. So every key carries a fingerprint of
+``llm.model`` in the config, another dtype or context length, a re-quantised checkpoint all change
+answers without anyone bumping a version. So every key carries a fingerprint of
 
 - every small file of the model folder (config, generation config, tokenizer, chat template), whole;
 - every weights file: its name, size and three 1 MiB windows (start, middle, end). Hashing all of a
-  15 GB checkpoint at every replica start would cost minutes; a retrained or re-quantised
-  checkpoint differs in its header (safetensors/GGUF keep tensor metadata at the start) and in
-  its data windows, so sampled windows catch what happens in practice;
+  15 GB checkpoint at every replica start would cost minutes, so the rest of each file is not read;
 - the engine settings that change outputs (dtype, context length, quantisation, ...), passed in.
 
-A model given as a hub id rather than a folder is fingerprinted by its id, revision and config as
-the engine loaded them.
+What this detects: another model folder, added, removed or renamed files, a weights file of
+another size (other shapes, another dtype or quantisation), any change to a small file, and any
+change that touches a sampled window (a safetensors/GGUF header sits in the first one). What it
+does NOT detect: weights replaced in place by others of the same names, sizes and tensor
+layout whose changes all lie outside the three windows - typically a fine-tune of the same
+base model (a merged LoRA that touches a few layers, above all) copied over the old files under
+the same name. A model given as a hub id rather than a folder is fingerprinted by its id,
+revision and the model config (``config.json``) the engine loaded, not by its files: new weights,
+tokenizer or chat template pushed to the same revision (``main`` when none is pinned) are not
+detected either. (The engine's default sampling, read from the generation config, is in every key
+on its own: :class:`caches.chat.ModelIdentity`.) Whoever replaces weights in place must bump the
+model's version (``tierserve bump-version``, or ``POST /admin/models/{name}/version``), which
+makes every old entry unreachable.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ The tenant sits in the namespace (``res.{<tenant>}``, ``sem.{<tenant>}``), so no
 crosses tenants. The braces make the tenant the key's Redis Cluster hash tag: every key of a
 tenant's exact and semantic caches, and their budget bookkeeping (:mod:`caches.budget`), hash to
 one slot, which is what lets one Lua script store an entry and evict others of the same tenant on
-a cluster. (The cost: one tenant's caches live on one master; tenants spread over the masters.) The model identity (served name plus a fingerprint of weights and config, see
-:mod:`caches.chat`) and the version sit inside every key, so that a changed model or a version bump
+a cluster. (The cost: one tenant's caches live on one master; tenants spread over the masters.) The model identity (served name, a fingerprint of weights and config and a digest of the
+engine's default sampling, see :class:`caches.chat.ModelIdentity`) and the version sit inside every key, so that a changed model or a version bump
 makes all old entries unreachable at once (no scan on the hot path); the background purge then
 deletes them by pattern. The digest is the SHA-256 of the input with *structural*
-canonicalisation only (JSON key order, no insignificant whitespace): strings are hashed exactly as
-written. "What is 3²?" and "What is 32?" are different questions; so are ``print("Hello")`` and
+canonicalisation only (JSON key order, no insignificant whitespace): strings and numbers are hashed
+exactly as written (``1.0`` is not ``1``). "What is 3²?" and "What is 32?" are different questions; so are ``print("Hello")`` and
 ``PRINT("hello")``. Merging differently written questions is the semantic layer's job.
 """
 
@@ -25,9 +25,14 @@ _WS = re.compile(r"\s+")
 
 
 def canonical_json(value: Any) -> str:
-    """Stable JSON of a request: sorted keys, no spaces, whole floats written as ints (``0.0`` and
-    ``0`` are one JSON number). Strings are kept exactly as written, and so is an explicit
-    ``null``: for some fields the engine reads it differently from an absent field (vLLM's
+    """Stable JSON of a request: sorted keys, no spaces. Numbers are kept as written, like strings:
+    ``1.0`` and ``1`` are two keys, because the engine gets the body unchanged and a chat template
+    renders tools, ``chat_template_kwargs`` and documents with ``tojson``, so ``"default": 1.0`` and
+    ``"default": 1`` are two different prompts. The cost is a lost hit, never a wrong one:
+    ``presence_penalty: 0`` and ``0.0`` are two entries. (``temperature`` is typed in the request
+    schemas, so it reaches the key as a float either way, and whether a request is greedy is
+    decided on its value, :func:`caches.chat.is_greedy`: ``0`` and ``0.0`` are both greedy.) An explicit
+    ``null`` is kept too: for some fields the engine reads it differently from an absent field (vLLM's
     ``tool_choice: null`` skips the "tools given -> auto" default), so merging the two could serve
     one the other's answer. The routes drop top-level nulls before the engine sees the request
     (:func:`caches.chat.without_nulls`), so in practice only nested ones reach a key."""
@@ -37,8 +42,6 @@ def canonical_json(value: Any) -> str:
             return {str(k): norm(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [norm(x) for x in v]
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
         return v
 
     return json.dumps(norm(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)

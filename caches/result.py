@@ -1,6 +1,6 @@
 """Exact result cache in Redis: the same request, byte for byte, gets the stored answer.
 
-Keys are ``res.{tenant}:{model}@{fingerprint}:{version}:{sha256(request)}``, built by
+Keys are ``res.{tenant}:{model}@{fingerprint}.{default sampling}:{version}:{sha256(request)}``, built by
 :class:`caches.chat.ChatIdentity` for chat (see :mod:`caches.keys`):
 the tenant in the namespace means no lookup ever crosses tenants, and the version means a model
 bump makes every old answer unreachable at once; :meth:`ResultCache.delete_model_version` then

@@ -19,10 +19,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_MESSAGES = 256
 MAX_ID_LEN = 64
 MAX_PROMPTS = 32
+# vLLM's bounds of `priority` (a signed 64-bit integer, its _INT64_MIN/_INT64_MAX)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A rating's range (the events route)
+MIN_RATING, MAX_RATING = 0.0, 5.0
 
 
 def _not_bool(value: Any) -> Any:
@@ -106,6 +111,41 @@ def _check_prompt_logprobs(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def _refuse(field: str, value: Any, expected: str) -> PydanticCustomError:
+    """A refusal saying what to send (no pydantic "Value error, " in front of it)."""
+    got = "a boolean" if isinstance(value, bool) else f"{value!r}"[:40]
+    return PydanticCustomError("invalid_value", "`{field}` must be {expected}, not {got}",
+                               {"field": field, "expected": expected, "got": got})
+
+
+def _is_int(value: Any) -> bool:
+    # A JSON integer: not a boolean (Python's True is 1), a float (1.0) or a numeric string.
+    # Stricter than vLLM's lax reading is safe (refused on a hit and a miss alike); and what passes,
+    # passes to the engine unchanged.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# vLLM validates these and refuses a bad value with a 400, but they are not in the cache key
+# (caches.chat.NON_ANSWER_FIELDS: they do not change the answer), so vLLM sees them only on a miss.
+# Checked here, a bad value is refused whether the answer is cached or not.
+def _check_stream_interval(value: Any) -> Any:
+    if value is not None and not (_is_int(value) and value >= 1):
+        raise _refuse("stream_interval", value, "an integer of at least 1 (tokens per streamed chunk)")
+    return value
+
+
+def _check_request_id(value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise _refuse("request_id", value, "a string")
+    return value
+
+
+def _check_priority(value: Any) -> Any:
+    if value is not None and not (_is_int(value) and INT64_MIN <= value <= INT64_MAX):
+        raise _refuse("priority", value, "a 64-bit integer (lower runs earlier; default 0)")
+    return value
+
+
 class _OpenAIRequest(BaseModel):
     """OpenAI-style bodies: unknown fields pass through to the engine, text must be Unicode,
     numbers finite and nesting bounded."""
@@ -177,9 +217,15 @@ class ChatRequest(_OpenAIRequest):
     # is cached (`user` is not even in the cache key: it never changes the answer).
     user: str | None = None
     prompt_logprobs: Any = None  # vLLM: a number, -1 or more, none when streaming
+    stream_interval: Any = None  # vLLM: an integer >= 1
+    request_id: Any = None  # vLLM: a string
+    priority: Any = None  # vLLM: a 64-bit integer
 
     _stream_options = field_validator("stream_options")(_check_stream_options)
     _prompt_logprobs = field_validator("prompt_logprobs")(_check_prompt_logprobs)
+    _stream_interval = field_validator("stream_interval")(_check_stream_interval)
+    _request_id = field_validator("request_id")(_check_request_id)
+    _priority = field_validator("priority")(_check_priority)
 
     @field_validator("messages")
     @classmethod
@@ -237,9 +283,15 @@ class CompletionRequest(_OpenAIRequest):
     # as on ChatRequest: checked here because vLLM sees only misses
     user: str | None = None
     prompt_logprobs: Any = None
+    stream_interval: Any = None
+    request_id: Any = None
+    priority: Any = None
 
     _stream_options = field_validator("stream_options")(_check_stream_options)
     _prompt_logprobs = field_validator("prompt_logprobs")(_check_prompt_logprobs)
+    _stream_interval = field_validator("stream_interval")(_check_stream_interval)
+    _request_id = field_validator("request_id")(_check_request_id)
+    _priority = field_validator("priority")(_check_priority)
 
     @field_validator("prompt")
     @classmethod
@@ -280,7 +332,19 @@ class EventRequest(BaseModel):
     user_id: UserId = Field(ge=0, le=2**62)
     item_id: Int = Field(ge=0, le=2**62)
     type: Literal["view", "click", "rating"]
-    value: Float | None = Field(default=None, ge=0.0, le=5.0)
+    value: Float | None = Field(default=None, ge=MIN_RATING, le=MAX_RATING)
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        # Python's JSON reader takes NaN and Infinity (and 1e999): NaN failed the range check as
+        # "greater than or equal to 0", which does not say what is wrong (as on the OpenAI routes)
+        if isinstance(value, float) and not math.isfinite(value):
+            number = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            raise PydanticCustomError(
+                "finite_number", "must be a finite number (a rating from {low} to {high}), not {number}",
+                {"low": f"{MIN_RATING:g}", "high": f"{MAX_RATING:g}", "number": number})
+        return value
 
 
 class VersionBump(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -9,14 +10,17 @@ import pytest
 from caches.cache_control import CacheControl, age_seconds
 from caches.chat import (
     NON_ANSWER_FIELDS,
+    SEMANTIC_EXCLUDED_FIELDS,
     CachedAnswer,
     EncoderIdentity,
+    ModelIdentity,
+    _semantic_parts,
     request_digest,
     semantic_answer,
     storable,
     without_nulls,
 )
-from tests.support import identity, model_identity
+from tests.support import ENCODER, FINGERPRINT, identity, model_identity
 
 GREEDY = {"temperature": 0}
 
@@ -41,8 +45,11 @@ def test_exact_means_exact(a: str, b: str) -> None:
 
 def test_structure_does_not_change_the_key() -> None:
     base = identity(ask("hi")).exact_key
-    reordered = {"temperature": 0.0, "messages": ask("hi")["messages"]}
+    reordered = {"temperature": 0, "messages": ask("hi")["messages"]}
     assert identity(reordered).exact_key == base
+    # numbers are kept as written (caches.keys.canonical_json): 0.0 is another entry, still greedy
+    as_float = identity({**ask("hi"), "temperature": 0.0})
+    assert as_float.cacheable and as_float.deterministic and as_float.exact_key != base
     # a top-level null means the default: the routes leave it out before the engine and the
     # identity see the request; one that reaches the identity anyway is not merged with "absent"
     assert identity(without_nulls({**ask("hi"), "seed": None})).exact_key == base
@@ -187,3 +194,81 @@ def test_cache_control_parsing() -> None:
     ctl = CacheControl.parse('max-age="10"')
     assert ctl.fresh_enough(stored_at=100.0, now=110.0) and not ctl.fresh_enough(stored_at=100.0, now=111.0)
     assert age_seconds(100.0, now=102.9) == 2 and age_seconds(100.0, now=99.0) == 0
+
+
+def _tools(default: float) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "number", "default": default}}}}}]
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ({"tools": _tools(1.0)}, {"tools": _tools(1)}),
+    ({"chat_template_kwargs": {"budget": 2.0}}, {"chat_template_kwargs": {"budget": 2}}),
+    ({"documents": [{"score": 3.0}]}, {"documents": [{"score": 3}]}),
+])
+def test_a_whole_float_and_an_int_are_two_prompts(a: dict[str, Any], b: dict[str, Any]) -> None:
+    # vLLM renders these into the prompt with `tojson`: "1.0" and "1" are different prompts
+    one, other = identity(ask("hi", **a)), identity(ask("hi", **b))
+    assert one.exact_key != other.exact_key
+    if one.semantic_scope is not None or other.semantic_scope is not None:
+        assert one.semantic_scope != other.semantic_scope
+
+
+def test_zero_and_zero_point_zero_are_both_greedy() -> None:
+    # two entries now (numbers are kept as written), but both cacheable: greedy is read by value
+    for temperature in (0, 0.0):
+        assert identity(ask("hi", temperature=temperature)).deterministic
+    no_temperature = {"messages": [{"role": "user", "content": "hi"}]}
+    for default in (0, 0.0):
+        assert identity(no_temperature, model_identity=model_identity(temperature=default)).cacheable
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"prompt_logprobs": 0}, "prompt_logprobs"),  # 0 asks for them too: each prompt token's own
+    ({"prompt_logprobs": 3}, "prompt_logprobs"),
+    ({"echo": True}, "echo"),  # chat: vLLM sets prompt_logprobs = top_logprobs (0) under echo
+    ({"echo": True, "logprobs": True, "top_logprobs": 2}, "echo"),
+    ({"return_prompt_text": True}, "return_prompt_text"),
+])
+def test_what_only_a_non_stream_body_carries_is_never_cached(extra: dict[str, Any], field: str, stream: bool) -> None:
+    # stream and non-stream share a key; an answer stored from a stream lacks prompt logprobs and
+    # prompt_text, so a later non-stream hit would silently lack what it asked for
+    got = identity(ask("hi", stream=stream, **extra))
+    assert not got.cacheable and got.exact_key is None and got.semantic_scope is None
+    assert (got.reason or "").startswith(f"{field}: "), got.reason
+
+
+def test_the_off_values_of_those_fields_stay_cacheable() -> None:
+    for extra in ({"echo": False}, {"return_prompt_text": False}, {"logprobs": True}):
+        assert identity(ask("hi", **extra)).cacheable, extra
+
+
+def test_return_prompt_text_keeps_the_semantic_layer_out() -> None:
+    # a reworded question's answer has another prompt text
+    assert "return_prompt_text" in SEMANTIC_EXCLUDED_FIELDS
+    scope, _, why = _semantic_parts(ask("hi", return_prompt_text=True), tenant="t", model=model_identity(),
+                                    version="1", encoder=ENCODER)
+    assert scope is None and "return_prompt_text" in (why or "")
+
+
+def test_the_engines_default_sampling_is_in_every_key() -> None:
+    # the generation config's repetition_penalty changes even greedy answers
+    plain = ModelIdentity(name="m", fingerprint=FINGERPRINT, default_sampling={"temperature": 0.0})
+    penalised = ModelIdentity(name="m", fingerprint=FINGERPRINT,
+                              default_sampling={"temperature": 0.0, "repetition_penalty": 1.3})
+    a, b = identity(ask("hi"), model_identity=plain), identity(ask("hi"), model_identity=penalised)
+    assert a.cacheable and b.cacheable
+    assert a.exact_key != b.exact_key and a.semantic_scope != b.semantic_scope
+    assert plain.key_part != penalised.key_part
+
+
+def test_equal_default_sampling_gives_stable_keys() -> None:
+    one = ModelIdentity(name="m", fingerprint=FINGERPRINT, default_sampling={"temperature": 0.0, "top_k": 20})
+    same = ModelIdentity(name="m", fingerprint=FINGERPRINT, default_sampling={"top_k": 20, "temperature": 0.0})
+    assert one.key_part == same.key_part  # key order does not matter
+    assert identity(ask("hi"), model_identity=one).exact_key == identity(ask("hi"), model_identity=same).exact_key
+    # the same at every start: SHA-256 of the canonical JSON, nothing process-dependent
+    canonical = b'{"default_sampling":{"temperature":0.0,"top_k":20}}'
+    assert one.sampling_digest == hashlib.sha256(canonical).hexdigest()
+    assert ":" not in one.key_part and one.key_part.startswith(f"m@{FINGERPRINT[:16]}.")

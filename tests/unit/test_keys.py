@@ -12,12 +12,12 @@ from caches.keys import (
     safe_part,
 )
 from caches.result import ResultCache
-from tests.support import FINGERPRINT, chat_key
+from tests.support import FINGERPRINT, chat_key, model_identity
 
 
 def test_canonical_json_is_structural_only() -> None:
-    # key order and 0.0 vs 0 are JSON structure; text is kept as written
-    assert canonical_json({"b": 1.0, "a": "X "}) == canonical_json({"a": "X ", "b": 1})
+    # key order is JSON structure; text and numbers are kept as written
+    assert canonical_json({"b": 1, "a": "X "}) == canonical_json({"a": "X ", "b": 1})
     # an explicit null is not "absent": vLLM reads `tool_choice: null` otherwise (tools: no "auto")
     assert canonical_json({"a": None, "b": 2}) != canonical_json({"b": 2})
     assert canonical_json({"t": [{"x": None}]}) != canonical_json({"t": [{}]})
@@ -34,7 +34,8 @@ def test_canonical_text_is_for_comparing_answers_only() -> None:
 def test_key_layout_and_prefixes() -> None:
     k = chat_key(tenant="acme", model="llama3:8b", version="7", request={"messages": [], "temperature": 0})
     ns, model, version, ident = k.split(":")
-    assert (ns, model, version, len(ident)) == ("res.{acme}", "llama3%3A8b@" + FINGERPRINT[:16], "7", 64)
+    sampling = model_identity("llama3:8b").sampling_digest[:16]  # the engine's defaults (here none)
+    assert (ns, model, version, len(ident)) == ("res.{acme}", f"llama3%3A8b@{FINGERPRINT[:16]}.{sampling}", "7", 64)
     assert safe_part("a@b") != safe_part("a%40b") and "@" not in safe_part("a@b")
     assert make_key("n", "m", "v", "x") == "n:m:v:x"
     assert ResultCache.tenant_of(k) == "acme"
@@ -103,3 +104,11 @@ def test_a_version_purge_keeps_to_its_model_and_version() -> None:
     assert not only.match(b"sem.{t}:other:m@abc:e:1") and not only.match(b"sem.{t}:m2@abc:e:1")
     assert model_version_match("res", "m").match(b"res.{t}:m@abc:7:d") and not model_version_match(
         "res", "m").match(b"res.{t}:mm@abc:7:d")
+
+
+def test_numbers_are_kept_as_written() -> None:
+    # the engine gets the body unchanged and chat templates render tools with `tojson`:
+    # `"default": 1.0` and `"default": 1` are two prompts, so two keys, at any depth
+    assert canonical_json({"default": 1.0}) != canonical_json({"default": 1})
+    assert canonical_json({"t": [{"p": {"x": 2.0}}]}) != canonical_json({"t": [{"p": {"x": 2}}]})
+    assert canonical_json({"x": 1.5}) == canonical_json({"x": 1.5})

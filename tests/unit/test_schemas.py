@@ -175,6 +175,23 @@ COMPLETION = {"model": "m", "prompt": "hi"}
          "`prompt_logprobs` must be an integer."),
         (CompletionRequest, {**COMPLETION, "prompt_logprobs": -2}, "prompt_logprobs",
          "`prompt_logprobs` must be a positive value or -1."),
+        # not in the cache key (they do not change the answer): refused here, or a hit is a 200
+        (ChatRequest, {"model": "m", "messages": MESSAGES, "stream_interval": 0}, "stream_interval",
+         "`stream_interval` must be an integer of at least 1"),
+        (ChatRequest, {**STREAMED, "stream_interval": True}, "stream_interval",
+         "`stream_interval` must be an integer of at least 1"),
+        (CompletionRequest, {**COMPLETION, "stream_interval": 1.5}, "stream_interval",
+         "`stream_interval` must be an integer of at least 1"),
+        (ChatRequest, {"model": "m", "messages": MESSAGES, "request_id": 123}, "request_id",
+         "`request_id` must be a string"),
+        (CompletionRequest, {**COMPLETION, "request_id": ["r"]}, "request_id", "`request_id` must be a string"),
+        (ChatRequest, {"model": "m", "messages": MESSAGES, "priority": "high"}, "priority",
+         "`priority` must be a 64-bit integer"),
+        (ChatRequest, {"model": "m", "messages": MESSAGES, "priority": 1.5}, "priority",
+         "`priority` must be a 64-bit integer"),
+        (ChatRequest, {"model": "m", "messages": MESSAGES, "priority": True}, "priority",
+         "default 0), not a boolean"),
+        (CompletionRequest, {**COMPLETION, "priority": 2**63}, "priority", "`priority` must be a 64-bit integer"),
     ],
 )
 def test_what_vllm_refuses_is_refused_before_the_cache(schema: type[BaseModel], body: dict[str, Any], field: str,
@@ -197,6 +214,9 @@ def test_what_vllm_refuses_is_refused_before_the_cache(schema: type[BaseModel], 
         (ChatRequest, {**STREAMED, "prompt_logprobs": 0}),
         (CompletionRequest, {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}, "user": "a"}),
         (CompletionRequest, {**COMPLETION, "prompt_logprobs": -1}),
+        (ChatRequest, {**STREAMED, "stream_interval": 4, "request_id": "req-1", "priority": -2}),
+        (CompletionRequest, {**COMPLETION, "stream_interval": 1, "request_id": "", "priority": 2**63 - 1}),
+        (ChatRequest, {"model": "m", "messages": MESSAGES, "request_id": None, "priority": None}),
     ],
 )
 def test_what_vllm_takes_still_passes_unchanged(schema: type[BaseModel], body: dict[str, Any]) -> None:
@@ -231,3 +251,20 @@ def test_text_parts_still_pass_in_system_messages() -> None:
     body = {"model": "m", "messages": [{"role": "system", "content": parts}, {"role": "developer", "content": "x"},
                                        *MESSAGES]}
     assert ChatRequest.model_validate(body).model_dump(mode="json", exclude_unset=True) == body
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_rating_must_be_a_finite_number(value: float) -> None:
+    # NaN was refused as "Input should be greater than or equal to 0", which says nothing useful
+    with pytest.raises(ValidationError) as err:
+        EventRequest.model_validate({"user_id": 1, "item_id": 2, "type": "rating", "value": value})
+    (error,) = err.value.errors()
+    assert error["loc"] == ("value",) and error["msg"].startswith("must be a finite number"), error
+    # the ingress writes `{field}: {msg}`: "value: must be a finite number (a rating from 0 to 5), not NaN"
+    assert "a rating from 0 to 5" in error["msg"], error
+
+
+def test_a_rating_out_of_range_still_says_so() -> None:
+    with pytest.raises(ValidationError) as err:
+        EventRequest.model_validate({"user_id": 1, "item_id": 2, "type": "rating", "value": 6})
+    assert "less than or equal to 5" in str(err.value)
