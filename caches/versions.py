@@ -53,22 +53,33 @@ class ModelVersions:
         self._lock = threading.Lock()
         self._bump = client.register_script(_BUMP_SCRIPT)
 
-    def current(self, model: str) -> str:
-        """The model's version; when Redis is down, the last version seen (or the default)."""
+    def confirmed(self, model: str) -> str:
+        """The model's version as Redis holds it (read within the last `cache_s`); raises
+        CacheUnavailable when it cannot be read now. For cache keys: a guessed version (the last
+        one seen, or the configured default on a replica that never read one) can name entries of
+        a version that was bumped away, and a cache whose own Redis calls still succeed (its
+        breaker is not this one, and one timed-out read is not an outage) would serve them."""
         now = time.monotonic()
         with self._lock:
             cached = self._local.get(model)
         if cached and now - cached[1] < self.cache_s:
             return cached[0]
-        try:
-            raw = self.guard.call("versions.get", self.client.hget, VERSIONS_KEY, model)
-        except CacheUnavailable:
-            # caches are bypassed while Redis is down, so a stale version cannot serve stale data
-            return cached[0] if cached else self._default(model)
+        raw = self.guard.call("versions.get", self.client.hget, VERSIONS_KEY, model)
         version = raw.decode() if raw is not None else self._default(model)
         with self._lock:
             self._local[model] = (version, now)
         return version
+
+    def current(self, model: str) -> str:
+        """The model's version; when Redis cannot be read, the last version seen (or the
+        default). For what to load and serve (the Recommender keeps its model through an
+        outage), never for a cache key: see `confirmed`."""
+        try:
+            return self.confirmed(model)
+        except CacheUnavailable:
+            with self._lock:
+                cached = self._local.get(model)
+            return cached[0] if cached else self._default(model)
 
     def known(self, model: str) -> tuple[str, bool]:
         """(the last version seen, whether it is older than the cache period) without touching

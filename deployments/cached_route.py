@@ -156,7 +156,7 @@ class CachedRoute:
     route = ""  # the identity's route and the metrics label
     id_prefix = ""  # of a replayed answer's fresh id (OpenAI: chatcmpl-, cmpl-)
 
-    def __init__(self, settings: AppSettings, results: ResultCache, version_of: Callable[[str], str],
+    def __init__(self, settings: AppSettings, results: ResultCache, version_of: Callable[[str], str | None],
                  llm: DeploymentHandle, coalescer: Coalescer | None = None) -> None:
         self.settings = settings
         self.model_name = settings.llm.served_model_name
@@ -216,11 +216,11 @@ class CachedRoute:
         finally:
             self._refreshing = False
 
-    async def _version(self, model: str) -> str:
+    async def _version(self, model: str) -> str | None:
         # ModelVersions reads Redis synchronously (at most twice a second, else from memory): a
         # CACHE_IO thread keeps the loop free. No deadline of ours: the client's socket timeout
-        # bounds it, and on failure it answers the last version it saw - guessing one here could
-        # serve entries of a version that was bumped away.
+        # bounds it. None when it could not be read: the request goes uncached, since a guessed
+        # version (the last one seen, the configured one) could serve entries bumped away.
         return await asyncio.get_running_loop().run_in_executor(CACHE_IO, self.version_of, model)
 
     def _background(self, coro: Any) -> asyncio.Task[Any]:

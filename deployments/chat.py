@@ -88,7 +88,7 @@ class ChatPath(CachedRoute):
     route = CHAT
     id_prefix = "chatcmpl"
 
-    def __init__(self, settings: AppSettings, results: ResultCache, version_of: Callable[[str], str],
+    def __init__(self, settings: AppSettings, results: ResultCache, version_of: Callable[[str], str | None],
                  encoder: DeploymentHandle, semantic: DeploymentHandle, llm: DeploymentHandle,
                  coalescer: Coalescer | None = None) -> None:
         super().__init__(settings, results, version_of, llm, coalescer)

@@ -21,7 +21,7 @@ def model_identity(name: str = "m", fingerprint: str = FINGERPRINT, temperature:
     return ModelIdentity(name=name, fingerprint=fingerprint, default_sampling=defaults)
 
 
-def identity(request: dict[str, Any], *, tenant: str = "t", model: str = "m", version: str = "1",
+def identity(request: dict[str, Any], *, tenant: str = "t", model: str = "m", version: str | None = "1",
              **kwargs: Any) -> ChatIdentity:
     return ChatIdentity.build(request, tenant=tenant, model=kwargs.pop("model_identity", model_identity(model)),
                               version=version, encoder=kwargs.pop("encoder", ENCODER), **kwargs)

@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import redis
 
-from caches.result import ResultCache
+from caches.redis_client import make_client
+from caches.result import CacheUnavailable, ResultCache
 from caches.semantic import SemanticCache
-from caches.versions import VERSION_CACHE_S, ModelVersions, purge_in_background, purge_old_versions
+from caches.versions import (
+    VERSION_CACHE_S,
+    VERSIONS_KEY,
+    ModelVersions,
+    purge_in_background,
+    purge_old_versions,
+)
+from tests.slow_redis import node_of, stalled
 from tests.support import chat_key, scope
 
 
@@ -76,3 +84,26 @@ def test_known_answers_without_redis_and_says_when_it_is_old(redis_client: redis
     assert versions.known("m") == ("2", False)
     time.sleep(0.25)
     assert versions.known("m") == ("2", True)  # still the last seen; the caller refreshes it
+
+
+def test_a_version_redis_cannot_give_now_is_unknown_for_keys_and_the_last_seen_for_serving(
+        redis_url: str, redis_client: redis.Redis) -> None:
+    """A replica that never read the version (it just started) while the version read times out
+    (a slow Redis, not a dead one): `current` answers the configured default, which names entries
+    of a version bumped away; `confirmed`, what cache keys use, refuses to guess."""
+    ModelVersions(redis_client, {"m": "v1"}).bump("m", "v3")  # the live version
+    fresh = ModelVersions(make_client(redis_url, socket_timeout_s=0.3), {"m": "v1"}, cache_s=0.05)
+    fresh.client.ping()  # a warm pooled connection: the stalled read is really sent
+    with stalled(*node_of(redis_client, redis_url, VERSIONS_KEY), 1.5):
+        with pytest.raises(CacheUnavailable):
+            fresh.confirmed("m")
+        assert fresh.current("m") == "v1"  # a guess: fine for what to serve, never for a key
+    deadline = time.monotonic() + 5
+    while True:  # the breaker lets reads through again within its retry interval
+        try:
+            assert fresh.confirmed("m") == "v3"
+            break
+        except CacheUnavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert fresh.current("m") == "v3"

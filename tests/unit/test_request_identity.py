@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from caches.chat import CHAT, COMPLETIONS, ROUTES, VLLM_FALLBACK_TEMPERATURE, ChatIdentity, RequestIdentity
+from caches.chat import (
+    CHAT,
+    COMPLETIONS,
+    ROUTES,
+    VERSION_UNKNOWN,
+    VLLM_FALLBACK_TEMPERATURE,
+    ChatIdentity,
+    RequestIdentity,
+)
 from tests.support import identity, model_identity
 
 PROMPT = {"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8}
@@ -22,12 +30,22 @@ def test_the_route_is_part_of_the_exact_key() -> None:
     assert chat.exact_key != completion.exact_key
     assert completion.route == COMPLETIONS and chat.route == CHAT
     # structure still does not matter within a route; text does
-    assert identity({"max_tokens": 8, "temperature": 0.0, "prompt": PROMPT["prompt"], "stream": True,
+    assert identity({"max_tokens": 8, "temperature": 0, "prompt": PROMPT["prompt"], "stream": True,
                      "user": "u"}, route=COMPLETIONS).exact_key == identity(PROMPT, route=COMPLETIONS).exact_key
     assert identity({**PROMPT, "prompt": "The capital of France is "}, route=COMPLETIONS).exact_key != \
         identity(PROMPT, route=COMPLETIONS).exact_key
     for field in ({"echo": True}, {"logprobs": 2}, {"suffix": "x"}, {"prompt": [1, 2, 3]}, {"best_of": 2}):
         assert identity({**PROMPT, **field}, route=COMPLETIONS).exact_key != identity(PROMPT, route=COMPLETIONS).exact_key
+
+
+@pytest.mark.parametrize("route", [CHAT, COMPLETIONS])
+def test_an_unknown_model_version_is_never_guessed_into_a_key(route: str) -> None:
+    """Redis could not confirm the version (caches/versions.py `confirmed`): no lookup, no store."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "temperature": 0}
+    ident = identity(body, route=route, version=None)
+    assert not ident.cacheable and ident.reason == VERSION_UNKNOWN
+    assert ident.exact_key is None and ident.semantic_scope is None
+    assert identity(body, route=route).cacheable  # the same request with its version read
 
 
 def test_completions_are_exact_only_with_a_reason() -> None:
@@ -70,3 +88,24 @@ def _vllm_defaults(module: str) -> dict:
                                     "entrypoints.openai.completion.protocol"])
 def test_vllms_fallback_temperature_is_what_both_request_classes_use(module: str) -> None:
     assert _vllm_defaults(module)["temperature"] == VLLM_FALLBACK_TEMPERATURE
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"echo": True, "logprobs": 0}, "echo"),  # vLLM: prompt_logprobs = logprobs under echo (0 counts)
+    ({"echo": True, "logprobs": 2}, "echo"),
+    ({"prompt_logprobs": 0}, "prompt_logprobs"),
+    ({"return_prompt_text": True}, "return_prompt_text"),
+])
+def test_completions_that_ask_for_prompt_data_are_never_cached(extra: dict, field: str, stream: bool) -> None:
+    # a non-stream body carries each choice's prompt_logprobs; an answer stored from a stream does
+    # not, and both share one key
+    got = identity({**PROMPT, "stream": stream, **extra}, route=COMPLETIONS)
+    assert not got.cacheable and got.exact_key is None
+    assert (got.reason or "").startswith(f"{field}: "), got.reason
+
+
+def test_completions_echo_or_logprobs_alone_stay_cacheable() -> None:
+    # echo without logprobs: vLLM computes no prompt logprobs on this route
+    for extra in ({"echo": True}, {"logprobs": 0}, {"logprobs": 2}, {"echo": False, "logprobs": 0}):
+        assert identity({**PROMPT, **extra}, route=COMPLETIONS).cacheable, extra
