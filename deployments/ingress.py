@@ -133,12 +133,32 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": response.body})
 
 
+# What to send instead, for the errors about the body as a whole: pydantic's own words ("Field
+# required", "JSON decode error" at a character offset shown as a field) do not say what to fix.
+BODY_MISSING = "the request needs a JSON object body: send one with Content-Type: application/json"
+BODY_NOT_AN_OBJECT = ("the body must be a JSON object sent with Content-Type: application/json (a form or "
+                      "text body, or a JSON array, string or number, is not one)")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param) of the first problem, saying what to send instead."""
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    loc = tuple(first.get("loc", ()))
+    kind = first.get("type")
+    if kind == "json_invalid":
+        # loc is ("body", character offset): an offset, not a field
+        offset = loc[1] if len(loc) > 1 else None
+        reason = (first.get("ctx") or {}).get("error") or "not valid JSON"
+        at = f" at character {offset}" if isinstance(offset, int) else ""
+        return f"the body is not valid JSON: {reason}{at}", None
+    if loc == ("body",) and kind == "missing":
+        return BODY_MISSING, None
+    if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return BODY_NOT_AN_OBJECT, None
+    where = ".".join(str(p) for p in loc if p != "body") or None
     msg = first.get("msg", "invalid value")
     return (f"{where}: {msg}" if where else msg) + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), where
 
@@ -178,8 +198,10 @@ async def _on_forbidden(request: Request, exc: Forbidden) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param = _validation_message(exc)
-    # OpenAI-compatible routes answer 400 like OpenAI does; the project's own routes answer 422.
-    status = 400 if request.url.path.startswith(("/v1/chat", "/v1/embeddings", "/v1/completions")) else 422
+    # OpenAI-compatible routes answer 400 like OpenAI does; the project's own routes answer 422
+    # for a body that parses, and 400 for one that does not (as for the parse errors below).
+    unparsed = any(e.get("type") == "json_invalid" for e in exc.errors())
+    status = 400 if unparsed or request.url.path.startswith(("/v1/chat", "/v1/embeddings", "/v1/completions")) else 422
     _count_refused(request, status)
     return JSONResponse(error_body(status, message, param), status_code=status)
 
@@ -194,6 +216,11 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
     if message == "There was an error parsing the body":
         message += ": send a JSON object encoded as UTF-8 (integers of at most 4,300 digits, nested at most 64 levels)"
     return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+def _unavailable(deployment: str, exc: BaseException) -> dict[str, Any]:
+    log.warning("%s stats failed: %s: %s", deployment, type(exc).__name__, exc)
+    return {"status": "unavailable"}
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
@@ -246,11 +273,13 @@ class Ingress:
                                    "configure TIERSERVE_API_KEYS (or `api_keys`), or set `auth: off` in the config")
         return self.tenants.resolve(request.headers.get("authorization"))
 
-    def _version(self, model: str) -> str:
+    def _version(self, model: str) -> str | None:
+        """The model's version for cache keys, or None when Redis cannot confirm it now: the
+        request is then answered uncached (caches/versions.py `confirmed` says why not a guess)."""
         try:
-            return self.versions.current(model)
-        except Exception:  # noqa: BLE001 - Redis down: the configured version still names the model
-            return self.settings.llm.model_version
+            return self.versions.confirmed(model)
+        except Exception:  # noqa: BLE001 - Redis down or slow: unknown, never guessed
+            return None
 
     def _background_refresh(self, model: str) -> None:
         if self._refreshing_version:
@@ -298,7 +327,10 @@ class Ingress:
     # ------------------------------------------------------ models, embeddings
     async def _model_cards(self) -> list[dict[str, Any]]:
         """The chat/completions model first (clients take data[0]), then the embedding model."""
-        llm, enc = await asyncio.gather(self.llm.info.remote(), self.encoder.info.remote())
+        try:
+            llm, enc = await asyncio.gather(self.llm.info.remote(), self.encoder.info.remote())
+        except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica: a 503, never a 500
+            raise ModelUnavailable(f"a model replica failed to answer ({type(exc).__name__}); retry shortly") from exc
         # Informative here: the last version seen, refreshed in the background when old, so a
         # slow Redis never delays this route (chat requests refresh it on their own path).
         version, stale = self.versions.known(llm["id"])
@@ -352,6 +384,12 @@ class Ingress:
                                               RECOMMEND_DEADLINE_S)
         status = result.pop("status", 200)
         metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
+        if self.tenants.auth_enabled:
+            # Which tier held the user's row ("redis": read lately) is shared by every tenant: it
+            # would tell one tenant that another asked about this user. A one-tenant (keyless)
+            # deployment keeps it, for debugging and benchmarks; the tiers' hit counters are on
+            # /metrics for the operator.
+            result.pop("sources", None)
         if status != 200:
             return JSONResponse(error_body(status, result["message"]), status_code=status,
                                 headers={"retry-after": "2"} if status == 503 else None)
@@ -396,7 +434,11 @@ class Ingress:
             exact = await asyncio.to_thread(self.results.stats)
         except (CacheUnavailable, *REDIS_ERRORS):  # any Redis error (a refused key too): a gap, never a 500
             exact = {"status": "unavailable"}
-        semantic, recs = await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote())
+        # A replica that fails (or is being replaced) leaves a gap in the page, as Redis does above.
+        semantic, recs = (part if isinstance(part, dict) else _unavailable(name, part) for name, part in zip(
+            ("SemanticCache", "Recommender"),
+            await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote(), return_exceptions=True),
+            strict=True))
         lookups, scope = await asyncio.to_thread(metrics.lookups_by_tenant)
         if tenant is not None:
             return {**tenant_view(tenant, exact=exact, semantic=semantic, lookups=lookups,
@@ -404,8 +446,10 @@ class Ingress:
         return {"exact": exact, "semantic": semantic, "recommender": recs, "lookups_by_tenant": lookups,
                 "lookups_scope": scope}
 
-    @app.post("/admin/models/{name}/version")
+    @app.post("/admin/models/{name:path}/version")
     async def bump_version(self, name: str, body: VersionBump, request: Request) -> Any:
+        # `:path`: a served model name may be a hub id with '/' ("Qwen/Qwen2.5-1.5B-Instruct"),
+        # which clients send as-is or as %2F (decoded before routing).
         self.admins.require(request.headers.get("authorization"))
         if name not in (self.model_name, RECS_MODEL):
             return JSONResponse(error_body(404, f"unknown model '{name}'; known: {self.model_name}, {RECS_MODEL}"), status_code=404)
@@ -414,7 +458,16 @@ class Ingress:
         except (redis.RedisError, CacheUnavailable):
             return JSONResponse(error_body(503, "Redis is unreachable: version not changed, retry when it is back"), status_code=503)
         if name == RECS_MODEL:
-            await self.recommender.reload.remote(body.version)
+            try:
+                await self.recommender.reload.remote(body.version)
+            except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica
+                # The version is in Redis already, and every replica follows it there on its own
+                # (within a request or the watcher's next look): the reload only hurried one.
+                log.warning("recs reload after the bump to %s failed (%s); the replicas follow the version in Redis",
+                            body.version, type(exc).__name__)
+                return {"model": name, "version": body.version, "previous": previous,
+                        "warning": f"the version is stored, but asking a Recommender replica to load it now failed "
+                                   f"({type(exc).__name__}); every replica loads it on its own within seconds"}
         elif previous != body.version:
             # Old entries carry the old version in their keys: unreachable already. The purge
             # only gives the memory back, so it runs after the answer.

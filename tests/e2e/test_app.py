@@ -65,6 +65,30 @@ def test_bad_recommendation_requests_get_422(client: httpx.Client, body: dict, f
     assert fragment in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "content", "content_type", "status", "fragment"),
+    [
+        # not JSON at all: a 400 on every route, with the parser's reason and where
+        ("/v1/recommendations", b'{"user_id": 1,}', "application/json", 400,
+         "the body is not valid JSON: Expecting property name enclosed in double quotes at character 14"),
+        ("/v1/embeddings", b"{not json", "application/json", 400, "the body is not valid JSON"),
+        # no body, or not a JSON object (curl -d sends a form): say what to send
+        ("/v1/recommendations", b"", "application/json", 422, "needs a JSON object body"),
+        ("/v1/recommendations", b'{"user_id": 1}', "application/x-www-form-urlencoded", 422,
+         "Content-Type: application/json"),
+        ("/v1/recommendations", b"[1, 2]", "application/json", 422, "must be a JSON object"),
+        ("/v1/events", b'{"user_id": 1}', "text/plain", 422, "must be a JSON object"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_gets_a_message_that_says_what_to_send(
+        client: httpx.Client, path: str, content: bytes, content_type: str, status: int, fragment: str) -> None:
+    resp = client.post(path, content=content, headers={"content-type": content_type})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert fragment in error["message"]
+    assert error["param"] is None  # the body as a whole: no field to point at (not a character offset)
+
+
 def test_event_changes_next_answer(client: httpx.Client) -> None:
     user = REPO.user_ids_sample[1]
     first = client.post("/v1/recommendations", json={"user_id": user, "k": 5}).json()

@@ -70,6 +70,19 @@ def test_the_metrics_page_needs_the_admin_key_where_tenants_have_keys(auth_url: 
     assert admin.status_code == 200 and "tierserve_requests_total" in admin.text
 
 
+def test_a_tenant_is_not_told_which_tier_held_a_shared_user_row(auth_url: str) -> None:
+    """The user's feature row is shared by every tenant (user ids are the deployment's): its tier
+    ("redis" = read lately) would tell globex that acme just asked about the user."""
+    user = 42
+    first = httpx.post(f"{auth_url}/v1/recommendations", json={"user_id": user, "k": 3}, timeout=60,
+                       headers={"authorization": "Bearer key-acme"})
+    other = httpx.post(f"{auth_url}/v1/recommendations", json={"user_id": user, "k": 3}, timeout=60,
+                       headers={"authorization": "Bearer key-globex"})
+    for resp in (first, other):
+        assert resp.status_code == 200, resp.text
+        assert "sources" not in resp.json() and resp.json()["items"]
+
+
 def test_tenants_never_see_each_others_cached_answers(auth_url: str) -> None:
     question = f"What is the capital of Italy? ({uuid.uuid4().hex[:6]})"
     first = chat(auth_url, "key-acme", question)
