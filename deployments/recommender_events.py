@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,12 +45,14 @@ from caches.versions import Leased
 from deployments.recommender_keys import audit_key, audited_keys, event_lock_key, pending_key
 from deployments.recommender_model import CACHE_ERRORS, RecsModel
 from feature_store.events import (
+    FEAST_REDIS_ENV,
     Activity,
     FeatureStoreUnavailable,
     UserActivityWriter,
     already_applied,
     new_event_id,
     reused_key,
+    unbounded_feast_redis,
     updated_user_row,
 )
 from feature_store.journal import EventJournal
@@ -143,6 +146,10 @@ class EventRecorder:
         self.cluster = is_cluster(client)
         self.audit_stream = audit_key(self.cluster)
         self.pending = PendingInvalidations(client, pending_key(self.cluster))
+        why = unbounded_feast_redis(os.environ.get(FEAST_REDIS_ENV), bound_s=EVENT_LOCK_TIMEOUT_S)
+        if why is not None:
+            log.warning("%s: %s; add e.g. socket_timeout=2,socket_connect_timeout=2 (docs/operations.md)",
+                        FEAST_REDIS_ENV, why)
 
     def record(self, m: RecsModel, activity: Activity, tenant: str) -> dict[str, Any]:
         """The answer to one event: 202 applied or queued, 404 for an unknown item or user."""
@@ -305,7 +312,8 @@ class EventRecorder:
             # outlived the lock, and another replica may then have pushed its own update of the
             # row we read (ours would overwrite it: a lost rating). Not ours -> queue and redo
             # the read-modify-write later. The push itself is bounded by SQLite's busy timeout,
-            # well under EVENT_LOCK_TIMEOUT_S.
+            # or by the Feast Redis's socket_timeout (checked at start: unbounded_feast_redis),
+            # both well under EVENT_LOCK_TIMEOUT_S.
             lock.reacquire()
         except (LockError, *REDIS_ERRORS) as exc:
             raise NotNow("the user's event lock expired while the feature store was slow") from exc

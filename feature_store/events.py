@@ -80,6 +80,54 @@ def client_event_id(sender: str, key: str | None, activity: Activity) -> str | N
     return f"{key_part}.{hashlib.sha256(body.encode()).hexdigest()[:BODY_ID_CHARS]}"
 
 
+# Where production puts the Feast online store's Redis (feature_store_redis.yaml expands it).
+FEAST_REDIS_ENV = "FEAST_REDIS_CONNECTION_STRING"
+
+
+def unbounded_feast_redis(connection_string: str | None, *, bound_s: float) -> str | None:
+    """Why a Feast Redis connection string ("host:port,db=0,...,socket_timeout=S") lets one
+    call block past `bound_s`, or None when it does not (or there is none).
+
+    Feast hands the string's parameters to redis-py (whose default is 5 s a try, a default of a
+    library, not a decision of ours). An event's read-modify-write of the user row runs under a
+    lock of `bound_s` (deployments/recommender_events.py); a push that outlives it can land after
+    another replica's update of the same row and overwrite it (a lost rating). So the string must
+    say its timeout, and it must be under the lock (one try: `one_try_online_redis`)."""
+    if not connection_string:
+        return None
+    params = dict(part.split("=", 1) for part in connection_string.split(",") if "=" in part)
+    raw = params.get("socket_timeout")
+    if raw is None:
+        return f"it sets no socket_timeout (one well under the {bound_s:g}s event lock bounds a push to a stalled server)"
+    try:
+        timeout = float(raw)
+    except ValueError:
+        return f"its socket_timeout {raw!r} is not a number of seconds"
+    if not 0 < timeout < bound_s:
+        return f"its socket_timeout {timeout:g}s is not under the {bound_s:g}s event lock"
+    return None
+
+
+def one_try_online_redis(store: Any) -> None:
+    """Make a Redis online store's client send each command once: its timeout is the answer.
+
+    redis-py 8 re-sends a command that timed out (10 tries, with backoff), and a Feast connection
+    string cannot say otherwise (its values are JSON, not a Retry). So `socket_timeout` alone
+    bounds one try, not the push: a push to a stalled server was re-sent until the server woke
+    (tests/integration/test_feast_redis_timeout.py), past the event lock. A failed push is queued
+    and replayed (a copy the server ran after all is found in the row's `applied_events`). Reaches
+    into Feast's provider: checked against the pinned Feast by that test."""
+    from feast.infra.online_stores.redis import RedisOnlineStore  # loaded with FeatureStore already
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    online = store._get_provider().online_store
+    if isinstance(online, RedisOnlineStore):
+        client = online._get_client(store.config.online_store)
+        if hasattr(client, "set_retry"):
+            client.set_retry(Retry(NoBackoff(), 0))
+
+
 class EventRejected(ValueError):
     """The event cannot be recorded as sent (a client error): `status` is the HTTP status."""
 
@@ -220,6 +268,7 @@ class UserActivityWriter:
                     from feast import FeatureStore  # slow import: first use only
 
                     self._store = FeatureStore(repo_path=str(self.repo_dir))
+                    one_try_online_redis(self._store)
             return self._store
 
     def _failed(self, what: str, exc: Exception) -> FeatureStoreUnavailable:

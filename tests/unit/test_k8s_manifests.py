@@ -248,6 +248,24 @@ def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def test_every_feast_redis_connection_is_bounded_under_the_event_lock() -> None:
+    """A Feast Redis without socket_timeout holds a stalled push for good, past the event lock:
+    another replica's update of the same user is then overwritten (feature_store/events.py)."""
+    from deployments.recommender_events import EVENT_LOCK_TIMEOUT_S
+    from feature_store.events import FEAST_REDIS_ENV, unbounded_feast_redis
+
+    seen = 0
+    for _, doc in manifest_docs():
+        for group, spec in pod_specs(doc):
+            for container in containers(spec):
+                value = _env(container).get(FEAST_REDIS_ENV, {}).get("value")
+                if value is None or "materialize" in container["name"]:  # the batch job: its own bound
+                    continue
+                seen += 1
+                assert unbounded_feast_redis(value, bound_s=EVENT_LOCK_TIMEOUT_S) is None, (group, value)
+    assert seen >= 3  # head and both worker groups
+
+
 def test_every_ray_pod_has_the_app_env_and_a_local_state_volume() -> None:
     for group, spec in pod_specs(rayservice()):
         main = spec["containers"][0]
