@@ -185,8 +185,10 @@ class RecommenderDeployment:
                 keys = list(ssd.keys()) if ssd is not None else []  # noqa: SIM118 (a method)
                 if not m.users.tiered.invalidate(keys, broadcast=False):
                     return  # RAM unreachable again: retry on the next tick, run ids not taken
-            # Results computed from such a row in the moment before this check: gone too.
-            self.results.delete_prefix(f"{RecommendationResults.NAMESPACE}.")
+            # Results computed from such a row in the moment before this check: gone too. Entries
+            # only (`recs.{<tenant>}:...`, the tenant the hash tag): `recs.__meta.{<tenant>}:...`
+            # holds each tenant's hit/miss counters and budget books, which must outlive a purge.
+            self.results.delete_prefix(f"{RecommendationResults.NAMESPACE}.{{")
             log.warning("Redis restarted (%s): dropped %d user rows", ", ".join(gone), len(keys))
         self._redis_run_ids.update(now)
 

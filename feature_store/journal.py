@@ -11,7 +11,10 @@ the user's recommendations (read-your-writes starts when it is applied).
 Durability is the disk's: a replica that dies leaves its file behind, and the next replica to
 start on that disk adopts its entries (`adopt`) before the directory is reclaimed. A pod whose
 disk goes with it (an `emptyDir`) loses what it had queued: mount a volume at `state_dir` where
-that matters (docs/operations.md).
+that matters (docs/operations.md). A dead replica's file that SQLite finds damaged (a bad page, a
+broken header) is salvaged, not taken for empty: the entries that can still be read are adopted,
+an error names the directory and what was lost, and the directory is renamed `damaged-<name>`:
+kept for a manual recovery (`sqlite3 events.sqlite3 .recover`), never adopted again.
 
 Ordering: per replica, entries are applied oldest first, and an event of a user with entries
 still queued here joins the queue behind them. Across replicas there is no order (a queued
@@ -22,7 +25,11 @@ so the row comes out the same, except `last_ts`, which takes the maximum.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -31,7 +38,12 @@ from pathlib import Path
 
 from feature_store.events import Activity
 
+log = logging.getLogger("tierserve.journal")
+
 FILE_NAME = "events.sqlite3"
+# A dead replica's journal directory found damaged is renamed with this prefix: kept for a manual
+# recovery, and out of the reach of `reclaim_dead_dirs` (it matches the replicas' own prefix only).
+DAMAGED_PREFIX = "damaged-"
 # A failed replay is tried again after this long (doubling, up to the cap): an outage costs one
 # attempt per interval, not one per watcher tick.
 RETRY_FIRST_S = 0.5
@@ -142,24 +154,233 @@ class EventJournal:
             return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def adopt(self, other_dir: Path | str) -> int:
-        """Move a dead replica's queued entries behind ours (their order kept); returns how many."""
-        other = Path(other_dir) / FILE_NAME
+        """Move a dead replica's queued entries behind ours (their order kept); returns how many.
+
+        A file without the events table (the replica died before its first write) holds nothing.
+        A damaged one (SQLite: malformed, not a database) is salvaged: the entries still readable
+        are adopted, in order, an error names what was lost, and the directory is renamed
+        `damaged-<name>` (see `DAMAGED_PREFIX`), so the caller's reclaim finds nothing left to
+        delete and no later start adopts the same entries again. Any other failure (the disk, a
+        lock) raises: the caller keeps the directory for the next start.
+
+        Each entry is adopted once: the caller holds the dead directory's owner lock (see
+        `reclaim_dead_dirs`). Only a crash between our commit and the directory's removal (or
+        renaming) adopts entries twice; their event ids make the second application a no-op
+        (feature_store/events.py), as before."""
+        directory = Path(other_dir)
+        other = directory / FILE_NAME
         if not other.exists():
             return 0
-        src = sqlite3.connect(other)
+        damage: str | None = None
+        lost: int | None = 0
         try:
-            rows = src.execute("SELECT user_id, body, tenant, accepted_at FROM events ORDER BY id").fetchall()
-        except sqlite3.DatabaseError:
-            rows = []  # a file that never got its table: nothing was queued in it
-        finally:
-            src.close()
+            # Read a copy: the dead replica's files stay exactly as found (SQLite would otherwise
+            # checkpoint its WAL into a damaged file on close, and the header repair writes).
+            with tempfile.TemporaryDirectory(prefix=".adopt-", dir=self.directory) as tmp:
+                copy = _copy_journal(other, Path(tmp))
+                try:
+                    rows = _read_all(copy)
+                except sqlite3.DatabaseError as exc:
+                    if _no_events_table(exc):
+                        return 0  # never written: nothing was queued in it
+                    if not _is_damage(exc):
+                        raise
+                    damage = f"{type(exc).__name__}: {exc}"
+                    rows, lost = _salvage(copy)
+        except Exception as exc:
+            log.error("could not read the event journal of a dead replica at %s (%s): its queued events "
+                      "stay there for the next start", directory, exc)
+            raise
+        usable = [r for r in rows if _usable(r)]
+        if len(usable) < len(rows):
+            damage = damage or "entries that do not decode"
+            lost = None if lost is None else lost + len(rows) - len(usable)
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO events (user_id, body, tenant, accepted_at) VALUES (?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO events (user_id, body, tenant, accepted_at) VALUES (?, ?, ?, ?)",
+                                 [r[1:] for r in usable])
             self._db.execute("COMMIT")
-            self._users.update(int(r[0]) for r in rows)
-        return len(rows)
+            self._users.update(int(r[1]) for r in usable)
+        if damage is not None:
+            aside = _aside_name(directory)
+            log.error("the event journal of a dead replica at %s is damaged (%s): adopted the %d queued events "
+                      "still readable, %s lost; the directory is kept as %s for a manual recovery",
+                      directory, damage, len(usable),
+                      "an unknown number" if lost is None else f"up to {lost}" if lost else "none",
+                      aside)
+            try:
+                os.rename(directory, aside)
+            except OSError:
+                log.error("could not rename %s to %s: the next start adopts its readable events again "
+                          "(their event ids keep them from being applied twice)", directory, aside)
+                raise
+        return len(usable)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# --- reading a dead replica's journal ----------------------------------------------------------
+
+_ROWS = "SELECT id, user_id, body, tenant, accepted_at FROM events"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_MAX_ID = 2**63 - 1
+
+
+def _copy_journal(path: Path, into: Path) -> Path:
+    """The database file and its WAL (the committed entries not checkpointed yet), copied; the
+    shared-memory index is rebuilt from the WAL when the copy is opened."""
+    copy = into / path.name
+    shutil.copyfile(path, copy)
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists():
+        shutil.copyfile(wal, into / wal.name)
+    return copy
+
+
+def _read_all(path: Path) -> list[tuple]:
+    src = sqlite3.connect(path)
+    try:
+        return src.execute(_ROWS + " ORDER BY id").fetchall()
+    finally:
+        src.close()
+
+
+def _no_events_table(exc: sqlite3.DatabaseError) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and str(exc) == "no such table: events"
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite's own verdict that the file is damaged, as opposed to a failure of the disk or a lock."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return text in ("database disk image is malformed", "file is not a database") or text.startswith(
+        "malformed database schema")
+
+
+def _repair_header(path: Path) -> None:
+    """Put back the header fields whose value is fixed for this journal (the magic string, the
+    default page size, the WAL format, the payload fractions) where they are not valid: a header
+    whose first bytes were overwritten otherwise makes every page unreadable."""
+    with open(path, "r+b") as f:
+        head = bytearray(f.read(100))
+        if len(head) < 100:
+            return
+        fixed = bytearray(head)
+        fixed[:16] = _SQLITE_MAGIC
+        size = int.from_bytes(head[16:18], "big")
+        if not (size == 1 or (512 <= size <= 32768 and size & (size - 1) == 0)):
+            fixed[16:18] = (4096).to_bytes(2, "big")  # SQLite's default: the one this journal uses
+        for at in (18, 19):
+            if fixed[at] not in (1, 2):
+                fixed[at] = 2  # WAL
+        fixed[21:24] = bytes((64, 32, 32))
+        if fixed != head:
+            f.seek(0)
+            f.write(fixed)
+
+
+def _salvage(path: Path) -> tuple[list[tuple], int | None]:
+    """The entries of a damaged file that can still be read, in id order, and how many ids were
+    skipped over unreadable pages (an upper bound on the entries lost: ids are given in order and
+    entries leave from the head), None when unknown.
+
+    A damaged table leaf fails every read that reaches it, whether stepping into it or seeking to a
+    key in its range; a seek past its range reads on from the next leaf. So: read in batches; at a
+    failure, read one entry at a time up to the damage (a failed batch returns none of its rows),
+    then find the smallest id from which a read succeeds again (a doubling probe, then a
+    bisection), and read on from there."""
+    _repair_header(path)
+    src = sqlite3.connect(path)
+
+    def read_from(first: int, limit: int) -> list[tuple]:
+        # LIMIT 1 stops on the row: it never steps into the damage behind it
+        return src.execute(_ROWS + " WHERE id >= ? ORDER BY id LIMIT ?", (first, limit)).fetchall()
+
+    def readable_from(first: int) -> bool:
+        try:
+            read_from(first, 1)
+        except sqlite3.DatabaseError:
+            return False
+        return True
+
+    def resume_point(bad: int) -> int | None:
+        step = 1
+        while True:
+            probe = min(_MAX_ID, bad + step)
+            if readable_from(probe):
+                break
+            if probe == _MAX_ID:
+                return None
+            bad, step = probe, step * 2
+        good = probe
+        while good - bad > 1:
+            mid = (bad + good) // 2
+            if readable_from(mid):
+                good = mid
+            else:
+                bad = mid
+        return good
+
+    def last_id() -> int | None:
+        found = []
+        for query in ("SELECT seq FROM sqlite_sequence WHERE name = 'events'", "SELECT max(id) FROM events"):
+            try:
+                row = src.execute(query).fetchone()
+            except sqlite3.DatabaseError:
+                continue
+            if row is not None and row[0] is not None:
+                found.append(int(row[0]))
+        return max(found) if found else None
+
+    rows: list[tuple] = []
+    at, skipped = 1, 0  # the lowest id not read yet (AUTOINCREMENT ids start at 1)
+    try:
+        while True:
+            try:
+                batch = read_from(at, 256)
+            except sqlite3.DatabaseError:
+                try:
+                    while batch := read_from(at, 1):
+                        rows.append(batch[0])
+                        at = int(batch[0][0]) + 1
+                except sqlite3.DatabaseError:
+                    pass
+                else:
+                    return rows, skipped
+                resume = resume_point(at)
+                if resume is None:
+                    last = last_id()
+                    return rows, None if last is None else skipped + max(0, last - at + 1)
+                skipped += resume - at
+                at = resume
+                continue
+            if not batch:
+                return rows, skipped
+            rows.extend(batch)
+            at = int(batch[-1][0]) + 1
+    finally:
+        src.close()
+
+
+def _usable(row: tuple) -> bool:
+    """Whether an entry read back decodes (an undetected bad byte must not stop the queue)."""
+    _, user_id, body, tenant, accepted_at = row
+    try:
+        return (isinstance(tenant, str) and isinstance(accepted_at, (int, float))
+                and _decode(body).user_id == int(user_id))
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return False
+
+
+def _aside_name(directory: Path) -> Path:
+    target = directory.with_name(f"{DAMAGED_PREFIX}{directory.name}")
+    n = 1
+    while target.exists():
+        target = directory.with_name(f"{DAMAGED_PREFIX}{directory.name}.{n}")
+        n += 1
+    return target
