@@ -25,9 +25,10 @@ reproducible only for the same batch composition and hardware, so a seeded sampl
 draw of many. Under greedy decoding the seed changes nothing, but it stays in the key (a field we
 do not need to merge on is never worth the risk).
 
-A request is never cached when it asks for something a stored answer cannot give through both
-transports (:data:`UNREPLAYABLE_FIELDS`): a streamed and a non-stream request share an entry, and a
-stream is stored rebuilt from its deltas, which lack e.g. the prompt logprobs of a non-stream body.
+A streamed and a non-stream request share an entry, and a stream is stored rebuilt from its
+deltas. A request asking for what the deltas lack (the prompt logprobs of a non-stream body:
+:data:`TRANSPORT_BOUND_FIELDS`) keeps the transport in its key; one asking for what no stored
+answer keeps (:data:`UNREPLAYABLE_FIELDS`) is never cached.
 
 Only complete answers are stored (:func:`storable`): every choice has a finish reason in
 :data:`STORED_FINISH_REASONS`. The semantic layer stores only single-choice, text-only answers that
@@ -79,10 +80,18 @@ SEMANTIC_EXCLUDED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", 
 # stream must be all that a non-stream hit needs. Which values ask for it: :func:`_asks_for`.
 UNREPLAYABLE_FIELDS: dict[str, str] = {
     "return_token_ids": "token ids are not kept through a streamed store or a streamed replay",
-    "prompt_logprobs": "prompt logprobs are in a non-stream body only: an answer stored from a stream lacks them",
+}
+# Fields that ask for what only one transport carries: a non-stream body has the prompt
+# logprobs (vLLM's stream chunks do not) and keeps `prompt_text` (a streamed replay drops it). A
+# request asking for them keeps `stream` in its key (it is otherwise a NON_ANSWER_FIELD), so a
+# stream and a non-stream request never share an entry: each is served what was stored from its
+# own kind. (lm-eval-style scoring, `echo` + `logprobs` with `max_tokens` 0, stays cacheable.)
+# Which values ask for them: :func:`_asks_for`.
+TRANSPORT_BOUND_FIELDS: dict[str, str] = {
+    "prompt_logprobs": "prompt logprobs are in a non-stream body only",
     "echo": ("vLLM then computes prompt logprobs (chat: always, from top_logprobs; completions: with logprobs), "
-             "which are in a non-stream body only: an answer stored from a stream lacks them"),
-    "return_prompt_text": "the rendered prompt is not kept through a streamed store or a streamed replay",
+             "in a non-stream body only"),
+    "return_prompt_text": "the rendered prompt is not kept through a streamed replay",
 }
 # vLLM's own fallback when neither the request nor the model's generation config sets it
 # (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS and CompletionRequest._DEFAULT_SAMPLING_PARAMS in
@@ -197,7 +206,10 @@ class RequestIdentity(BaseModel):
         if unreplayable:
             return cls(cacheable=False, reason=f"{unreplayable[0]}: {UNREPLAYABLE_FIELDS[unreplayable[0]]}", **common)
         namespace = tenant_namespace("res", tenant)
-        exact_key = make_key(namespace, model.key_part, safe_part(version), digest({"route": route, "request": body}))
+        keyed: dict[str, Any] = {"route": route, "request": body}
+        if any(_asks_for(f, body, route) for f in TRANSPORT_BOUND_FIELDS):
+            keyed["stream"] = bool(request.get("stream"))
+        exact_key = make_key(namespace, model.key_part, safe_part(version), digest(keyed))
         scope, text, why = _semantic_parts(body, tenant=tenant, model=model, version=version, encoder=encoder)
         if ROUTES[route] is not None:
             scope, text, why = None, None, ROUTES[route]
@@ -238,8 +250,9 @@ def identity_body(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _asks_for(field: str, body: dict[str, Any], route: str) -> bool:
-    """Whether ``body`` asks for what :data:`UNREPLAYABLE_FIELDS` says of ``field``, read as vLLM
-    reads it (its ``to_sampling_params``). When unsure, it does: a lost hit, never a wrong one."""
+    """Whether ``body`` asks for what :data:`UNREPLAYABLE_FIELDS` or :data:`TRANSPORT_BOUND_FIELDS`
+    says of ``field``, read as vLLM reads it (its ``to_sampling_params``). When unsure, it does:
+    a lost hit, never a wrong one."""
     value = body.get(field)
     if field == "prompt_logprobs":
         return value is not None  # 0 asks for them too: each prompt token's own logprob
@@ -285,7 +298,7 @@ def _semantic_parts(
 
 
 def semantic_scope(*, tenant: str, model: ModelIdentity, version: str, context: Any, encoder: EncoderIdentity) -> str:
-    """``sem.{tenant}:{model}@{fingerprint}:{version}:{sha256(context, encoder)[:32]}``: tenant,
+    """``sem.{tenant}:{model}@{fingerprint}.{default sampling}:{version}:{sha256(context, encoder)[:32]}``: tenant,
     model and version stay readable so that purges find a tenant's or a version's scopes."""
     ident = digest({"context": context, "encoder": encoder.model_dump()})[:32]
     return make_key(tenant_namespace("sem", tenant), model.key_part, safe_part(version), ident)

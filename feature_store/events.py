@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from caches.tiers.feast import one_try_online_redis
 from feature_store import names
 
 EVENT_TYPES = ("view", "click", "rating")
@@ -86,46 +87,31 @@ FEAST_REDIS_ENV = "FEAST_REDIS_CONNECTION_STRING"
 
 def unbounded_feast_redis(connection_string: str | None, *, bound_s: float) -> str | None:
     """Why a Feast Redis connection string ("host:port,db=0,...,socket_timeout=S") lets one
-    call block past `bound_s`, or None when it does not (or there is none).
+    push run past `bound_s`, or None when it does not (or there is none).
 
-    Feast hands the string's parameters to redis-py (whose default is 5 s a try, a default of a
-    library, not a decision of ours). An event's read-modify-write of the user row runs under a
-    lock of `bound_s` (deployments/recommender_events.py); a push that outlives it can land after
-    another replica's update of the same row and overwrite it (a lost rating). So the string must
-    say its timeout, and it must be under the lock (one try: `one_try_online_redis`)."""
+    An event's read-modify-write of the user row runs under a lock of `bound_s`
+    (deployments/recommender_events.py); a push that outlives it can land after another replica's
+    update of the same row and overwrite it (a lost rating). Feast's push to Redis is two round
+    trips (its `online_write_batch` reads the rows' timestamps, then writes), each one try
+    (`one_try_online_redis`), and a reconnect first costs up to `socket_connect_timeout` (redis-py:
+    `socket_timeout` when unset). So the string must say its timeout (redis-py's own default, 5 s
+    a try, is a library's, not a decision of ours), and two tries plus a connect must fit."""
     if not connection_string:
         return None
     params = dict(part.split("=", 1) for part in connection_string.split(",") if "=" in part)
-    raw = params.get("socket_timeout")
+    raw, raw_connect = params.get("socket_timeout"), params.get("socket_connect_timeout")
     if raw is None:
-        return f"it sets no socket_timeout (one well under the {bound_s:g}s event lock bounds a push to a stalled server)"
+        return f"it sets no socket_timeout (two tries and a connect must fit in the {bound_s:g}s event lock)"
     try:
         timeout = float(raw)
+        connect = timeout if raw_connect is None else float(raw_connect)
     except ValueError:
-        return f"its socket_timeout {raw!r} is not a number of seconds"
-    if not 0 < timeout < bound_s:
-        return f"its socket_timeout {timeout:g}s is not under the {bound_s:g}s event lock"
+        return f"its socket_timeout or socket_connect_timeout ({raw!r}, {raw_connect!r}) is not a number of seconds"
+    worst = 2 * timeout + connect
+    if timeout <= 0 or connect <= 0 or worst >= bound_s:
+        return (f"a push may take 2 x socket_timeout + socket_connect_timeout = {worst:g}s, not under the "
+                f"{bound_s:g}s event lock")
     return None
-
-
-def one_try_online_redis(store: Any) -> None:
-    """Make a Redis online store's client send each command once: its timeout is the answer.
-
-    redis-py 8 re-sends a command that timed out (10 tries, with backoff), and a Feast connection
-    string cannot say otherwise (its values are JSON, not a Retry). So `socket_timeout` alone
-    bounds one try, not the push: a push to a stalled server was re-sent until the server woke
-    (tests/integration/test_feast_redis_timeout.py), past the event lock. A failed push is queued
-    and replayed (a copy the server ran after all is found in the row's `applied_events`). Reaches
-    into Feast's provider: checked against the pinned Feast by that test."""
-    from feast.infra.online_stores.redis import RedisOnlineStore  # loaded with FeatureStore already
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    online = store._get_provider().online_store
-    if isinstance(online, RedisOnlineStore):
-        client = online._get_client(store.config.online_store)
-        if hasattr(client, "set_retry"):
-            client.set_retry(Retry(NoBackoff(), 0))
 
 
 class EventRejected(ValueError):

@@ -24,6 +24,7 @@ so the row comes out the same, except `last_ts`, which takes the maximum.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -181,9 +182,10 @@ class EventJournal:
                 try:
                     rows = _read_all(copy)
                 except sqlite3.DatabaseError as exc:
-                    if _no_events_table(exc):
+                    if _no_events_table(exc) and _pages(copy) <= 1:
                         return 0  # never written: nothing was queued in it
-                    if not _is_damage(exc):
+                    # "no such table" from a file with data pages is a damaged schema page
+                    if not (_no_events_table(exc) or _is_damage(exc)):
                         raise
                     damage = f"{type(exc).__name__}: {exc}"
                     rows, lost = _salvage(copy)
@@ -197,9 +199,16 @@ class EventJournal:
             lost = None if lost is None else lost + len(rows) - len(usable)
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO events (user_id, body, tenant, accepted_at) VALUES (?, ?, ?, ?)",
-                                 [r[1:] for r in usable])
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany("INSERT INTO events (user_id, body, tenant, accepted_at) VALUES (?, ?, ?, ?)",
+                                     [r[1:] for r in usable])
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                # a full or failing disk: leave no transaction open, or this replica's own later
+                # appends would never be committed (the caller keeps the dead directory)
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
             self._users.update(int(r[1]) for r in usable)
         if damage is not None:
             aside = _aside_name(directory)
@@ -248,6 +257,18 @@ def _read_all(path: Path) -> list[tuple]:
         src.close()
 
 
+def _pages(path: Path) -> int:
+    """Pages in a journal file (a never-written one has at most its first); unreadable: a lot."""
+    try:
+        src = sqlite3.connect(path)
+        try:
+            return int(src.execute("PRAGMA page_count").fetchone()[0])
+        finally:
+            src.close()
+    except sqlite3.DatabaseError:
+        return 2**31
+
+
 def _no_events_table(exc: sqlite3.DatabaseError) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and str(exc) == "no such table: events"
 
@@ -292,8 +313,9 @@ def _salvage(path: Path) -> tuple[list[tuple], int | None]:
     A damaged table leaf fails every read that reaches it, whether stepping into it or seeking to a
     key in its range; a seek past its range reads on from the next leaf. So: read in batches; at a
     failure, read one entry at a time up to the damage (a failed batch returns none of its rows),
-    then find the smallest id from which a read succeeds again (a doubling probe, then a
-    bisection), and read on from there."""
+    then find an id from which a read succeeds again (a doubling probe, then a bisection), and
+    read on from there. It is the smallest such id unless a probe jumped over a short readable run
+    between two damaged leaves: those entries then count as lost (the bound stays true)."""
     _repair_header(path)
     src = sqlite3.connect(path)
 

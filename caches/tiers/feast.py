@@ -9,6 +9,9 @@ Why these choices:
 - Any failure of the store (online DB missing, registry unreadable, network) is
   `TierUnavailable`: the TieredCache still serves what RAM and SSD hold and reports the rest
   missing. After a failure the store is reopened on the next call, so a repaired store is picked up.
+- A Redis online store's client tries each command once (`one_try_online_redis`): a stalled
+  server costs a read one `socket_timeout` (the connection string's), then the TieredCache
+  answers from what it holds, instead of redis-py re-sending the read up to ten times.
 - `import feast` costs 7-11 s, so it happens on first use, not at import of this module.
 - Values are msgpack of the feature dict (lists stay lists): compact, fast, no pickle.
 - Writes go through Feast's own `write_to_online_store`; the cache never writes Feast's tables.
@@ -46,6 +49,28 @@ def decode_features(raw: bytes) -> dict[str, Any]:
     return msgpack.unpackb(raw, raw=False)
 
 
+def one_try_online_redis(store: Any) -> None:
+    """Make a Redis online store's client send each command once: its timeout is the answer, as
+    for the app's own clients (caches/redis_client.py `make_client`).
+
+    redis-py 8 re-sends a command that timed out (10 tries, with backoff), and a Feast connection
+    string cannot say otherwise (its values are JSON, not a Retry). So `socket_timeout` alone
+    bounds one try, not the call: a call to a stalled server was re-sent until the server woke
+    (tests/integration/test_feast_redis_timeout.py). A read then held a recommendation thread long
+    after its answer fell back; an event's push could outlive its lock (the event writer,
+    feature_store/events.py, queues a failed push and replays it). Reaches into Feast's provider:
+    checked against the pinned Feast by that test."""
+    from feast.infra.online_stores.redis import RedisOnlineStore  # loaded with FeatureStore already
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    online = store._get_provider().online_store
+    if isinstance(online, RedisOnlineStore):
+        client = online._get_client(store.config.online_store)
+        if hasattr(client, "set_retry"):
+            client.set_retry(Retry(NoBackoff(), 0))
+
+
 class FeastTier:
     def __init__(
         self, repo_dir: Path | str | None = None, views: Sequence[FeastView] = (), *,
@@ -74,6 +99,7 @@ class FeastTier:
                     from feast import FeatureStore  # slow import: first use only
 
                     self._store = FeatureStore(repo_path=str(self.repo_dir))
+                    one_try_online_redis(self._store)
         return self._store
 
     @property

@@ -1,4 +1,4 @@
-"""A push to Feast's Redis online store is bounded by the connection string's `socket_timeout`.
+"""A call to Feast's Redis online store is bounded by the connection string's `socket_timeout`.
 
 Why it matters: an event's read-modify-write of the user row runs under a 10 s lock
 (deployments/recommender_events.py). redis-py's default is no socket timeout at all, and it
@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import pytest
 
 from caches.redis_server import EmbeddedRedis
+from caches.tiers.base import TierUnavailable
+from caches.tiers.feast import FeastTier, FeastView
 from feature_store import names
 from feature_store.events import FEAST_REDIS_ENV, FeatureStoreUnavailable, UserActivityWriter
 from feature_store.pipeline import RepoInfo
@@ -65,3 +67,26 @@ def test_a_stalled_feast_redis_push_fails_within_the_socket_timeout(
             assert not failed and took >= STALL_S * 0.8, (failed, took)
         else:
             assert failed and took < TIMEOUT_S + 1.5, (failed, took)
+
+
+def test_a_stalled_feast_redis_read_fails_the_tier_within_the_socket_timeout(
+        repo: RepoInfo, writer: UserActivityWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cold tier's read on the recommendation path: one try, then the TieredCache answers from
+    what it holds (before, the read was re-sent until the server woke, holding an answer thread)."""
+    user = int(repo.user_ids_sample[0])
+    row = {names.USER_KEY: user, **(writer.current_row(user) or {})}
+    with EmbeddedRedis(workdir=tmp_path / "feast-redis") as server:
+        url = urlparse(server.url)
+        monkeypatch.setenv(FEAST_REDIS_ENV, f"{url.hostname}:{url.port},db=0,socket_timeout={TIMEOUT_S},"
+                                            f"socket_connect_timeout={TIMEOUT_S}")
+        on_redis = redis_repo(repo, tmp_path / "repo")
+        UserActivityWriter(on_redis).push(row)
+        tier = FeastTier(on_redis, [FeastView(names.USER_VIEW, names.USER_KEY)])
+        key = f"features:{names.USER_VIEW}:v1:{user}"
+        assert key in tier.get_many([key])  # a warm pooled connection, and the row is there
+        with stalled(url.hostname or "127.0.0.1", int(url.port or 6379), STALL_S):
+            started = time.monotonic()
+            with pytest.raises(TierUnavailable):
+                tier.get_many([key])
+            took = time.monotonic() - started
+        assert took < TIMEOUT_S + 1.5, took

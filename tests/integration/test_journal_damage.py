@@ -126,6 +126,25 @@ def test_an_unreadable_file_loses_loudly_and_is_kept(tmp_path: Path, caplog: pyt
     owner.close()
 
 
+def test_a_damaged_schema_page_is_not_taken_for_a_journal_never_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Page 1 holds the schema: with its cell count zeroed SQLite says "no such table: events",
+    what a never-written journal says too. A file with data pages behind it is damaged, not empty."""
+    parent, dead, _, data = _dead(tmp_path)
+    data[103:105] = b"\x00\x00"  # page 1's b-tree header (after the 100-byte file header): cell count
+    (dead / FILE_NAME).write_bytes(bytes(data))
+    with pytest.raises(sqlite3.OperationalError, match="no such table: events"):
+        sqlite3.connect(dead / FILE_NAME).execute("SELECT body FROM events").fetchall()
+
+    with caplog.at_level(logging.ERROR, logger="tierserve.journal"):
+        journal, _, owner = _adopt_all(parent)
+    aside = parent / f"{DAMAGED_PREFIX}recommender-dead"
+    assert not dead.exists() and (aside / FILE_NAME).read_bytes() == bytes(data)  # kept, not deleted
+    errors = _damage_errors(caplog, dead)
+    assert len(errors) == 1 and "lost" in errors[0], caplog.text
+    owner.close()
+
+
 @pytest.mark.parametrize("state", ["empty file", "no table yet"])
 def test_a_journal_that_was_never_written_is_reclaimed_quietly(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, state: str) -> None:

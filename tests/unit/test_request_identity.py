@@ -90,22 +90,23 @@ def test_vllms_fallback_temperature_is_what_both_request_classes_use(module: str
     assert _vllm_defaults(module)["temperature"] == VLLM_FALLBACK_TEMPERATURE
 
 
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize(("extra", "field"), [
-    ({"echo": True, "logprobs": 0}, "echo"),  # vLLM: prompt_logprobs = logprobs under echo (0 counts)
-    ({"echo": True, "logprobs": 2}, "echo"),
-    ({"prompt_logprobs": 0}, "prompt_logprobs"),
-    ({"return_prompt_text": True}, "return_prompt_text"),
+@pytest.mark.parametrize("extra", [
+    {"echo": True, "logprobs": 0},  # vLLM: prompt_logprobs = logprobs under echo (0 counts)
+    {"echo": True, "logprobs": 2, "max_tokens": 0},  # lm-eval's loglikelihood request
+    {"prompt_logprobs": 0},
+    {"return_prompt_text": True},
 ])
-def test_completions_that_ask_for_prompt_data_are_never_cached(extra: dict, field: str, stream: bool) -> None:
-    # a non-stream body carries each choice's prompt_logprobs; an answer stored from a stream does
-    # not, and both share one key
-    got = identity({**PROMPT, "stream": stream, **extra}, route=COMPLETIONS)
-    assert not got.cacheable and got.exact_key is None
-    assert (got.reason or "").startswith(f"{field}: "), got.reason
+def test_completions_that_ask_for_prompt_data_key_the_transport(extra: dict) -> None:
+    # a non-stream body carries each choice's prompt_logprobs; an answer stored from a stream does not
+    streamed = identity({**PROMPT, "stream": True, **extra}, route=COMPLETIONS)
+    plain = identity({**PROMPT, **extra}, route=COMPLETIONS)
+    assert streamed.cacheable and plain.cacheable and streamed.exact_key != plain.exact_key
 
 
 def test_completions_echo_or_logprobs_alone_stay_cacheable() -> None:
     # echo without logprobs: vLLM computes no prompt logprobs on this route
     for extra in ({"echo": True}, {"logprobs": 0}, {"logprobs": 2}, {"echo": False, "logprobs": 0}):
         assert identity({**PROMPT, **extra}, route=COMPLETIONS).cacheable, extra
+        # and one entry serves both transports
+        assert identity({**PROMPT, **extra}, route=COMPLETIONS).exact_key == \
+            identity({**PROMPT, **extra, "stream": True}, route=COMPLETIONS).exact_key
