@@ -126,15 +126,18 @@ def recs_apps(args: argparse.Namespace) -> Iterator[dict[str, str]]:
 
         cfg = here.cfg
         app_args = dict(cfg.get("args") or {})
+
+        def settings_for(tiers: str) -> AppSettings:
+            recommender = {**(cfg["args"].get("recommender") or {}), "tiers": tiers, "result_cache": False}
+            return AppSettings.from_args({**app_args, "recommender": recommender})
+
         prefixes = {"recs": "/", "recs-feast-only": "/feast-only"}
         for name, tiers in (("recs", "all"), ("recs-feast-only", "feast-only")):
-            app_args["recommender"] = {**(cfg["args"].get("recommender") or {}), "tiers": tiers, "result_cache": False}
-            settings = AppSettings.from_args(app_args)
+            settings = settings_for(tiers)
             rec = RecommenderDeployment.bind(settings.redis, settings.state_dir, settings.recommender.model_dump())
             serve.run(Ingress.bind(settings.model_dump(), rec, rec, rec, rec), name=name,
                       route_prefix=prefixes[name], blocking=False)
-        app_args["recommender"] = {**(cfg["args"].get("recommender") or {}), "tiers": "all", "result_cache": False}
-        settings = AppSettings.from_args(app_args)
+        settings = settings_for("all")  # the tiered arm's, answering HTTP itself
         one_hop = serve.deployment(name="OneHopRecommender", max_ongoing_requests=32,
                                    ray_actor_options={"num_cpus": 0.25})(_one_hop_class())
         serve.run(one_hop.bind(settings.redis, settings.state_dir, settings.recommender.model_dump()),

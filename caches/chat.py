@@ -75,9 +75,8 @@ SEMANTIC_EXCLUDED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", 
                             "return_prompt_text")
 # Fields that ask for parts of the answer a stored answer does not carry whole through both
 # transports (a stream is rebuilt from its deltas; a replay sends text, tool calls, logprobs):
-# such a request is never cached, since a hit would silently lack what it asked for. Stream and
-# non-stream requests share one key ("stream" is a NON_ANSWER_FIELD), so an answer stored from a
-# stream must be all that a non-stream hit needs. Which values ask for it: :func:`_asks_for`.
+# such a request is never cached, since a hit would silently lack what it asked for. Which values
+# ask for it: :func:`_asks_for`.
 UNREPLAYABLE_FIELDS: dict[str, str] = {
     "return_token_ids": "token ids are not kept through a streamed store or a streamed replay",
 }
