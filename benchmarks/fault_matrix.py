@@ -70,7 +70,6 @@ REPO_ROOT = http_load.REPO_ROOT
 DEFAULT_STREAM = REPO_ROOT.parent / "shared" / "data" / "streams" / "banking77_zipf1.0_n20000_seed0.jsonl"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "fault_matrix.json"
 ROWS = ("redis_restart", "redis_slow", "feast_down", "replica_kill", "ingress_kill")
-APP_NAME = "tierserve"
 
 
 # ----------------------------------------------------------------------------- the app
@@ -88,7 +87,7 @@ class App:
         self.state_dir = workdir / "state"
         self.url = f"http://127.0.0.1:{self.port}"
         self.config["http_options"] = {**self.config.get("http_options", {}), "port": self.port}
-        for dep in self.app_cfg.get("deployments", []):
+        for dep in (d for app in self.config["applications"] for d in app.get("deployments", [])):
             if dep["name"] in (replicas or {}):
                 dep["num_replicas"] = replicas[dep["name"]]  # type: ignore[index]
 
@@ -107,7 +106,8 @@ class App:
         env = {**self.app_cfg.get("runtime_env", {}).get("env_vars", {}), "REDIS_URL": self.redis.url,
                "TIERSERVE_STATE_DIR": str(self.state_dir), "TIERSERVE_FEAST_REPO": str(self.feast_repo)}
         os.environ.update(env)
-        self.app_cfg.setdefault("runtime_env", {})["env_vars"] = env
+        for app in self.config["applications"]:  # the Ingress's and `recs`, which answers recommendations
+            app["runtime_env"] = {**app.get("runtime_env", {}), "env_vars": env}
         # The config copy this run serves (own port, Redis, state, Feast copy), kept for the record.
         (self.workdir / "config.yaml").write_text(yaml.safe_dump(self.config))
         # A busy shared box can take minutes to bring a raylet up (Ray's default wait is 30 s).
@@ -120,7 +120,8 @@ class App:
         client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                        proxy_location=schema.proxy_location)
         client.deploy_apps(schema, _blocking=False)
-        wait_app_running(APP_NAME, timeout_s)
+        for app in self.config["applications"]:
+            wait_app_running(app["name"], timeout_s)
 
     def settings(self) -> dict[str, Any]:
         from deployments.config import AppSettings
@@ -237,8 +238,12 @@ class ReplicaKill(Fault):
     def inject(self) -> None:
         import ray
 
+        # SERVE_REPLICA::{application}#{deployment}#{id}: the Recommender is in `recs` when the
+        # config serves recommendations one hop from the proxy, in the Ingress's application if not.
+        apps = {app["name"] for app in self.app.config["applications"]}
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{self.deployment}#")]
+                 if a["name"].startswith("SERVE_REPLICA::")
+                 and a["name"].removeprefix("SERVE_REPLICA::").split("#")[:2] in ([n, self.deployment] for n in apps)]
         if not names:
             self.log.append(f"no {self.deployment} replica alive to kill")
             return

@@ -21,11 +21,11 @@ Where the apps come from:
 - No `--url` (the measured figures in benchmarks/results/ come from this): the benchmark builds
   (or copies, when the project's repo was built from the same file) a Feast repo for `--ratings`
   in a temp folder, starts Ray, an embedded Redis (unless REDIS_URL is set) and Serve on a free
-  port, and deploys the real application (`deployments.app:build_app`, configs/local.yaml's
-  args) with `tiers: all` at `/`, plus a second application at `/feast-only`: its own Ingress and
-  a Recommender with `tiers: feast-only`, sharing the first one's chat deployments (the
-  recommendation path never calls them). Both run side by side on the same Redis, repo and
-  machine.
+  port, and deploys the real application as configs/local.yaml does (`deployments.app:build_app`
+  at `/` and `build_recs_app` at `/v1/recommendations`, which answers recommendations one hop from
+  the proxy) with `tiers: all`, plus a third application at `/feast-only/v1/recommendations`: a
+  Recommender with `tiers: feast-only`, answering the same way. Both arms run side by side on the
+  same Redis, repo and machine.
 - `--url URL`: the app already running there is measured as it is configured (its arm name is
   read from `/v1/cache/stats`); pass `--baseline-url` for an app started with
   `recommender.tiers: feast-only` (and, for the comparison to mean anything, `result_cache: false`
@@ -221,24 +221,20 @@ def self_hosted(args: argparse.Namespace) -> Iterator[dict[str, str]]:
     from ray import serve
 
     with serve_here(args, prefix="recommend-load-", ray_prefix="rlray-", redis_from_env=True) as here:
-        from deployments.app import build_app
-        from deployments.config import AppSettings
-        from deployments.ingress import Ingress
-        from deployments.recommender import RecommenderDeployment
+        from deployments.app import RECS_ROUTE_PREFIX, build_app, build_recs_app
 
         app_args = dict(here.cfg.get("args") or {})
         app_args["recommender"] = {**(app_args.get("recommender") or {}), "tiers": "all", "result_cache": False}
         _say(f"starting the app on port {here.port} (the chat deployments too: a minute or more)")
         started = time.monotonic()
+        # As configs/local.yaml deploys it: the Ingress's application and `recs`, which answers
+        # /v1/recommendations itself; the Feast-only arm is a `recs` twin under /feast-only.
         serve.run(build_app(app_args), name="tierserve", route_prefix="/", blocking=False)
-        wait_running(["tierserve"])
-        settings = AppSettings.from_args(app_args)
-        settings.recommender.tiers = "feast-only"
-        chat = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache", "LLM")]
-        baseline = RecommenderDeployment.bind(settings.redis, settings.state_dir, settings.recommender.model_dump())
-        serve.run(Ingress.bind(settings.model_dump(), *chat, baseline), name="tierserve-feast-only",
-                  route_prefix="/feast-only", blocking=False)
-        wait_running(["tierserve", "tierserve-feast-only"])
+        serve.run(build_recs_app(app_args), name="recs", route_prefix=RECS_ROUTE_PREFIX, blocking=False)
+        feast_args = {**app_args, "recommender": {**app_args["recommender"], "tiers": "feast-only"}}
+        serve.run(build_recs_app(feast_args), name="recs-feast-only", route_prefix=f"/feast-only{RECS_ROUTE_PREFIX}",
+                  blocking=False)
+        wait_running(["tierserve", "recs", "recs-feast-only"])
         _say(f"apps running after {time.monotonic() - started:.0f}s")
         yield {ARM_TIERED: here.base, ARM_FEAST: f"{here.base}/feast-only"}
 

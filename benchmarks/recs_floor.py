@@ -10,28 +10,31 @@ Redis PING) stands for "one hop"; every figure below comes from the same run:
 0. priming: one unmeasured request per user of the ratings file, so every row sits in the RAM
    tier (the result cache is off: "uncached" below means every request computes its answer).
 1. sequential, uncached: `--sequential` users (all by default) once each, in random order, one
-   request at a time, each recommendation followed by a `/healthz`, a Feast-only and a one-hop
-   recommendation (so noise from neighbours on a shared machine hits all four alike). Target: p50 <= 1.5 x healthz p50.
-2. concurrency: `--concurrency` closed-loop clients, the tiered and the Feast-only arm
+   request at a time, each recommendation followed by a `/healthz`, a Feast-only and a two-hop
+   recommendation and a `post_floor` request (so noise from neighbours on a shared machine hits
+   all five alike). Target: p50 <= 1.5 x healthz p50. `post_floor` is a replica that validates
+   the same body and answers at once: what any POST costs through Serve's proxy, which `GET
+   /healthz` does not show (the replica fetches a request's body from the proxy in a second call).
+2. concurrency: `--concurrency` closed-loop clients, the tiered, Feast-only and two-hop arms
    alternating in `--rounds` rounds (benchmarks.recommend_load.drive). Targets: tiered requests/s
    >= 3 x Feast-only's, and tiered p99 <= 3 x its p50.
-3. the cost of the second hop: the same rows through a third app, `one_hop`, where a Recommender
-   replica answers HTTP itself (`OneHopRecommender`, a measuring stand-in defined here: no auth,
-   no body limit, tenant `default`). It is what the sequential target would read with one Serve
-   hop, measured beside the other arms, and why the app does not take it: a replica that dies
-   mid-request is then a 500 from Serve's proxy (docs/architecture.md).
-4. with `--profile`: py-spy samples the proxy, the Ingress and the Recommender (only threads
-   holding the GIL, i.e. running Python: `py-spy record --gil -f raw`) during one more concurrent round of the tiered arm, and each
-   sample is charged to the stage of its innermost recognised frame (`STAGES`): CPU ms per request
-   per process and stage. The flame data itself lands under benchmarks/results/recs_floor_profile/.
+3. what the second hop costs: the same rows through the route the app takes with
+   `recommendations_app: null` (proxy -> Ingress -> Recommender), beside the one-hop arms.
+4. with `--profile`: py-spy samples the proxy and the Recommender (only threads holding the
+   GIL, i.e. running Python: `py-spy record --gil -f raw`) during one more concurrent round of the
+   tiered arm, and each sample is charged to the stage of its innermost recognised frame
+   (`STAGES`): CPU ms per request per process and stage. The flame data itself lands under
+   benchmarks/results/recs_floor_profile/.
 
 The apps: Ray, an embedded Redis and Serve on a free port, here, with the result cache off (every
-request computes). `recs` at `/`: an Ingress and a Recommender with `tiers: all`; `recs-feast-only`
-at `/feast-only`: the same with `tiers: feast-only` (every feature read is a Feast call);
-`recs-one-hop` at `/one-hop`: `OneHopRecommender` alone (`tiers: all`, item 3 above). The
-chat deployments are not on this path, so none is started: the Ingress gets the Recommender's
-handle in their slots (it calls them only on chat routes and in `/metrics`, which this benchmark
-does not read). The figures go to benchmarks/results/recs_floor_<label>.json.
+request computes), as configs/local.yaml deploys them: `recs` at `/v1/recommendations`, the
+Recommender answering HTTP itself (`tiers: all`, deployments/recommender_http.py: one hop);
+`recs-feast-only` at `/feast-only/v1/recommendations`, the same with `tiers: feast-only` (every
+feature read is a Feast call); `ingress` at `/`, for `/healthz`; `recs-two-hops` at `/two-hops`,
+an Ingress owning its own Recommender (`tiers: all`, item 3 above). The chat deployments are not
+on this path, so none is started: an Ingress gets a Recommender's handle in their slots (it calls
+them only on chat routes and in `/metrics`, which this benchmark does not read). The figures go
+to benchmarks/results/recs_floor_<label>.json.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def recs_apps(args: argparse.Namespace) -> Iterator[dict[str, str]]:
 
     extra_env = dict(kv.split("=", 1) for kv in args.serve_env)
     with serve_here(args, prefix="recs-floor-", ray_prefix="rfray-", extra_env=extra_env) as here:
+        from benchmarks.post_floor import post_floor_app
+        from deployments.app import RECS_ROUTE_PREFIX, build_recs_app
         from deployments.config import AppSettings
         from deployments.ingress import Ingress
         from deployments.recommender import RecommenderDeployment
@@ -127,51 +132,36 @@ def recs_apps(args: argparse.Namespace) -> Iterator[dict[str, str]]:
         cfg = here.cfg
         app_args = dict(cfg.get("args") or {})
 
-        def settings_for(tiers: str) -> AppSettings:
+        def args_for(tiers: str) -> dict[str, Any]:
             recommender = {**(cfg["args"].get("recommender") or {}), "tiers": tiers, "result_cache": False}
-            return AppSettings.from_args({**app_args, "recommender": recommender})
+            return {**app_args, "recommender": recommender}
 
-        prefixes = {"recs": "/", "recs-feast-only": "/feast-only"}
-        for name, tiers in (("recs", "all"), ("recs-feast-only", "feast-only")):
-            settings = settings_for(tiers)
-            rec = RecommenderDeployment.bind(settings.redis, settings.state_dir, settings.recommender.model_dump())
-            serve.run(Ingress.bind(settings.model_dump(), rec, rec, rec, rec), name=name,
-                      route_prefix=prefixes[name], blocking=False)
-        settings = settings_for("all")  # the tiered arm's, answering HTTP itself
-        one_hop = serve.deployment(name="OneHopRecommender", max_ongoing_requests=32,
-                                   ray_actor_options={"num_cpus": 0.25})(_one_hop_class())
-        serve.run(one_hop.bind(settings.redis, settings.state_dir, settings.recommender.model_dump()),
-                  name="recs-one-hop", route_prefix="/one-hop", blocking=False)
-        wait_running([*prefixes, "recs-one-hop"])
-        yield {"tiered": here.base, "feast_only": f"{here.base}/feast-only", "one_hop": f"{here.base}/one-hop"}
-
-
-def _one_hop_class() -> type:
-    """The Recommender's class answering HTTP itself (built when the apps start: importing the
-    Recommender pulls in Ray, FAISS and Feast, which `--reclassify` does not need)."""
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-
-    from deployments.recommender import RecommenderDeployment
-
-    class OneHopRecommender(RecommenderDeployment.func_or_class):  # type: ignore[misc,name-defined]
-        """A measuring stand-in: `POST` {user_id, k} -> the same answer as the app's route,
-        computed in this replica (one Serve hop from the proxy, as `/healthz` is)."""
-
-        async def __call__(self, request: Request) -> JSONResponse:
-            body = await request.json()
-            answer = await asyncio.get_running_loop().run_in_executor(
-                None, self.recommend, int(body["user_id"]), int(body["k"]), "default")
-            return JSONResponse(answer)
-
-    return OneHopRecommender
+        # The app's route (configs/local.yaml's `recs` application) and its Feast-only twin: one hop.
+        serve.run(build_recs_app(args_for("all")), name="recs", route_prefix=RECS_ROUTE_PREFIX, blocking=False)
+        serve.run(build_recs_app(args_for("feast-only")), name="recs-feast-only",
+                  route_prefix=f"/feast-only{RECS_ROUTE_PREFIX}", blocking=False)
+        # The floor of any POST through Serve's proxy: the same body, validated, and no work.
+        serve.run(post_floor_app(), name="post-floor", route_prefix=f"/post-floor{RECS_ROUTE_PREFIX}", blocking=False)
+        # /healthz: an Ingress at / (the chat slots get the Recommender's handle: never called here).
+        recs = serve.get_deployment_handle("Recommender", app_name="recs")
+        settings = AppSettings.from_args(args_for("all"))
+        serve.run(Ingress.bind(settings.model_dump(), recs, recs, recs, recs), name="ingress", route_prefix="/",
+                  blocking=False)
+        # The two-hop route: an Ingress owning its own Recommender (`recommendations_app: null`).
+        settings.recommendations_app = None
+        rec = RecommenderDeployment.bind(settings.redis, settings.state_dir, settings.recommender.model_dump())
+        serve.run(Ingress.bind(settings.model_dump(), rec, rec, rec, rec), name="recs-two-hops",
+                  route_prefix="/two-hops", blocking=False)
+        wait_running(["recs", "recs-feast-only", "post-floor", "ingress", "recs-two-hops"])
+        yield {"tiered": here.base, "feast_only": f"{here.base}/feast-only", "two_hops": f"{here.base}/two-hops",
+               "post_floor": f"{here.base}/post-floor"}
 
 
 def replica_pids() -> dict[str, int]:
     """This driver's Serve processes by role (Ray names them in their process title)."""
     import psutil
 
-    roles = {"proxy": "ProxyActor", "ingress": "ServeReplica:recs:Ingress", "recommender": "ServeReplica:recs:Recommender"}
+    roles = {"proxy": "ProxyActor", "recommender": "ServeReplica:recs:Recommender"}
     out: dict[str, int] = {}
     for proc in psutil.Process().children(recursive=True):
         try:
@@ -196,7 +186,8 @@ def sequential(arms: dict[str, str], users: list[int], k: int) -> dict[str, Any]
                 ("tiered", arms["tiered"], "/v1/recommendations", {"user_id": user, "k": k}),
                 ("healthz", arms["tiered"], "/healthz", None),
                 ("feast_only", arms["feast_only"], "/v1/recommendations", {"user_id": user, "k": k}),
-                ("one_hop", arms["one_hop"], "/v1/recommendations", {"user_id": user, "k": k}),
+                ("two_hops", arms["two_hops"], "/v1/recommendations", {"user_id": user, "k": k}),
+                ("post_floor", arms["post_floor"], "/v1/recommendations", {"user_id": user, "k": k}),
             ):
                 t0 = time.perf_counter()
                 resp = client.post(url + path, json=body) if body else client.get(url + path)
@@ -212,8 +203,10 @@ def sequential(arms: dict[str, str], users: list[int], k: int) -> dict[str, Any]
     out["errors"] = dict(bad)
     if lat["tiered"] and lat["healthz"]:
         out["tiered_p50_over_healthz_p50"] = round(out["tiered"]["p50_ms"] / out["healthz"]["p50_ms"], 2)
-    if lat["one_hop"] and lat["healthz"]:
-        out["one_hop_p50_over_healthz_p50"] = round(out["one_hop"]["p50_ms"] / out["healthz"]["p50_ms"], 2)
+    if lat["post_floor"] and lat["healthz"]:
+        out["post_floor_p50_over_healthz_p50"] = round(out["post_floor"]["p50_ms"] / out["healthz"]["p50_ms"], 2)
+    if lat["two_hops"] and lat["healthz"]:
+        out["two_hops_p50_over_healthz_p50"] = round(out["two_hops"]["p50_ms"] / out["healthz"]["p50_ms"], 2)
     return out
 
 
@@ -232,7 +225,7 @@ def concurrent(arms: dict[str, str], users: np.ndarray, probs: np.ndarray, args:
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     per_round = args.duration / max(1, args.rounds)
     for rnd in range(max(1, args.rounds)):
-        for name in ("tiered", "feast_only", "one_hop"):
+        for name in ("tiered", "feast_only", "two_hops"):
             stream = UserStream(users, probs, seed=args.seed * 1000 + rnd + 1)  # same users for both arms
             run = asyncio.run(drive(arms[name], stream, k=args.k, concurrency=args.concurrency, seconds=per_round))
             runs[name].append(run)
@@ -249,8 +242,8 @@ def concurrent(arms: dict[str, str], users: np.ndarray, probs: np.ndarray, args:
         out[name]["p99_over_p50"] = round(out[name]["p99_ms"] / out[name]["p50_ms"], 2) if lat else None
     if out.get("feast_only", {}).get("requests_per_s"):
         out["speedup_requests_per_s"] = round(out["tiered"]["requests_per_s"] / out["feast_only"]["requests_per_s"], 2)
-    if out.get("one_hop", {}).get("requests_per_s"):
-        out["one_hop_over_tiered_requests_per_s"] = round(out["one_hop"]["requests_per_s"] / out["tiered"]["requests_per_s"], 2)
+    if out.get("two_hops", {}).get("requests_per_s"):
+        out["tiered_over_two_hops_requests_per_s"] = round(out["tiered"]["requests_per_s"] / out["two_hops"]["requests_per_s"], 2)
     return out
 
 
@@ -286,7 +279,7 @@ def profile(arms: dict[str, str], users: np.ndarray, probs: np.ndarray, args: ar
 def stage_table(prof_dir: Path, label: str, requests: int, rate: int) -> dict[str, Any]:
     """GIL-holding ms per request by process and stage, from the raw py-spy files of a run."""
     table: dict[str, Any] = {"requests": requests, "sample_rate_hz": rate}
-    for role in ("proxy", "ingress", "recommender"):
+    for role in ("proxy", "ingress", "recommender"):  # ingress: in runs from before the one-hop route
         target = prof_dir / f"{label}_{role}.txt"
         if not target.exists():
             continue
@@ -322,17 +315,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "concurrency": args.concurrency, "result_cache": False, "serve_env": args.serve_env,
                            "command": "python -m benchmarks.recs_floor " + " ".join(argv if argv is not None else sys.argv[1:])}
     with recs_apps(args) as arms:
-        for name in ("tiered", "feast_only", "one_hop"):
+        for name in ("tiered", "feast_only", "two_hops"):
             _say(f"[{name}] warm-up {args.warmup:.0f}s")
             asyncio.run(drive(arms[name], UserStream(users, probs, seed=7), k=args.k, concurrency=args.concurrency,
                               seconds=args.warmup))
         # Every user once through the tiered arm first: the sequential and concurrent parts then
         # measure the steady state (the user's row in RAM), not the first read of a user ever (a
         # Feast read, which would land in the tail of whichever part met that user first).
-        _say(f"priming: {len(users)} users through the tiered and one-hop arms")
-        for name in ("tiered", "one_hop"):
+        _say(f"priming: {len(users)} users through the tiered and two-hop arms")
+        for name in ("tiered", "two_hops"):
             asyncio.run(prime(arms[name], [int(u) for u in users], args.k, args.concurrency))
-        _say(f"sequential: {len(order)} users, recs / healthz / feast-only / one-hop interleaved")
+        _say(f"sequential: {len(order)} users, recs / healthz / feast-only / two-hops / post-floor interleaved")
         out["sequential"] = sequential(arms, order, args.k)
         _say(json.dumps(out["sequential"]))
         out["concurrent"] = concurrent(arms, users, probs, args)

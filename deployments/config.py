@@ -162,6 +162,13 @@ class AppSettings(_Settings):
     auth: Annotated[Literal["auto", "off"], BeforeValidator(lambda v: "off" if v is False else v)] = "auto"
     # Tenant names as a label on exported metrics: opt-in (see deployments/metrics.py).
     metrics_tenant_labels: bool = False
+    # The Serve application that answers `POST /v1/recommendations` itself, one hop from Serve's
+    # proxy (deployments/recommender_http.py; the configs name it `recs`): the Ingress then binds
+    # no Recommender and reaches that application's by name for events, stats and reloads. None:
+    # the Ingress owns the Recommender and serves the route, two hops from the proxy, and a
+    # Recommender replica that dies mid-request is asked again instead of being a 500 from the
+    # proxy (docs/architecture.md weighs the two).
+    recommendations_app: str | None = None
     llm: LLMSettings = Field(default_factory=LLMSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)

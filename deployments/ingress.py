@@ -9,7 +9,6 @@ a request: the LLM answers with `x-cache: bypass`.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,20 +16,17 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caches.coalesce import Coalescer
 from caches.lookup_counts import SharedLookupCounts
 from caches.redis_client import REDIS_ERRORS, make_async_client, make_client
 from caches.result import CacheUnavailable, ResultCache
-from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, Tenants, Unauthorized, tenant_view
+from caches.tenancy import ADMIN_SENDER, AdminKeys, Forbidden, tenant_view
 from caches.versions import ModelVersions, purge_in_background
-from deployments import metrics
+from deployments import http_guards, metrics
 from deployments.cached_route import ModelUnavailable
 from deployments.chat import ChatPath
 from deployments.completions import CompletionPath
@@ -74,148 +70,7 @@ RECOMMENDER_RETRY = {
 }
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-class BodySizeLimit:
-    """Reject oversized bodies while reading them: a declared Content-Length over the limit is
-    refused before a byte is read, and a chunked upload is cut off as soon as it passes the limit
-    (never buffered whole). Within the limit, the body is handed on unchanged."""
-
-    max_bytes = 256 * 1024  # set from the config by Ingress.__init__
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            await self._refuse(f"request body is {int(declared)} bytes; the limit is {limit} bytes: send less", send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await self._refuse(f"request body is over the limit of {limit} bytes: send less", send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: only a disconnect can come
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _refuse(message: str, send: Send) -> None:
-        response = JSONResponse(error_body(413, message), status_code=413)
-        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
-
-
-# What to send instead, for the errors about the body as a whole: pydantic's own words ("Field
-# required", "JSON decode error" at a character offset shown as a field) do not say what to fix.
-BODY_MISSING = "the request needs a JSON object body: send one with Content-Type: application/json"
-BODY_NOT_AN_OBJECT = ("the body must be a JSON object sent with Content-Type: application/json (a form or "
-                      "text body, or a JSON array, string or number, is not one)")
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """(message, param) of the first problem, saying what to send instead."""
-    errors = exc.errors()
-    if not errors:
-        return "invalid request body", None
-    first = errors[0]
-    loc = tuple(first.get("loc", ()))
-    kind = first.get("type")
-    if kind == "json_invalid":
-        # loc is ("body", character offset): an offset, not a field
-        offset = loc[1] if len(loc) > 1 else None
-        reason = (first.get("ctx") or {}).get("error") or "not valid JSON"
-        at = f" at character {offset}" if isinstance(offset, int) else ""
-        return f"the body is not valid JSON: {reason}{at}", None
-    if loc == ("body",) and kind == "missing":
-        return BODY_MISSING, None
-    if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return BODY_NOT_AN_OBJECT, None
-    where = ".".join(str(p) for p in loc if p != "body") or None
-    msg = first.get("msg", "invalid value")
-    return (f"{where}: {msg}" if where else msg) + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), where
-
-
-app.add_middleware(BodySizeLimit)
-
-# The request counter's route label of each API path: a request refused before its route ran (a
-# bad body, a missing key) is still a request of that route on the dashboard's error rate. Other
-# paths (404s, probes) are not counted: their label would be whatever a client sends.
-ROUTE_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
-                 "/v1/recommendations": "recommendations", "/v1/events": "events"}
-
-
-def _count_refused(request: Request, status: int) -> None:
-    route = ROUTE_OF_PATH.get(request.url.path)
-    if route is not None:
-        metrics.observe(route, "none", status, time.perf_counter())
-
-
-@app.exception_handler(Unauthorized)
-async def _on_unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
-    _count_refused(request, 401)
-    return JSONResponse(error_body(401, str(exc), err_type="authentication_error"), status_code=401)
-
-
-@app.exception_handler(ModelUnavailable)
-async def _on_model_unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
-    return JSONResponse(error_body(503, str(exc)), status_code=503, headers={"retry-after": "5"})
-
-
-@app.exception_handler(Forbidden)
-async def _on_forbidden(request: Request, exc: Forbidden) -> JSONResponse:
-    _count_refused(request, 403)
-    return JSONResponse(error_body(403, str(exc), err_type="permission_error"), status_code=403)
-
-
-@app.exception_handler(RequestValidationError)
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = _validation_message(exc)
-    # OpenAI-compatible routes answer 400 like OpenAI does; the project's own routes answer 422
-    # for a body that parses, and 400 for one that does not (as for the parse errors below).
-    unparsed = any(e.get("type") == "json_invalid" for e in exc.errors())
-    status = 400 if unparsed or request.url.path.startswith(("/v1/chat", "/v1/embeddings", "/v1/completions")) else 422
-    _count_refused(request, status)
-    return JSONResponse(error_body(status, message, param), status_code=status)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # FastAPI answers a body it cannot parse at all (not UTF-8, an integer over Python's 4,300
-    # digits, nesting past its recursion limit) and unknown routes or methods with
-    # `{"detail": ...}`; clients of this API read `{"error": {...}}` (also covers fastapi's
-    # HTTPException, a subclass). Same status and headers (a 405's `Allow`).
-    message = str(exc.detail)
-    if message == "There was an error parsing the body":
-        message += ": send a JSON object encoded as UTF-8 (integers of at most 4,300 digits, nested at most 64 levels)"
-    return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+http_guards.install(app)
 
 
 def _unavailable(deployment: str, exc: BaseException) -> dict[str, Any]:
@@ -232,10 +87,14 @@ class Ingress:
         encoder: DeploymentHandle,
         semantic: DeploymentHandle,
         llm: DeploymentHandle,
-        recommender: DeploymentHandle,
+        recommender: DeploymentHandle | None = None,
     ) -> None:
         self.settings = AppSettings.model_validate(settings)
-        self.encoder, self.semantic, self.llm, self.recommender = encoder, semantic, llm, recommender
+        if recommender is None and self.settings.recommendations_app is None:
+            raise ValueError("the Ingress needs a Recommender: bind one, or name the Serve application "
+                             "that serves the recommendations in `recommendations_app`")
+        self.encoder, self.semantic, self.llm = encoder, semantic, llm
+        self._recommender = recommender
         # fail fast (0.5 s) and never re-send on its own: a write whose reply was lost ran once
         self.redis = make_client(self.settings.redis, socket_timeout_s=INGRESS_REDIS_TIMEOUT_S,
                                  connect_timeout_s=INGRESS_REDIS_TIMEOUT_S)
@@ -245,7 +104,8 @@ class Ingress:
             max_entries=cache.result_max_entries, tenant_max_bytes=cache.result_tenant_max_bytes,
             tenant_max_entries=cache.result_tenant_max_entries,
         )
-        self.tenants = Tenants(self.settings.api_keys) if self.settings.api_keys else Tenants.from_env()
+        self.gate = http_guards.Gate(self.settings)
+        self.tenants = self.gate.tenants
         self.admins = AdminKeys(self.settings.admin_keys) if self.settings.admin_keys else AdminKeys.from_env()
         metrics.TENANT_LABELS = self.settings.metrics_tenant_labels
         # /v1/cache/stats shows every replica's lookups, not the share this replica answered
@@ -261,17 +121,27 @@ class Ingress:
         coalescer = Coalescer(self.aredis)
         self.chat = ChatPath(self.settings, self.results, self._version, encoder, semantic, llm, coalescer)
         self.completion = CompletionPath(self.settings, self.results, self._version, llm, coalescer)
-        BodySizeLimit.max_bytes = self.settings.max_body_bytes
 
     # ---------------------------------------------------------------- helpers
+    @property
+    def recommender(self) -> DeploymentHandle:
+        """The bound Recommender, or the `recommendations_app` application's, looked up by name on
+        first use: the configs deploy both applications at once, in no set order, so it may not
+        exist yet when this replica starts. Until it does, this raises and the caller answers 503
+        (or leaves a gap in a page), as for a failed replica."""
+        if self._recommender is None:
+            self._recommender = serve.get_deployment_handle("Recommender", app_name=self.settings.recommendations_app)
+        return self._recommender
+
+    async def _call(self, deployment: str, method: str) -> Any:
+        """One argument-less call of a deployment's method; a handle that cannot be had yet
+        raises here, inside the awaitable, where `gather(..., return_exceptions=True)` keeps it."""
+        handles = {"Encoder": self.encoder, "SemanticCache": self.semantic, "LLM": self.llm}
+        handle = self.recommender if deployment == "Recommender" else handles[deployment]
+        return await getattr(handle, method).remote()
+
     def _tenant(self, request: Request) -> str:
-        if not self.tenants.auth_enabled and self.settings.auth != "off":
-            client = request.client.host if request.client else ""
-            if not _is_loopback(client):
-                # no API keys: the app is a laptop's, open on loopback only (see AppSettings.auth)
-                raise Unauthorized("this server has no API keys configured, so it answers loopback clients only: "
-                                   "configure TIERSERVE_API_KEYS (or `api_keys`), or set `auth: off` in the config")
-        return self.tenants.resolve(request.headers.get("authorization"))
+        return self.gate.tenant(request)
 
     def _version(self, model: str) -> str | None:
         """The model's version for cache keys, or None when Redis cannot confirm it now: the
@@ -382,19 +252,7 @@ class Ingress:
         tenant = self._tenant(request)
         result = await self._recommender_call("recommend", lambda: self.recommender.recommend.remote(body.user_id, body.k, tenant),
                                               RECOMMEND_DEADLINE_S)
-        status = result.pop("status", 200)
-        metrics.observe("recommendations", "hit" if result.get("cached") else "miss", status, started)
-        if self.tenants.auth_enabled:
-            # Which tier held the user's row ("redis": read lately) is shared by every tenant: it
-            # would tell one tenant that another asked about this user. A one-tenant (keyless)
-            # deployment keeps it, for debugging and benchmarks; the tiers' hit counters are on
-            # /metrics for the operator.
-            result.pop("sources", None)
-        if status != 200:
-            return JSONResponse(error_body(status, result["message"]), status_code=status,
-                                headers={"retry-after": "2"} if status == 503 else None)
-        # Plain JSON types already: a JSONResponse skips FastAPI's jsonable_encoder walk of the items.
-        return JSONResponse(result)
+        return http_guards.recommendation_response(result, auth_enabled=self.tenants.auth_enabled, started=started)
 
     def _event_sender(self, request: Request) -> str:
         """Who may send events: the admin key, or a tenant in `recommender.event_tenants`
@@ -437,7 +295,7 @@ class Ingress:
         # A replica that fails (or is being replaced) leaves a gap in the page, as Redis does above.
         semantic, recs = (part if isinstance(part, dict) else _unavailable(name, part) for name, part in zip(
             ("SemanticCache", "Recommender"),
-            await asyncio.gather(self.semantic.stats.remote(), self.recommender.stats.remote(), return_exceptions=True),
+            await asyncio.gather(self.semantic.stats.remote(), self._call("Recommender", "stats"), return_exceptions=True),
             strict=True))
         lookups, scope = await asyncio.to_thread(metrics.lookups_by_tenant)
         if tenant is not None:
@@ -501,8 +359,7 @@ class Ingress:
             self.admins.require(request.headers.get("authorization"))
         parts: dict[str, tuple[str, bytes]] = {"Ingress": metrics.replica_exposition()}
         names = ("Encoder", "SemanticCache", "LLM", "Recommender")
-        handles = (self.encoder, self.semantic, self.llm, self.recommender)
-        results = await asyncio.gather(*(h.metrics_text.remote() for h in handles), return_exceptions=True)
+        results = await asyncio.gather(*(self._call(n, "metrics_text") for n in names), return_exceptions=True)
         for name, part in zip(names, results, strict=True):
             if isinstance(part, tuple):
                 parts[name] = part

@@ -37,7 +37,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from itertools import islice
 from pathlib import Path
@@ -58,7 +58,7 @@ from feature_store.events import Activity, EventRejected, UserActivityWriter, cl
 from feature_store.journal import EventJournal
 from feature_store.pipeline import RepoInfo
 
-__all__ = ["ItemIndex", "RecommenderDeployment"]  # ItemIndex: its home moved to recommender_model
+__all__ = ["ItemIndex", "Recommender", "RecommenderDeployment"]  # ItemIndex: its home moved to recommender_model
 
 log = logging.getLogger("tierserve.recommender")
 
@@ -78,8 +78,10 @@ JOURNAL_PREFIX = "recommender-"
 ANSWER_THREADS = 32
 
 
-@serve.deployment(name="Recommender", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
-class RecommenderDeployment:
+class Recommender:
+    """One replica's recommendation path, called through a DeploymentHandle (the Ingress's) or,
+    as `RecommenderHTTP`, over HTTP straight from Serve's proxy."""
+
     def __init__(self, redis_url: str, state_dir: str, settings: dict[str, Any]) -> None:
         self.settings = RecommenderSettings.model_validate(settings)
         self.repo = Path(self.settings.feast_repo)
@@ -239,12 +241,16 @@ class RecommenderDeployment:
         try:
             return future.result(timeout=self.settings.answer_within_s)
         except FutureTimeout:
-            future.cancel()  # still queued behind slow ones: never start it (a backlog would only grow)
-            log.warning("recommendation for user %s not ready within %.1fs: fallback list", user_id,
-                        self.settings.answer_within_s)
-            with self.models.lease() as m:  # the deadline is spent: no Redis call for the rated filter
-                return self._fallback(m, user_id, k, "the answer was not ready within "
-                                      f"{self.settings.answer_within_s:g}s (a slow dependency)", ask_redis=False)
+            return self._too_late(future, user_id, k)
+
+    def _too_late(self, future: Future[dict[str, Any]], user_id: int, k: int) -> dict[str, Any]:
+        """The fallback list for an answer that missed `answer_within_s`."""
+        future.cancel()  # still queued behind slow ones: never start it (a backlog would only grow)
+        log.warning("recommendation for user %s not ready within %.1fs: fallback list", user_id,
+                    self.settings.answer_within_s)
+        with self.models.lease() as m:  # the deadline is spent: no Redis call for the rated filter
+            return self._fallback(m, user_id, k, "the answer was not ready within "
+                                  f"{self.settings.answer_within_s:g}s (a slow dependency)", ask_redis=False)
 
     def _recommend_leased(self, user_id: int, k: int, tenant: str) -> dict[str, Any]:
         with contextlib.suppress(*CACHE_ERRORS):
@@ -389,3 +395,8 @@ class RecommenderDeployment:
 
     def metrics_text(self) -> tuple[str, bytes]:
         return metrics.replica_exposition()
+
+
+# Called by the Ingress through a handle (the two-hop route, and events, stats, reloads).
+RecommenderDeployment = serve.deployment(name="Recommender", max_ongoing_requests=32,
+                                         ray_actor_options={"num_cpus": 0.25})(Recommender)

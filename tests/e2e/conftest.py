@@ -10,6 +10,7 @@ CPU build, the MiniLM encoder, FAISS, the Feast repo built by `make install`), a
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -34,8 +35,25 @@ ADMIN_KEY = "e2e-admin-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
+def local_config() -> dict:
+    return yaml.safe_load(LOCAL_CONFIG.read_text())
+
+
 def local_app_config() -> dict:
-    return yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]
+    """configs/local.yaml's main application (the Ingress and the chat deployments)."""
+    return local_config()["applications"][0]
+
+
+def session_handle(deployment: str):  # noqa: ANN201 - a DeploymentHandle (ray is imported lazily here)
+    """A handle to one of the session app's deployments, in whichever application holds it (the
+    Recommender is in the `recs` application: configs/local.yaml's `recommendations_app`)."""
+    from ray import serve
+
+    from deployments.config import AppSettings
+
+    recs_app = AppSettings.model_validate(local_app_config().get("args") or {}).recommendations_app
+    app_name = recs_app if deployment == "Recommender" and recs_app else "tierserve"
+    return serve.get_deployment_handle(deployment, app_name=app_name)
 
 
 def wait_running(app_name: str, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -53,8 +71,7 @@ def deploy_side_ingress(app_name: str, route_prefix: str, settings: AppSettings)
 
     from deployments.ingress import Ingress
 
-    handles = [serve.get_deployment_handle(n, app_name="tierserve")
-               for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
+    handles = [session_handle(n) for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
     serve.run(Ingress.bind(settings.model_dump(), *handles), name=app_name, route_prefix=route_prefix, blocking=False)
     wait_running(app_name)
 
@@ -64,7 +81,6 @@ def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     import ray
     from ray import serve
 
-    from deployments.app import build_app
 
     os.environ["REDIS_URL"] = redis_url
     state_dir = tmp_path_factory.mktemp("state")
@@ -75,17 +91,23 @@ def app_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     os.environ["TIERSERVE_FEAST_REPO"] = str(feast_repo)
     port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="tsray-", dir="/tmp")
-    app_cfg = local_app_config()
+    config = local_config()
+    app_cfg = config["applications"][0]
     env_vars = {**app_cfg["runtime_env"]["env_vars"], "REDIS_URL": redis_url, "TIERSERVE_STATE_DIR": str(state_dir),
                 "TIERSERVE_FEAST_REPO": str(feast_repo), "TIERSERVE_ADMIN_KEYS": ADMIN_KEY}
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=ray_tmp, runtime_env={"env_vars": env_vars},
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.monotonic()
-    app = build_app(app_cfg.get("args"))
-    serve.run(app, name="tierserve", route_prefix="/", blocking=False)
+    # Every application of configs/local.yaml, as `serve run` deploys them: the Ingress's and
+    # `recs`, which answers /v1/recommendations itself (deployments/recommender_http.py).
+    for spec in config["applications"]:
+        module, _, builder = spec["import_path"].partition(":")
+        build = getattr(importlib.import_module(module), builder)
+        serve.run(build(spec.get("args")), name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
     url = f"http://127.0.0.1:{port}"
-    wait_running("tierserve")
+    for spec in config["applications"]:
+        wait_running(spec["name"])
     httpx.get(f"{url}/healthz", timeout=30).raise_for_status()
     print(f"\napp started in {time.monotonic() - started:.1f}s on {url}")
     yield url

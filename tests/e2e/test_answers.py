@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.prefix_routing import delete_app
 from deployments.config import REPO_ROOT, AppSettings, LLMSettings
-from tests.e2e.conftest import deploy_side_ingress, local_app_config, wait_running
+from tests.e2e.conftest import deploy_side_ingress, local_app_config, session_handle, wait_running
 
 
 def chat(client: httpx.Client, model: str, text: str, *, headers: dict[str, str] | None = None,
@@ -211,8 +211,8 @@ def other_weights_url(app_url: str, model_name: str) -> Iterator[str]:
     tiny = LLMSettings(**{**settings.llm.model_dump(), "model": str(REPO_ROOT / ".models" / "tiny-llama"),
                           "max_model_len": 512})
     settings.llm = tiny
-    handles = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache")]
-    recommender = serve.get_deployment_handle("Recommender", app_name="tierserve")
+    handles = [session_handle(n) for n in ("Encoder", "SemanticCache")]
+    recommender = session_handle("Recommender")
     llm = LLMDeployment.options(name="LLMOther", ray_actor_options={"num_cpus": 0.1}).bind(tiny.model_dump())
     serve.run(Ingress.bind(settings.model_dump(), *handles, llm, recommender), name="tierserve-other",
               route_prefix="/other", blocking=False)

@@ -16,7 +16,7 @@ import pytest
 
 from caches.lookup_counts import FLUSH_INTERVAL_S
 from deployments.config import AppSettings
-from tests.e2e.conftest import ADMIN, local_app_config, wait_running
+from tests.e2e.conftest import ADMIN, local_app_config, session_handle, wait_running
 from tests.e2e.node_metrics import node_metrics_urls, poll, samples
 
 APP = "metrics-2x"
@@ -32,8 +32,7 @@ def two_ingress_replicas(app_url: str) -> Iterator[str]:
     from deployments.ingress import Ingress
 
     settings = AppSettings.from_args(local_app_config().get("args"))
-    handles = [serve.get_deployment_handle(n, app_name="tierserve")
-               for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
+    handles = [session_handle(n) for n in ("Encoder", "SemanticCache", "LLM", "Recommender")]
     serve.run(Ingress.options(num_replicas=2).bind(settings.model_dump(), *handles), name=APP,
               route_prefix=PREFIX, blocking=False)
     wait_running(APP)

@@ -164,7 +164,7 @@ async def test_gpu_tool_calling_args_are_ones_vllm_accepts() -> None:
     from deployments.config import AppSettings
     from deployments.llm import engine_cli_args
 
-    (app,) = yaml.safe_load((REPO_ROOT / "configs" / "gpu.yaml").read_text())["applications"]
+    app = yaml.safe_load((REPO_ROOT / "configs" / "gpu.yaml").read_text())["applications"][0]
     settings = AppSettings.model_validate(app["args"]).llm
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(settings))
     validate_parsed_serve_args(args)

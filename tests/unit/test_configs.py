@@ -28,10 +28,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {name: REPO_ROOT / "configs" / f"{name}.yaml" for name in ("local", "gpu", "flood")}
 APP_DEPLOYMENTS = {"Ingress", "Encoder", "SemanticCache", "LLM", "Recommender"}
 IMPORT_PATH = "deployments.app:build_app"
+RECS_IMPORT_PATH = "deployments.app:build_recs_app"
 
 
 def load(name: str) -> dict[str, Any]:
     return yaml.safe_load(CONFIGS[name].read_text())
+
+
+def deployments_of(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every deployment's options by name, over the config's applications."""
+    return {d["name"]: d for app in config["applications"] for d in app.get("deployments", [])}
 
 
 def unknown_keys(data: dict[str, Any], model: type[BaseModel], where: str) -> list[str]:
@@ -68,24 +74,31 @@ def config_name(request: pytest.FixtureRequest) -> str:
 def test_ray_accepts_the_config(config_name: str) -> None:
     config = load(config_name)
     schema = ServeDeploySchema.model_validate(config)
-    (app,) = schema.applications
+    app, recs = schema.applications
     assert app.import_path == IMPORT_PATH
     assert app.route_prefix == "/"
+    # The recommendations answered one hop from the proxy, by the application the Ingress names.
+    assert recs.import_path == RECS_IMPORT_PATH
+    assert recs.route_prefix == "/v1/recommendations"
+    assert AppSettings.model_validate(app.args).recommendations_app == recs.name
+    # One set of settings for both (a YAML alias): a tenant's key or a limit cannot differ by route.
+    assert recs.args == app.args and recs.runtime_env == app.runtime_env
     assert not strict_serve_errors(config), strict_serve_errors(config)
 
 
 def test_app_accepts_the_args(config_name: str) -> None:
-    (app,) = load(config_name)["applications"]
+    app = load(config_name)["applications"][0]
     args = app.get("args", {})
     AppSettings.model_validate(args)
     assert not unknown_keys(args, AppSettings, "args"), unknown_keys(args, AppSettings, "args")
 
 
 def test_deployment_names_exist_in_the_app(config_name: str) -> None:
-    (app,) = load(config_name)["applications"]
+    app, recs = load(config_name)["applications"]
     names = [d["name"] for d in app["deployments"]]
     assert len(names) == len(set(names))
-    assert set(names) <= APP_DEPLOYMENTS, set(names) - APP_DEPLOYMENTS
+    assert set(names) <= APP_DEPLOYMENTS - {"Recommender"}, set(names) - APP_DEPLOYMENTS
+    assert [d["name"] for d in recs["deployments"]] == ["Recommender"]
 
 
 def deployment_names_in_code() -> set[str]:
@@ -131,8 +144,8 @@ def test_gpu_config_is_a_cluster_config() -> None:
     config = load("gpu")
     schema = ServeDeploySchema.model_validate(config)
     assert schema.http_options.host == "0.0.0.0"
-    (app,) = config["applications"]
-    deps = {d["name"]: d for d in app["deployments"]}
+    app = config["applications"][0]
+    deps = deployments_of(config)
     assert deps.keys() == APP_DEPLOYMENTS
     assert deps["LLM"]["ray_actor_options"]["num_gpus"] == 1
     for name in ("Ingress", "Encoder", "LLM", "Recommender"):
@@ -160,7 +173,7 @@ def test_gpu_engine_args_parse_with_vllm_and_offload_kv_to_cpu() -> None:
 
     from deployments.llm import engine_cli_args
 
-    (app,) = load("gpu")["applications"]
+    app = load("gpu")["applications"][0]
     settings = AppSettings.model_validate(app["args"])
     # The parser deployments/llm.py builds the engine with.
     parser = make_arg_parser(FlexibleArgumentParser())
@@ -172,7 +185,7 @@ def test_gpu_engine_args_parse_with_vllm_and_offload_kv_to_cpu() -> None:
 
 
 def test_environment_wins_over_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    (app,) = load("gpu")["applications"]
+    app = load("gpu")["applications"][0]
     monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
     monkeypatch.setenv("TIERSERVE_FEAST_REPO", "/feast")
     monkeypatch.setenv("TIERSERVE_STATE_DIR", "/state")
@@ -202,7 +215,7 @@ def test_tool_calling_is_on_for_the_gpu_model_only() -> None:
     OpenAI `tool_calls`; SmolLM2 on CPU has no parser, so its `tools` requests stay a clear 400.
     (tests/integration/test_llm_engine.py checks that vLLM's own argument parser accepts these.)"""
     def llm_args(name: str) -> list[str]:
-        (app,) = load(name)["applications"]
+        app = load(name)["applications"][0]
         return AppSettings.model_validate(app.get("args", {})).llm.extra_engine_args
 
     gpu = llm_args("gpu")
