@@ -123,7 +123,8 @@ ROUTE_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions
 
 
 def _count_refused(request: Request, status: int) -> None:
-    route = ROUTE_OF_PATH.get(request.url.path)
+    # rstrip: the recs application sees `/v1/recommendations` as `/v1/recommendations/` (PrefixIsTheRoute)
+    route = ROUTE_OF_PATH.get(request.url.path.rstrip("/"))
     if route is not None:
         metrics.observe(route, "none", status, time.perf_counter())
 

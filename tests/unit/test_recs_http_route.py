@@ -42,3 +42,26 @@ def test_without_it_the_bare_prefix_is_a_redirect() -> None:
 def test_other_paths_under_the_prefix_are_not_the_route() -> None:
     client = TestClient(_app(with_middleware=True), root_path=RECS_ROUTE_PREFIX)
     assert client.post(f"{RECS_ROUTE_PREFIX}/other", follow_redirects=False).status_code == 404
+
+
+def test_a_request_refused_on_the_bare_prefix_is_counted_on_the_route() -> None:
+    """The middleware turns `/v1/recommendations` into `/v1/recommendations/`: a body refused
+    there still counts on the `recommendations` route (the dashboards' error rate)."""
+    from prometheus_client import REGISTRY
+
+    from deployments import http_guards
+    from deployments.schemas import RecommendationRequest
+
+    app = FastAPI()
+    http_guards.install(app)
+    app.add_middleware(PrefixIsTheRoute)
+
+    @app.post("/")
+    async def answer(body: RecommendationRequest) -> dict[str, int]:
+        return {"user_id": body.user_id}
+
+    labels = {"route": "recommendations", "cache": "none", "status": "422"}
+    before = REGISTRY.get_sample_value("tierserve_requests_total", labels) or 0
+    resp = TestClient(app, root_path=RECS_ROUTE_PREFIX).post(RECS_ROUTE_PREFIX, json={"user_id": "x", "k": 3})
+    assert resp.status_code == 422, resp.text
+    assert REGISTRY.get_sample_value("tierserve_requests_total", labels) == before + 1
