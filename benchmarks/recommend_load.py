@@ -24,7 +24,8 @@ Where the apps come from:
   port, and deploys the real application as configs/local.yaml does (`deployments.app:build_app`
   at `/` and `build_recs_app` at `/v1/recommendations`, which answers recommendations one hop from
   the proxy) with `tiers: all`, plus a third application at `/feast-only/v1/recommendations`: a
-  Recommender with `tiers: feast-only`, answering the same way. Both arms run side by side on the
+  Recommender with `tiers: feast-only`, answering the same way (and an Ingress at `/feast-only`
+  whose `/metrics` shows that Recommender's tier counters). Both arms run side by side on the
   same Redis, repo and machine.
 - `--url URL`: the app already running there is measured as it is configured (its arm name is
   read from `/v1/cache/stats`); pass `--baseline-url` for an app started with
@@ -222,6 +223,8 @@ def self_hosted(args: argparse.Namespace) -> Iterator[dict[str, str]]:
 
     with serve_here(args, prefix="recommend-load-", ray_prefix="rlray-", redis_from_env=True) as here:
         from deployments.app import RECS_ROUTE_PREFIX, build_app, build_recs_app
+        from deployments.config import AppSettings
+        from deployments.ingress import Ingress
 
         app_args = dict(here.cfg.get("args") or {})
         app_args["recommender"] = {**(app_args.get("recommender") or {}), "tiers": "all", "result_cache": False}
@@ -234,7 +237,13 @@ def self_hosted(args: argparse.Namespace) -> Iterator[dict[str, str]]:
         feast_args = {**app_args, "recommender": {**app_args["recommender"], "tiers": "feast-only"}}
         serve.run(build_recs_app(feast_args), name="recs-feast-only", route_prefix=f"/feast-only{RECS_ROUTE_PREFIX}",
                   blocking=False)
-        wait_running(["tierserve", "recs", "recs-feast-only"])
+        # An Ingress at /feast-only for the arm's /metrics (its tier counters): it reaches the
+        # twin's Recommender through the handle it is given (the chat slots are never called).
+        feast_recs = serve.get_deployment_handle("Recommender", app_name="recs-feast-only")
+        chat = [serve.get_deployment_handle(n, app_name="tierserve") for n in ("Encoder", "SemanticCache", "LLM")]
+        serve.run(Ingress.bind(AppSettings.from_args(feast_args).model_dump(), *chat, feast_recs),
+                  name="tierserve-feast-only", route_prefix="/feast-only", blocking=False)
+        wait_running(["tierserve", "recs", "recs-feast-only", "tierserve-feast-only"])
         _say(f"apps running after {time.monotonic() - started:.0f}s")
         yield {ARM_TIERED: here.base, ARM_FEAST: f"{here.base}/feast-only"}
 

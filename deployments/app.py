@@ -43,4 +43,9 @@ def build_recs_app(args: dict[str, Any] | None = None) -> Application:
     `RECS_ROUTE_PREFIX`, named as the Ingress's `recommendations_app` says."""
     settings = AppSettings.from_args(args)
     settings.redis  # noqa: B018 - fail at build time, with the message, when no Redis is configured
+    if settings.recommendations_app is None:
+        # The Ingress would then own a Recommender fleet of its own, and events sent through it
+        # would reach other replicas than the recommendations: one fleet, named in both.
+        raise ValueError("`recommendations_app` is null, so the Ingress serves the recommendations itself: "
+                         "drop this application from the config, or set `recommendations_app` to its name")
     return RecommenderHTTP.bind(settings.model_dump())

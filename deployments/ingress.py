@@ -60,6 +60,9 @@ RECOMMEND_DEADLINE_S = 10.0
 # An event is answered by the replica within `recommender.event_within_s` (applied, or queued on
 # its disk); this deadline is for a replica that cannot answer at all (its threads all stuck).
 EVENT_DEADLINE_S = 10.0
+# A failed lookup of the recommendations application's Recommender is not repeated for this long:
+# each asks Serve's controller, and every event, stats page and /metrics would ask again.
+RECS_LOOKUP_RETRY_S = 5.0
 IDEMPOTENT = ("recommend",)  # asked again once after a replica failure; an event is never sent twice
 RECOMMENDER_RETRY = {
     "recommend": "retry shortly",
@@ -71,6 +74,13 @@ RECOMMENDER_RETRY = {
 
 
 http_guards.install(app)
+
+
+class RecommenderMissing(Exception):
+    """The `recommendations_app` application's Recommender cannot be found (not deployed yet)."""
+
+    def __init__(self, app_name: str | None) -> None:
+        super().__init__(f"the recommendations application '{app_name}' is not deployed (yet)")
 
 
 def _unavailable(deployment: str, exc: BaseException) -> dict[str, Any]:
@@ -95,6 +105,8 @@ class Ingress:
                              "that serves the recommendations in `recommendations_app`")
         self.encoder, self.semantic, self.llm = encoder, semantic, llm
         self._recommender = recommender
+        self._lookup_lock = asyncio.Lock()
+        self._lookup_again_at = 0.0
         # fail fast (0.5 s) and never re-send on its own: a write whose reply was lost ran once
         self.redis = make_client(self.settings.redis, socket_timeout_s=INGRESS_REDIS_TIMEOUT_S,
                                  connect_timeout_s=INGRESS_REDIS_TIMEOUT_S)
@@ -123,22 +135,37 @@ class Ingress:
         self.completion = CompletionPath(self.settings, self.results, self._version, llm, coalescer)
 
     # ---------------------------------------------------------------- helpers
-    @property
-    def recommender(self) -> DeploymentHandle:
+    async def _recommender_handle(self) -> DeploymentHandle:
         """The bound Recommender, or the `recommendations_app` application's, looked up by name on
         first use: the configs deploy both applications at once, in no set order, so it may not
-        exist yet when this replica starts. Until it does, this raises and the caller answers 503
-        (or leaves a gap in a page), as for a failed replica."""
-        if self._recommender is None:
-            self._recommender = serve.get_deployment_handle("Recommender", app_name=self.settings.recommendations_app)
+        exist yet when this replica starts. The lookup asks Serve's controller (a blocking call:
+        off the event loop, one at a time) and a failed one is not repeated for
+        `RECS_LOOKUP_RETRY_S`; until it succeeds this raises `RecommenderMissing` and the caller
+        answers 503 or leaves a gap in a page."""
+        if self._recommender is not None:
+            return self._recommender
+        async with self._lookup_lock:
+            if self._recommender is None:
+                if time.monotonic() < self._lookup_again_at:
+                    raise RecommenderMissing(self.settings.recommendations_app)
+                try:
+                    self._recommender = await asyncio.to_thread(
+                        serve.get_deployment_handle, "Recommender", app_name=self.settings.recommendations_app)
+                except Exception as exc:  # noqa: BLE001 - Serve says "not found" in several ways
+                    self._lookup_again_at = time.monotonic() + RECS_LOOKUP_RETRY_S
+                    raise RecommenderMissing(self.settings.recommendations_app) from exc
         return self._recommender
+
+    async def _recs(self, method: str, *args: Any) -> Any:
+        return await getattr(await self._recommender_handle(), method).remote(*args)
 
     async def _call(self, deployment: str, method: str) -> Any:
         """One argument-less call of a deployment's method; a handle that cannot be had yet
         raises here, inside the awaitable, where `gather(..., return_exceptions=True)` keeps it."""
+        if deployment == "Recommender":
+            return await self._recs(method)
         handles = {"Encoder": self.encoder, "SemanticCache": self.semantic, "LLM": self.llm}
-        handle = self.recommender if deployment == "Recommender" else handles[deployment]
-        return await getattr(handle, method).remote()
+        return await getattr(handles[deployment], method).remote()
 
     def _tenant(self, request: Request) -> str:
         return self.gate.tenant(request)
@@ -166,7 +193,7 @@ class Ingress:
         try:
             try:
                 return dict(await asyncio.wait_for(call(), deadline_s))
-            except TimeoutError:
+            except (TimeoutError, RecommenderMissing):
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a dead or failing replica
                 if what not in IDEMPOTENT:
@@ -176,6 +203,9 @@ class Ingress:
                 log.warning("recommender %s failed (%s); asking again", what, type(exc).__name__)
                 left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - started))
                 return dict(await asyncio.wait_for(call(), left))
+        except RecommenderMissing as exc:
+            log.warning("recommender %s not sent: %s", what, exc)
+            return {"status": 503, "message": f"{exc}: nothing was sent to it; retry shortly"}
         except TimeoutError:
             log.warning("recommender %s missed its %.0fs deadline", what, deadline_s)
             return {"status": 503, "message": f"the recommender did not answer within {deadline_s:g}s (a dependency "
@@ -250,7 +280,7 @@ class Ingress:
     async def recommendations(self, body: RecommendationRequest, request: Request) -> Any:
         started = time.perf_counter()
         tenant = self._tenant(request)
-        result = await self._recommender_call("recommend", lambda: self.recommender.recommend.remote(body.user_id, body.k, tenant),
+        result = await self._recommender_call("recommend", lambda: self._recs("recommend", body.user_id, body.k, tenant),
                                               RECOMMEND_DEADLINE_S)
         return http_guards.recommendation_response(result, auth_enabled=self.tenants.auth_enabled, started=started)
 
@@ -273,7 +303,7 @@ class Ingress:
         sender = self._event_sender(request)
         key = request.headers.get("idempotency-key")
         result = await self._recommender_call(
-            "record_event", lambda: self.recommender.record_event.remote(body.model_dump(), sender, key),
+            "record_event", lambda: self._recs("record_event", body.model_dump(), sender, key),
             EVENT_DEADLINE_S)
         status = result.pop("status", 202)
         # the `cache` label says what became of the event: applied, queued, already_applied, none
@@ -317,7 +347,7 @@ class Ingress:
             return JSONResponse(error_body(503, "Redis is unreachable: version not changed, retry when it is back"), status_code=503)
         if name == RECS_MODEL:
             try:
-                await self.recommender.reload.remote(body.version)
+                await self._recs("reload", body.version)
             except Exception as exc:  # noqa: BLE001 - whatever Ray raises for a failed replica
                 # The version is in Redis already, and every replica follows it there on its own
                 # (within a request or the watcher's next look): the reload only hurried one.

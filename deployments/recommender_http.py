@@ -7,7 +7,9 @@ application), so the proxy hands the request straight to the replica that holds 
 the feature tiers. The route keeps everything the Ingress's route gives a client: the body limit,
 API keys (or loopback only), the same 401/413/422 bodies (deployments/http_guards.py), the request
 metrics, `sources` dropped when tenants are configured, and an answer (maybe the fallback list)
-within `answer_within_s`.
+within `answer_within_s` of the replica taking the request. Before that the request waits in
+Serve's proxy, which answers for itself (plain text): a 503 past the configs'
+`max_queued_requests`, a 408 past `request_timeout_s`.
 
 The price (docs/architecture.md): whichever process serves HTTP, Serve's proxy answers 500 for the
 requests it held when it dies (ray-project/ray#47219). Through the Ingress, a Recommender replica
@@ -69,6 +71,13 @@ class RecommenderHTTP(Recommender):
         app = AppSettings.model_validate(settings)
         super().__init__(app.redis, app.state_dir, app.recommender.model_dump())
         self.gate = http_guards.Gate(app)
+        here = serve.get_replica_context().app_name
+        if here != app.recommendations_app:
+            # Legitimate for a twin (a benchmark's Feast-only arm, a test's keyed copy); in a
+            # deployment it means the Ingress's events, stats and bumps go to another application.
+            log.warning("this recommendations application is '%s' but `recommendations_app` names '%s': the "
+                        "Ingress does not reach these replicas for events, stats and version bumps",
+                        here, app.recommendations_app)
 
     @recs_api.post("/")
     async def recommendations(self, body: RecommendationRequest, request: Request) -> Any:

@@ -69,3 +69,68 @@ def test_a_failed_encoder_replica_is_a_503_for_embeddings_not_a_500() -> None:
     ingress = SimpleNamespace(_tenant=lambda request: "default", encoder=SimpleNamespace(info=method, embed_for_api=method))
     with pytest.raises(ModelUnavailable, match="retry shortly"):
         asyncio.run(Ingress.func_or_class.embeddings(ingress, EmbeddingRequest(input="hi"), None))
+
+
+def _ingress_without_recs() -> Any:
+    """An Ingress as far as the handle lookup uses it: `recommendations_app` names an application
+    that is not deployed yet."""
+    from types import MethodType, SimpleNamespace
+
+    cls = Ingress.func_or_class
+    # not an instance of the class: Serve's ingress wrapper has an async __del__
+    fake = SimpleNamespace(settings=SimpleNamespace(recommendations_app="recs"), _recommender=None,
+                           _lookup_again_at=0.0)
+    for name in ("_recommender_handle", "_recs", "_call"):
+        setattr(fake, name, MethodType(getattr(cls, name), fake))
+    return fake
+
+
+def test_a_missing_recs_application_is_a_503_that_says_nothing_was_sent(monkeypatch: Any) -> None:
+    from ray import serve
+
+    from deployments.ingress import RecommenderMissing
+
+    lookups: list[str] = []
+
+    def not_found(name: str, app_name: str) -> Any:
+        lookups.append(app_name)
+        raise KeyError(f"Application '{app_name}' not found")
+
+    monkeypatch.setattr(serve, "get_deployment_handle", not_found)
+    ingress = _ingress_without_recs()
+
+    async def scenario() -> list[dict[str, Any]]:
+        ingress._lookup_lock = asyncio.Lock()
+        out = [await call(ingress, what, lambda w=what: ingress._recs(w), 1.0) for what in ("record_event", "recommend")]
+        try:
+            await ingress._call("Recommender", "stats")
+        except RecommenderMissing:
+            out.append({"stats": "gap"})
+        return out
+
+    event, recs, stats = asyncio.run(scenario())
+    assert event["status"] == 503 and "'recs' is not deployed" in event["message"], event
+    assert "nothing was sent" in event["message"] and "may or may not" not in event["message"]
+    assert recs["status"] == 503 and stats == {"stats": "gap"}
+    # one lookup, not one per call: each asks Serve's controller
+    assert lookups == ["recs"]
+
+
+def test_the_recs_handle_is_looked_up_once_when_it_exists(monkeypatch: Any) -> None:
+    from ray import serve
+
+    handle = object()
+    lookups: list[str] = []
+
+    def found(name: str, app_name: str) -> Any:
+        lookups.append(app_name)
+        return handle
+
+    monkeypatch.setattr(serve, "get_deployment_handle", found)
+    ingress = _ingress_without_recs()
+
+    async def twice() -> list[Any]:
+        ingress._lookup_lock = asyncio.Lock()
+        return [await ingress._recommender_handle(), await ingress._recommender_handle()]
+
+    assert asyncio.run(twice()) == [handle, handle] and lookups == ["recs"]
