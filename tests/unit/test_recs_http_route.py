@@ -65,3 +65,14 @@ def test_a_request_refused_on_the_bare_prefix_is_counted_on_the_route() -> None:
     resp = TestClient(app, root_path=RECS_ROUTE_PREFIX).post(RECS_ROUTE_PREFIX, json={"user_id": "x", "k": 3})
     assert resp.status_code == 422, resp.text
     assert REGISTRY.get_sample_value("tierserve_requests_total", labels) == before + 1
+
+
+def test_a_recs_application_needs_recommendations_app_to_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `recommendations_app: null` the Ingress binds a Recommender of its own: a `recs`
+    application beside it would be a second fleet, which events sent through the Ingress miss."""
+    from deployments.app import build_recs_app
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    with pytest.raises(ValueError, match="recommendations_app"):
+        build_recs_app({"recommendations_app": None})
+    assert build_recs_app({"recommendations_app": "recs"}) is not None
