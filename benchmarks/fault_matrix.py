@@ -240,10 +240,8 @@ class ReplicaKill(Fault):
 
         # SERVE_REPLICA::{application}#{deployment}#{id}: the Recommender is in `recs` when the
         # config serves recommendations one hop from the proxy, in the Ingress's application if not.
-        apps = {app["name"] for app in self.app.config["applications"]}
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("SERVE_REPLICA::")
-                 and a["name"].removeprefix("SERVE_REPLICA::").split("#")[:2] in ([n, self.deployment] for n in apps)]
+        prefixes = tuple(f"SERVE_REPLICA::{app['name']}#{self.deployment}#" for app in self.app.config["applications"])
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefixes)]
         if not names:
             self.log.append(f"no {self.deployment} replica alive to kill")
             return

@@ -117,7 +117,6 @@ class Ingress:
             tenant_max_entries=cache.result_tenant_max_entries,
         )
         self.gate = http_guards.Gate(self.settings)
-        self.tenants = self.gate.tenants
         self.admins = AdminKeys(self.settings.admin_keys) if self.settings.admin_keys else AdminKeys.from_env()
         metrics.TENANT_LABELS = self.settings.metrics_tenant_labels
         # /v1/cache/stats shows every replica's lookups, not the share this replica answered
@@ -282,7 +281,7 @@ class Ingress:
         tenant = self._tenant(request)
         result = await self._recommender_call("recommend", lambda: self._recs("recommend", body.user_id, body.k, tenant),
                                               RECOMMEND_DEADLINE_S)
-        return http_guards.recommendation_response(result, auth_enabled=self.tenants.auth_enabled, started=started)
+        return http_guards.recommendation_response(result, auth_enabled=self.gate.auth_enabled, started=started)
 
     def _event_sender(self, request: Request) -> str:
         """Who may send events: the admin key, or a tenant in `recommender.event_tenants`
@@ -325,7 +324,7 @@ class Ingress:
         # A replica that fails (or is being replaced) leaves a gap in the page, as Redis does above.
         semantic, recs = (part if isinstance(part, dict) else _unavailable(name, part) for name, part in zip(
             ("SemanticCache", "Recommender"),
-            await asyncio.gather(self.semantic.stats.remote(), self._call("Recommender", "stats"), return_exceptions=True),
+            await asyncio.gather(self.semantic.stats.remote(), self._recs("stats"), return_exceptions=True),
             strict=True))
         lookups, scope = await asyncio.to_thread(metrics.lookups_by_tenant)
         if tenant is not None:
@@ -385,7 +384,7 @@ class Ingress:
 
         With API keys configured it needs the admin key: its totals (lookups of every tenant,
         with `metrics_tenant_labels` their names) are what `/v1/cache/stats` keeps from tenants."""
-        if self.tenants.auth_enabled:
+        if self.gate.auth_enabled:
             self.admins.require(request.headers.get("authorization"))
         parts: dict[str, tuple[str, bytes]] = {"Ingress": metrics.replica_exposition()}
         names = ("Encoder", "SemanticCache", "LLM", "Recommender")
